@@ -1,0 +1,43 @@
+"""The `kvshift` console script: one entry point, subcommands registered by the modules that own them.
+
+A module that adds subcommands exposes `register(subparsers)`; it adds its parsers with
+`set_defaults(func=handler)`, and handler(args) returns an exit code (or None for 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# modules that contribute subcommands; missing optional extras only hide their commands
+_COMMAND_MODULES = (
+    "kvshift.info",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvshift", description="KV Shifting Attention: library, training and reproduction suite")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as e:  # an optional extra is missing
+            sys.stderr.write(f"kvshift: commands of {name} unavailable ({e})\n")
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    rc = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""Shared test set-up: deterministic CPU runs and NaN-poisoned uninitialised tensors.
+
+torch.empty / torch.empty_like results are filled with NaN, so an output element a kernel forgot
+to write fails the comparison loudly instead of passing with leftover memory.
+"""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("KVSHIFT_TEST", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+_empty, _empty_like = torch.empty, torch.empty_like
+
+
+def _poison(t):
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(_empty_like(*a, **k)))
+    yield
