@@ -1,6 +1,8 @@
 """Public KV-shift op with argument checks and backend dispatch.
 
 `kv_shift(x, weight, *, cu_seqlens=None, prev=None, impl="auto")`
+`shift_rope(k, weight, cos, sin, *, cu_seqlens=None, prev=None, impl="auto")`: RoPE(kv_shift(k)),
+fused into one pass on the Triton path (the K path of an attention layer).
 
 - x: (B, T, H, D), or packed (N, H, D) with `cu_seqlens` (int32, B+1 offsets).
 - weight: (H, W), W = window + 1; weight[:, 0] multiplies the current token, weight[:, j] the
@@ -97,4 +99,42 @@ def kv_shift(x: torch.Tensor, weight: torch.Tensor, *, cu_seqlens: torch.Tensor 
     return naive.shift_varlen(x, weight, cu_seqlens, prev)
 
 
-__all__ = ["kv_shift", "check_cu_seqlens", "triton_available", "IMPLS", "naive"]
+def _check_rope(k, cos, sin, cu_seqlens):
+    D = k.shape[-1]
+    if D % 2:
+        raise ValueError(f"RoPE needs an even head dim, got k.shape[-1] = {D}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor")
+        if t.device != k.device:
+            raise ValueError(f"{name} is on {t.device} but k is on {k.device}")
+        if cu_seqlens is None:
+            B, T = k.shape[0], k.shape[1]
+            if t.dim() != 3 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (T, D // 2):
+                raise ValueError(f"{name} must have shape (B or 1, T, D/2) = ({B} or 1, {T}, {D // 2}), "
+                                 f"got {tuple(t.shape)}")
+        elif tuple(t.shape) != (k.shape[0], D // 2):
+            raise ValueError(f"{name} must have shape (N, D/2) = {(k.shape[0], D // 2)} for packed k, "
+                             f"got {tuple(t.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+
+
+def shift_rope(k: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+               cu_seqlens: torch.Tensor | None = None, prev: torch.Tensor | None = None,
+               impl: str = "auto") -> torch.Tensor:
+    """RoPE applied to the shifted keys (the paper's order), fused in one pass on the Triton path.
+
+    k (B, T, H, D) with cos/sin (B or 1, T, D/2), or packed k (N, H, D) with cos/sin (N, D/2) and
+    cu_seqlens; weight, prev and impl as in `kv_shift`.
+    """
+    _check(k, weight, cu_seqlens, prev, impl)
+    _check_rope(k, cos, sin, cu_seqlens)
+    use_triton = impl == "triton" or (impl == "auto" and k.is_cuda and triton_available())
+    if use_triton:
+        from . import triton as tk
+        return tk.shift_rope(k, weight, cos, sin, cu_seqlens=cu_seqlens, prev=prev)
+    return naive.shift_rope(k, weight, cos, sin, cu_seqlens=cu_seqlens, prev=prev)
+
+
+__all__ = ["kv_shift", "shift_rope", "check_cu_seqlens", "triton_available", "IMPLS", "naive"]

@@ -96,3 +96,12 @@ def shift_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor
         term = src.index_select(0, idx) * w[:, j].view(1, H, 1)
         out = term if out is None else out + term
     return out.to(x.dtype)
+
+
+def shift_rope(k: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+               cu_seqlens: torch.Tensor | None = None, prev: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference for the fused K path: RoPE applied to the shifted raw keys (the paper's order)."""
+    from kvshift.ops.rope import apply_rope
+
+    shifted = shift_padded(k, weight, prev) if cu_seqlens is None else shift_varlen(k, weight, cu_seqlens, prev)
+    return apply_rope(shifted, cos, sin)

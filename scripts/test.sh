@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh CPU machine: makes .venv, installs the project, runs pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch==2.13.0 is the CPU build on this project's machines; triton==3.6.0 runs the kernels' tests
+# through its interpreter (3.9's interpreter rejects masked loads).
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 triton==3.6.0 -e '.[dev]'
+export TRITON_INTERPRET=1
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,314 @@
+"""Flat memmap token shards: writing (tokenize a corpus), validated reading, subsetting and packing.
+
+Per split, in SHARD_DIR:
+
+    <split>.tokens.bin    uint16 (vocab <= 65,536) or uint32 token ids, the whole split as one stream
+    <split>.offsets.bin   int64 (D + 1,): offsets[i] = index of the <eos> that opens document i;
+                          offsets[D] = N - 1 (the closing <eos>)
+    <split>.domains.bin   uint8 (D,): domain id of each document (names in meta.json "domains")
+    meta.json             tokenizer sha256, vocab size, eos id, dtype, token/document counts
+
+The stream is `eos d0 eos d1 ... eos d{D-1} eos`: every document is followed by <eos>, and the
+<eos> in front of a document is its first position (a beginning-of-document token), so a model that
+resets its attention/shift at document starts sees <eos> at position 0 of every document.
+
+Reading needs numpy only (the GPU side has no `tokenizers`); the tokenizer is only needed to write,
+or to check that shards were made with a given tokenizer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import lzma
+import os
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from kvshift.data.sources import DOMAINS
+
+__all__ = ["META", "tokenize_corpus", "Shards", "token_dtype", "subset_shards", "pack_shards", "unpack_shards"]
+
+META = "meta.json"
+FORMAT = "kvshift-shards-v1"
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65,536), else uint32."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _files(split: str) -> dict[str, str]:
+    return {"tokens": f"{split}.tokens.bin", "offsets": f"{split}.offsets.bin", "domains": f"{split}.domains.bin"}
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def tokenize_corpus(corpus: str | Path, tokenizer: str | Path, out: str | Path, *, batch_docs: int = 1024,
+                    batch_chars: int = 16_000_000, domains: list[str] | None = None,
+                    log: Callable[[str], None] = print) -> dict:
+    """Tokenizes both splits of a built corpus into `out`; returns (and writes) the meta.json dict."""
+    from kvshift.data.corpus import SPLITS as CSPLITS, iter_documents, read_manifest
+    from kvshift.data.tokenizer import eos_id_of, file_sha256, load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    eos = eos_id_of(tok)
+    dtype = token_dtype(vocab)
+    man = read_manifest(corpus)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    meta = {
+        "format": FORMAT,
+        "tokenizer_sha256": file_sha256(tokenizer),
+        "tokenizer_file": Path(tokenizer).name,
+        "vocab_size": vocab,
+        "eos_id": eos,
+        "dtype": dtype.name,
+        "domains": list(DOMAINS),
+        "layout": "eos d0 eos d1 ... eos d{D-1} eos; offsets[i] = index of the eos opening document i; offsets[D] = N-1",
+        "corpus_manifest": {"val_fraction": man["val_fraction"], "totals": man["totals"]},
+        "splits": {},
+    }
+    for split in CSPLITS:
+        t0 = time.time()
+        names = _files(split)
+        n_tok, offsets, doms = 0, [], []
+        by_dom_tok: dict[str, int] = {}
+        by_dom_doc: dict[str, int] = {}
+        eos_arr = np.array([eos], dtype=dtype)
+        with open(out / names["tokens"], "wb") as f:
+
+            def flush(batch):
+                nonlocal n_tok
+                encs = encode([d["text"] for d in batch], add_special_tokens=False)
+                for d, e in zip(batch, encs):
+                    ids = np.asarray(e.ids, dtype=np.int64)
+                    if ids.size and (ids.max() >= vocab or ids.min() < 0):
+                        raise ValueError(f"tokenizer {tokenizer} produced id {ids.max()} >= vocab {vocab}")
+                    offsets.append(n_tok)
+                    doms.append(DOMAINS.index(d["domain"]))
+                    f.write(eos_arr.tobytes())
+                    f.write(ids.astype(dtype).tobytes())
+                    n_tok += 1 + ids.size
+                    by_dom_tok[d["domain"]] = by_dom_tok.get(d["domain"], 0) + 1 + int(ids.size)
+                    by_dom_doc[d["domain"]] = by_dom_doc.get(d["domain"], 0) + 1
+
+            batch, chars = [], 0
+            for doc in iter_documents(corpus, split, domains=domains):
+                batch.append(doc)
+                chars += len(doc["text"])
+                if len(batch) >= batch_docs or chars >= batch_chars:
+                    flush(batch)
+                    batch, chars = [], 0
+            if batch:
+                flush(batch)
+            f.write(eos_arr.tobytes())  # closes the last document
+            n_tok += 1
+        offsets.append(n_tok - 1)
+        np.asarray(offsets, dtype=np.int64).tofile(out / names["offsets"])
+        np.asarray(doms, dtype=np.uint8).tofile(out / names["domains"])
+        dt = time.time() - t0
+        meta["splits"][split] = {"tokens": n_tok, "documents": len(doms), "files": names,
+                                 "tokens_by_domain": by_dom_tok, "documents_by_domain": by_dom_doc,
+                                 "seconds": round(dt, 2)}
+        log(f"[tokenize] {split}: {n_tok:,} tokens, {len(doms):,} documents in {dt:.1f}s "
+            f"({n_tok / max(dt, 1e-9) / 1e6:.2f}M tokens/s)")
+    (out / META).write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class Shards:
+    """One split of a shard directory, validated on open.
+
+    tokens: memmap (N,) · offsets: int64 (D+1,) · domains: uint8 (D,)
+
+    ValueError (naming the file) for: missing files, a size that does not match meta.json, shards
+    made with a different tokenizer than `tokenizer` (compared by sha256), ids >= vocab_size, and
+    offsets that do not point at <eos> tokens.
+    """
+
+    def __init__(self, shard_dir: str | Path, split: str, *, tokenizer: str | Path | None = None,
+                 check_ids: bool = True):
+        self.dir = Path(shard_dir)
+        meta_path = self.dir / META
+        if not meta_path.is_file():
+            raise ValueError(f"{meta_path}: missing shard sidecar (run `kvshift data tokenize`)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: corrupt sidecar JSON ({e})") from None
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        if split not in self.meta["splits"]:
+            raise ValueError(f"{meta_path}: no split {split!r} (have {sorted(self.meta['splits'])})")
+        self.split = split
+        info = self.meta["splits"][split]
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.eos_id = int(self.meta["eos_id"])
+        self.dtype = np.dtype(self.meta["dtype"])
+        if self.dtype != token_dtype(self.vocab_size) and self.dtype != np.uint32:
+            raise ValueError(f"{meta_path}: dtype {self.dtype} cannot hold vocab_size {self.vocab_size}")
+        self.domain_names: list[str] = list(self.meta["domains"])
+        n, d = int(info["tokens"]), int(info["documents"])
+        files = {k: self.dir / v for k, v in info["files"].items()}
+        for key, dt, count in (("tokens", self.dtype, n), ("offsets", np.dtype(np.int64), d + 1),
+                               ("domains", np.dtype(np.uint8), d)):
+            p = files[key]
+            if not p.is_file():
+                raise ValueError(f"{p}: shard file missing")
+            size = p.stat().st_size
+            if size != count * dt.itemsize:
+                raise ValueError(f"{p}: truncated or corrupt shard: {size:,} bytes, but {META} expects "
+                                 f"{count:,} x {dt.name} = {count * dt.itemsize:,} bytes")
+        self.token_file = files["tokens"]
+        if tokenizer is not None:
+            from kvshift.data.tokenizer import file_sha256
+
+            sha = file_sha256(tokenizer)
+            if sha != self.meta["tokenizer_sha256"]:
+                raise ValueError(f"{self.token_file}: made with another tokenizer (sha256 "
+                                 f"{self.meta['tokenizer_sha256'][:12]}…) than {tokenizer} ({sha[:12]}…)")
+        self.tokens = np.memmap(files["tokens"], dtype=self.dtype, mode="r", shape=(n,)) if n else np.zeros(0, self.dtype)
+        self.offsets = np.fromfile(files["offsets"], dtype=np.int64)
+        self.domains = np.fromfile(files["domains"], dtype=np.uint8)
+        if check_ids:
+            self._check_ids()
+        o = self.offsets
+        if d and (o[0] != 0 or o[-1] != n - 1 or np.any(np.diff(o) <= 0)):
+            raise ValueError(f"{files['offsets']}: document offsets are not increasing from 0 to N-1")
+        if d and np.any(self.tokens[o] != self.eos_id):
+            raise ValueError(f"{files['offsets']}: offsets do not point at <eos> (id {self.eos_id}) tokens of "
+                             f"{self.token_file}; shard and offsets out of sync")
+        if d and self.domains.max(initial=0) >= len(self.domain_names):
+            raise ValueError(f"{files['domains']}: domain id {self.domains.max()} >= {len(self.domain_names)}")
+
+    def _check_ids(self, chunk: int = 1 << 24):
+        for s in range(0, len(self.tokens), chunk):
+            part = self.tokens[s:s + chunk]
+            if part.size and int(part.max()) >= self.vocab_size:
+                bad = s + int(np.argmax(part >= self.vocab_size))
+                raise ValueError(f"{self.token_file}: token id {int(self.tokens[bad])} at position {bad:,} is "
+                                 f">= vocab_size {self.vocab_size}")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.domains)
+
+
+# ---------------------------------------------------------------------------------------------
+# subsetting and packing (carry a corpus to a machine without `tokenizers`)
+
+
+def subset_shards(src: str | Path, dst: str | Path, *, max_train_tokens: int, seed: int = 0) -> dict:
+    """Copies `src` to `dst` keeping every validation document and a seeded random subset of training
+    documents (drawn from all domains alike) with at most `max_train_tokens` tokens."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((src / META).read_text())
+    for split in meta["splits"]:
+        sh = Shards(src, split, check_ids=False)
+        o = sh.offsets
+        lens = np.diff(o)  # includes the opening eos
+        lens[-1] += 1  # the closing eos belongs to the last document
+        order = np.arange(sh.n_documents)
+        if split == "train":
+            rng = np.random.default_rng(seed)
+            order = rng.permutation(sh.n_documents)
+            keep_n = int(np.searchsorted(np.cumsum(lens[order]), max_train_tokens - 1, side="right"))
+            order = np.sort(order[:keep_n])
+        parts, new_off, pos = [], [], 0
+        for i in order:
+            seg = np.asarray(sh.tokens[o[i]:o[i + 1]])
+            parts.append(seg)
+            new_off.append(pos)
+            pos += seg.size
+        parts.append(np.array([sh.eos_id], dtype=sh.dtype))
+        toks = np.concatenate(parts) if parts else np.zeros(0, sh.dtype)
+        new_off.append(pos)
+        names = _files(split)
+        toks.tofile(dst / names["tokens"])
+        np.asarray(new_off, dtype=np.int64).tofile(dst / names["offsets"])
+        doms = sh.domains[order]
+        doms.tofile(dst / names["domains"])
+        info = meta["splits"][split]
+        info.update(tokens=int(toks.size), documents=int(order.size),
+                    tokens_by_domain={sh.domain_names[k]: int(v) for k, v in
+                                      zip(*np.unique(np.repeat(doms, lens[order].astype(np.int64)), return_counts=True))},
+                    documents_by_domain={sh.domain_names[k]: int(v) for k, v in zip(*np.unique(doms, return_counts=True))})
+    meta["subset_of"] = {"max_train_tokens": max_train_tokens, "seed": seed}
+    (dst / META).write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def pack_shards(shard_dir: str | Path, out_file: str | Path, *, preset: int = 9) -> int:
+    """Writes meta.json and all shard files into one .tar.xz (stdlib lzma); returns its size in bytes.
+
+    Token files are stored byte-planar (all low bytes, then all high bytes) which xz compresses
+    ~10% better than interleaved uint16; `unpack_shards` undoes it.
+    """
+    shard_dir = Path(shard_dir)
+    meta = json.loads((shard_dir / META).read_text())
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    meta["packed"] = {"byte_planar": True}
+    filt = [{"id": lzma.FILTER_LZMA2, "preset": preset | lzma.PRESET_EXTREME if preset >= 9 else preset}]
+    with lzma.open(out_file, "wb", format=lzma.FORMAT_XZ, filters=filt) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
+        def add(name: str, data: bytes):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mtime = 0
+            tar.addfile(ti, io.BytesIO(data))
+
+        add(META, (json.dumps(meta, indent=1) + "\n").encode())
+        for split, info in meta["splits"].items():
+            for key, name in info["files"].items():
+                raw = (shard_dir / name).read_bytes()
+                if key == "tokens" and itemsize > 1:
+                    raw = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes()
+                add(name, raw)
+    return os.path.getsize(out_file)
+
+
+def unpack_shards(packed: str | Path, out: str | Path) -> dict:
+    """Restores a `pack_shards` archive into `out` and validates every split; returns meta.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(packed, mode="r:xz") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            if META not in members:
+                raise ValueError(f"{packed}: no {META} inside; not a kvshift shard pack")
+            meta = json.loads(tar.extractfile(members[META]).read())
+            itemsize = np.dtype(meta["dtype"]).itemsize
+            planar = meta.pop("packed", {}).get("byte_planar", False)
+            for split, info in meta["splits"].items():
+                for key, name in info["files"].items():
+                    if name not in members or "/" in name or name.startswith("."):
+                        raise ValueError(f"{packed}: member {name!r} missing or unsafe")
+                    raw = tar.extractfile(members[name]).read()
+                    if key == "tokens" and planar and itemsize > 1:
+                        raw = np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1).T.tobytes()
+                    (out / name).write_bytes(raw)
+    except (tarfile.TarError, lzma.LZMAError, EOFError) as e:
+        raise ValueError(f"{packed}: corrupt or truncated pack ({e})") from None
+    (out / META).write_text(json.dumps(meta, indent=1) + "\n")
+    for split in meta["splits"]:
+        Shards(out, split)
+    return meta

@@ -1,0 +1,191 @@
+"""Attention with a KV-shift kind picked by a string (vanilla, the paper's variants).
+
+The shift acts on the raw per-KV-head projections k, v (B, T, H_kv, D), BEFORE RoPE and before the
+GQA repeat, exactly as in the paper's code. Coefficients are stored current-first, the layout of
+`kvshift.kv_shift`'s weight: coefficient[:, 0] multiplies the current token, [:, j] the token j back.
+
+Decoding state (the last raw k/v tokens) lives in the cache object passed in, never on the module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kvshift.ops.rope import apply_rope
+from kvshift.ops.shift import kv_shift
+
+# which sides shift, and how coefficients are parametrised
+SHIFT_KINDS: dict[str, tuple[bool, bool, str]] = {
+    "vanilla": (False, False, "free"),
+    "kvshift": (True, True, "free"),
+    "kvshift_gate": (True, True, "gate"),
+    "kvshift_clamp": (True, True, "clamp"),
+    "kshift": (True, False, "free"),
+    "vshift": (False, True, "free"),
+}
+
+
+def paper_init(n_heads: int, window: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The paper's init, current-first (n_heads, window+1): the first `window` taps ~ U(0,1), the last
+    one 1 - sum of the others. For window 1 this is alpha1 = r, alpha2 = 1 - r."""
+    first = torch.rand(n_heads, window, generator=generator)
+    last = 1.0 - first.sum(dim=1, keepdim=True)
+    return torch.cat([first, last], dim=1)
+
+
+def identity_coefficients(n_heads: int, window: int) -> torch.Tensor:
+    c = torch.zeros(n_heads, window + 1)
+    c[:, 0] = 1.0
+    return c
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Press et al.'s geometric slopes 2^(-8 i / n) (closest power of two, interleaved otherwise)."""
+    def pow2(n):
+        start = 2 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+    if math.log2(n_heads).is_integer():
+        s = pow2(n_heads)
+    else:
+        p = 2 ** math.floor(math.log2(n_heads))
+        s = pow2(p) + pow2(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(s, dtype=torch.float32)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query causal attention with an optional KV shift."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, *, attention: str = "kvshift",
+                 shift_window: int = 1, position: str = "rope", shift_impl: str = "auto",
+                 layer_idx: int = 0):
+        super().__init__()
+        if attention not in SHIFT_KINDS:
+            raise ValueError(f"attention must be one of {tuple(SHIFT_KINDS)}, got {attention!r}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
+        self.dim, self.n_heads, self.n_kv_heads = dim, n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.kind, self.window, self.position, self.shift_impl = attention, shift_window, position, shift_impl
+        self.layer_idx = layer_idx
+        self.shift_keys, self.shift_values, self.param = SHIFT_KINDS[attention]
+        hd = self.head_dim
+        self.wq = nn.Linear(dim, n_heads * hd, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(n_heads * hd, dim, bias=False)
+        W = shift_window + 1
+        if self.param == "gate":
+            # coefficients = softmax([a_0 .. a_{W-2}, 0]); for W = 2 exactly alpha1 = sigmoid(a), alpha2 = 1 - alpha1
+            shape = (n_kv_heads, W - 1)
+            names = ("shift_k_gate", "shift_v_gate")
+        else:
+            shape = (n_kv_heads, W)
+            names = ("shift_k", "shift_v")
+        for side, name in zip((self.shift_keys, self.shift_values), names):
+            if side:
+                self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
+        if position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)
+        self.reset_shift(None)
+
+    # ---- shift coefficients -------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_shift(self, generator: torch.Generator | None) -> None:
+        """Paper init from `generator` (its own stream, so shared weights stay equal across arms)."""
+        for name in ("shift_k", "shift_v", "shift_k_gate", "shift_v_gate"):
+            p = getattr(self, name, None)
+            if p is None:
+                continue
+            c = paper_init(self.n_kv_heads, self.window, generator)
+            if self.param == "gate":
+                # softmax needs positive coefficients: log-ratios of the (clipped) paper draw
+                c = c.clamp_min(1e-3)
+                c = c / c.sum(dim=1, keepdim=True)
+                p.copy_(torch.log(c[:, :-1] / c[:, -1:]))
+            else:
+                p.copy_(c)
+
+    def _coefficients(self, side: str) -> torch.Tensor | None:
+        if self.param == "gate":
+            a = getattr(self, f"shift_{side}_gate", None)
+            if a is None:
+                return None
+            return torch.softmax(torch.cat([a, a.new_zeros(a.shape[0], 1)], dim=1), dim=1)
+        c = getattr(self, f"shift_{side}", None)
+        if c is None:
+            return None
+        return c.clamp(0.0, 1.0) if self.param == "clamp" else c
+
+    def shift_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, beta), each (n_kv_heads, window+1), current-first, after gate/clamp; identity where
+        a side is not shifted."""
+        ident = identity_coefficients(self.n_kv_heads, self.window)
+        out = []
+        for side in ("k", "v"):
+            c = self._coefficients(side)
+            out.append(ident.clone() if c is None else c.detach().float().cpu())
+        return out[0], out[1]
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _shift(self, x: torch.Tensor, coef: torch.Tensor | None, prev: torch.Tensor | None,
+               cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        if coef is None:
+            return x
+        if cu_seqlens is not None:  # packed documents over the flattened (B*T) tokens
+            B, T, H, D = x.shape
+            return kv_shift(x.reshape(B * T, H, D), coef, cu_seqlens=cu_seqlens, impl=self.shift_impl).view(B, T, H, D)
+        return kv_shift(x, coef, prev=prev, impl=self.shift_impl)
+
+    def forward(self, x: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.wq(x).view(B, T, self.n_heads, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, hd)  # raw keys   (B, T, Hkv, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, hd)  # raw values (B, T, Hkv, D)
+        if ctx.token_valid is not None:
+            # pads are zero raw tokens, so a row's first real token sees zeros before it
+            keep = ctx.token_valid.view(B, T, 1, 1).to(k.dtype)
+            k, v = k * keep, v * keep
+        cache = ctx.cache
+        prev_k = prev_v = None
+        if cache is not None and self.kind != "vanilla":
+            prev_k, prev_v = cache.raw(self.layer_idx)
+        k_hat = self._shift(k, self._coefficients("k"), prev_k, ctx.cu_seqlens)
+        v_hat = self._shift(v, self._coefficients("v"), prev_v, ctx.cu_seqlens)
+        if self.position == "rope":
+            q = apply_rope(q, ctx.cos, ctx.sin)
+            k_hat = apply_rope(k_hat, ctx.cos, ctx.sin)
+        if cache is not None:
+            k_hat, v_hat = cache.update(self.layer_idx, k_hat, v_hat, k, v)  # (B, S, Hkv, D) each
+        qh, kh, vh = q.transpose(1, 2), k_hat.transpose(1, 2), v_hat.transpose(1, 2)  # (B, H, T|S, D)
+        mask = ctx.mask
+        if self.position == "alibi":
+            bias = -self.alibi_slopes.view(1, -1, 1, 1) * ctx.distance.unsqueeze(1)  # (B, H, T, S)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+        else:
+            if mask.dtype != torch.bool:
+                mask = mask.to(qh.dtype)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+
+class AttentionContext:
+    """What every layer of one forward call shares: positions, masks, packing and the cache."""
+
+    __slots__ = ("cos", "sin", "mask", "distance", "token_valid", "cu_seqlens", "cache")
+
+    def __init__(self, *, cos=None, sin=None, mask=None, distance=None, token_valid=None,
+                 cu_seqlens=None, cache=None):
+        self.cos, self.sin = cos, sin  # (B, T, D/2) fp32 for RoPE
+        self.mask = mask  # None (plain causal) or bool (B, 1, T, S): True = may attend
+        self.distance = distance  # (B, T, S) fp32 query-key distance for ALiBi
+        self.token_valid = token_valid  # (B, T) bool for left-padded batches, else None
+        self.cu_seqlens = cu_seqlens  # int32 (docs+1,) over the flattened B*T tokens when packed
+        self.cache = cache

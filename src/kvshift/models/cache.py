@@ -1,0 +1,73 @@
+"""KV cache for exact KV-shift decoding.
+
+Per layer it holds the already-shifted (and rotated) K̂, V̂ that attention reads, plus the last
+`window` RAW k and v tokens of every row: the new token's k̂ = Σ_j α_j · k_{t-j} needs raw
+predecessors, not shifted ones (storing shifted ones is the bug of the paper's appendix code).
+Rows share one slot index (left padding keeps them aligned); `valid` marks real (non-pad) slots and
+`seen` counts each row's real tokens, which gives RoPE positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 window: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
+        raw_shape = (batch_size, window, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.raw_k = [torch.zeros(raw_shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.raw_v = [torch.zeros(raw_shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
+        self.length = 0  # slots used (same for every row)
+        self.batch_size, self.max_seq_len, self.window = batch_size, max_seq_len, window
+        self._pending = 0  # slots being appended by the forward in progress
+
+    # called once per model forward, before the layers
+    def begin(self, n_new: int, token_valid: torch.Tensor) -> None:
+        if token_valid.shape[0] != self.batch_size:
+            raise ValueError(f"batch has {token_valid.shape[0]} rows but the cache was made for {self.batch_size}")
+        if self.length + n_new > self.max_seq_len:
+            raise ValueError(f"sequence length {self.length + n_new} exceeds the cache's max_seq_len "
+                             f"{self.max_seq_len}; make the cache with a larger max_seq_len")
+        self._pending = n_new
+        self.valid[:, self.length:self.length + n_new] = token_valid
+
+    def end(self, token_valid: torch.Tensor) -> None:
+        self.length += self._pending
+        self.seen += token_valid.sum(dim=1)
+        self._pending = 0
+
+    def raw(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last `window` raw k, v tokens of each row (oldest first; zeros before the start)."""
+        return self.raw_k[layer], self.raw_v[layer]
+
+    def update(self, layer: int, k_hat: torch.Tensor, v_hat: torch.Tensor, k_raw: torch.Tensor,
+               v_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append T new shifted tokens; remember the newest raw ones; return all cached K̂, V̂ so far."""
+        T = k_hat.shape[1]
+        s, e = self.length, self.length + T
+        self.k[layer][:, s:e] = k_hat.to(self.k[layer].dtype)
+        self.v[layer][:, s:e] = v_hat.to(self.v[layer].dtype)
+        if self.window:
+            W = self.window
+            self.raw_k[layer] = torch.cat([self.raw_k[layer], k_raw.to(self.raw_k[layer].dtype)], 1)[:, -W:]
+            self.raw_v[layer] = torch.cat([self.raw_v[layer], v_raw.to(self.raw_v[layer].dtype)], 1)[:, -W:]
+        return self.k[layer][:, :e], self.v[layer][:, :e]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select/reorder rows (beam search)."""
+        for lst in (self.k, self.v, self.raw_k, self.raw_v):
+            for i, t in enumerate(lst):
+                lst[i] = t.index_select(0, index)
+        self.valid = self.valid.index_select(0, index)
+        self.seen = self.seen.index_select(0, index)
+        self.batch_size = int(index.numel())

@@ -1,0 +1,272 @@
+"""Llama-style decoder (RMSNorm, SwiGLU, RoPE/ALiBi/none, GQA) with a KV-shift attention kind."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kvshift.layers.attention import Attention, AttentionContext
+from kvshift.models.cache import KVCache
+from kvshift.models.config import ModelConfig
+from kvshift.ops.rope import rope_cos_sin
+from kvshift.ops.shift import check_cu_seqlens
+
+SHIFT_SEED_OFFSET = 1_000_003  # shift coefficients draw from their own stream
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, attention=cfg.attention,
+                                   shift_window=cfg.shift_window, position=cfg.position,
+                                   shift_impl=cfg.shift_impl, layer_idx=layer_idx)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, ctx: AttentionContext):
+        x = x + self.attention(self.attention_norm(x), ctx)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class LM(nn.Module):
+    def __init__(self, config: ModelConfig, *, seed: int | None = 0):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if seed is not None:
+            self.init_weights(seed)
+
+    # ---- initialisation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init that does not depend on the attention kind: every shared weight of a
+        vanilla and a KV-shift model built with the same seed is identical; the shift coefficients
+        come from their own generator (seed + SHIFT_SEED_OFFSET)."""
+        g = torch.Generator().manual_seed(seed)
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if "shift_" in name:
+                continue
+            if name.endswith("norm.weight") or ".attention_norm." in name or ".ffn_norm." in name:
+                p.fill_(1.0)
+            elif name.endswith("wo.weight") or name.endswith("w2.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * out_std)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        gs = torch.Generator().manual_seed(seed + SHIFT_SEED_OFFSET)
+        for layer in self.layers:
+            layer.attention.reset_shift(gs)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None, *, dtype=None, device=None) -> KVCache:
+        cfg = self.config
+        max_seq_len = max_seq_len or cfg.max_seq_len
+        p = self.output.weight
+        return KVCache(cfg.n_layers, batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim,
+                       cfg.shift_window if cfg.shifted else 0, dtype=dtype or p.dtype, device=device or p.device)
+
+    def shift_coefficients(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [layer.attention.shift_coefficients() for layer in self.layers]
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.output.weight.numel()
+        return n
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Decay only the matrices of linear layers and the embedding; never norms or the shift
+        coefficients (a handful of scalars per head whose natural scale is 1: decay would pull them
+        toward 'no attention input')."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and "shift_" not in name else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _context(self, input_ids, cache, attention_mask, cu_seqlens, position_ids) -> AttentionContext:
+        cfg = self.config
+        B, T = input_ids.shape
+        dev = input_ids.device
+        ctx = AttentionContext(cache=cache)
+        if cu_seqlens is not None or position_ids is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens/position_ids (packed documents) cannot be combined with a cache")
+            if attention_mask is not None:
+                raise ValueError("attention_mask cannot be combined with cu_seqlens/position_ids")
+            if cu_seqlens is not None:
+                if B != 1:
+                    raise ValueError(f"with cu_seqlens, input_ids must be one packed row (1, N) or (N,), got {(B, T)}")
+                check_cu_seqlens(cu_seqlens, T)
+                cu = cu_seqlens.to(device=dev)
+                lengths = (cu[1:] - cu[:-1]).long()
+                doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths, output_size=T)
+                pos = (torch.arange(T, device=dev) - cu.long()[doc]).view(1, T)
+                doc = doc.view(1, T)
+            else:
+                if position_ids.shape != (B, T):
+                    raise ValueError(f"position_ids must have shape {(B, T)}, got {tuple(position_ids.shape)}")
+                pos = position_ids.to(device=dev, dtype=torch.long)
+                starts = pos == 0
+                starts[:, 0] = True
+                doc = starts.long().cumsum(1)
+                flat_starts = torch.nonzero(starts.reshape(-1)).flatten()
+                cu = torch.cat([flat_starts, flat_starts.new_tensor([B * T])]).to(torch.int32)
+            ctx.cu_seqlens = cu.to(torch.int32)
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            ctx.mask = ((doc.unsqueeze(2) == doc.unsqueeze(1)) & causal).unsqueeze(1)  # (B, 1, T, T)
+            qpos = kpos = pos
+        else:
+            past = cache.length if cache is not None else 0
+            if attention_mask is not None:
+                if attention_mask.shape != (B, T + past) and attention_mask.shape != (B, T):
+                    raise ValueError(f"attention_mask must have shape {(B, T)} or {(B, T + past)}, "
+                                     f"got {tuple(attention_mask.shape)}")
+                valid = attention_mask[:, -T:].to(device=dev, dtype=torch.bool)
+                if not torch.compiler.is_compiling():
+                    # left padding only: once a row has a real token, no pad may follow
+                    seen_real = valid.long().cummax(1).values.bool()
+                    if cache is not None:
+                        seen_real = seen_real | (cache.seen > 0).view(B, 1)
+                    if bool((seen_real & ~valid).any()):
+                        raise ValueError("attention_mask must be left-padded: a pad (0) follows a real token")
+                ctx.token_valid = valid
+            else:
+                valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+            if cache is not None:
+                cache.begin(T, valid)
+                kvalid = cache.valid[:, : past + T]
+            else:
+                kvalid = valid
+            kpos = (kvalid.long().cumsum(1) - 1).clamp_min(0)  # position among the row's real tokens
+            qpos = kpos[:, past:]
+            if cache is not None or attention_mask is not None:
+                S = past + T
+                q_slot = torch.arange(past, S, device=dev).view(T, 1)
+                k_slot = torch.arange(S, device=dev).view(1, S)
+                allowed = (k_slot <= q_slot).unsqueeze(0) & kvalid.view(B, 1, S)
+                allowed = allowed | (k_slot == q_slot).unsqueeze(0)  # pad queries see themselves: no NaN rows
+                if cache is not None and past == 0 and attention_mask is None:
+                    allowed = None
+                ctx.mask = None if allowed is None else allowed.unsqueeze(1)
+        if cfg.position == "rope":
+            ctx.cos, ctx.sin = rope_cos_sin(qpos, cfg.head_dim, cfg.rope_base)
+        elif cfg.position == "alibi":
+            ctx.distance = (qpos.unsqueeze(2) - kpos.unsqueeze(1)).float()
+            if ctx.mask is None:
+                S = kpos.shape[1]
+                ctx.mask = torch.ones(T, S, dtype=torch.bool, device=dev).tril(S - T).view(1, 1, T, S)
+        return ctx
+
+    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). Packed documents: one row (1, N) or (N,) with
+        `cu_seqlens`, or rows whose `position_ids` restart at 0 at every document start."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int16):
+            raise ValueError("input_ids must be an integer tensor")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if not torch.compiler.is_compiling() and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
+                                 f"got values in [{lo}, {hi}]")
+        ctx = self._context(input_ids, cache, attention_mask, cu_seqlens, position_ids)
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        if cache is not None:
+            cache.end(ctx.token_valid if ctx.token_valid is not None else
+                      torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device))
+        return self.output(self.norm(h))
+
+    # ---- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prefill once, then decode token by token with the cache. temperature 0 = greedy.
+        Rows that emitted eos keep emitting eos. Returns (B, T + new)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        B, T = input_ids.shape
+        cache = self.new_cache(B, T + max_new_tokens)
+        logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+        out = [input_ids]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done = done | (nxt == eos_token_id)
+            out.append(nxt.view(B, 1))
+            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = self(nxt.view(B, 1), cache=cache)[:, -1]
+        return torch.cat(out, 1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) fp32 -> (B,) token ids."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)

@@ -1,0 +1,30 @@
+"""Rotary position embedding (half-split convention of Llama / Hugging Face `rotate_half`).
+
+For head dim D (even), pairs are (i, i + D/2):
+    out[..., :D/2] = x1 * cos - x2 * sin
+    out[..., D/2:] = x2 * cos + x1 * sin
+cos/sin are fp32 of shape (..., T, D/2) broadcastable against x's (B, T, D/2) after the head axis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 100_000.0):
+    """positions (..., T) int -> cos, sin (..., T, head_dim // 2), fp32."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    ang = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., T, D/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D) with cos/sin (B or 1, T, D/2); or packed x (N, H, D) with cos/sin (N, D/2)."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return out.to(x.dtype)

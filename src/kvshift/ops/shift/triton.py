@@ -1,0 +1,266 @@
+"""Fused Triton KV shift: plain (V path) and shift+RoPE (K path), forward/backward, plus a decode step.
+
+Public entry points (inputs are validated by `kvshift.ops.shift`, not here):
+    kv_shift(x, weight, *, cu_seqlens=None, prev=None)
+    shift_rope(k, weight, cos, sin, *, cu_seqlens=None, prev=None)
+    shift_rope_decode(k_new, v_new, w_k, w_v, raw_k, raw_v, cos, sin, k_cache, v_cache, pos)
+
+The ops are registered as torch custom ops (`kvshift::shift_fwd`, `kvshift::shift_bwd`,
+`kvshift::shift_rope_decode`) with fake and autograd rules, so torch.compile(fullgraph=True)
+keeps them in the graph. The backward recomputes the taps from the raw inputs; only x, weight,
+prev (and cos/sin, cu_seqlens) are saved. fp64 inputs fall back to the naive reference.
+
+This module deliberately does not use `from __future__ import annotations`: custom_op infers its
+schema from the real annotations.
+"""
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from . import naive
+from .triton_kernels import _decode_kernel, _shift_bwd_kernel, _shift_dprev_kernel, _shift_fwd_kernel
+
+Tensor = torch.Tensor
+
+
+def is_available() -> bool:
+    """Triton imported (it did, or this module would not load) and there is a device to run on."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# launch helpers
+
+
+class _Layout:
+    """Row view of the input: N rows of (H, D); padded (T > 0) or packed (pos/doc arrays)."""
+
+    def __init__(self, x: Tensor, cu_seqlens: Optional[Tensor]):
+        if cu_seqlens is None:
+            B, T, H, D = x.shape
+            self.N, self.T, self.B = B * T, T, B
+            self.pos = self.doc = self.cu = None
+        else:
+            N, H, D = x.shape
+            self.N, self.T, self.B = N, 0, cu_seqlens.numel() - 1
+            cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
+            rows = torch.arange(N, device=x.device, dtype=torch.int32)
+            # searchsorted instead of repeat_interleave: no host sync, and empty documents are skipped
+            doc = torch.searchsorted(cu[1:], rows, right=True, out_int32=True)  # (N,)
+            self.doc = doc
+            self.pos = rows - cu.index_select(0, doc)  # (N,) position inside its document
+            self.cu = cu
+        self.H, self.D = H, D
+        self.varlen = cu_seqlens is not None
+
+
+def _rope_strides(cos: Optional[Tensor], sin: Optional[Tensor], lay: _Layout):
+    if cos is None:
+        return None, None, 0, 0
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    assert cos.stride() == sin.stride(), "cos and sin must share a layout"
+    if lay.varlen:  # (N, D/2)
+        return cos, sin, 0, cos.stride(0)
+    # (B or 1, T, D/2): a size-1 batch axis broadcasts
+    return cos, sin, (cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)
+
+
+def _blocks(lay: _Layout, rope: bool):
+    ncol = lay.D // 2 if rope else lay.D
+    block_d = triton.next_power_of_2(max(ncol, 1))
+    budget = 2048 if rope else 4096  # elements per tile (ROPE holds two half tiles)
+    block_t = max(16, min(64, budget // block_d))
+    block_t = min(block_t, max(16, triton.next_power_of_2(max(lay.N, 1))))
+    return block_t, block_d
+
+
+def _fwd_impl(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Optional[Tensor],
+              cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+    rope = cos is not None
+    x = x.contiguous()
+    w = weight.contiguous()
+    lay = _Layout(x, cu_seqlens)
+    y = torch.empty_like(x)
+    if lay.N == 0 or lay.H == 0 or lay.D == 0:
+        return y
+    W = w.shape[1]
+    has_prev = prev is not None and W > 1
+    prev_c = prev.contiguous() if has_prev else x
+    cos, sin, scb, sct = _rope_strides(cos, sin, lay)
+    block_t, block_d = _blocks(lay, rope)
+    grid = (triton.cdiv(lay.N, block_t), lay.H)
+    _shift_fwd_kernel[grid](
+        x, w, prev_c, lay.pos if lay.varlen else x, lay.doc if lay.varlen else x,
+        cos if rope else x, sin if rope else x, y,
+        lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
+        W=W, HAS_PREV=has_prev, VARLEN=lay.varlen, ROPE=rope, BLOCK_T=block_t, BLOCK_D=block_d,
+    )
+    return y
+
+
+def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Optional[Tensor],
+              cos: Optional[Tensor], sin: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    rope = cos is not None
+    x = x.contiguous()
+    dy = dy.contiguous()
+    w = weight.contiguous()
+    lay = _Layout(x, cu_seqlens)
+    H, W = w.shape
+    has_prev = prev is not None and W > 1
+    prev_c = prev.contiguous() if has_prev else x
+    cos, sin, scb, sct = _rope_strides(cos, sin, lay)
+    block_t, block_d = _blocks(lay, rope)
+    nblk = triton.cdiv(lay.N, block_t)
+    dx = torch.empty_like(x)
+    dwp = torch.zeros(nblk, H, W, device=x.device, dtype=torch.float32)  # per-program partial sums
+    if nblk > 0 and lay.D > 0 and H > 0:
+        _shift_bwd_kernel[(nblk, H)](
+            x, w, prev_c, lay.pos if lay.varlen else x, lay.doc if lay.varlen else x,
+            lay.cu if lay.varlen else x, cos if rope else x, sin if rope else x, dy, dx, dwp,
+            lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
+            W=W, HAS_PREV=has_prev, VARLEN=lay.varlen, ROPE=rope, BLOCK_T=block_t, BLOCK_D=block_d,
+        )
+    dw = dwp.sum(0).to(weight.dtype)  # fixed-order reduction: deterministic
+    if prev is None:
+        return dx, dw, x.new_zeros(0)
+    if has_prev and lay.B > 0 and lay.D > 0 and H > 0:
+        dprev = torch.empty(prev.shape, device=prev.device, dtype=prev.dtype)
+        _shift_dprev_kernel[(lay.B, H)](
+            w, lay.cu if lay.varlen else x, cos if rope else x, sin if rope else x, dy, dprev,
+            lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
+            W=W, VARLEN=lay.varlen, ROPE=rope, BLOCK_D=block_d,
+        )
+    else:
+        dprev = torch.zeros(prev.shape, device=prev.device, dtype=prev.dtype)
+    return dx, dw, dprev
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("kvshift::shift_fwd", mutates_args=())
+def shift_fwd(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Optional[Tensor],
+              cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+    """Shifted x (or RoPE(shifted x) when cos/sin are given); same shape and dtype as x."""
+    return _fwd_impl(x, weight, prev, cu_seqlens, cos, sin)
+
+
+@shift_fwd.register_fake
+def _(x, weight, prev, cu_seqlens, cos, sin):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("kvshift::shift_bwd", mutates_args=())
+def shift_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Optional[Tensor],
+              cos: Optional[Tensor], sin: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dprev); dprev is an empty (0,) tensor when prev is None."""
+    return _bwd_impl(dy, x, weight, prev, cu_seqlens, cos, sin)
+
+
+@shift_bwd.register_fake
+def _(dy, x, weight, prev, cu_seqlens, cos, sin):
+    dprev = x.new_empty(0) if prev is None else torch.empty_like(prev, memory_format=torch.contiguous_format)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format), dprev)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, prev, cu_seqlens, cos, sin = inputs
+    ctx.has_prev = prev is not None
+    ctx.save_for_backward(x, weight, prev, cu_seqlens, cos, sin)
+
+
+def _backward(ctx, dy):
+    x, weight, prev, cu_seqlens, cos, sin = ctx.saved_tensors
+    dx, dw, dprev = shift_bwd(dy, x, weight, prev, cu_seqlens, cos, sin)
+    return dx, dw, (dprev if ctx.has_prev else None), None, None, None
+
+
+shift_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("kvshift::shift_rope_decode", mutates_args=("k_cache", "v_cache"))
+def _shift_rope_decode_op(k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v: Tensor, raw_k: Tensor, raw_v: Tensor,
+                          cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> None:
+    B, _, H, D = k_new.shape
+    if B == 0 or H == 0:
+        return
+    kc, vc = k_cache.select(1, pos), v_cache.select(1, pos)  # (B, H, D) views at the write slot
+    assert kc.stride(-1) == 1 and vc.stride(-1) == 1, "caches need a contiguous head dim"
+    cos = cos.contiguous()
+    sin = sin.contiguous()
+    _decode_kernel[(B, H)](
+        k_new.contiguous(), v_new.contiguous(), w_k.contiguous(), w_v.contiguous(),
+        raw_k.contiguous(), raw_v.contiguous(), cos, sin, kc, vc,
+        H, D, D // 2, (cos.stride(0) if cos.shape[0] > 1 else 0),
+        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+        WKN=w_k.shape[1], WVN=w_v.shape[1],
+        BLOCK_H=triton.next_power_of_2(max(D // 2, 1)), BLOCK_D=triton.next_power_of_2(max(D, 1)),
+    )
+
+
+@_shift_rope_decode_op.register_fake
+def _(k_new, v_new, w_k, w_v, raw_k, raw_v, cos, sin, k_cache, v_cache, pos):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# public wrappers
+
+
+def _fp64(*ts) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in ts)
+
+
+def kv_shift(x: Tensor, weight: Tensor, *, cu_seqlens: Optional[Tensor] = None,
+             prev: Optional[Tensor] = None) -> Tensor:
+    """x (B, T, H, D) or packed (N, H, D) with cu_seqlens; weight (H, W); prev (B, W-1, H, D)."""
+    if _fp64(x, weight, prev):
+        return naive.shift_padded(x, weight, prev) if cu_seqlens is None else naive.shift_varlen(
+            x, weight, cu_seqlens, prev)
+    return shift_fwd(x, weight, prev, cu_seqlens, None, None)
+
+
+def shift_rope(k: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, *, cu_seqlens: Optional[Tensor] = None,
+               prev: Optional[Tensor] = None) -> Tensor:
+    """RoPE(kv_shift(k)) in one pass; cos/sin (B or 1, T, D/2), or (N, D/2) when packed."""
+    if _fp64(k, weight, prev):
+        return naive.shift_rope(k, weight, cos, sin, cu_seqlens=cu_seqlens, prev=prev)
+    return shift_fwd(k, weight, prev, cu_seqlens, cos, sin)
+
+
+def shift_rope_decode_naive(k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v: Tensor, raw_k: Tensor, raw_v: Tensor,
+                            cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                            pos: int) -> Tuple[Tensor, Tensor]:
+    """Reference decode step: writes k̂ (rotated) and v̂ at cache index pos, returns the new raw states."""
+    from kvshift.ops.rope import apply_rope
+
+    k_hat = apply_rope(naive.shift_padded(k_new, w_k, raw_k), cos, sin)  # (B, 1, H, D)
+    v_hat = naive.shift_padded(v_new, w_v, raw_v)
+    k_cache[:, pos : pos + 1].copy_(k_hat)
+    v_cache[:, pos : pos + 1].copy_(v_hat)
+    return torch.cat([raw_k[:, 1:], k_new], 1), torch.cat([raw_v[:, 1:], v_new], 1)
+
+
+def shift_rope_decode(k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v: Tensor, raw_k: Tensor, raw_v: Tensor,
+                      cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tuple[Tensor, Tensor]:
+    """One decode step for a batch of single tokens.
+
+    k_new, v_new (B, 1, H, D); w_k (H, Wk), w_v (H, Wv); raw_k (B, Wk-1, H, D), raw_v (B, Wv-1, H, D)
+    (the last raw tokens, oldest first, zeros before the sequence start); cos/sin (B or 1, 1, D/2);
+    k_cache, v_cache (B, S, H, D). Writes k_cache[:, pos] = RoPE(shift(k)), v_cache[:, pos] = shift(v)
+    in place and returns the new raw states (raw[:, 1:] followed by the new token).
+    """
+    if _fp64(k_new, v_new, w_k, w_v, raw_k, raw_v, k_cache, v_cache):
+        return shift_rope_decode_naive(k_new, v_new, w_k, w_v, raw_k, raw_v, cos, sin, k_cache, v_cache, pos)
+    _shift_rope_decode_op(k_new, v_new, w_k, w_v, raw_k, raw_v, cos, sin, k_cache, v_cache, pos)
+    return torch.cat([raw_k[:, 1:], k_new], 1), torch.cat([raw_v[:, 1:], v_new], 1)
+
+
+__all__ = ["is_available", "kv_shift", "shift_rope", "shift_rope_decode", "shift_rope_decode_naive",
+           "shift_fwd", "shift_bwd"]

@@ -1,0 +1,266 @@
+"""Model-level invariants: cached decoding == full forward, packed == separate, padded == alone,
+identity shift == vanilla, compile, training, and input checks."""
+
+import pytest
+import torch
+
+import kvshift
+from kvshift import LM, ModelConfig
+
+KINDS = list(kvshift.ATTENTION_KINDS)
+TOL = 1e-4  # fp32 max |Δlogit| for cached vs full
+
+
+def make(kind="kvshift", window=1, position="rope", seed=0, **kw):
+    cfg = ModelConfig.from_name("debug", attention=kind, shift_window=window, position=position, **kw)
+    model = LM(cfg, seed=seed).eval()
+    with torch.no_grad():  # move coefficients off the paper init so every tap matters
+        for layer in model.layers:
+            for p in layer.attention.parameters():
+                if p.dim() == 2 and p.shape[0] == cfg.n_kv_heads and p.shape[1] <= 4:
+                    p.add_(torch.randn(p.shape) * 0.3)
+    return model
+
+
+def chunks_of(T, g):
+    """Random chunking: a prefill, maybe a continuation chunk, then single tokens."""
+    a = int(torch.randint(1, T - 2, (1,), generator=g))
+    b = int(torch.randint(a + 1, T, (1,), generator=g))
+    return [(0, a), (a, b)] + [(i, i + 1) for i in range(b, T)]
+
+
+@pytest.mark.parametrize("window", [1, 2, 3], ids=["w1", "w2", "w3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_decoding_equals_full_forward(kind, window):
+    g = torch.Generator().manual_seed(hash((kind, window)) % 1000)
+    model = make(kind, window)
+    x = torch.randint(0, 97, (3, 21), generator=g)
+    full = model(x)
+    for trial in range(2):
+        cache = model.new_cache(3, 32)
+        out = torch.cat([model(x[:, s:e], cache=cache) for s, e in chunks_of(21, g)], 1)
+        assert (out - full).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi", "none"])
+@pytest.mark.parametrize("kind", ["vanilla", "kvshift", "kvshift_gate", "vshift"])
+def test_left_padded_batch_equals_rows_alone(kind, position):
+    g = torch.Generator().manual_seed(7)
+    model = make(kind, 2, position)
+    lengths = [12, 7, 1]
+    rows = [torch.randint(1, 97, (n,), generator=g) for n in lengths]
+    T = max(lengths)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    batched = model(ids, attention_mask=mask)
+    assert torch.isfinite(batched).all()
+    for i, r in enumerate(rows):
+        alone = model(r[None])
+        assert (batched[i, T - len(r):] - alone[0]).abs().max().item() <= TOL
+    # cached: prefill the padded prompts, then decode; every row equals its own full forward
+    cont = torch.randint(1, 97, (3, 5), generator=g)
+    cache = model.new_cache(3, T + 5)
+    model(ids, attention_mask=mask, cache=cache)
+    steps = torch.cat([model(cont[:, i:i + 1], cache=cache) for i in range(5)], 1)
+    for i, r in enumerate(rows):
+        alone = model(torch.cat([r, cont[i]])[None])[0, -5:]
+        assert (steps[i] - alone).abs().max().item() <= TOL
+
+
+def test_pads_never_leak_into_real_rows():
+    model = make("kvshift", 1)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    a = model(ids, attention_mask=mask)
+    ids2 = ids.clone()
+    ids2[0, :2] = torch.tensor([50, 60])  # change only the pads
+    b = model(ids2, attention_mask=mask)
+    assert torch.equal(a[0, 2:], b[0, 2:])
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "kvshift", "kshift"])
+@pytest.mark.parametrize("window", [1, 3], ids=["w1", "w3"])
+def test_packed_equals_separate_documents(kind, window):
+    g = torch.Generator().manual_seed(11)
+    model = make(kind, window)
+    lengths = [5, 1, 9, 3]
+    docs = [torch.randint(0, 97, (n,), generator=g) for n in lengths]
+    cu = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
+    sep = torch.cat([model(d[None]) for d in docs], 1)
+    packed = model(torch.cat(docs)[None], cu_seqlens=cu)
+    assert (packed - sep).abs().max().item() <= TOL
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    assert (model(torch.cat(docs)[None], position_ids=pos) - sep).abs().max().item() <= TOL
+    # two packed rows at once through position_ids
+    rows = torch.stack([torch.cat(docs), torch.cat(docs[::-1])])
+    pos2 = torch.stack([pos[0], torch.cat([torch.arange(n) for n in lengths[::-1]])])
+    out = model(rows, position_ids=pos2)
+    sep2 = torch.cat([model(d[None]) for d in docs[::-1]], 1)
+    assert (out[1] - sep2[0]).abs().max().item() <= TOL
+
+
+def test_packing_resets_the_shift():
+    """Without the reset, a document's first token would see the previous document's last token."""
+    model = make("kvshift", 1)
+    d1, d2 = torch.tensor([3, 4, 5]), torch.tensor([6, 7])
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    packed = model(torch.cat([d1, d2])[None], cu_seqlens=cu)
+    joined = model(torch.cat([d1, d2])[None])
+    alone = model(d2[None])
+    assert (packed[0, 3:] - alone[0]).abs().max() <= TOL
+    assert (joined[0, 3:] - alone[0]).abs().max() > 1e-2
+
+
+def test_identity_coefficients_give_vanilla_logits():
+    van = make("vanilla", seed=3)
+    x = torch.randint(0, 97, (2, 17))
+    for kind in ["kvshift", "kvshift_clamp", "kshift", "vshift"]:
+        for window in (1, 2):
+            m = LM(ModelConfig.from_name("debug", attention=kind, shift_window=window), seed=3).eval()
+            m.load_state_dict(van.state_dict(), strict=False)
+            with torch.no_grad():
+                for layer in m.layers:
+                    for name in ("shift_k", "shift_v"):
+                        p = getattr(layer.attention, name, None)
+                        if p is not None:
+                            p.zero_()
+                            p[:, 0] = 1
+            torch.testing.assert_close(m(x), van(x), rtol=0, atol=1e-6)
+
+
+def test_shared_weights_identical_across_arms():
+    a, b = LM(ModelConfig.from_name("debug", attention="vanilla"), seed=5), LM(ModelConfig.from_name("debug"), seed=5)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k, v in sa.items():
+        assert torch.equal(v, sb[k]), k
+    assert set(sb) - set(sa) == {f"layers.{i}.attention.shift_{s}" for i in range(2) for s in "kv"}
+
+
+def test_paper_init_and_coefficient_layout():
+    m = LM(ModelConfig.from_name("debug", attention="kvshift", n_kv_heads=2), seed=0)
+    att = m.layers[0].attention
+    assert att.shift_k.shape == (2, 2) and att.shift_v.shape == (2, 2)
+    torch.testing.assert_close(att.shift_k.sum(1), torch.ones(2))
+    assert ((att.shift_k[:, 0] >= 0) & (att.shift_k[:, 0] <= 1)).all()
+    alpha, beta = att.shift_coefficients()
+    assert torch.equal(alpha, att.shift_k.detach()) and torch.equal(beta, att.shift_v.detach())
+    m3 = LM(ModelConfig.from_name("debug", attention="kvshift", shift_window=3), seed=0)
+    c = m3.layers[0].attention.shift_k
+    assert c.shape == (2, 4)
+    torch.testing.assert_close(c.sum(1), torch.ones(2))
+    # gate: sigmoid for window 1; clamp stays in [0, 1]; one-sided kinds report identity on the other side
+    gate = LM(ModelConfig.from_name("debug", attention="kvshift_gate"), seed=0).layers[0].attention
+    a, _ = gate.shift_coefficients()
+    torch.testing.assert_close(a[:, 0], torch.sigmoid(gate.shift_k_gate[:, 0]).detach())
+    torch.testing.assert_close(a.sum(1), torch.ones(2))
+    clamp = LM(ModelConfig.from_name("debug", attention="kvshift_clamp"), seed=0).layers[0].attention
+    with torch.no_grad():
+        clamp.shift_k.copy_(torch.tensor([[1.7, -0.4], [0.2, 0.3]]))
+    assert torch.equal(clamp.shift_coefficients()[0], torch.tensor([[1.0, 0.0], [0.2, 0.3]]))
+    k_only = LM(ModelConfig.from_name("debug", attention="kshift"), seed=0).layers[0].attention
+    assert torch.equal(k_only.shift_coefficients()[1], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    assert not hasattr(k_only, "shift_v")
+
+
+def test_cache_overflow_raises():
+    model = make()
+    cache = model.new_cache(1, 8)
+    model(torch.randint(0, 97, (1, 6)), cache=cache)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.randint(0, 97, (1, 3)), cache=cache)
+
+
+def test_generate_greedy_matches_argmax_of_full_forward():
+    model = make("kvshift", 2)
+    prompt = torch.randint(0, 97, (2, 6))
+    out = model.generate(prompt, 8, temperature=0)
+    assert out.shape == (2, 14)
+    full = model(out[:, :-1])
+    assert torch.equal(full[:, 5:].argmax(-1), out[:, 6:])
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    s1 = model.generate(prompt, 5, temperature=0.8, top_k=10, top_p=0.9, generator=g1)
+    s2 = model.generate(prompt, 5, temperature=0.8, top_k=10, top_p=0.9, generator=g2)
+    assert torch.equal(s1, s2)
+    eos = int(out[0, 6])
+    stopped = model.generate(prompt, 8, temperature=0, eos_token_id=eos)
+    assert (stopped[0, 6:] == eos).all()
+
+
+def test_generate_left_padded_rows_equal_unpadded():
+    model = make("kvshift", 1)
+    a = torch.randint(1, 97, (1, 7))
+    b = torch.randint(1, 97, (1, 3))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = (torch.arange(7) >= torch.tensor([[0], [4]])).long()
+    out = model.generate(ids, 6, temperature=0, attention_mask=mask)
+    assert torch.equal(out[0, 7:], model.generate(a, 6, temperature=0)[0, 7:])
+    assert torch.equal(out[1, 7:], model.generate(b, 6, temperature=0)[0, 3:])
+
+
+def test_compile_fullgraph_and_training_reduces_loss():
+    torch.manual_seed(0)
+    model = LM(ModelConfig.from_name("debug", attention="kvshift", shift_impl="naive"), seed=0)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-3, betas=(0.9, 0.95))
+    x = torch.randint(0, 97, (4, 33))
+    losses = []
+    for _ in range(8):
+        logits = compiled(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3
+    assert model.layers[0].attention.shift_k.grad is not None
+
+
+def test_compile_inductor_matches_eager():
+    model = make("kvshift", 2)
+    x = torch.randint(0, 97, (2, 16))
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+BAD_CONFIG = {
+    "attention": ({"attention": "kvshift2"}, "attention must be one of"),
+    "gqa": ({"n_heads": 4, "n_kv_heads": 3}, "divisible by n_kv_heads"),
+    "window": ({"shift_window": 4}, "shift_window"),
+    "position": ({"position": "rotary"}, "position must be"),
+    "dim": ({"dim": 50}, "dim .* divisible by n_heads"),
+    "vocab": ({"vocab_size": 0}, "vocab_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIG), ids=list(BAD_CONFIG))
+def test_bad_config_names_the_field(case):
+    kw, msg = BAD_CONFIG[case]
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig.from_name("debug", **kw)
+
+
+def test_bad_model_input():
+    model = make()
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="left-padded"):
+        model(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match="cu_seqlens must end"):
+        model(torch.tensor([[1, 2, 3]]), cu_seqlens=torch.tensor([0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.from_name("nope")
+    with pytest.raises(ValueError, match="unknown ModelConfig keys"):
+        ModelConfig.from_dict({"dimension": 3})
+
+
+def test_presets_sizes():
+    assert abs(ModelConfig.from_name("lm-25m").non_embedding_params() / 25.7e6 - 1) < 0.02
+    m = LM(ModelConfig.from_name("debug"), seed=0)
+    assert m.num_params() == m.config.non_embedding_params()
+    for name in kvshift.PRESETS:
+        ModelConfig.from_name(name)
