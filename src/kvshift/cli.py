@@ -13,6 +13,12 @@ import sys
 # modules that contribute subcommands; missing optional extras only hide their commands
 _COMMAND_MODULES = (
     "kvshift.info",
+    "kvshift.data.cli",
+    "kvshift.train.cli",
+    "kvshift.experiments.cli",
+    "kvshift.bench.cli",
+    "kvshift.hf.cli",
+    "kvshift.eval.cli",
 )
 
 
@@ -22,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMAND_MODULES:
         try:
             mod = importlib.import_module(name)
-        except ImportError as e:  # an optional extra is missing
-            sys.stderr.write(f"kvshift: commands of {name} unavailable ({e})\n")
+        except ImportError as e:
+            if getattr(e, "name", None) != name:  # an optional extra is missing, not the module itself
+                sys.stderr.write(f"kvshift: commands of {name} unavailable ({e})\n")
             continue
         mod.register(sub)
     return parser

@@ -17,11 +17,20 @@ from kvshift.layers.attention import Attention, AttentionContext
 
 
 @torch.no_grad()
-def induction_head(dim: int, *, attention: str = "kvshift", temperature: float = 1e-3,
-                   alibi_slope: float = 5e-3) -> Attention:
-    """The Theorem 2 layer (attention='kvshift') or the same weights without the shift ('vanilla')."""
+def induction_head(dim: int, *, attention: str = "kvshift", max_len: int = 512, temperature: float | None = None,
+                   alibi_slope: float | None = None) -> Attention:
+    """The Theorem 2 layer (attention='kvshift') or the same weights without the shift ('vanilla').
+
+    Logits are x_L·x_{s-1}/sigma - (m/sigma)·(L - s). A match scores 1/sigma; the recency penalty m/sigma
+    per position must separate two matches yet stay below 1/sigma over the whole sequence, so by
+    default m/sigma = 10 and sigma = 1/(20·max_len).
+    """
     if dim <= 0:
         raise ValueError(f"dim must be positive, got {dim}")
+    if max_len <= 0:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+    temperature = 1.0 / (20 * max_len) if temperature is None else temperature
+    alibi_slope = 10 * temperature if alibi_slope is None else alibi_slope
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     layer = Attention(dim, 1, 1, attention=attention, shift_window=1, position="alibi", shift_impl="naive")

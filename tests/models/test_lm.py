@@ -264,3 +264,29 @@ def test_presets_sizes():
     assert m.num_params() == m.config.non_embedding_params()
     for name in kvshift.PRESETS:
         ModelConfig.from_name(name)
+
+
+@pytest.mark.parametrize("window", [1, 2], ids=["w1", "w2"])
+def test_fused_backend_matches_naive_in_the_model(window):
+    """The Triton path (interpreter on CPU) gives the naive model's logits, gradients, cached decoding
+    and packed results."""
+    pytest.importorskip("triton")
+    from kvshift.ops.shift import triton_available
+    if not triton_available():
+        pytest.skip("triton kernels unavailable (no CUDA and TRITON_INTERPRET unset)")
+    naive = make("kvshift", window, shift_impl="naive")
+    fused = LM(ModelConfig.from_name("debug", attention="kvshift", shift_window=window, shift_impl="triton"), seed=0).eval()
+    fused.load_state_dict(naive.state_dict())
+    x = torch.randint(0, 97, (2, 13))
+    ref, out = naive(x), fused(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    ref.square().mean().backward()
+    out.square().mean().backward()
+    for (n, a), b in zip(naive.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
+    with torch.no_grad():
+        cache = fused.new_cache(2, 16)
+        steps = torch.cat([fused(x[:, :5], cache=cache)] + [fused(x[:, i:i + 1], cache=cache) for i in range(5, 13)], 1)
+        assert (steps - ref).abs().max() <= TOL
+        cu = torch.tensor([0, 4, 13], dtype=torch.int32)
+        torch.testing.assert_close(fused(x[0][None], cu_seqlens=cu), naive(x[0][None], cu_seqlens=cu), rtol=1e-4, atol=1e-4)

@@ -165,6 +165,9 @@ def test_non_contiguous_inputs():
     cos, sin = rope_cos_sin(torch.arange(7).to(DEVICE)[None], 24)
     _assert_close("shift", tk.kv_shift(x, w), naive.shift_padded(x, w), torch.float32)
     _assert_close("rope", tk.shift_rope(x, w, cos, sin), naive.shift_rope(x, w, cos, sin), torch.float32)
+    cos_b = cos.expand(2, 7, 12)  # batch-broadcast view (stride 0) next to a contiguous sin
+    sin_b = sin.expand(2, 7, 12).contiguous()
+    _assert_close("rope-bcast", tk.shift_rope(x, w, cos_b, sin_b), naive.shift_rope(x, w, cos, sin), torch.float32)
 
 
 def test_backward_is_deterministic():
@@ -292,6 +295,11 @@ def test_decode_step_matches_naive(W, dt):
     _assert_close("v_cache", a["v_cache"], b["v_cache"], DT[dt])
     for u, v in zip(raw_a, raw_b):
         assert torch.equal(u.float(), v.float())
+
+
+def test_opcheck_decode():
+    a = _decode_inputs(2)
+    torch.library.opcheck(torch.ops.kvshift.shift_rope_decode.default, tuple(a.values()))
 
 
 def test_decode_token_by_token_equals_full_forward():

@@ -33,8 +33,13 @@ def normalise(text: str, *, code: bool = False) -> str:
     text = _CTRL.sub("", text)
     if code:
         lines = [ln.replace("\t", "    ").rstrip() for ln in text.split("\n")]
-    else:
-        lines = [_SPACES.sub(" ", ln).strip() for ln in text.split("\n")]
+    else:  # keep indentation (literal blocks, verse), collapse runs of spaces after it
+        lines = []
+        for ln in text.split("\n"):
+            body = ln.lstrip(" \t")
+            lead = ln[: len(ln) - len(body)].replace("\t", "    ")
+            body = _SPACES.sub(" ", body).rstrip()
+            lines.append(lead + body if body else "")
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip("\n")
 
 
@@ -112,7 +117,10 @@ class _TextExtractor(HTMLParser):
             return
         if self.pre_depth == 0:
             data = re.sub(r"\s+", " ", data)
-        self.parts.append(data)
+            if not self.parts or self.parts[-1].endswith("\n") or self.parts[-1].endswith("- "):
+                data = data.lstrip()  # no stray indentation from markup line breaks
+        if data:
+            self.parts.append(data)
 
 
 def html_to_text(markup: str, *, main_only: bool = False) -> str:
@@ -127,7 +135,7 @@ def html_to_text(markup: str, *, main_only: bool = False) -> str:
     if main_only and not p.seen_main:
         return html_to_text(markup, main_only=False)
     text = "".join(p.parts)
-    text = "\n".join(ln.rstrip() if ln.startswith(" ") else ln.strip() for ln in text.split("\n"))
+    text = "\n".join(ln.rstrip() for ln in text.split("\n"))
     return _BLANKS.sub("\n\n", text).strip()
 
 
@@ -135,9 +143,11 @@ def html_to_text(markup: str, *, main_only: bool = False) -> str:
 # reStructuredText
 
 _RST_ADORN = re.compile(r"^([=\-~^\"'`#*+_:.])\1{2,}\s*$")
+_RST_TABLE_RULE = re.compile(r"^\s*[+|]?[=\-+| ]*[=\-]{3,}[=\-+| ]*$")  # simple/grid table borders
 _RST_ROLE = re.compile(r":[a-zA-Z][\w:+.-]*:`(?:[^`<]*?<([^`>]+)>|([^`]+))`")
 _RST_LINK = re.compile(r"`([^`<]+?)\s*<[^`>]+>`__?")
 _RST_REF = re.compile(r"`([^`]+)`_{1,2}")
+_RST_BARE_REF = re.compile(r"(?<![\w`])([A-Za-z0-9]+)__?(?=[\s.,;:)]|$)")
 _RST_LITERAL = re.compile(r"``([^`]+)``")
 _RST_DIRECTIVE = re.compile(r"^\s*\.\.\s+([\w:-]+)::(.*)$")
 _RST_COMMENT = re.compile(r"^\.\.(\s|$)")
@@ -162,7 +172,7 @@ def rst_to_text(src: str) -> str:
             if not stripped or indent > drop_indent:
                 continue
             drop_indent = None
-        if _RST_ADORN.match(line):
+        if _RST_ADORN.match(line) or _RST_TABLE_RULE.match(line):
             continue
         m = _RST_DIRECTIVE.match(line)
         if m:
@@ -185,6 +195,7 @@ def rst_to_text(src: str) -> str:
         line = _RST_LINK.sub(r"\1", line)
         line = _RST_LITERAL.sub(r"\1", line)
         line = _RST_REF.sub(r"\1", line)
+        line = _RST_BARE_REF.sub(r"\1", line)
         line = _RST_SUBST.sub(r"\1", line)
         if line.rstrip().endswith("::"):  # "text::" introduces a literal block: keep one colon
             line = line.rstrip()[:-1] if line.rstrip() != "::" else ""

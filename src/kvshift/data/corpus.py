@@ -216,7 +216,7 @@ def build_corpus(
         n_seen = 0
         seen_ids: set[str] = set()
         for doc_id, raw in docs():
-            if max_docs_per_source is not None and n_seen >= max_docs_per_source:
+            if max_docs_per_source is not None and n_seen >= max_docs_per_source and kind not in ("files", "hf"):
                 break
             n_seen += 1
             code = domain == "code"

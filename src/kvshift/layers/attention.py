@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kvshift.ops.rope import apply_rope
-from kvshift.ops.shift import kv_shift
+from kvshift.ops.shift import kv_shift, shift_rope
 
 # which sides shift, and how coefficients are parametrised
 SHIFT_KINDS: dict[str, tuple[bool, bool, str]] = {
@@ -140,6 +140,14 @@ class Attention(nn.Module):
             return kv_shift(x.reshape(B * T, H, D), coef, cu_seqlens=cu_seqlens, impl=self.shift_impl).view(B, T, H, D)
         return kv_shift(x, coef, prev=prev, impl=self.shift_impl)
 
+    def _shift_rope(self, k: torch.Tensor, coef: torch.Tensor, prev: torch.Tensor | None,
+                    ctx: "AttentionContext") -> torch.Tensor:
+        if ctx.cu_seqlens is not None:
+            B, T, H, D = k.shape
+            return shift_rope(k.reshape(B * T, H, D), coef, ctx.cos.reshape(B * T, -1), ctx.sin.reshape(B * T, -1),
+                              cu_seqlens=ctx.cu_seqlens, impl=self.shift_impl).view(B, T, H, D)
+        return shift_rope(k, coef, ctx.cos, ctx.sin, prev=prev, impl=self.shift_impl)
+
     def forward(self, x: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
@@ -154,11 +162,14 @@ class Attention(nn.Module):
         prev_k = prev_v = None
         if cache is not None and self.kind != "vanilla":
             prev_k, prev_v = cache.raw(self.layer_idx)
-        k_hat = self._shift(k, self._coefficients("k"), prev_k, ctx.cu_seqlens)
-        v_hat = self._shift(v, self._coefficients("v"), prev_v, ctx.cu_seqlens)
+        coef_k = self._coefficients("k")
         if self.position == "rope":
             q = apply_rope(q, ctx.cos, ctx.sin)
-            k_hat = apply_rope(k_hat, ctx.cos, ctx.sin)
+            # the K path: shift then rotate, one fused pass on the Triton backend
+            k_hat = apply_rope(k, ctx.cos, ctx.sin) if coef_k is None else self._shift_rope(k, coef_k, prev_k, ctx)
+        else:
+            k_hat = self._shift(k, coef_k, prev_k, ctx.cu_seqlens)
+        v_hat = self._shift(v, self._coefficients("v"), prev_v, ctx.cu_seqlens)
         if cache is not None:
             k_hat, v_hat = cache.update(self.layer_idx, k_hat, v_hat, k, v)  # (B, S, Hkv, D) each
         qh, kh, vh = q.transpose(1, 2), k_hat.transpose(1, 2), v_hat.transpose(1, 2)  # (B, H, T|S, D)

@@ -29,12 +29,6 @@ def check_generator(generator) -> torch.Generator:
     return generator
 
 
-def numpy_rng(generator: torch.Generator) -> np.random.Generator:
-    """A numpy Generator seeded from one draw of ``generator`` (advances it, deterministically)."""
-    seed = torch.randint(0, 2**62, (1,), generator=generator).item()
-    return np.random.default_rng(seed)
-
-
 def accuracy(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
     """Masked next-token accuracy.
 

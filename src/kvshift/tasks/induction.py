@@ -81,19 +81,29 @@ def sample(
     *,
     generator: torch.Generator,
     reserved: int = DEFAULT_RESERVED,
+    pool_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw a batch of induction sequences.
 
     Returns tokens (B, T) int64 with ids in [reserved, vocab_size) and mask (B, T) bool where
     mask[b, p] marks that tokens[b, p + 1] is an induction target. Deterministic given the state of
     ``generator`` (which it advances).
+
+    pool_size: if given, each row draws from its own random subset of ``pool_size`` ids of the
+    vocabulary (the walk is the same; only the ids a row can use shrink). With the full range of
+    8000 ids a 512-token row holds ~15 targets; a pool of 256 gives ~100, a denser training signal
+    for scaled-down batches. None = the whole allowed range.
     """
     batch_size = check_int("batch_size", batch_size, lo=1)
     seq_len = check_int("seq_len", seq_len, lo=4)  # shortest row with a target: a b a b
     reserved = check_int("reserved", reserved, lo=1)  # 0 is the pad and is never drawn
     vocab_size = check_int("vocab_size", vocab_size, lo=reserved + 2)
     check_generator(generator)
-    n = vocab_size - reserved
+    n_all = vocab_size - reserved
+    if pool_size is not None:
+        pool_size = check_int("pool_size", pool_size, lo=2, hi=n_all)
+    n = n_all if pool_size is None else pool_size
+    walk_vocab = reserved + n
 
     tokens = np.zeros((batch_size, seq_len), dtype=np.int64)
     mask = np.zeros((batch_size, seq_len), dtype=bool)
@@ -103,7 +113,10 @@ def sample(
         first = torch.randint(0, n, (R, 1), generator=generator)
         rest = torch.randint(0, n - 1, (R, seq_len - 1), generator=generator)
         draws = torch.cat([first, rest], dim=1).numpy()
-        t, m = _walk(draws, seq_len, vocab_size, reserved)
+        t, m = _walk(draws, seq_len, walk_vocab, reserved)
+        if pool_size is not None:  # map each row's pool indices to its own random subset of ids
+            subset = torch.rand(R, n_all, generator=generator).argsort(dim=1)[:, :n].numpy() + reserved
+            t = np.take_along_axis(subset, t - reserved, axis=1)
         tokens[todo], mask[todo] = t, m
         todo = todo[~m.any(axis=1)]
         if len(todo) == 0:

@@ -60,9 +60,8 @@ class _Layout:
 def _rope_strides(cos: Optional[Tensor], sin: Optional[Tensor], lay: _Layout):
     if cos is None:
         return None, None, 0, 0
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
-    assert cos.stride() == sin.stride(), "cos and sin must share a layout"
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the kernels index both with cos's strides
+        cos, sin = cos.contiguous(), sin.contiguous()
     if lay.varlen:  # (N, D/2)
         return cos, sin, 0, cos.stride(0)
     # (B or 1, T, D/2): a size-1 batch axis broadcasts

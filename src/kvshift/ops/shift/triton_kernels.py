@@ -191,10 +191,12 @@ def _shift_dprev_kernel(WT, CU, COS, SIN, DY, DPREV, T, H, D, HALF, stride_cb, s
 @triton.jit
 def _decode_one(XN, RAW, WT, b, h, cols, mask_d, H, D, W: tl.constexpr):
     # shifted new token: w[0] * x_new + sum_{j>=1} w[j] * raw[W-1-j] (raw oldest first)
-    acc = tl.load(WT + h * W).to(tl.float32) * tl.load(XN + (b * H + h) * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    xn = tl.load(XN + (b * H + h) * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    acc = tl.load(WT + h * W).to(tl.float32) * xn
     for j in tl.static_range(1, W):
         wj = tl.load(WT + h * W + j).to(tl.float32)
-        acc += wj * tl.load(RAW + ((b * (W - 1) + (W - 1 - j)) * H + h) * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+        raw = tl.load(RAW + ((b * (W - 1) + (W - 1 - j)) * H + h) * D + cols, mask=mask_d, other=0.0)
+        acc += wj * raw.to(tl.float32)
     return acc
 
 

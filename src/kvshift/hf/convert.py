@@ -1,0 +1,318 @@
+"""Into the transformers format: training checkpoints (`kvshift export`) and Llama models
+(`kvshift convert-llama`).
+
+Training checkpoints (kvshift.train.checkpoint):
+    <run>/config.json                      resolved run config, with "model_config" (ModelConfig.to_dict())
+    <run>/checkpoints/step_XXXXXXXX/       model.safetensors, state.pt, MANIFEST.json
+A run directory exports its newest verifying checkpoint; a checkpoint directory exports itself
+(verified when it has a manifest). The model config is looked up in the checkpoint directory
+(config.json holding ModelConfig fields or a "model_config" entry, or model_config.json), then in
+the run directory's config.json.
+
+A Llama model becomes a KV-shift model with the identity shift (alpha1 = beta1 = 1, the other
+taps 0), so its logits are unchanged and fine-tuning can move the shift from there. Llama's
+q/k weights already follow the rotate_half RoPE convention that kvshift.ops.rope uses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from kvshift.layers.attention import identity_coefficients
+from kvshift.models.config import ModelConfig
+
+from .configuration import KVShiftConfig
+from .modeling import KVShiftForCausalLM, load_lm_state
+
+__all__ = ["load_training_checkpoint", "export_checkpoint", "convert_llama", "load_tokenizer_for_export",
+           "llama_model_config"]
+
+_WEIGHTS = "model.safetensors"
+_MANIFEST = "MANIFEST.json"
+_EOS = "<|endoftext|>"  # kvshift.data.tokenizer's only special token
+
+
+# ---- training checkpoints -----------------------------------------------------------------------
+def _model_config_from_json(path: Path) -> ModelConfig | None:
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(d, dict) and isinstance(d.get("model_config"), dict):
+        return ModelConfig.from_dict(d["model_config"])
+    if isinstance(d, dict) and {"dim", "n_layers", "vocab_size"} <= set(d):
+        return ModelConfig.from_dict(d)
+    return None
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    if (path / "checkpoints").is_dir():
+        try:
+            from kvshift.train.checkpoint import latest_checkpoint
+        except ImportError:
+            latest_checkpoint = None
+        if latest_checkpoint is not None:
+            ckpt = latest_checkpoint(path / "checkpoints")
+        else:
+            found = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / _WEIGHTS).is_file())
+            ckpt = found[-1] if found else None
+        if ckpt is None:
+            raise ValueError(f"{path / 'checkpoints'}: no complete checkpoint to export")
+        return ckpt
+    if (path / _WEIGHTS).is_file():
+        return path
+    raise ValueError(f"{path}: neither a run directory (with checkpoints/) nor a checkpoint directory "
+                     f"(with {_WEIGHTS})")
+
+
+def load_training_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """(model config, LM state dict, info) of a run or checkpoint directory; info has the checkpoint
+    path, its step (when known) and a tokenizer path found next to it (or None)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory")
+    ckpt = _resolve_checkpoint(path)
+    if (ckpt / _MANIFEST).is_file():
+        from kvshift.train.checkpoint import verify_checkpoint
+
+        verify_checkpoint(ckpt)  # ValueError naming the bad file
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    mc = _model_config_from_json(ckpt / "config.json") or _model_config_from_json(ckpt / "model_config.json")
+    run_cfg = {}
+    if run is not None and (run / "config.json").is_file():
+        run_cfg = json.loads((run / "config.json").read_text())
+        mc = mc or _model_config_from_json(run / "config.json")
+    if mc is None:
+        raise ValueError(f"{ckpt}: no model config found (looked for config.json or model_config.json there"
+                         + (f" and {run / 'config.json'}" if run is not None else "") + ")")
+    try:
+        state = load_file(ckpt / _WEIGHTS)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{ckpt / _WEIGHTS}: unreadable ({e})") from None
+    tokenizer = None
+    for cand in [ckpt / "tokenizer.json"] + ([run / "tokenizer.json"] if run is not None else []):
+        if cand.is_file():
+            tokenizer = cand
+            break
+    tok_cfg = (run_cfg.get("data") or {}).get("tokenizer") if isinstance(run_cfg, dict) else None
+    if tokenizer is None and tok_cfg and Path(tok_cfg).exists():
+        tokenizer = Path(tok_cfg)
+    step = int(ckpt.name.split("_")[1]) if ckpt.name.startswith("step_") and ckpt.name[5:].isdigit() else None
+    return mc, state, {"checkpoint": str(ckpt), "step": step, "tokenizer": str(tokenizer) if tokenizer else None}
+
+
+def load_tokenizer_for_export(path: str | Path):
+    """A transformers tokenizer from a tokenizers `tokenizer.json` (kvshift.data.tokenizer's format:
+    <|endoftext|> is EOS, BOS and pad, and encoding prepends it) or from a directory holding a saved
+    transformers tokenizer (used as saved)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(path)
+    if p.is_dir() and (p / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(p))
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ValueError(f"tokenizer {path}: no tokenizer.json or saved transformers tokenizer there")
+    try:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(p), model_input_names=["input_ids", "attention_mask"])
+    except Exception as e:  # tokenizers raises its own Exception type on a malformed file
+        raise ValueError(f"{p}: not a tokenizers tokenizer.json ({e})") from None
+    if _EOS in tok.get_vocab():
+        tok.eos_token = tok.bos_token = tok.pad_token = _EOS
+        _prepend_bos(tok)
+    return tok
+
+
+def _prepend_bos(tok) -> None:
+    """Make encode(text) start with <|endoftext|>, as every training document does (the shards put
+    it before each document), so pipelines and lm-eval feed the model what it was trained on;
+    add_special_tokens=False still gives the bare text."""
+    from tokenizers import processors
+
+    backend = tok.backend_tokenizer
+    if "TemplateProcessing" in type(backend.post_processor).__name__ or "TemplateProcessing" in str(backend.post_processor):
+        return
+    eos_id = tok.convert_tokens_to_ids(_EOS)
+    template = processors.TemplateProcessing(single=f"{_EOS} $A", pair=f"{_EOS} $A {_EOS} $B",
+                                             special_tokens=[(_EOS, eos_id)])
+    current = backend.post_processor
+    backend.post_processor = template if current is None else processors.Sequence([current, template])
+
+
+def _special_ids(tok) -> dict:
+    return {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if getattr(tok, k, None) is not None}
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None = None,
+                      dtype: torch.dtype | None = None) -> Path:
+    """Write a training run/checkpoint as a KVShiftForCausalLM directory (safetensors), with the
+    tokenizer when one is given or found next to the checkpoint."""
+    mc, state, info = load_training_checkpoint(src)
+    tok_path = tokenizer or info["tokenizer"]
+    tok = load_tokenizer_for_export(tok_path) if tok_path else None
+    ids = _special_ids(tok) if tok is not None else {}
+    if tok is not None and len(tok) > mc.vocab_size:
+        raise ValueError(f"tokenizer {tok_path} has {len(tok)} tokens but the model's vocab_size is {mc.vocab_size}")
+    model = KVShiftForCausalLM(KVShiftConfig.from_model_config(mc, **ids))
+    load_lm_state(model.model, state)
+    if dtype is not None:
+        model = model.to(dtype)
+    _set_generation_ids(model, ids)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dst))
+    if tok is not None:
+        tok.save_pretrained(str(dst))
+    (dst / "kvshift_export.json").write_text(json.dumps({
+        "source": info["checkpoint"], "step": info["step"], "tokenizer": str(tok_path) if tok_path else None,
+        "model_config": mc.to_dict()}, indent=1) + "\n")
+    return dst
+
+
+def _set_generation_ids(model, ids: dict) -> None:
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return
+    for k, v in ids.items():
+        setattr(gc, k, v)
+
+
+# ---- Llama --------------------------------------------------------------------------------------
+def llama_model_config(cfg: dict, *, attention: str = "kvshift") -> ModelConfig:
+    """ModelConfig of a LlamaForCausalLM config.json dict; ValueError for what kvshift.LM cannot
+    reproduce exactly."""
+    if cfg.get("model_type") != "llama":
+        raise ValueError(f"convert-llama takes a Llama checkpoint (model_type 'llama'), got {cfg.get('model_type')!r}")
+    if attention not in ("kvshift", "kvshift_clamp", "kshift", "vshift", "vanilla"):
+        raise ValueError(f"attention must be kvshift, kvshift_clamp, kshift, vshift or vanilla (kinds with an "
+                         f"exact identity shift), got {attention!r}")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    problems = []
+    if cfg.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={cfg['hidden_act']!r} (only 'silu')")
+    if cfg.get("attention_bias"):
+        problems.append("attention_bias=true")
+    if cfg.get("mlp_bias"):
+        problems.append("mlp_bias=true")
+    if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
+        problems.append(f"head_dim={cfg.get('head_dim')} != hidden_size/num_attention_heads = {hidden}/{heads}")
+    if cfg.get("rope_scaling"):
+        problems.append(f"rope_scaling={cfg['rope_scaling']!r}")
+    rope = cfg.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in (None, "default"):
+        problems.append(f"rope_parameters with rope_type={rope_type!r}")
+    extra = sorted(set(rope) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+    if extra:
+        problems.append(f"rope_parameters keys {extra}")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']}")
+    if problems:
+        raise ValueError("unsupported Llama features: " + "; ".join(problems))
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    return ModelConfig(vocab_size=cfg["vocab_size"], dim=hidden, n_layers=cfg["num_hidden_layers"], n_heads=heads,
+                       n_kv_heads=cfg.get("num_key_value_heads") or heads, ffn_dim=cfg["intermediate_size"],
+                       max_seq_len=cfg.get("max_position_embeddings", 2048), position="rope", rope_base=float(theta),
+                       norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), attention=attention,
+                       shift_window=1, name="llama-converted")
+
+
+def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (src / "model.safetensors").is_file():
+        return load_file(src / "model.safetensors")
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out = {}
+        for f in files:
+            out.update(load_file(src / f))
+        return out
+    if (src / "pytorch_model.bin").is_file():
+        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ValueError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+_LLAMA_LAYER = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def _map_llama_weights(w: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, torch.Tensor]:
+    out, used = {}, set()
+
+    def take(src, dst):
+        if src not in w:
+            raise ValueError(f"Llama checkpoint lacks {src}")
+        out[dst] = w[src]
+        used.add(src)
+
+    take("model.embed_tokens.weight", "tok_embeddings.weight")
+    take("model.norm.weight", "norm.weight")
+    if "lm_head.weight" in w:
+        take("lm_head.weight", "output.weight")
+    elif mc.tie_embeddings:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    else:
+        raise ValueError("Llama checkpoint lacks lm_head.weight and does not tie word embeddings")
+    for i in range(mc.n_layers):
+        for s, d in _LLAMA_LAYER.items():
+            take(f"model.layers.{i}.{s}", f"layers.{i}.{d}")
+    unexpected = sorted(k for k in set(w) - used if not k.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise ValueError(f"Llama checkpoint has weights this converter does not map: {unexpected[:8]}")
+    return out
+
+
+def convert_llama(src: str | Path, dst: str | Path, *, attention: str = "kvshift",
+                  dtype: torch.dtype | None = None) -> Path:
+    """LlamaForCausalLM directory -> KVShiftForCausalLM directory with the identity shift."""
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src}: no config.json (expected a saved LlamaForCausalLM directory)")
+    cfg = json.loads((src / "config.json").read_text())
+    mc = llama_model_config(cfg, attention=attention)
+    weights = _map_llama_weights(_load_hf_weights(src), mc)
+    ids = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    model = KVShiftForCausalLM(KVShiftConfig.from_model_config(mc, **ids))
+    sd = model.model.state_dict()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in ("shift_k", "shift_v"):
+                p = getattr(layer.attention, name, None)
+                if p is not None:
+                    p.copy_(identity_coefficients(mc.n_kv_heads, mc.shift_window))
+    for k, v in model.model.state_dict().items():
+        if "shift_" in k:
+            weights[k] = v
+    load_lm_state(model.model, {k: v.to(sd[k].dtype) for k, v in weights.items()})
+    src_dtype = weights["tok_embeddings.weight"].dtype
+    model = model.to(dtype or src_dtype)
+    _set_generation_ids(model, ids)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dst))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    return dst

@@ -1,0 +1,275 @@
+"""`KVShiftForCausalLM`: a thin transformers adapter around `kvshift.LM`.
+
+The decoding state stays ours. transformers' Cache classes change between releases (5.17 passes
+`past_key_values`, later 5.x `cache`), so the model declines transformers' default cache
+(`_supports_default_dynamic_cache() -> False`, the route transformers keeps for models with their
+own state) and builds its own in `prepare_inputs_for_generation`: a `KVShiftCache` holding a
+`kvshift.KVCache` (shifted K̂/V̂ plus the last raw k/v of every row). The adapter only needs three
+public hooks of GenerationMixin: `prepare_inputs_for_generation`, the cache coming back in the
+model output (under whichever field name the installed transformers uses), and `_reorder_cache`
+for beam search.
+
+Positions come from the attention mask (left padding), never from transformers' position_ids; the
+KV shift of a row's first real token sees zeros, as in `kvshift.LM`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from kvshift.layers.attention import Attention, alibi_slopes, paper_init
+from kvshift.models.cache import KVCache
+from kvshift.models.lm import LM
+
+from .configuration import KVShiftConfig
+
+# the output field generate() reads the cache from: `past_key_values` (5.17) or `cache` (later 5.x)
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} \
+    else "past_key_values"
+
+# keyword arguments transformers' helpers may pass that carry nothing for this model
+_IGNORED_KWARGS = frozenset({"token_type_ids", "cache_position", "logits_to_keep", "num_items_in_batch",
+                             "next_sequence_length", "is_first_iteration", "position_embeddings"})
+
+
+class KVShiftCache:
+    """generate()'s handle on a `kvshift.KVCache`, allocated on the first forward and grown by
+    doubling (generate does not tell the model its final length)."""
+
+    is_compileable = False  # read by transformers' auto-compile check
+    is_croppable = False  # no rollback: assisted decoding is refused (_is_stateful)
+
+    def __init__(self):
+        self.kv: KVCache | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.kv is None else self.kv.length
+
+    def __len__(self) -> int:
+        return self.get_seq_length()
+
+    def reserve(self, lm: LM, batch_size: int, n_new: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        need = self.get_seq_length() + n_new
+        if self.kv is None:
+            self.kv = lm.new_cache(batch_size, max(64, need), dtype=dtype, device=device)
+        elif self.kv.batch_size != batch_size:
+            raise ValueError(f"the cache holds {self.kv.batch_size} rows but the input has {batch_size}")
+        elif need > self.kv.max_seq_len:
+            self.kv = _grown(lm, self.kv, max(need, 2 * self.kv.max_seq_len))
+        return self.kv
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.kv is not None:
+            self.kv.reorder(beam_idx.to(self.kv.valid.device))
+
+
+def _grown(lm: LM, kv: KVCache, capacity: int) -> KVCache:
+    p = kv.k[0]
+    new = lm.new_cache(kv.batch_size, capacity, dtype=p.dtype, device=p.device)
+    n = kv.length
+    for dst, src in ((new.k, kv.k), (new.v, kv.v)):
+        for i, t in enumerate(src):
+            dst[i][:, :n] = t[:, :n]
+    new.raw_k, new.raw_v = list(kv.raw_k), list(kv.raw_v)
+    new.valid[:, :n] = kv.valid[:, :n]
+    new.seen = kv.seen.clone()
+    new.length = n
+    return new
+
+
+class KVShiftPreTrainedModel(PreTrainedModel):
+    config_class = KVShiftConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _is_stateful = True  # our cache cannot be rolled back: no assisted decoding
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """kvshift.LM's scheme (normal(init_std), residual outputs scaled by 1/sqrt(2·n_layers), unit
+        norms, the paper's U(0,1) shift init) for fresh models and missing weights. transformers'
+        guarded torch.nn.init calls skip loaded parameters; the shift is guarded by hand."""
+        cfg = self.config
+        std = cfg.init_std
+        if isinstance(module, nn.Linear):
+            scale = 1 / math.sqrt(2 * cfg.n_layers) if getattr(module, "_kvshift_residual_out", False) else 1.0
+            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif type(module).__name__ == "RMSNorm":
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Attention):
+            for name in ("shift_k", "shift_v", "shift_k_gate", "shift_v_gate"):
+                p = getattr(module, name, None)
+                if p is None or getattr(p, "_is_hf_initialized", False) or p.is_meta:
+                    continue
+                c = paper_init(module.n_kv_heads, module.window)
+                if module.param == "gate":
+                    c = c.clamp_min(1e-3)
+                    c = c / c.sum(dim=1, keepdim=True)
+                    c = torch.log(c[:, :-1] / c[:, -1:])
+                p.copy_(c)
+            _restore_buffers(module)
+
+
+def _restore_buffers(module: nn.Module) -> None:
+    # non-persistent buffers are not in checkpoints; transformers may build the model on the meta device
+    if isinstance(module, Attention) and hasattr(module, "alibi_slopes") and not module.alibi_slopes.is_meta:
+        module.alibi_slopes.copy_(alibi_slopes(module.n_heads).to(module.alibi_slopes.device))
+
+
+class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"model.output.weight": "model.tok_embeddings.weight"}
+
+    def __init__(self, config: KVShiftConfig):
+        super().__init__(config)
+        self.model = LM(config.to_model_config(), seed=None)
+        for name, m in self.model.named_modules():
+            if name.endswith((".wo", ".w2")):
+                m._kvshift_residual_out = True
+        self.post_init()
+
+    @classmethod
+    def from_lm(cls, lm: LM, **config_kwargs) -> "KVShiftForCausalLM":
+        """Wrap a trained `kvshift.LM`: same weights, same logits."""
+        if not isinstance(lm, LM):
+            raise ValueError(f"lm must be a kvshift.LM, got {type(lm).__name__}")
+        model = cls(KVShiftConfig.from_model_config(lm.config, **config_kwargs))
+        load_lm_state(model.model, lm.state_dict())
+        p = next(lm.parameters())
+        return model.to(device=p.device, dtype=p.dtype)
+
+    # embeddings accessors used by transformers' resize/tie helpers
+    def get_input_embeddings(self):
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.model.output
+
+    def set_output_embeddings(self, value):
+        self.model.output = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # we build our own cache in prepare_inputs_for_generation
+
+    def _reorder_cache(self, cache, beam_idx):
+        if isinstance(cache, KVShiftCache):
+            cache.reorder_cache(beam_idx)
+            return cache
+        raise ValueError(f"KVShiftForCausalLM cannot reorder a {type(cache).__name__}; it uses its own KVShiftCache")
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, use_cache=None, **kwargs):
+        if inputs_embeds is not None:
+            raise ValueError("KVShiftForCausalLM.generate takes input_ids, not inputs_embeds")
+        state = kwargs.pop("cache", None)
+        state = state if state is not None else past_key_values
+        if use_cache is None:
+            use_cache = self.config.use_cache
+        if use_cache:
+            if not isinstance(state, KVShiftCache):
+                state = _own_cache(state)
+            input_ids = input_ids[:, state.get_seq_length():]
+        else:
+            state = None
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache,
+                  "past_key_values": state}
+        for k in ("output_attentions", "output_hidden_states"):
+            if k in kwargs:
+                inputs[k] = kwargs[k]
+        return inputs
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
+        """Logits of kvshift.LM. `past_key_values` (or `cache`): a KVShiftCache to extend; a new one is
+        made when use_cache=True. attention_mask: (B, past+T) or (B, T), left padding only.
+        position_ids are honoured only without mask and cache, as packed-document positions
+        (restarting at 0 at each document start)."""
+        state = kwargs.pop("cache", None)
+        state = state if state is not None else past_key_values
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS)
+        if unknown:
+            raise ValueError(f"KVShiftForCausalLM.forward got unsupported arguments {unknown}")
+        if inputs_embeds is not None:
+            raise ValueError("KVShiftForCausalLM takes input_ids, not inputs_embeds")
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        if output_attentions or output_hidden_states:
+            raise ValueError("KVShiftForCausalLM does not return attentions or hidden states; "
+                             "see kvshift.eval.analysis.attention_probs for attention maps")
+        if use_cache and state is None:
+            state = KVShiftCache()
+        elif state is not None and not isinstance(state, KVShiftCache):
+            state = _own_cache(state)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        B, T = input_ids.shape
+
+        mask = attention_mask
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError(f"attention_mask must be 2-D (batch, length), got shape {tuple(mask.shape)}")
+            if bool(mask[:, -T:].bool().all()):
+                mask = None  # only new real tokens: the cache remembers earlier pads
+        if state is not None:
+            p = self.model.output.weight
+            kv = state.reserve(self.model, B, T, p.dtype, p.device)
+            logits = self.model(input_ids, cache=kv, attention_mask=mask)
+        else:
+            pos = position_ids if (mask is None and position_ids is not None) else None
+            if pos is not None and pos.dim() == 1:
+                pos = pos.unsqueeze(0).expand(B, T)
+            logits = self.model(input_ids, attention_mask=mask, position_ids=pos)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        if not return_dict:
+            out = (logits,) + ((state,) if state is not None else ())
+            return ((loss,) + out) if loss is not None else out
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: state})
+
+
+def _own_cache(state) -> KVShiftCache:
+    """Accept an empty foreign cache (e.g. a transformers DynamicCache made by a caller) by
+    replacing it; refuse a filled one, whose contents this model cannot read."""
+    if state is None:
+        return KVShiftCache()
+    length = state.get_seq_length() if hasattr(state, "get_seq_length") else None
+    if length == 0:
+        return KVShiftCache()
+    raise ValueError(f"KVShiftForCausalLM keeps its own KVShiftCache; got a filled {type(state).__name__}")
+
+
+def load_lm_state(lm: LM, state: dict[str, torch.Tensor]) -> None:
+    """Load a kvshift.LM state dict (training checkpoints may be saved from a compiled or wrapped
+    module, or with a tied output head omitted); ValueError listing missing/unexpected keys."""
+    sd = {}
+    for k, v in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        sd[k] = v
+    if lm.config.tie_embeddings:
+        sd.setdefault("output.weight", sd.get("tok_embeddings.weight"))
+    want = set(lm.state_dict())
+    missing, unexpected = sorted(want - set(sd)), sorted(set(sd) - want)
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model config: missing {missing}, unexpected {unexpected}")
+    lm.load_state_dict(sd)

@@ -1,0 +1,111 @@
+"""Run records: metrics.jsonl (one JSON object per logged step), summary.json, environment facts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["MetricsLog", "read_metrics", "environment", "git_commit", "shift_summary"]
+
+
+class MetricsLog:
+    """Appends one JSON line per record, flushed at once (a killed run loses at most the line being
+    written). `truncate_after(step)` drops records past a checkpoint when a run resumes from it, so
+    the file always describes one trajectory."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._f = None
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            for r in keep:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a")
+        self._f.write(json.dumps(_finite(record)) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _finite(x):
+    """JSON has no NaN/inf: write them as strings so the file stays strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl; a torn last line (a killed writer) is ignored."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "python": sys.version.split()[0],
+            "git_commit": git_commit(), "host": platform.node(), "threads": torch.get_num_threads()}
+
+
+def shift_summary(model) -> dict | None:
+    """Mean current/previous-token coefficients of keys (alpha) and values (beta) over all layers and
+    KV heads, and the fraction of heads with alpha_cur > alpha_prev / beta_cur > beta_prev (Table 4)."""
+    if not getattr(model.config, "shifted", False):
+        return None
+    coefs = model.shift_coefficients()  # [(alpha, beta) each (H_kv, W+1)] per layer
+    a = torch.cat([c[0] for c in coefs])
+    b = torch.cat([c[1] for c in coefs])
+    return {"alpha_cur": a[:, 0].mean().item(), "alpha_prev": a[:, 1].mean().item(),
+            "beta_cur": b[:, 0].mean().item(), "beta_prev": b[:, 1].mean().item(),
+            "frac_alpha_cur_gt_prev": (a[:, 0] > a[:, 1]).float().mean().item(),
+            "frac_beta_cur_gt_prev": (b[:, 0] > b[:, 1]).float().mean().item()}
