@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Run on the GPU machine (device tool) from the repository root: the toy experiments at gpu scale.
-# Usage: bash scripts/device/toy.sh "induction-width:2000 shift-dynamics:1500 induction-depth:1500"
+# Run on the GPU machine (device tool) from the repository root: experiments at gpu scale, one after
+# another within a time budget; results are packed into $OUT/results.tgz after each one.
+# Usage: bash scripts/device/toy.sh BUDGET_SECONDS "induction-width:2000 shift-dynamics:1500 ..."
 set -u
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20 KVSHIFT_RESULTS=/tmp/results
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 KVSHIFT_RESULTS=/tmp/results
 mkdir -p /tmp/results
+deadline=$(( $(date +%s) + $1 ))
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
-for item in $1; do
+for item in $2; do
   name=${item%%:*}; steps=${item##*:}
-  echo "== $name ($steps steps) $(date +%T)"
-  python3 -m kvshift.cli experiment "$name" --scale gpu --steps "$steps" 2>&1 | grep -v '^\s*$' | tail -n 12
+  left=$(( deadline - $(date +%s) - 10 ))
+  [ "$left" -gt 30 ] || { echo "== skip $name: no time left"; continue; }
+  echo "== $name ($steps steps, ${left}s left) $(date +%T)"
+  timeout "$left" python3 -m kvshift.cli experiment "$name" --scale gpu --steps "$steps" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -n 8
+  tar czf "$OUT/results.tgz" -C /tmp results
 done
-tar czf "$OUT/results.tgz" -C /tmp results

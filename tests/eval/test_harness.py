@@ -24,13 +24,18 @@ EXPECTED_DOCS = {"lambada": 5153, "hellaswag": 10042, "piqa": 1838, "winogrande"
 
 
 def test_every_shipped_task_config_loads_the_full_local_data():
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     from kvshift.eval.harness import TASK_DIR
 
     assert set(available_tasks()) == set(EXPECTED_DOCS) and set(PAPER_TASKS) <= set(EXPECTED_DOCS)
     with offline():
-        tasks = get_task_dict(available_tasks(), TaskManager(include_path=str(TASK_DIR), include_defaults=False))
+        tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+        if hasattr(tm, "load"):  # lm-eval >= 0.4.10
+            tasks = tm.load(available_tasks())["tasks"]
+        else:
+            from lm_eval.tasks import get_task_dict
+            tasks = get_task_dict(available_tasks(), tm)
     assert set(tasks) == set(EXPECTED_DOCS)
     for name, task in tasks.items():
         docs = list(task.eval_docs)

@@ -139,3 +139,18 @@ def test_rerun_guards(tmp_path):
     for k in ("final_loss", "final_val_loss", "best_val_loss", "final_val_bpb"):
         assert again[k] == s[k], k
     assert losses(out) == [r["loss"] for r in read_metrics(out / "metrics.jsonl")] and len(losses(out)) == 6
+
+
+def test_checkpoint_stands_alone(tmp_path):
+    from kvshift.models import LM, ModelConfig
+    from kvshift.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    train(load_config("debug", ["train.steps=3", "model.attention=vanilla"]), out, log=_quiet)
+    ck = list_checkpoints(out / "checkpoints")[-1]
+    mc = ModelConfig.from_dict(json.loads((ck / "config.json").read_text())["model_config"])
+    assert mc.attention == "vanilla"
+    w, st = load_checkpoint(ck)
+    m = LM(mc, seed=None)
+    m.load_state_dict(w)  # keys are those of a plain LM (no DDP/FSDP/compile prefixes)
+    assert st["step"] == 3 and set(st["optimizer"]["state"]) <= {n for n, _ in m.named_parameters()}

@@ -176,6 +176,7 @@ def plot(report: dict, path: str | Path, *, title: str | None = None) -> Path:
         ax.set_xlabel("head" if "α" not in t and "β" not in t else "KV head")
         ax.set_ylabel("layer")
         ax.set_yticks(range(m.shape[0]))
+        ax.set_xticks(range(m.shape[1]))
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title or f"head analysis (repeated random tokens, n={report['n']})", fontsize=10)
     fig.tight_layout()

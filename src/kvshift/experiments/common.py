@@ -44,7 +44,8 @@ def git_commit() -> str | None:
 def provenance() -> dict:
     import kvshift
     return {
-        "command": " ".join(["kvshift"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kvshift") else " ".join(sys.argv),
+        "command": " ".join(["kvshift"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("kvshift", "cli.py"))
+        else " ".join(sys.argv),
         "git_commit": git_commit(),
         "kvshift": kvshift.__version__,
         "torch": torch.__version__,

@@ -127,25 +127,15 @@ def load_tokenizer_for_export(path: str | Path):
     except Exception as e:  # tokenizers raises its own Exception type on a malformed file
         raise ValueError(f"{p}: not a tokenizers tokenizer.json ({e})") from None
     if _EOS in tok.get_vocab():
-        tok.eos_token = tok.bos_token = tok.pad_token = _EOS
-        _prepend_bos(tok)
+        # <|endoftext|> is EOS, pad and BOS, and encoding prepends it as the shards put it before every
+        # training document: pipelines and lm-eval then feed the model what it was trained on
+        # (add_special_tokens=False still gives the bare text)
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(p), model_input_names=["input_ids", "attention_mask"],
+                                      bos_token=_EOS, eos_token=_EOS, pad_token=_EOS, add_bos_token=True)
+        if tok("a").input_ids[:1] != [tok.bos_token_id]:
+            raise ValueError(f"{p}: this transformers version does not honour add_bos_token for "
+                             f"PreTrainedTokenizerFast; use transformers >= 5")
     return tok
-
-
-def _prepend_bos(tok) -> None:
-    """Make encode(text) start with <|endoftext|>, as every training document does (the shards put
-    it before each document), so pipelines and lm-eval feed the model what it was trained on;
-    add_special_tokens=False still gives the bare text."""
-    from tokenizers import processors
-
-    backend = tok.backend_tokenizer
-    if "TemplateProcessing" in type(backend.post_processor).__name__ or "TemplateProcessing" in str(backend.post_processor):
-        return
-    eos_id = tok.convert_tokens_to_ids(_EOS)
-    template = processors.TemplateProcessing(single=f"{_EOS} $A", pair=f"{_EOS} $A {_EOS} $B",
-                                             special_tokens=[(_EOS, eos_id)])
-    current = backend.post_processor
-    backend.post_processor = template if current is None else processors.Sequence([current, template])
 
 
 def _special_ids(tok) -> dict:

@@ -6,6 +6,7 @@
                             (python/numpy/torch/cuda, stored as tensors so `weights_only=True` loads
                             them), step (= data position: the loader is a pure function of the step),
                             tokens, running metrics, the resolved run config
+        config.json         the run config and the ModelConfig (optional; makes the directory stand alone)
         MANIFEST.json       sha256 and size of each file; written LAST
 
 Writing is atomic: files go into `step_XXXXXXXX.tmp/` (each via temp file + fsync + os.replace),
@@ -36,6 +37,7 @@ FORMAT = "kvshift-ckpt-v1"
 MANIFEST = "MANIFEST.json"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
+CONFIG = "config.json"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -149,9 +151,11 @@ def verify_checkpoint(path: str | Path) -> dict:
 
 
 def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict,
-                    *, keep_last: int | None = None) -> Path:
+                    *, keep_last: int | None = None, config: dict | None = None) -> Path:
     """Writes checkpoint `step` atomically (rank 0 only) and prunes to the newest `keep_last`.
-    An existing checkpoint of the same step that verifies is kept, not overwritten."""
+    An existing checkpoint of the same step that verifies is kept, not overwritten. `config` (e.g.
+    {"model_config": ...}) goes into config.json inside the checkpoint, so the directory stands alone
+    (kvshift export reads it)."""
     from safetensors.torch import save as st_save
 
     root = Path(root)
@@ -171,7 +175,11 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     blob = st_save(weights, metadata={"format": FORMAT, "step": str(step)})
     _write_atomic(tmp / WEIGHTS, lambda f: f.write(blob))
     _write_atomic(tmp / STATE, lambda f: torch.save({"step": step, **train_state}, f))
-    files = {n: {"sha256": _sha256(tmp / n), "size": (tmp / n).stat().st_size} for n in (WEIGHTS, STATE)}
+    names = [WEIGHTS, STATE]
+    if config is not None:
+        _write_atomic(tmp / CONFIG, lambda f: f.write((json.dumps(config, indent=1) + "\n").encode()))
+        names.append(CONFIG)
+    files = {n: {"sha256": _sha256(tmp / n), "size": (tmp / n).stat().st_size} for n in names}
     man = {"format": FORMAT, "step": step, "files": files}
     _write_atomic(tmp / MANIFEST, lambda f: f.write((json.dumps(man, indent=1) + "\n").encode()))
     _fsync_dir(tmp)

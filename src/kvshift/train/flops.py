@@ -15,7 +15,7 @@ upper bound on the useful FLOPs (again the usual convention). The KV shift adds 
 
 from __future__ import annotations
 
-__all__ = ["flops_per_token", "mfu", "PEAK_FLOPS"]
+__all__ = ["flops_per_token", "mfu", "peak_flops_for", "PEAK_FLOPS"]
 
 # dense bf16 peak per device, FLOP/s; the trainer's train.peak_flops overrides
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}

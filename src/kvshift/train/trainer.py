@@ -43,6 +43,7 @@ from kvshift.train.metrics import MetricsLog, environment, read_metrics, shift_s
 __all__ = ["train", "evaluate", "EXIT_OK", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
 
 EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 3, 75
+WARMUP_STEPS = 3  # per launch, left out of tokens/s and MFU (torch.compile, cuDNN/Triton autotuning)
 
 
 class _StopFlag:
@@ -108,9 +109,9 @@ def evaluate(model, val, device, autocast, vocab_size: int) -> dict:
         sums[0] += loss_BT[valid].double().sum()
         sums[1] += valid.sum()
         if names and "domain_ids" in b:
-            d = b["domain_ids"][valid]
-            sums[2:2 + nd].index_add_(0, d, loss_BT[valid].double())
-            sums[2 + nd:].index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
+            onehot = F.one_hot(b["domain_ids"][valid], nd).double()  # (N, nd); index_add_ is nondeterministic on CUDA
+            sums[2:2 + nd] += (onehot * loss_BT[valid].double().unsqueeze(1)).sum(0)
+            sums[2 + nd:] += onehot.sum(0)
     D.all_reduce(sums)
     model.train(was_training)
     s = sums.cpu().tolist()
@@ -180,7 +181,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
 
     # ---- state that a checkpoint restores ----
     step, running_min, best = 0, float("inf"), {"val_loss": None, "step": None}
-    elapsed_before, train_time_before = 0.0, 0.0
+    elapsed_before, train_time_before, steady_before = 0.0, 0.0, (0.0, 0)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=d.is_main)
     last: dict = {}  # the latest step's record and the latest evaluation, for the summary
     last_eval: dict = {}
@@ -199,6 +200,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
         set_rng_state(rng)
         step, running_min, best = st["step"], st["running_min"], st["best"]
         elapsed_before, train_time_before = st["elapsed_s"], st["train_time_s"]
+        steady_before = tuple(st.get("steady", (0.0, 0)))
         metrics.truncate_after(step)
         last, last_eval = _restore_last(out / "metrics.jsonl", step)
         log(f"[train] resumed from {ckpt} at step {step}")
@@ -216,11 +218,12 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
             save_checkpoint(ckpt_root, at, msd, {
                 "optimizer": osd, "rng": rngs, "running_min": running_min, "best": best,
                 "elapsed_s": elapsed_before + time.time() - t_start, "train_time_s": train_time,
+                "steady": (steady_time, steady_steps),
                 "tokens": at * tokens_per_step, "world_size": d.world_size,
                 "schedule": {"kind": oc.schedule, "lr": oc.lr, "warmup": oc.warmup, "min_lr": oc.min_lr,
                              "steps": tc.steps, "step": at},
                 "config": json.dumps(cfg.to_dict()),
-            }, keep_last=tc.keep_last)
+            }, keep_last=tc.keep_last, config={**cfg.to_dict(), "model_config": mcfg.to_dict()})
         D.barrier()
 
     def do_eval(at: int) -> dict:
@@ -243,6 +246,9 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     stop = _StopFlag().install()
     status, diverged_step = "finished", None
     train_time = train_time_before
+    # throughput excludes the first WARMUP_STEPS steps of every launch (compilation, autotuning)
+    steady_time, steady_steps = steady_before
+    launch_steps = 0
     model.train()
     try:
         while step < tc.steps:
@@ -278,6 +284,9 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
                 torch.cuda.synchronize(d.device)
             dt = time.time() - t0
             train_time += dt
+            launch_steps += 1
+            if launch_steps > WARMUP_STEPS:
+                steady_time, steady_steps = steady_time + dt, steady_steps + 1
             step += 1
             rec = {"step": step, "tokens": step * tokens_per_step, "loss": loss_v, "lr": lr, "grad_norm": gnorm,
                    "tokens_per_s": tokens_per_step / max(dt, 1e-9),
@@ -308,7 +317,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
 
     wall = elapsed_before + time.time() - t_start
     tokens = step * tokens_per_step
-    tps = (tokens - 0) / train_time if train_time > 0 else None
+    tps_all = tokens / train_time if train_time > 0 else None
+    tps = steady_steps * tokens_per_step / steady_time if steady_steps else tps_all
     env = environment(d.device)
     fpt = flops_per_token(mcfg, dc.seq_len)
     summary = {
@@ -320,6 +330,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
         "final_val_bpb": last_eval.get("val_bpb"), "final_eval": last_eval or None,
         "best_val_loss": best["val_loss"], "best_val_step": best["step"],
         "wall_time_s": wall, "train_time_s": train_time, "tokens_per_s": tps,
+        "tokens_per_s_with_warmup": tps_all, "throughput_steps": steady_steps,
         "flops_per_token": fpt, "peak_flops": tc.peak_flops, "world_size": d.world_size, "parallel": d.mode,
         "mfu": (tps * fpt / (tc.peak_flops * d.world_size)) if (tps and d.device.type == "cuda") else None,
         "params": sum(p.numel() for p in model.parameters()) if d.mode != "fsdp" else None,
