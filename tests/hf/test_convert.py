@@ -129,3 +129,29 @@ def test_convert_llama_refuses_unsupported(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unsupported Llama features" in err and word in err
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_export_real_training_run_and_standalone_checkpoint(tmp_path, capsys):
+    """End to end with the trainer's own format: a few steps of the debug config, then export the
+    run directory and a copy of one checkpoint directory taken out of its run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from kvshift import LM, ModelConfig
+
+    run = tmp_path / "run"
+    rc = main(["train", "debug", "--out", str(run), "--set", "train.steps=2", "--set", "train.ckpt_every=2",
+               "--set", "train.eval_every=2"])
+    assert rc == 0
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    lm = LM(ModelConfig.from_dict(json.loads((run / "config.json").read_text())["model_config"]), seed=None)
+    lm.load_state_dict(load_file(ckpt / "model.safetensors"))
+    lone = tmp_path / "lone_ckpt"
+    shutil.copytree(ckpt, lone)
+    x = torch.randint(0, lm.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    for src in (run, lone):
+        dst = tmp_path / f"hf_{src.name}"
+        assert main(["export", str(src), str(dst)]) == 0
+        model = AutoModelForCausalLM.from_pretrained(dst).eval()
+        assert (_logits(model, x) - _logits(lm.eval(), x)).abs().max().item() <= 1e-6

@@ -8,7 +8,6 @@ dropping a repeated block from a source file would break it).
 from __future__ import annotations
 
 import hashlib
-import html
 import re
 import unicodedata
 from html.parser import HTMLParser
@@ -240,7 +239,3 @@ class ParagraphDedup:
                 self.seen.add(h)
             kept.append(para)
         return "\n\n".join(kept)
-
-
-def unescape(text: str) -> str:
-    return html.unescape(text)

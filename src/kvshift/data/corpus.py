@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from kvshift.data.clean import ParagraphDedup, normalise
-from kvshift.data.sources import DOMAINS, SOURCES, FetchError, default_source_names, fetch, get_source
+from kvshift.data.sources import DOMAINS, FetchError, default_source_names, fetch, get_source
 
 __all__ = ["build_corpus", "split_of", "iter_documents", "read_manifest", "iter_user_files", "MANIFEST"]
 
@@ -298,7 +298,3 @@ def iter_documents(corpus: str | Path, split: str, *, domains: list[str] | None 
         with open(path, encoding="utf-8") as f:
             for line in f:
                 yield json.loads(line)
-
-
-def known_sources() -> list[str]:
-    return list(SOURCES)

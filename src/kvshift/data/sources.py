@@ -17,7 +17,6 @@ from __future__ import annotations
 import email.parser
 import gzip
 import json
-import os
 import re
 import subprocess
 import sys
@@ -481,7 +480,3 @@ def get_source(name: str) -> Source:
 
 def default_source_names() -> list[str]:
     return [n for n, s in SOURCES.items() if s.default]
-
-
-def _env_cache() -> Path:
-    return Path(os.environ.get("KVSHIFT_DATA_CACHE", "cache/data"))

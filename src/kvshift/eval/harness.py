@@ -74,7 +74,7 @@ def _is_training_dir(p: Path) -> bool:
 def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
     """(PreTrainedModel, tokenizer) from a directory (see module doc) or a loaded model."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import kvshift.hf  # registers KVShiftForCausalLM with the Auto classes
     from kvshift.hf.convert import load_tokenizer_for_export, load_training_checkpoint
@@ -84,7 +84,7 @@ def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
         dtype = getattr(torch, dtype)
     if not isinstance(model, (str, Path)):
         hf = model
-        tok_src = tokenizer or getattr(getattr(hf, "config", None), "_name_or_path", None)
+        tok_src = tokenizer or getattr(getattr(hf, "config", None), "_name_or_path", None) or None
     else:
         path = Path(model)
         if not path.is_dir():
@@ -100,9 +100,7 @@ def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
     if tok_src is None:
         raise ValueError("no tokenizer: pass tokenizer= (a tokenizer.json or a saved transformers tokenizer)")
     if isinstance(tok_src, (str, Path)):
-        p = Path(tok_src)
-        tok = load_tokenizer_for_export(p) if p.is_file() or not (p / "tokenizer_config.json").is_file() \
-            else AutoTokenizer.from_pretrained(str(p))
+        tok = load_tokenizer_for_export(tok_src)  # tokenizer.json, or a saved transformers tokenizer
     else:
         tok = tok_src
     if tok.pad_token is None and tok.eos_token is not None:

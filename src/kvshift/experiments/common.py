@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -64,6 +65,10 @@ def default_device() -> torch.device:
 Sampler = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # (batch, gen) -> tokens, mask
 
 
+def _worker_init():
+    torch.set_num_threads(1)  # many workers: one thread each
+
+
 def _make_chunk(args):
     sampler, batch, steps, seed = args
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +94,9 @@ class DataStream:
         workers = workers if workers is not None else min(len(jobs), max(1, (os.cpu_count() or 1) - 1), 16)
         t0 = time.time()
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(workers) as ex:
+            # spawn, not fork: a forked child of a process whose OpenMP pool is running can hang
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as ex:
                 chunks = list(ex.map(_make_chunk, jobs))
         else:
             chunks = [_make_chunk(j) for j in jobs]

@@ -50,7 +50,9 @@ class KVShiftConfig(PretrainedConfig):
             setattr(self, k, v)
         self.use_cache = use_cache
         # transformers' tying logic reads tie_word_embeddings; ours is tie_embeddings (kept equal)
-        kwargs.pop("tie_word_embeddings", None)
+        twe = kwargs.pop("tie_word_embeddings", None)
+        if twe is not None and bool(twe) != mc.tie_embeddings:
+            raise ValueError(f"tie_word_embeddings={twe} contradicts tie_embeddings={tie_embeddings}; set tie_embeddings")
         super().__init__(tie_word_embeddings=mc.tie_embeddings, **kwargs)
 
     def to_model_config(self) -> ModelConfig:

@@ -36,7 +36,7 @@ _OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(
 
 # keyword arguments transformers' helpers may pass that carry nothing for this model
 _IGNORED_KWARGS = frozenset({"token_type_ids", "cache_position", "logits_to_keep", "num_items_in_batch",
-                             "next_sequence_length", "is_first_iteration", "position_embeddings"})
+                             "next_sequence_length", "is_first_iteration"})
 
 
 class KVShiftCache:

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the `tomli` backport (train extra)
+    import tomli as tomllib
 
 __all__ = ["RunConfig", "load_config", "parse_overrides", "apply_overrides", "shipped_configs"]
 
