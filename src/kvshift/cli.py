@@ -17,7 +17,7 @@ _COMMAND_MODULES = (
     "kvshift.train.cli",
     "kvshift.experiments.cli",
     "kvshift.bench.cli",
-    "kvshift.hf.cli",
+    "kvshift.cli_hf",  # outside kvshift.hf: importing that package imports transformers
     "kvshift.eval.cli",
 )
 

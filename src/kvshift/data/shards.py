@@ -252,6 +252,8 @@ def subset_shards(src: str | Path, dst: str | Path, *, max_train_tokens: int, se
         doms = sh.domains[order]
         doms.tofile(dst / names["domains"])
         info = meta["splits"][split]
+        if split == "train":
+            info.pop("tokens_by_source", None)  # not tracked per document
         info.update(tokens=int(toks.size), documents=int(order.size),
                     tokens_by_domain={sh.domain_names[k]: int(v) for k, v in
                                       zip(*np.unique(np.repeat(doms, lens[order].astype(np.int64)), return_counts=True))},

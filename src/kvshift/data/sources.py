@@ -83,7 +83,7 @@ def _license_from_metadata(text: str) -> str:
     if cls:
         return "; ".join(cls)
     v = (msg.get("License") or "").strip()
-    return (v.splitlines()[0][:120] + " ...") if v else "unknown"
+    return (v.splitlines()[0][:120] + " ...") if v and v.upper() != "UNKNOWN" else "unknown"
 
 
 def fetch(src: Source, cache: Path, *, offline: bool = False) -> tuple[Path, str, str]:
@@ -331,35 +331,33 @@ def _wordnet(root: Path) -> Iterator[Doc]:
             yield key, text.replace("\n\n", "\n")
 
 
+def _bigbench_examples(task: Path) -> Iterator[str]:
+    try:
+        data = json.loads(task.read_text(errors="replace"))
+    except json.JSONDecodeError:
+        return
+    for ex in data.get("examples", []):
+        inp, tgt = ex.get("input"), ex.get("target")
+        if tgt is None and isinstance(ex.get("target_scores"), dict) and ex["target_scores"]:
+            tgt = max(ex["target_scores"].items(), key=lambda kv: kv[1])[0]
+        if isinstance(tgt, list):
+            tgt = tgt[0] if tgt else None
+        if isinstance(inp, str) and isinstance(tgt, str):
+            yield f"{inp.strip()}\n{tgt.strip()}"
+
+
 def _bigbench(root: Path) -> Iterator[Doc]:
-    """BIG-bench task descriptions and examples (opt-in: large, and benchmark text is eval data)."""
-    tasks = sorted(root.glob("*/bigbench/benchmark_tasks/*"))
-    for t in tasks:
+    """BIG-bench task READMEs and JSON task examples (subtasks included), examples grouped into
+    ~16k-character documents. Opt-in: large, and benchmark text is evaluation data."""
+    for t in sorted(root.glob("*/bigbench/benchmark_tasks/*")):
         if not t.is_dir():
             continue
-        readme = t / "README.md"
-        if readme.exists():
-            yield f"{t.name}/README", readme.read_text(errors="replace")
-        task = t / "task.json"
-        if task.exists():
-            try:
-                data = json.loads(task.read_text(errors="replace"))
-            except json.JSONDecodeError:
-                continue
-            rows = []
-            for ex in data.get("examples", []):
-                inp = ex.get("input")
-                tgt = ex.get("target")
-                if tgt is None and isinstance(ex.get("target_scores"), dict):
-                    best = max(ex["target_scores"].items(), key=lambda kv: kv[1], default=(None, 0))
-                    tgt = best[0]
-                if isinstance(tgt, list):
-                    tgt = tgt[0] if tgt else None
-                if isinstance(inp, str) and isinstance(tgt, str):
-                    rows.append(f"{inp.strip()}\n{tgt.strip()}")
-            if rows:
-                desc = data.get("description", "")
-                yield f"{t.name}/examples", (desc + "\n\n" if isinstance(desc, str) else "") + "\n\n".join(rows)
+        for readme in sorted(t.rglob("README.md")):
+            yield str(readme.relative_to(t.parent)), readme.read_text(errors="replace")
+        for task in sorted(t.rglob("task.json")):
+            rel = str(task.parent.relative_to(t.parent))
+            for key, text in _pages(((rel, e) for e in _bigbench_examples(task)), 16000):
+                yield f"{rel}#{key}", text
 
 
 _CODE_MAX_BYTES = 400_000

@@ -32,6 +32,8 @@ THRESHOLDS = (0.5, 0.9, 0.99)
 # ---------------------------------------------------------------------------------------------
 # provenance
 def git_commit() -> str | None:
+    if os.environ.get("KVSHIFT_GIT_COMMIT"):  # set where the tree travels without .git (device machines)
+        return os.environ["KVSHIFT_GIT_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[3]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)

@@ -1,4 +1,4 @@
-"""`kvshift export` and `kvshift convert-llama` (the `hf` extra)."""
+"""`kvshift export` and `kvshift convert-llama` (the `hf` extra; transformers is imported only when they run)."""
 
 from __future__ import annotations
 
