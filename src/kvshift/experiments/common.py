@@ -221,7 +221,7 @@ def train_arm(arm: Arm, stream: DataStream, eval_set: tuple[torch.Tensor, torch.
         opt.step()
         sched.step()
         if (step + 1) % spec.log_every == 0 or step == spec.steps - 1:
-            lv = float(loss)
+            lv = float(loss.detach())
             if not math.isfinite(lv):
                 diverged = step
             running += lv

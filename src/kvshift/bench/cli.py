@@ -1,0 +1,60 @@
+"""`kvshift bench`: the one-process benchmark of the fused-kernel issue (see kvshift.bench.run)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _parts(s: str) -> tuple[str, ...]:
+    from kvshift.bench.run import PARTS
+
+    parts = tuple(p.strip() for p in s.split(",") if p.strip())
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise ValueError(f"--only takes a comma-separated subset of {','.join(PARTS)}, got {s!r}")
+    return parts
+
+
+def _run(args) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # the fused kernels then run through Triton's interpreter (must be set before they are defined)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from kvshift.bench.run import PARTS, Plan, run_bench
+
+    quick = args.quick
+    if not cuda and not quick:
+        sys.stderr.write("kvshift bench: no CUDA device, running the --quick plan (tiny shapes; not for committing)\n")
+        quick = True
+    plan = Plan.quick_plan(cuda) if quick else Plan.full()
+    plan.with_steps(args.steps, args.warmup)
+    plan.parts = _parts(args.only) if args.only else PARTS
+    if args.peak_flops is not None:
+        if args.peak_flops <= 0:
+            raise ValueError(f"--peak-flops must be positive, got {args.peak_flops}")
+        plan.peak_flops = args.peak_flops
+    res = run_bench(plan, args.out)
+    slug = res["meta"]["device_slug"]
+    from kvshift.bench.report import render_markdown
+
+    print(render_markdown(res))
+    s = res["summary"]
+    print(f"targets: {s['met']} met, {s['missed']} missed, {s['unknown']} without data")
+    print(f"results: {os.path.join(args.out, slug + '.json')} and .md")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="vanilla vs kvshift (naive, fused): attention block, training step, decode")
+    p.add_argument("--only", default=None, help="comma-separated parts: block,e2e,decode (default: all)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed iterations per measurement (default: 40 block, 20 e2e, 40 decode; quick: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default: 5 block, 3 e2e, 5 decode)")
+    p.add_argument("--out", default="results/bench", help="directory for <gpu-slug>.json and .md")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few iterations (CPU, smoke tests)")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="peak bf16 FLOP/s for MFU (default: by device name, 989e12 for H100/H200)")
+    p.set_defaults(func=_run)

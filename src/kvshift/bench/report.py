@@ -1,0 +1,180 @@
+"""Targets, ratios and the markdown table of a benchmark result (pure functions of the result dict).
+
+A target compares one measured number against a bound:
+    margin = bound - measured   for "<=" targets (time, memory ratios)
+    margin = measured - bound   for ">=" targets (throughput ratio, MFU)
+so margin >= 0 means met with that much room and margin < 0 means missed by |margin|.
+"""
+
+from __future__ import annotations
+
+ARMS = ("vanilla", "naive", "fused")
+
+# name -> (what, op, bound). The bounds are the issue's targets on the H200 in bf16.
+TARGETS: dict[str, tuple[str, str, float]] = {
+    "block_time": ("attention block fwd+bwd time, fused / vanilla", "<=", 1.03),
+    "e2e_tokens_per_s": ("training tokens/s, fused / vanilla", ">=", 0.99),
+    "e2e_peak_mem": ("training peak memory, fused / vanilla", "<=", 1.02),
+    "e2e_mfu": ("training MFU of the fused arm", ">=", 0.45),
+    "decode_latency": ("decode per-step latency, fused / vanilla", "<=", 1.02),
+}
+MFU_TARGET_MODELS = ("bench-246m",)  # the MFU target is stated for this config only
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def check_target(measured: float | None, op: str, bound: float, what: str = "") -> dict:
+    """One target's verdict; met and margin are None when the measurement is missing."""
+    if op not in ("<=", ">="):
+        raise ValueError(f"op must be '<=' or '>=', got {op!r}")
+    out = {"what": what, "measured": measured, "op": op, "target": bound, "met": None, "margin": None,
+           "margin_pct": None}
+    if measured is None:
+        return out
+    margin = bound - measured if op == "<=" else measured - bound
+    out.update(met=bool(margin >= 0), margin=margin, margin_pct=100.0 * margin / bound)
+    return out
+
+
+def _arm(section: dict, arm: str) -> dict:
+    a = section.get("arms", {}).get(arm)
+    return a if isinstance(a, dict) and "error" not in a and "skipped" not in a else {}
+
+
+def compute_targets(results: dict) -> dict[str, dict]:
+    """Every target the result holds data for, keyed '<part>/<case>/<target>'."""
+    out: dict[str, dict] = {}
+
+    def add(key, kind, measured):
+        what, op, bound = TARGETS[kind]
+        out[key] = check_target(measured, op, bound, what)
+
+    for name, s in results.get("block", {}).get("shapes", {}).items():
+        add(f"block/{name}/time_ratio", "block_time", s.get("ratios", {}).get("fused"))
+    for name, m in results.get("e2e", {}).get("models", {}).items():
+        r = m.get("ratios", {})
+        add(f"e2e/{name}/tokens_per_s_ratio", "e2e_tokens_per_s", r.get("tokens_per_s", {}).get("fused"))
+        add(f"e2e/{name}/peak_mem_ratio", "e2e_peak_mem", r.get("peak_mem", {}).get("fused"))
+        if name in MFU_TARGET_MODELS:
+            add(f"e2e/{name}/mfu", "e2e_mfu", _arm(m, "fused").get("mfu"))
+    for name, b in results.get("decode", {}).get("batches", {}).items():
+        add(f"decode/{name}/latency_ratio", "decode_latency", b.get("ratios", {}).get("fused"))
+    return out
+
+
+def target_summary(targets: dict[str, dict]) -> dict:
+    met = [k for k, t in targets.items() if t["met"] is True]
+    missed = [k for k, t in targets.items() if t["met"] is False]
+    unknown = [k for k, t in targets.items() if t["met"] is None]
+    return {"met": len(met), "missed": len(missed), "unknown": len(unknown), "missed_targets": missed,
+            "unknown_targets": unknown}
+
+
+# ---- markdown -----------------------------------------------------------------------------------
+def _f(x, fmt="{:.3f}", none="–"):
+    return none if x is None else fmt.format(x)
+
+
+def _timing_cell(a: dict) -> str:
+    if not a:
+        return "–"
+    return f"{a['median_ms']:.3f} [{a['p10_ms']:.3f}–{a['p90_ms']:.3f}]"
+
+
+def _arm_or_reason(section: dict, arm: str) -> tuple[dict, str | None]:
+    a = section.get("arms", {}).get(arm)
+    if a is None:
+        return {}, "not run"
+    if "error" in a:
+        return {}, "error"
+    if "skipped" in a:
+        return {}, "skipped"
+    return a, None
+
+
+def render_markdown(results: dict) -> str:
+    meta = results.get("meta", {})
+    lines = [f"# kvshift bench: {meta.get('device', '?')}", ""]
+    if meta.get("quick"):
+        lines += ["**Quick mode (tiny shapes, few iterations): not a measurement to commit.**", ""]
+    keys = ("git_commit", "torch", "triton", "cuda", "time_utc", "command")
+    lines += [", ".join(f"{k}: `{meta.get(k)}`" for k in keys if meta.get(k) is not None), ""]
+
+    blk = results.get("block")
+    if blk:
+        st = blk.get("settings", {})
+        lines += ["## Attention block, forward + backward (ms, median [p10–p90])", "",
+                  f"q/k/v inputs, RoPE + shift + SDPA, {st.get('dtype')}, eager, "
+                  f"{st.get('warmup')} warm-up + {st.get('iters')} timed iterations, arms interleaved.", "",
+                  "| shape (B, T, H/Hkv, D) | SDPA backend | vanilla | naive | fused | naive/van | fused/van |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, s in blk.get("shapes", {}).items():
+            cells = []
+            for arm in ARMS:
+                a, why = _arm_or_reason(s, arm)
+                cells.append(why or _timing_cell(a))
+            r = s.get("ratios", {})
+            shape = f"({s['B']}, {s['T']}, {s['H']}/{s['H_kv']}, {s['D']})"
+            lines.append(f"| {shape} | {s.get('sdpa_backend')} | " + " | ".join(cells)
+                         + f" | {_f(r.get('naive'))} | {_f(r.get('fused'))} |")
+        lines.append("")
+
+    e2e = results.get("e2e")
+    if e2e:
+        st = e2e.get("settings", {})
+        lines += ["## End-to-end training step", "",
+                  f"AdamW (fused={st.get('fused_adamw')}), {st.get('autocast')} autocast, compile: {st.get('compile')}, "
+                  f"{st.get('warmup')} warm-up + {st.get('iters')} timed steps; MFU against "
+                  f"{_f(st.get('peak_flops'), '{:.4g}')} FLOP/s.", "",
+                  "| model | arm | tokens/s | step ms [p10–p90] | MFU | peak mem GiB | first step s | tok/s vs van | mem vs van |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, m in e2e.get("models", {}).items():
+            r = m.get("ratios", {})
+            for arm in ARMS:
+                a, why = _arm_or_reason(m, arm)
+                if why:
+                    lines.append(f"| {name} | {arm} | {why} | | | | | | |")
+                    continue
+                tr = r.get("tokens_per_s", {}).get(arm) if arm != "vanilla" else None
+                mr = r.get("peak_mem", {}).get(arm) if arm != "vanilla" else None
+                lines.append(f"| {name} (B {m['batch']}, T {m['seq_len']}) | {arm} | {a['tokens_per_s']:,.0f} | "
+                             f"{_timing_cell(a['step'])} | {_f(a.get('mfu'), '{:.1%}')} | "
+                             f"{_f(a.get('peak_mem_gib'), '{:.2f}')} | {_f(a.get('first_step_s'), '{:.1f}')} | "
+                             f"{_f(tr)} | {_f(mr)} |")
+        lines.append("")
+
+    dec = results.get("decode")
+    if dec:
+        st = dec.get("settings", {})
+        lines += [f"## Decode, {dec.get('model')} with a {dec.get('context')}-token context (ms per step, "
+                  "median [p10–p90])", "",
+                  f"prefill with the model's cache, then greedy single-token steps, {st.get('dtype')} weights, eager; "
+                  f"{st.get('warmup')} warm-up + {st.get('iters')} timed steps, arms interleaved.", "",
+                  "| batch | vanilla | naive | fused | naive/van | fused/van |", "|---|---|---|---|---|---|"]
+        for name, b in dec.get("batches", {}).items():
+            cells = []
+            for arm in ARMS:
+                a, why = _arm_or_reason(b, arm)
+                cells.append(why or _timing_cell(a))
+            r = b.get("ratios", {})
+            lines.append(f"| {b['batch']} | " + " | ".join(cells) + f" | {_f(r.get('naive'))} | {_f(r.get('fused'))} |")
+        lines.append("")
+
+    tg = results.get("targets", {})
+    if tg:
+        lines += ["## Targets", "", "| target | measured | bound | met | margin |", "|---|---|---|---|---|"]
+        for key, t in tg.items():
+            met = {True: "yes", False: "**NO**", None: "n/a"}[t["met"]]
+            margin = "–" if t["margin"] is None else f"{t['margin']:+.4f} ({t['margin_pct']:+.2f}%)"
+            lines.append(f"| {key} | {_f(t['measured'], '{:.4f}')} | {t['op']} {t['target']} | {met} | {margin} |")
+        lines.append("")
+    errors = [(part, k, arm, a["error"]) for part, coll in (("block", "shapes"), ("e2e", "models"), ("decode", "batches"))
+              for k, s in results.get(part, {}).get(coll, {}).items()
+              for arm, a in s.get("arms", {}).items() if isinstance(a, dict) and "error" in a]
+    if errors:
+        lines += ["## Errors", ""] + [f"- {p}/{k}/{arm}: `{e}`" for p, k, arm, e in errors] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,518 @@
+"""`kvshift bench`: vanilla vs kvshift-naive vs kvshift-fused, measured in one process.
+
+Three parts, each with the same settings for every arm:
+  block   the attention block forward + backward: q/k/v given as inputs, RoPE (+ K shift fused with
+          RoPE and V shift for the shift arms) + SDPA (flash backend where it accepts the shape), eager
+  e2e     a full training step of a bench preset: torch.compile(model + loss), bf16 autocast,
+          fused AdamW; tokens/s, MFU, peak memory
+  decode  prefill a long context with the model's own cache, then greedy single-token steps (eager)
+
+Arms: "vanilla" (attention="vanilla"), "naive" (attention="kvshift", shift_impl="naive") and
+"fused" (attention="kvshift", shift_impl="triton"). The fused arm is skipped where Triton cannot run.
+Results go to <out>/<device-slug>.json and .md after every finished case, so a run cut short keeps
+what it measured; with --only the other parts of an earlier result for the same device are kept.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import re
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kvshift.bench.report import ARMS, compute_targets, ratio, render_markdown, target_summary
+from kvshift.bench.timing import measure, synchronize
+from kvshift.models import LM, ModelConfig
+from kvshift.ops.rope import apply_rope, rope_cos_sin
+from kvshift.ops.shift import kv_shift, shift_rope, triton_available
+from kvshift.train.flops import flops_per_token, peak_flops_for
+
+PARTS = ("block", "e2e", "decode")
+ARM_MODEL = {"vanilla": dict(attention="vanilla"), "naive": dict(attention="kvshift", shift_impl="naive"),
+             "fused": dict(attention="kvshift", shift_impl="triton")}
+ARM_IMPL = {"naive": "naive", "fused": "triton"}
+
+
+@dataclass
+class Plan:
+    """What one run measures. `full()` is the issue's H200 benchmark, `quick()` tiny shapes for CPU/tests."""
+    quick: bool
+    # block: (B, T, H, H_kv, D)
+    block_shapes: list[tuple[int, int, int, int, int]]
+    block_warmup: int
+    block_iters: int
+    # e2e: (label, preset, overrides, seq_len, batch)
+    e2e_models: list[tuple[str, str, dict, int, int]]
+    e2e_warmup: int  # the first warm-up step compiles
+    e2e_iters: int
+    # decode
+    decode_model: str
+    decode_overrides: dict
+    decode_context: int
+    decode_batches: list[int]
+    decode_warmup: int
+    decode_iters: int
+    compile: bool = True
+    peak_flops: float | None = None  # None: by device name (989e12 for H100/H200)
+    seed: int = 0
+    parts: tuple[str, ...] = PARTS
+
+    @classmethod
+    def full(cls) -> "Plan":
+        return cls(quick=False,
+                   block_shapes=[(8, 2048, 16, 16, 128), (4, 4096, 32, 8, 128), (16, 1024, 12, 12, 64)],
+                   block_warmup=5, block_iters=40,
+                   e2e_models=[("bench-162m", "bench-162m", {}, 1024, 32), ("bench-246m", "bench-246m", {}, 2048, 16)],
+                   e2e_warmup=3, e2e_iters=20,
+                   decode_model="bench-246m", decode_overrides={}, decode_context=8192, decode_batches=[1, 32],
+                   decode_warmup=5, decode_iters=40)
+
+    @classmethod
+    def quick_plan(cls, cuda: bool) -> "Plan":
+        return cls(quick=True,
+                   block_shapes=[(2, 32, 4, 4, 32), (1, 33, 4, 2, 16)],
+                   block_warmup=1, block_iters=3,
+                   e2e_models=[("debug", "debug", {}, 32, 2), ("debug-mha", "debug", {"n_kv_heads": 4}, 16, 2)],
+                   e2e_warmup=1, e2e_iters=3,
+                   decode_model="debug", decode_overrides={}, decode_context=40, decode_batches=[1, 2],
+                   decode_warmup=1, decode_iters=3,
+                   compile=cuda)  # CPU inductor compiles take far longer than the quick run itself
+
+    def with_steps(self, steps: int | None, warmup: int | None) -> "Plan":
+        if steps is not None:
+            if steps < 1:
+                raise ValueError(f"steps must be >= 1, got {steps}")
+            self.block_iters = self.e2e_iters = self.decode_iters = steps
+        if warmup is not None:
+            if warmup < 1:
+                raise ValueError(f"warmup must be >= 1 (the first e2e step compiles), got {warmup}")
+            self.block_warmup = self.e2e_warmup = self.decode_warmup = warmup
+        return self
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def device_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200'; CPU results are 'cpu'."""
+    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return s or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _error(e: BaseException) -> dict:
+    traceback.print_exc(file=sys.stderr)
+    return {"error": f"{type(e).__name__}: {e}"[:600]}
+
+
+def check_nonzero(name: str, t: torch.Tensor) -> None:
+    """Benchmarks on all-zero inputs can take fast paths and flatter a kernel: refuse them."""
+    if t.numel() and int(torch.count_nonzero(t)) == 0:
+        raise RuntimeError(f"benchmark input {name} is all zeros")
+
+
+def fused_available() -> bool:
+    return triton_available()
+
+
+def arms_for_run() -> dict[str, str | None]:
+    """arm -> None when it runs, else why it is skipped."""
+    return {"vanilla": None, "naive": None,
+            "fused": None if fused_available() else "Triton unavailable (no CUDA and TRITON_INTERPRET unset)"}
+
+
+def provenance(device: torch.device, quick: bool) -> dict:
+    import platform
+
+    import kvshift
+    from kvshift.experiments.common import git_commit
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    name = device_name(device)
+    return {
+        "device": name, "device_slug": device_slug(name), "quick": quick,
+        "command": " ".join(["kvshift"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("kvshift", "cli.py"))
+        else " ".join(sys.argv),
+        "git_commit": git_commit(), "kvshift": kvshift.__version__, "torch": torch.__version__,
+        "triton": triton_version, "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+# ---- (a) the attention block --------------------------------------------------------------------
+def block_inputs(B: int, T: int, H: int, H_kv: int, D: int, *, device, dtype=torch.bfloat16, seed: int = 0) -> dict:
+    """Random q/k/v (B, T, H|H_kv, D), output gradient (B, H, T, D), shift coefficients in the
+    paper's init (current-first, (H_kv, 2)) and RoPE tables for positions 0..T-1. Never zeros."""
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    r_k, r_v = torch.rand(H_kv, 1, generator=g), torch.rand(H_kv, 1, generator=g)
+    cos, sin = rope_cos_sin(torch.arange(T, device=device).view(1, T), D)  # (1, T, D/2)
+    inp = {
+        "q": mk(B, T, H, D).requires_grad_(), "k": mk(B, T, H_kv, D).requires_grad_(),
+        "v": mk(B, T, H_kv, D).requires_grad_(), "grad_out": mk(B, H, T, D),
+        "w_k": torch.cat([r_k, 1 - r_k], 1).to(device).requires_grad_(),
+        "w_v": torch.cat([r_v, 1 - r_v], 1).to(device).requires_grad_(),
+        "cos": cos, "sin": sin,
+    }
+    for n in ("q", "k", "v", "grad_out", "w_k", "w_v"):
+        check_nonzero(n, inp[n])
+    return inp
+
+
+SDPA_BACKENDS = ("flash", "flash-expand", "default")
+
+
+def _sdpa_context(backend: str):
+    if backend in ("flash", "flash-expand"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    return nullcontext()
+
+
+def block_step(arm: str, inp: dict, backend: str) -> Callable[[], None]:
+    """One forward + backward of the attention block for `arm`; gradients of every input (and of
+    the shift coefficients) are computed and dropped, so iterations do not accumulate.
+
+    backend: "flash" (flash SDPA, GQA through enable_gqa), "flash-expand" (K/V repeated to all
+    heads, for a flash kernel without GQA support) or "default" (PyTorch's choice)."""
+    if backend not in SDPA_BACKENDS:
+        raise ValueError(f"backend must be one of {SDPA_BACKENDS}, got {backend!r}")
+    q, k, v, cos, sin, go = inp["q"], inp["k"], inp["v"], inp["cos"], inp["sin"], inp["grad_out"]
+    rep = q.shape[2] // k.shape[2]
+    wrt = (q, k, v) if arm == "vanilla" else (q, k, v, inp["w_k"], inp["w_v"])
+
+    def step():
+        with _sdpa_context(backend):
+            qr = apply_rope(q, cos, sin)
+            if arm == "vanilla":
+                kr, vs = apply_rope(k, cos, sin), v
+            else:
+                kr = shift_rope(k, inp["w_k"], cos, sin, impl=ARM_IMPL[arm])
+                vs = kv_shift(v, inp["w_v"], impl=ARM_IMPL[arm])
+            qh, kh, vh = qr.transpose(1, 2), kr.transpose(1, 2), vs.transpose(1, 2)  # (B, H|Hkv, T, D)
+            if rep > 1 and backend == "flash-expand":
+                kh, vh = kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
+                                                 enable_gqa=rep > 1 and backend != "flash-expand")  # (B, H, T, D)
+        torch.autograd.grad(out, wrt, go)
+
+    return step
+
+
+def pick_sdpa_backend(inp: dict, device: torch.device) -> str:
+    """The first of flash / flash-expand (GQA only) / default that runs this shape; decided once
+    per shape and used by every arm."""
+    gqa = inp["q"].shape[2] != inp["k"].shape[2]
+    for backend in ("flash", "flash-expand") if gqa else ("flash",):
+        try:
+            block_step("vanilla", inp, backend)()
+            synchronize(device)
+            return backend
+        except RuntimeError as e:
+            _log(f"SDPA backend {backend} unavailable for this shape ({str(e).splitlines()[0][:120]})")
+    return "default"
+
+
+def bench_block(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:
+    section = {"settings": {"dtype": "bf16", "warmup": plan.block_warmup, "iters": plan.block_iters,
+                            "compile": False, "timer": "cuda-events" if device.type == "cuda" else "perf_counter"},
+               "shapes": {}}
+    skip = arms_for_run()
+    for (B, T, H, H_kv, D) in plan.block_shapes:
+        name = f"B{B}-T{T}-H{H}" + (f"kv{H_kv}" if H_kv != H else "") + f"-D{D}"
+        _log(f"block {name}")
+        case = {"B": B, "T": T, "H": H, "H_kv": H_kv, "D": D, "arms": {}, "ratios": {}}
+        section["shapes"][name] = case
+        try:
+            inp = block_inputs(B, T, H, H_kv, D, device=device, seed=plan.seed)
+            backend = pick_sdpa_backend(inp, device)
+        except Exception as e:  # noqa: BLE001 - a failed case is recorded, the run goes on
+            case["error"] = _error(e)["error"]
+            continue
+        case["sdpa_backend"] = backend
+        fns = {}
+        for arm in ARMS:
+            if skip[arm]:
+                case["arms"][arm] = {"skipped": skip[arm]}
+                continue
+            fn = block_step(arm, inp, backend)
+            try:
+                fn()  # first call: Triton compiles/autotunes here, outside the timing
+                synchronize(device)
+                fns[arm] = fn
+            except Exception as e:  # noqa: BLE001
+                case["arms"][arm] = _error(e)
+        if fns:
+            case["arms"].update(measure(fns, warmup=plan.block_warmup, iters=plan.block_iters, device=device))
+        van = case["arms"].get("vanilla", {}).get("median_ms")
+        for arm in ("naive", "fused"):
+            case["ratios"][arm] = ratio(case["arms"].get(arm, {}).get("median_ms"), van)
+        del inp, fns
+        _free(device)
+        save({"block": section})
+    return section
+
+
+# ---- (b) end-to-end training --------------------------------------------------------------------
+class _LossModel(nn.Module):
+    """model + next-token cross-entropy, compiled as one graph (the fp32 logits never materialise
+    outside it)."""
+
+    def __init__(self, model: LM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        logits = self.model(x)  # (B, T, V)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+
+
+def train_batch(cfg: ModelConfig, batch: int, seq_len: int, *, device, seed: int = 0):
+    """Random token ids in [1, vocab): inputs (B, T) and next-token labels (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
+    check_nonzero("input_ids", ids)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def _e2e_arm(cfg: ModelConfig, batch: int, seq_len: int, plan: Plan, device: torch.device, peak: float) -> dict:
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    torch._dynamo.reset()  # every arm compiles from scratch under identical settings
+    model = LM(cfg, seed=plan.seed).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, betas=(0.9, 0.95),
+                            **({"fused": True} if cuda else {}))
+    step_model = _LossModel(model)
+    step_model = torch.compile(step_model) if plan.compile else step_model
+    x, y = train_batch(cfg, batch, seq_len, device=device, seed=plan.seed)
+    last_loss = []
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = step_model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last_loss[:] = [loss.detach()]
+
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    first = time.perf_counter() - t0
+    for _ in range(plan.e2e_warmup - 1):
+        step()
+    synchronize(device)
+    if cuda:  # model, optimizer state and the steady-state working set, not the compile
+        torch.cuda.reset_peak_memory_stats(device)
+    timing = measure({"step": step}, warmup=0, iters=plan.e2e_iters, device=device)["step"]
+    tps = batch * seq_len / (timing["median_ms"] / 1e3)
+    peak_mem = torch.cuda.max_memory_allocated(device) if cuda else None
+    loss = float(last_loss[0])
+    del model, opt, step_model, x, y, last_loss
+    fpt = flops_per_token(cfg, seq_len)
+    return {"tokens_per_s": tps, "step": timing, "flops_per_token": fpt, "mfu": tps * fpt / peak,
+            "peak_mem_bytes": peak_mem, "peak_mem_gib": None if peak_mem is None else peak_mem / 2**30,
+            "first_step_s": first, "loss": loss if math.isfinite(loss) else None}
+
+
+def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:
+    name = device_name(device)
+    peak = plan.peak_flops or peak_flops_for(name, default=989e12)
+    section = {"settings": {"autocast": "bf16", "compile": "torch.compile(model + loss)" if plan.compile else "none",
+                            "fused_adamw": device.type == "cuda", "warmup": plan.e2e_warmup, "iters": plan.e2e_iters,
+                            "peak_flops": peak, "timer": "cuda-events" if device.type == "cuda" else "perf_counter"},
+               "models": {}}
+    skip = arms_for_run()
+    # vanilla first, then fused: if the run is cut short, the headline comparison is already saved
+    for label, preset, overrides, seq_len, batch in plan.e2e_models:
+        base = ModelConfig.from_name(preset, **overrides)
+        case = {"preset": preset, "overrides": overrides, "seq_len": seq_len, "batch": batch, "arms": {}, "ratios": {}}
+        section["models"][label] = case
+        for arm in ("vanilla", "fused", "naive"):
+            if skip[arm]:
+                case["arms"][arm] = {"skipped": skip[arm]}
+                continue
+            _log(f"e2e {label} {arm}")
+            _free(device)
+            try:
+                case["arms"][arm] = _e2e_arm(base.replace(**ARM_MODEL[arm]), batch, seq_len, plan, device, peak)
+                a = case["arms"][arm]
+                _log(f"  {a['tokens_per_s']:,.0f} tok/s, MFU {a['mfu']:.1%}, first step {a['first_step_s']:.1f}s")
+            except Exception as e:  # noqa: BLE001
+                case["arms"][arm] = _error(e)
+            torch._dynamo.reset()  # drop the compiled graphs (and what they hold) before the next arm
+            _free(device)
+            case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
+            van = case["arms"].get("vanilla", {})
+            case["ratios"] = {
+                "tokens_per_s": {a: ratio(case["arms"].get(a, {}).get("tokens_per_s"), van.get("tokens_per_s"))
+                                 for a in ("naive", "fused")},
+                "peak_mem": {a: ratio(case["arms"].get(a, {}).get("peak_mem_bytes"), van.get("peak_mem_bytes"))
+                             for a in ("naive", "fused")},
+            }
+            save({"e2e": section})
+    return section
+
+
+# ---- (c) decode ---------------------------------------------------------------------------------
+def decode_prompt(vocab_size: int, batch: int, context: int, *, device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(1, vocab_size, (batch, context), generator=g).to(device)
+    check_nonzero("prompt", ids)
+    return ids
+
+
+def _decode_step(model: LM, cache, state: dict) -> Callable[[], None]:
+    def step():
+        with torch.no_grad():
+            state["next"] = model(state["next"], cache=cache)[:, -1].argmax(-1, keepdim=True)  # greedy (B, 1)
+    return step
+
+
+def bench_decode(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:
+    skip = arms_for_run()
+    section = {"model": plan.decode_model, "overrides": plan.decode_overrides, "context": plan.decode_context,
+               "settings": {"dtype": "bf16", "warmup": plan.decode_warmup, "iters": plan.decode_iters,
+                            "compile": False, "sampling": "greedy",
+                            "prefill": "one row prefilled with the cache, copied to every row (KVCache.reorder)",
+                            "timer": "cuda-events" if device.type == "cuda" else "perf_counter"},
+               "batches": {}}
+    max_len = plan.decode_context + plan.decode_warmup + plan.decode_iters + 1
+    base = ModelConfig.from_name(plan.decode_model, **{**plan.decode_overrides, "max_seq_len": max_len})
+    prompt = decode_prompt(base.vocab_size, 1, plan.decode_context, device=device, seed=plan.seed)  # (1, ctx)
+    models: dict[str, LM] = {}
+    build_errors: dict[str, dict] = {}
+    for arm in ARMS:  # built once, shared weights equal across arms (same seed)
+        if skip[arm]:
+            continue
+        try:
+            models[arm] = LM(base.replace(**ARM_MODEL[arm]), seed=plan.seed).to(device=device, dtype=torch.bfloat16).eval()
+        except Exception as e:  # noqa: BLE001
+            build_errors[arm] = _error(e)
+    for batch in plan.decode_batches:
+        name = f"batch{batch}"
+        _log(f"decode {name}")
+        case = {"batch": batch, "arms": {}, "ratios": {}}
+        section["batches"][name] = case
+        fns = {}
+        for arm in ARMS:
+            if skip[arm] or arm in build_errors:
+                case["arms"][arm] = {"skipped": skip[arm]} if skip[arm] else build_errors[arm]
+                continue
+            try:
+                model = models[arm]
+                cache = model.new_cache(1, max_len)
+                with torch.no_grad():
+                    nxt = model(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+                # one prefilled row copied to every row: prefill memory stays that of batch 1
+                rows = torch.zeros(batch, dtype=torch.long, device=device)
+                cache.reorder(rows)
+                fns[arm] = _decode_step(model, cache, {"next": nxt.index_select(0, rows)})
+                synchronize(device)
+            except Exception as e:  # noqa: BLE001
+                case["arms"][arm] = _error(e)
+            _free(device)
+        if fns:
+            try:
+                res = measure(fns, warmup=plan.decode_warmup, iters=plan.decode_iters, device=device)
+                for a, r in res.items():
+                    case["arms"][a] = {**r, "tokens_per_s": batch / (r["median_ms"] / 1e3)}
+            except Exception as e:  # noqa: BLE001
+                err = _error(e)
+                for a in fns:
+                    case["arms"][a] = err
+        case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
+        van = case["arms"].get("vanilla", {}).get("median_ms")
+        case["ratios"] = {a: ratio(case["arms"].get(a, {}).get("median_ms"), van) for a in ("naive", "fused")}
+        del fns
+        _free(device)
+        save({"decode": section})
+    del models
+    _free(device)
+    return section
+
+
+# ---- orchestration ------------------------------------------------------------------------------
+def _load_previous(path: Path, meta: dict) -> dict:
+    """Sections of an earlier result for the same device and mode (kept when --only re-runs others)."""
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    pm = prev.get("meta", {})
+    if pm.get("device") != meta["device"] or pm.get("quick") != meta["quick"]:
+        return {}
+    return {p: prev[p] for p in PARTS if p in prev}
+
+
+def write_results(results: dict, out: Path) -> tuple[Path, Path]:
+    results["targets"] = compute_targets(results)
+    results["summary"] = target_summary(results["targets"])
+    out.mkdir(parents=True, exist_ok=True)
+    slug = results["meta"]["device_slug"]
+    jp, mp = out / f"{slug}.json", out / f"{slug}.md"
+    jp.write_text(json.dumps(results, indent=1) + "\n")
+    mp.write_text(render_markdown(results))
+    return jp, mp
+
+
+def run_bench(plan: Plan, out: str | Path, *, device: torch.device | None = None) -> dict:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unknown = set(plan.parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown bench parts {sorted(unknown)}; choose from {PARTS}")
+    out = Path(out)
+    torch.set_float32_matmul_precision("high")
+    meta = provenance(device, plan.quick)
+    meta["plan"] = {k: v for k, v in asdict(plan).items()}
+    meta["fused_available"] = fused_available()
+    results: dict = {"meta": meta}
+    previous = _load_previous(out / f"{meta['device_slug']}.json", meta)
+    for p, sec in previous.items():
+        if p not in plan.parts:
+            results[p] = {**sec, "from_earlier_run": True}
+
+    def save(update: dict) -> None:
+        results.update(update)
+        write_results(results, out)
+
+    runners = {"block": bench_block, "e2e": bench_e2e, "decode": bench_decode}
+    for part in ("block", "decode", "e2e"):  # the long compile-bound part last: a cut-short run keeps the rest
+        if part in plan.parts:
+            t0 = time.perf_counter()
+            results[part] = runners[part](plan, device, save)
+            results[part]["wall_s"] = time.perf_counter() - t0
+            save({})
+            _log(f"{part} done in {results[part]['wall_s']:.0f}s")
+    write_results(results, out)
+    return results

@@ -1,0 +1,234 @@
+"""`kvshift bench`: the quick plan end to end on CPU, the result/markdown structure, the target
+arithmetic (made-up numbers, met and missed) and the never-zero inputs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from kvshift.bench.report import TARGETS, check_target, compute_targets, render_markdown, target_summary
+from kvshift.bench.run import (PARTS, block_inputs, check_nonzero, decode_prompt, device_slug, fused_available,
+                               train_batch)
+from kvshift.bench.timing import measure, percentile, summarize
+from kvshift.cli import main
+from kvshift.models import ModelConfig
+
+ARMS = ("vanilla", "naive", "fused")
+
+
+@pytest.fixture
+def one_thread():
+    # CPU timings here are smoke only; one thread keeps OpenMP from spinning on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _check_timing(t: dict, n: int) -> None:
+    assert t["n"] == n and len(t["times_ms"]) == n
+    assert 0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"]
+
+
+def _check_arms(case: dict, n: int) -> None:
+    assert tuple(case["arms"]) == ARMS
+    for arm in ARMS:
+        a = case["arms"][arm]
+        if arm == "fused" and not fused_available():
+            assert "skipped" in a
+            continue
+        assert "error" not in a, a
+        _check_timing(a.get("step", a), n)
+
+
+def test_quick_run_end_to_end(tmp_path, one_thread, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--out", str(out), "--steps", "2", "--warmup", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "## Targets" in printed and "cpu.json" in printed
+    res = json.loads((out / "cpu.json").read_text())
+    md = (out / "cpu.md").read_text()
+
+    meta = res["meta"]
+    assert meta["device"] == "cpu" and meta["device_slug"] == "cpu" and meta["quick"] is True
+    assert meta["torch"] == torch.__version__ and "git_commit" in meta and meta["plan"]["block_iters"] == 2
+
+    assert set(PARTS) <= set(res)
+    blk = res["block"]
+    assert blk["settings"]["iters"] == 2 and blk["settings"]["timer"] == "perf_counter"
+    assert len(blk["shapes"]) == 2
+    for name, s in blk["shapes"].items():
+        assert s["sdpa_backend"] in ("flash", "flash-expand", "default")
+        _check_arms(s, 2)
+        assert s["ratios"]["naive"] > 0
+    assert any(s["H_kv"] < s["H"] for s in blk["shapes"].values())  # a GQA shape is covered
+
+    e2e = res["e2e"]
+    assert list(e2e["models"]) == ["debug", "debug-mha"]
+    for name, m in e2e["models"].items():
+        _check_arms(m, 2)
+        cfg = ModelConfig.from_name(m["preset"], **m["overrides"])
+        for arm in ("vanilla", "naive"):
+            a = m["arms"][arm]
+            assert a["tokens_per_s"] == pytest.approx(m["batch"] * m["seq_len"] / (a["step"]["median_ms"] / 1e3))
+            assert a["mfu"] == pytest.approx(a["tokens_per_s"] * a["flops_per_token"] / e2e["settings"]["peak_flops"])
+            assert a["peak_mem_bytes"] is None  # no CUDA allocator on CPU
+            assert a["loss"] is not None and math.isclose(a["loss"], math.log(cfg.vocab_size), rel_tol=0.2)
+        assert set(m["ratios"]) == {"tokens_per_s", "peak_mem"}
+
+    dec = res["decode"]
+    assert dec["context"] == 40 and list(dec["batches"]) == ["batch1", "batch2"]
+    for b in dec["batches"].values():
+        _check_arms(b, 2)
+        assert b["arms"]["vanilla"]["tokens_per_s"] > 0
+
+    tg = res["targets"]
+    expect = {f"block/{n}/time_ratio" for n in blk["shapes"]} | {f"decode/{n}/latency_ratio" for n in dec["batches"]}
+    for n in e2e["models"]:
+        expect |= {f"e2e/{n}/tokens_per_s_ratio", f"e2e/{n}/peak_mem_ratio"}
+    assert set(tg) == expect  # no MFU target: it is stated for bench-246m only
+    for t in tg.values():
+        assert set(t) == {"what", "measured", "op", "target", "met", "margin", "margin_pct"}
+    assert tg["e2e/debug/peak_mem_ratio"]["met"] is None  # no memory numbers on CPU
+    assert res["summary"]["met"] + res["summary"]["missed"] + res["summary"]["unknown"] == len(tg)
+
+    for heading in ("Quick mode", "## Attention block", "## End-to-end training step", "## Decode", "## Targets"):
+        assert heading in md
+
+    # --only re-runs one part and keeps the others of the earlier result for the same device
+    assert main(["bench", "--quick", "--only", "decode", "--out", str(out), "--steps", "2", "--warmup", "1"]) == 0
+    res2 = json.loads((out / "cpu.json").read_text())
+    assert res2["block"]["from_earlier_run"] is True and res2["e2e"]["from_earlier_run"] is True
+    assert "from_earlier_run" not in res2["decode"]
+    assert res2["block"]["shapes"] == blk["shapes"] and set(res2["targets"]) == expect
+
+
+def test_only_rejects_unknown_parts():
+    with pytest.raises(ValueError, match="--only"):
+        main(["bench", "--quick", "--only", "block,kernels"])
+
+
+# ---- targets: a pure function of the result -----------------------------------------------------
+def test_check_target_met_and_missed():
+    t = check_target(1.05, "<=", 1.03)
+    assert t["met"] is False and t["margin"] == pytest.approx(-0.02) and t["margin_pct"] == pytest.approx(-100 * 0.02 / 1.03)
+    t = check_target(1.01, "<=", 1.03)
+    assert t["met"] is True and t["margin"] == pytest.approx(0.02)
+    t = check_target(0.98, ">=", 0.99)
+    assert t["met"] is False and t["margin"] == pytest.approx(-0.01)
+    t = check_target(0.995, ">=", 0.99)
+    assert t["met"] is True and t["margin"] == pytest.approx(0.005)
+    assert check_target(1.03, "<=", 1.03)["met"] is True  # the bound itself meets the target
+    t = check_target(None, "<=", 1.03)
+    assert t["met"] is None and t["margin"] is None
+    with pytest.raises(ValueError, match="op"):
+        check_target(1.0, "<", 1.03)
+
+
+def _made_up_results() -> dict:
+    def arm(ms=None, **kw):
+        return {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, **kw}
+
+    return {
+        "meta": {"device": "NVIDIA H200", "device_slug": "nvidia-h200", "quick": False},
+        "block": {"settings": {}, "shapes": {
+            "B8-T2048-H16-D128": {"B": 8, "T": 2048, "H": 16, "H_kv": 16, "D": 128, "sdpa_backend": "flash",
+                                  "arms": {"vanilla": arm(10.0), "naive": arm(13.0), "fused": arm(11.0)},
+                                  "ratios": {"naive": 1.3, "fused": 1.10}}}},
+        "e2e": {"settings": {"peak_flops": 989e12}, "models": {
+            "bench-162m": {"batch": 32, "seq_len": 1024, "arms": {
+                "vanilla": {"tokens_per_s": 1e6, "mfu": 0.5, "peak_mem_bytes": 100, "step": arm(1.0)},
+                "fused": {"tokens_per_s": 0.995e6, "mfu": 0.4975, "peak_mem_bytes": 101, "step": arm(1.0)},
+                "naive": {"error": "OutOfMemoryError: made up"}},
+                "ratios": {"tokens_per_s": {"naive": None, "fused": 0.995}, "peak_mem": {"naive": None, "fused": 1.01}}},
+            "bench-246m": {"batch": 16, "seq_len": 2048, "arms": {
+                "vanilla": {"tokens_per_s": 1e6, "mfu": 0.41, "peak_mem_bytes": 100, "step": arm(1.0)},
+                "fused": {"tokens_per_s": 0.98e6, "mfu": 0.40, "peak_mem_bytes": 103, "step": arm(1.0)}},
+                "ratios": {"tokens_per_s": {"fused": 0.98}, "peak_mem": {"fused": 1.03}}}}},
+        "decode": {"model": "bench-246m", "context": 8192, "settings": {}, "batches": {
+            "batch1": {"batch": 1, "arms": {"vanilla": arm(5.0), "fused": arm(5.05)}, "ratios": {"fused": 1.01}}}},
+    }
+
+
+def test_compute_targets_with_made_up_numbers():
+    res = _made_up_results()
+    tg = compute_targets(res)
+    assert set(tg) == {"block/B8-T2048-H16-D128/time_ratio", "e2e/bench-162m/tokens_per_s_ratio",
+                       "e2e/bench-162m/peak_mem_ratio", "e2e/bench-246m/tokens_per_s_ratio",
+                       "e2e/bench-246m/peak_mem_ratio", "e2e/bench-246m/mfu", "decode/batch1/latency_ratio"}
+    blk = tg["block/B8-T2048-H16-D128/time_ratio"]
+    assert (blk["met"], blk["target"], blk["op"]) == (False, TARGETS["block_time"][2], "<=")
+    assert blk["margin"] == pytest.approx(1.03 - 1.10)  # missed by 0.07
+    assert tg["e2e/bench-162m/tokens_per_s_ratio"]["met"] is True
+    assert tg["e2e/bench-162m/tokens_per_s_ratio"]["margin"] == pytest.approx(0.005)
+    assert tg["e2e/bench-162m/peak_mem_ratio"]["met"] is True
+    assert tg["e2e/bench-246m/tokens_per_s_ratio"]["margin"] == pytest.approx(-0.01)
+    assert tg["e2e/bench-246m/peak_mem_ratio"]["margin"] == pytest.approx(-0.01)
+    mfu = tg["e2e/bench-246m/mfu"]
+    assert mfu["met"] is False and mfu["measured"] == 0.40 and mfu["margin"] == pytest.approx(-0.05)
+    assert tg["decode/batch1/latency_ratio"]["met"] is True
+
+    summ = target_summary(tg)
+    assert (summ["met"], summ["missed"], summ["unknown"]) == (3, 4, 0)
+    assert summ["missed_targets"] == ["block/B8-T2048-H16-D128/time_ratio", "e2e/bench-246m/tokens_per_s_ratio",
+                                      "e2e/bench-246m/peak_mem_ratio", "e2e/bench-246m/mfu"]
+    res["targets"] = tg
+    md = render_markdown(res)
+    assert "| block/B8-T2048-H16-D128/time_ratio | 1.1000 | <= 1.03 | **NO** | -0.0700 (-6.80%) |" in md
+    assert "## Errors" in md and "OutOfMemoryError: made up" in md
+    assert "Quick mode" not in md
+
+
+def test_missing_arm_gives_unknown_target():
+    res = _made_up_results()
+    del res["e2e"]["models"]["bench-246m"]["arms"]["fused"]
+    res["e2e"]["models"]["bench-246m"]["ratios"] = {"tokens_per_s": {"fused": None}, "peak_mem": {"fused": None}}
+    tg = compute_targets(res)
+    assert tg["e2e/bench-246m/mfu"]["met"] is None and tg["e2e/bench-246m/tokens_per_s_ratio"]["met"] is None
+    assert target_summary(tg)["unknown"] == 3
+
+
+# ---- inputs and timing --------------------------------------------------------------------------
+def test_inputs_are_never_zero():
+    inp = block_inputs(2, 33, 4, 2, 16, device="cpu", seed=3)
+    for name in ("q", "k", "v", "grad_out", "w_k", "w_v"):
+        t = inp[name]
+        assert int(torch.count_nonzero(t)) == t.numel(), name
+    assert inp["q"].dtype == torch.bfloat16 and inp["k"].shape == (2, 33, 2, 16) and inp["grad_out"].shape == (2, 4, 33, 16)
+    assert torch.allclose(inp["w_k"].sum(1), torch.ones(2))  # the paper's init: taps sum to 1
+    cfg = ModelConfig.from_name("debug")
+    x, y = train_batch(cfg, 3, 17, device="cpu")
+    assert x.shape == y.shape == (3, 17) and int(x.min()) >= 1 and int(y.min()) >= 1
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    p = decode_prompt(cfg.vocab_size, 2, 9, device="cpu")
+    assert p.shape == (2, 9) and int(p.min()) >= 1 and int(p.max()) < cfg.vocab_size
+    with pytest.raises(RuntimeError, match="all zeros"):
+        check_nonzero("x", torch.zeros(4))
+
+
+def test_percentile_and_summary():
+    v = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(v, 50) == 3.0 and percentile(v, 0) == 1.0 and percentile(v, 100) == 5.0
+    assert percentile(v, 10) == pytest.approx(1.4) and percentile(v, 90) == pytest.approx(4.6)
+    s = summarize(v)
+    assert (s["median_ms"], s["n"], s["mean_ms"]) == (3.0, 5, 3.0)
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_measure_interleaves_arms():
+    calls = []
+    fns = {a: (lambda a=a: calls.append(a)) for a in ("x", "y", "z")}
+    res = measure(fns, warmup=1, iters=3, device=torch.device("cpu"))
+    assert calls[:3] == ["x", "y", "z"]  # warm-up
+    assert calls[3:] == ["x", "y", "z", "y", "z", "x", "z", "x", "y"]  # order rotates every round
+    assert all(r["n"] == 3 for r in res.values())
+    with pytest.raises(ValueError, match="iters"):
+        measure(fns, warmup=0, iters=0, device=torch.device("cpu"))
+
+
+def test_device_slug():
+    assert device_slug("NVIDIA H200") == "nvidia-h200"
+    assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert device_slug("cpu") == "cpu"

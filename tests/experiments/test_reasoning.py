@@ -1,0 +1,160 @@
+"""hop-k and iGSM experiments end to end at a tiny scale, plus the pieces their scores rest on."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from kvshift.experiments import get, reasoning
+from kvshift.models import LM, ModelConfig
+from kvshift.tasks import igsm
+
+FILES = ("metrics.jsonl", "summary.json", "plot.png", "README.md")
+VERDICTS = ("reproduced", "partly reproduced", "not reproduced")
+
+
+def _check_common(out, summ, name):
+    for f in FILES:
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["experiment"] == name and on_disk["scale"] == "cpu"
+    for k in ("paper", "verdict", "verdict_text", "command", "git_commit", "device", "torch"):
+        assert k in on_disk, k
+    assert on_disk["verdict"] in VERDICTS
+    assert summ["verdict"] == on_disk["verdict"]
+
+
+@pytest.fixture
+def tiny_hopk(monkeypatch):
+    s = dict(reasoning.HOPK["cpu"], depths=(1, 2), seq=24, dim=16, heads=2, ffn=32, batch=8, steps=6, warmup=2,
+             eval_every=4, n_eval=4)
+    monkeypatch.setitem(reasoning.HOPK, "cpu", s)
+    return s
+
+
+def test_hopk_end_to_end(tmp_path, tiny_hopk):
+    summ = get("hopk")(scale="cpu", seeds=1, steps=None, out=str(tmp_path))
+    _check_common(tmp_path, summ, "hopk")
+    assert summ["depths"] == [1, 2]
+    assert len(summ["defined_fraction_by_k"]) == 17
+    for L in ("1", "2"):
+        for arm in ("vanilla", "kvshift"):
+            e = summ["error_by_depth"][L][arm]
+            assert len(e["error_by_k"]) == 17 and len(e["error_by_k_defined"]) == 17
+            assert all(0 <= v <= 1 for v in e["error_by_k"] + e["error_by_k_defined"])
+            assert 0 <= e["mean_error_k_ge_8"] <= 1 and -1 <= e["hops_solved"] <= 16
+    assert len(summ["runs"]) == 4 and all(r["diverged_at"] is None for r in summ["runs"])
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("eval") and r["step"] == 4 for r in recs)  # the mid-training eval
+    assert {r["arm"] for r in recs} == {"vanilla-1L", "kvshift-1L", "vanilla-2L", "kvshift-2L"}
+
+
+def test_hopk_arms_share_init_and_data(tiny_hopk):
+    s = tiny_hopk
+    cfg = lambda att: ModelConfig(vocab_size=22, dim=16, n_layers=2, n_heads=2, ffn_dim=32, max_seq_len=24,
+                                  attention=att)
+    a, b = LM(cfg("vanilla"), seed=3).state_dict(), LM(cfg("kvshift"), seed=3).state_dict()
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+    x1 = reasoning._sample_hopk(s["seq"], 4, 16, 3, torch.Generator().manual_seed(5))
+    x2 = reasoning._sample_hopk(s["seq"], 4, 16, 3, torch.Generator().manual_seed(5))
+    assert all(torch.equal(p, q) for p, q in zip(x1, x2))
+
+
+def test_hopk_verdict_rules():
+    row = lambda ge8, le4: {"mean_error_k_ge_8": ge8, "mean_error_k_le_4": le4, "hops_solved": 1}
+    mk = lambda kv, va: {"5": {"kvshift": row(kv, 0.0), "vanilla": row(va, 0.0)}}
+    assert hopk_v(mk(0.05, 0.4), 5) == "reproduced"
+    assert hopk_v({"3": mk(0.05, 0.4)["5"]}, 3) == "partly reproduced"  # right direction, shallower than L = 5
+    assert hopk_v(mk(0.3, 0.31), 5) == "not reproduced"
+
+
+def test_hops_solved():
+    assert reasoning.hops_solved([0.0, 0.01, 0.3, 0.0]) == 1  # stops at the first miss
+    assert reasoning.hops_solved([0.2, 0.0]) == -1
+    assert reasoning.hops_solved([0.0] * 17) == 16
+
+
+def hopk_v(d, L):
+    return reasoning.hopk_verdict(d, L)[0]
+
+
+@pytest.fixture
+def tiny_igsm(monkeypatch):
+    s = dict(reasoning.IGSM["cpu"], settings=((2, 3),), seq=160, dim=16, heads=2, n_layers=1, ffn=32, batch=4,
+             steps=4, warmup=2, eval_every=2, n_test=4, n_id=3, gen_batch=3)
+    monkeypatch.setitem(reasoning.IGSM, "cpu", s)
+    return s
+
+
+def test_igsm_end_to_end(tmp_path, tiny_igsm):
+    summ = get("igsm")(scale="cpu", seeds=1, steps=None, out=str(tmp_path))
+    _check_common(tmp_path, summ, "igsm")
+    r = summ["results"]["Tr2-Te3"]
+    for arm in ("vanilla", "kvshift"):
+        for k, v in r[arm].items():
+            if k.endswith("accuracy") or k.endswith("correct"):
+                assert 0 <= v <= 1, k
+        assert len(r[arm]["test_answer_accuracy_per_seed"]) == 1
+    assert summ["settings"][0]["test_operations"] == 3
+    assert len(summ["runs"]) == 2
+
+
+def test_igsm_sampler_rows_and_mask():
+    tok, mask = reasoning._sample_igsm(3, 200, 5, torch.Generator().manual_seed(0))
+    assert tok.shape == mask.shape == (5, 200)
+    T = igsm.IGSMTokenizer()
+    for b in range(5):
+        row = tok[b][tok[b] != T.pad_id].tolist()
+        sep = row.index(T.sep_id)
+        # the mask marks exactly the positions whose next token is a solution token or <eos>
+        assert mask[b].nonzero().flatten().tolist() == list(range(sep, len(row) - 1))
+        assert row[-1] == T.eos_id and row[0] == T.bos_id
+
+
+def test_greedy_scoring_of_a_perfect_and_a_wrong_solver(monkeypatch):
+    """greedy_solve scores what generate() returns: feed it the reference solution (all right) and a
+    solution with the answer changed (answer wrong, not fully correct)."""
+    rng = random.Random(0)
+    problems = [igsm.generate(2, rng=rng, exact=True) for _ in range(3)]
+    T = igsm.IGSMTokenizer()
+
+    class Oracle:
+        def __init__(self, corrupt):
+            self.corrupt = corrupt
+
+        def generate(self, ids, max_new, **kw):
+            rows = []
+            for b, p in enumerate(problems[:ids.shape[0]]):
+                sol = p.solution_text
+                if self.corrupt:
+                    sol = sol.rsplit(" ", 2)[0] + f" {(p.answer + 1) % igsm.MOD} ."
+                rows.append(T.encode(sol) + [T.eos_id])
+            L = max(map(len, rows))
+            gen = torch.tensor([r + [T.eos_id] * (L - len(r)) for r in rows])
+            return torch.cat([ids.cpu(), gen], 1)
+
+    good = reasoning.greedy_solve(Oracle(False), problems, torch.device("cpu"), batch=3, max_new=500)
+    bad = reasoning.greedy_solve(Oracle(True), problems, torch.device("cpu"), batch=3, max_new=500)
+    assert good["answer_accuracy"] == 1 and good["solution_correct"] == 1
+    assert bad["answer_accuracy"] == 0 and bad["solution_correct"] == 0
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "kvshift"])
+def test_left_padded_greedy_matches_one_by_one(attention):
+    """The batched, left-padded generation the iGSM score uses equals generating each prompt alone."""
+    cfg = ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64, attention=attention)
+    model = LM(cfg, seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, 40, (n,), generator=g) for n in (5, 9, 7)]
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    am = torch.zeros(3, T, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = p
+        am[b, T - len(p):] = True
+    batched = model.generate(ids, 6, temperature=0, attention_mask=am)[:, T:]
+    for b, p in enumerate(prompts):
+        alone = model.generate(p.view(1, -1), 6, temperature=0)[0, len(p):]
+        assert torch.equal(batched[b], alone), b
