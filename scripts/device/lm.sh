@@ -5,14 +5,14 @@
 # src/kvshift/experiments/lm.py (`python -m kvshift.experiments.lm plan --scale gpu`).
 # Each job is `NAME [--only ..] [--arms ..] [--seeds ..] [--steps N]` (gpu scale implied). With several
 # GPUs, job i runs on GPU i mod n_gpus (each GPU's jobs in order). A job starts only with more than
-# 60 s left of LM_BUDGET (default 560 s) and is sent SIGTERM at the deadline (the trainer checkpoints
+# 60 s left of LM_BUDGET (default 540 s) and is sent SIGTERM at the deadline (the trainer checkpoints
 # and stops; the finished runs are kept). results/lm-*-gpu/ go to $OUT/results.tgz after every job:
 # here, `tar xzf <files_at>/results.tgz` merges them into results/ (then `python -m
 # kvshift.experiments.lm summarize NAME... --scale gpu` and `kvshift report`). Logs: $OUT/lm-gpuN.log.
 set -u
 [ $# -ge 1 ] || { echo "usage: bash scripts/device/lm.sh \"NAME [options]\" ..." >&2; exit 2; }
 start=$(date +%s)
-deadline=$(( start + ${LM_BUDGET:-560} ))
+deadline=$(( start + ${LM_BUDGET:-540} ))
 OUT=${OUT:-/tmp/lm-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 KVSHIFT_RESULTS=$PWD/results
 export KVSHIFT_RUNS=${KVSHIFT_RUNS:-$PWD/runs} KVSHIFT_SHARDS=${KVSHIFT_SHARDS:-$PWD/cache/lm-shards}

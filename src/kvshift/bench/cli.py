@@ -31,6 +31,8 @@ def _run(args) -> int:
         quick = True
     plan = Plan.quick_plan(cuda) if quick else Plan.full()
     plan.with_steps(args.steps, args.warmup)
+    if not quick and min(plan.block_iters, plan.e2e_iters, plan.decode_iters) < 20:
+        sys.stderr.write("kvshift bench: fewer than 20 timed iterations: medians are noisier than the issue asks\n")
     plan.parts = _parts(args.only) if args.only else PARTS
     if args.peak_flops is not None:
         if args.peak_flops <= 0:

@@ -127,10 +127,12 @@ def render_markdown(results: dict) -> str:
     if e2e:
         st = e2e.get("settings", {})
         lines += ["## End-to-end training step", "",
-                  f"AdamW (fused={st.get('fused_adamw')}), {st.get('autocast')} autocast, compile: {st.get('compile')}, "
+                  f"AdamW (fused={st.get('fused_adamw')}), {st.get('autocast')} autocast, "
+                  f"compile: {st.get('compile')}, "
                   f"{st.get('warmup')} warm-up + {st.get('iters')} timed steps; MFU against "
                   f"{_f(st.get('peak_flops'), '{:.4g}')} FLOP/s.", "",
-                  "| model | arm | tokens/s | step ms [p10–p90] | MFU | peak mem GiB | first step s | tok/s vs van | mem vs van |",
+                  "| model | arm | tokens/s | step ms [p10–p90] | MFU | peak mem GiB | first step s "
+                  "| tok/s vs van | mem vs van |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, m in e2e.get("models", {}).items():
             r = m.get("ratios", {})
@@ -166,15 +168,21 @@ def render_markdown(results: dict) -> str:
 
     tg = results.get("targets", {})
     if tg:
-        lines += ["## Targets", "", "| target | measured | bound | met | margin |", "|---|---|---|---|---|"]
+        lines += ["## Targets", "", "margin >= 0: met with that much room; margin < 0: missed by that much.", "",
+                  "| target | measured | bound | met | margin |", "|---|---|---|---|---|"]
         for key, t in tg.items():
             met = {True: "yes", False: "**NO**", None: "n/a"}[t["met"]]
             margin = "–" if t["margin"] is None else f"{t['margin']:+.4f} ({t['margin_pct']:+.2f}%)"
             lines.append(f"| {key} | {_f(t['measured'], '{:.4f}')} | {t['op']} {t['target']} | {met} | {margin} |")
         lines.append("")
-    errors = [(part, k, arm, a["error"]) for part, coll in (("block", "shapes"), ("e2e", "models"), ("decode", "batches"))
-              for k, s in results.get(part, {}).get(coll, {}).items()
-              for arm, a in s.get("arms", {}).items() if isinstance(a, dict) and "error" in a]
+    errors = []
+    for part, coll in (("block", "shapes"), ("e2e", "models"), ("decode", "batches")):
+        for k, case in results.get(part, {}).get(coll, {}).items():
+            if "error" in case:
+                errors.append(f"- {part}/{k}: `{case['error']}`")
+            for arm, a in case.get("arms", {}).items():
+                if isinstance(a, dict) and "error" in a:
+                    errors.append(f"- {part}/{k}/{arm}: `{a['error']}`")
     if errors:
-        lines += ["## Errors", ""] + [f"- {p}/{k}/{arm}: `{e}`" for p, k, arm, e in errors] + [""]
+        lines += ["## Errors", ""] + errors + [""]
     return "\n".join(lines)

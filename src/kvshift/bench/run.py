@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -46,7 +46,8 @@ ARM_IMPL = {"naive": "naive", "fused": "triton"}
 
 @dataclass
 class Plan:
-    """What one run measures. `full()` is the issue's H200 benchmark, `quick()` tiny shapes for CPU/tests."""
+    """What one run measures: `full()` is the issue's H200 benchmark, `quick_plan()` tiny shapes
+    and few iterations (CPU smoke runs, tests)."""
     quick: bool
     # block: (B, T, H, H_kv, D)
     block_shapes: list[tuple[int, int, int, int, int]]
@@ -271,7 +272,12 @@ def bench_block(plan: Plan, device: torch.device, save: Callable[[dict], None]) 
             except Exception as e:  # noqa: BLE001
                 case["arms"][arm] = _error(e)
         if fns:
-            case["arms"].update(measure(fns, warmup=plan.block_warmup, iters=plan.block_iters, device=device))
+            try:
+                case["arms"].update(measure(fns, warmup=plan.block_warmup, iters=plan.block_iters, device=device))
+            except Exception as e:  # noqa: BLE001
+                err = _error(e)
+                case["arms"].update({a: err for a in fns})
+        case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
         van = case["arms"].get("vanilla", {}).get("median_ms")
         for arm in ("naive", "fused"):
             case["ratios"][arm] = ratio(case["arms"].get(arm, {}).get("median_ms"), van)
@@ -416,7 +422,8 @@ def bench_decode(plan: Plan, device: torch.device, save: Callable[[dict], None])
         if skip[arm]:
             continue
         try:
-            models[arm] = LM(base.replace(**ARM_MODEL[arm]), seed=plan.seed).to(device=device, dtype=torch.bfloat16).eval()
+            model = LM(base.replace(**ARM_MODEL[arm]), seed=plan.seed)
+            models[arm] = model.to(device=device, dtype=torch.bfloat16).eval()
         except Exception as e:  # noqa: BLE001
             build_errors[arm] = _error(e)
     for batch in plan.decode_batches:
@@ -478,6 +485,10 @@ def _load_previous(path: Path, meta: dict) -> dict:
 def write_results(results: dict, out: Path) -> tuple[Path, Path]:
     results["targets"] = compute_targets(results)
     results["summary"] = target_summary(results["targets"])
+    order = ("meta", *PARTS, "targets", "summary")
+    ordered = {k: results[k] for k in order if k in results}
+    results.clear()
+    results.update(ordered)
     out.mkdir(parents=True, exist_ok=True)
     slug = results["meta"]["device_slug"]
     jp, mp = out / f"{slug}.json", out / f"{slug}.md"
@@ -494,7 +505,7 @@ def run_bench(plan: Plan, out: str | Path, *, device: torch.device | None = None
     out = Path(out)
     torch.set_float32_matmul_precision("high")
     meta = provenance(device, plan.quick)
-    meta["plan"] = {k: v for k, v in asdict(plan).items()}
+    meta["plan"] = asdict(plan)
     meta["fused_available"] = fused_available()
     results: dict = {"meta": meta}
     previous = _load_previous(out / f"{meta['device_slug']}.json", meta)

@@ -172,9 +172,23 @@ def coefficient_record(model: LM) -> list[dict]:
     return [{"alpha": a.tolist(), "beta": b.tolist()} for a, b in model.shift_coefficients()]
 
 
+def save_model(model: LM, directory: str | Path) -> None:
+    """model.safetensors + model_config.json: loadable by `kvshift analyze` / `kvshift export`."""
+    from safetensors.torch import save_file
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("output.weight", None)  # the same tensor as tok_embeddings.weight
+    save_file(state, str(d / "model.safetensors"))
+    (d / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+
+
 def train_arm(arm: Arm, stream: DataStream, eval_set: tuple[torch.Tensor, torch.Tensor], spec: TrainSpec, *,
-              init_seed: int, device: torch.device, log: Callable[[dict], None], progress: bool = True) -> dict:
-    """Train one arm on the shared stream; log dicts through `log`; return the arm's summary."""
+              init_seed: int, device: torch.device, log: Callable[[dict], None], progress: bool = True,
+              save_dir: str | Path | None = None) -> dict:
+    """Train one arm on the shared stream; log dicts through `log`; return the arm's summary. With
+    `save_dir`, the final weights are saved there (git-ignored: results/*/models/)."""
     model = LM(arm.config, seed=init_seed).to(device)
     opt_kw = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.param_groups(spec.weight_decay), lr=spec.lr, betas=spec.betas, **opt_kw)
@@ -209,7 +223,7 @@ def train_arm(arm: Arm, stream: DataStream, eval_set: tuple[torch.Tensor, torch.
         if step % spec.eval_every == 0:
             r = do_eval(step)
             if bar:
-                bar.set_postfix(loss=f"{running / max(running_n, 1):.3f}", acc=f"{r['accuracy']:.3f}")
+                bar.set_postfix(loss=f"{running / running_n:.3f}" if running_n else "-", acc=f"{r['accuracy']:.3f}")
         tok, _ = stream.batch(step)
         tok = tok.to(device, non_blocking=True).long()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
@@ -255,6 +269,8 @@ def train_arm(arm: Arm, stream: DataStream, eval_set: tuple[torch.Tensor, torch.
     }
     if arm.config.shifted:
         out["final_coefficients"] = coefficient_record(model)
+    if save_dir is not None:
+        save_model(model, save_dir)
     return out
 
 

@@ -25,27 +25,35 @@ The device pack (<= 55 MiB, carried with the tree) is made once here with
 and scripts/device/lm.sh unpacks it. `--scale cpu` runs debug-size models on the same kind of shards
 (a minute or two on a laptop; the tests use tiny synthetic shards).
 
-Device commands (one H200; `run` tool with carry ["cache/lm-pack.tar.xz"]; each ≤ 9.5 min; times
-are estimates from an assumed throughput of 2.4M / 1.7M / 1.05M (measured) / 0.6M tokens/s for the
-3M / 10M / 25M / 50M models, ~45 s compilation per new graph; `python -m kvshift.experiments.lm plan`
-prints them again). Prefix `KVSHIFT_GIT_COMMIT=<sha>` to record the commit (no .git travels):
-    bash scripts/device/lm.sh "lm-main --only 10m"                      ~7.5 min  (4000 steps x 2 arms)
-    bash scripts/device/lm.sh "lm-main --only 50m --arms vanilla"       ~7.5 min  (3000 steps)
-    bash scripts/device/lm.sh "lm-main --only 50m --arms kvshift" "shift-coefficients"   ~7.5 min
-    bash scripts/device/lm.sh "lm-seeds"                                ~7.5 min  (1200 steps x 6 runs)
-    bash scripts/device/lm.sh "lm-lr --only lr=0.0001,lr=0.0002,lr=0.001"   ~7.5 min
-    bash scripts/device/lm.sh "lm-lr --only lr=0.01"                    ~7.5 min  (3 seeds; less if runs diverge)
-    bash scripts/device/lm.sh "lm-scaling --only 3m,10m,25m"            ~8.5 min  (800 steps each)
-    bash scripts/device/lm.sh "lm-scaling --only 50m"                   ~5 min
-    bash scripts/device/lm.sh "lm-variants --arms vanilla,kvshift,kvshift_gate,kvshift_clamp"   ~6.5 min
-    bash scripts/device/lm.sh "lm-variants --arms kshift,vshift,window2,window3"                ~6.5 min
-    bash scripts/device/lm.sh "lm-gqa --arms vanilla"                   ~7.5 min
-    bash scripts/device/lm.sh "lm-gqa --arms kvshift"                   ~7.5 min
-On a machine with several GPUs, lm.sh runs job i on GPU i mod n (all jobs of one GPU in order), so
-e.g. nvidia-h200-x4 runs four of the lines above in one command. Each command leaves
-$OUT/results.tgz: here, `tar xzf <files_at>/results.tgz` in the repository root merges it into
-results/, then `python -m kvshift.experiments.lm summarize lm-main lm-seeds ... --scale gpu` (CPU,
-seconds) and `kvshift report` regenerate the summaries and docs/REPRODUCTION.md.
+Device commands. Each line is one `run` call (kind nvidia-h200) with carry ["cache/lm-pack.tar.xz"]
+and timeout_s 600; lm.sh stops starting jobs with under a minute left of its 540 s budget and
+SIGTERMs a run still going then (finished runs are kept; rerunning the line later does the rest).
+Prefix `KVSHIFT_GIT_COMMIT=<sha of the tree> ` to record the commit (no .git travels). Estimated
+minutes (`python -m kvshift.experiments.lm plan --scale gpu`) assume 2.4M / 1.7M / 1.05M (measured,
+ANCHORS.md) / 0.6M tokens/s for the 3M / 10M / 25M / 50M models, 45 s per compilation, +12% for
+evaluations; the first command's log prints the real tokens/s of each run: recalibrate from it.
+    bash scripts/device/lm.sh "lm-main --only 10m"                   7.8  4000 steps x 2 (262M tokens, 2.4 epochs)
+    bash scripts/device/lm.sh "lm-main --only 50m --arms vanilla"    7.0  2800 steps (184M tokens, 1.7 epochs)
+    bash scripts/device/lm.sh "lm-main --only 50m --arms kvshift"    8.0  + 10 checkpoints for shift-coefficients
+    bash scripts/device/lm.sh "lm-seeds"                             7.8  1200 steps x 2 arms x 3 seeds
+    bash scripts/device/lm.sh "lm-lr --only lr=0.0001,lr=0.0002,lr=0.001"   7.8 (5.3 when lm-seeds is merged)
+    bash scripts/device/lm.sh "lm-lr --only lr=0.01"                 7.8  3 seeds; less when runs diverge
+    bash scripts/device/lm.sh "lm-scaling --only 3m,10m,25m"         7.9  600 steps (39M tokens) per size
+    bash scripts/device/lm.sh "lm-scaling --only 50m"                4.4
+    bash scripts/device/lm.sh "lm-variants --arms vanilla,kvshift,kvshift_gate,kvshift_clamp"   7.0 (4.6 merged)
+    bash scripts/device/lm.sh "lm-variants --arms kshift,vshift,window2,window3"                7.0
+    bash scripts/device/lm.sh "lm-gqa --arms vanilla"                7.0  2800 steps
+    bash scripts/device/lm.sh "lm-gqa --arms kvshift"                7.0
+~86 min on one GPU. lm.sh takes several jobs and runs job i on GPU i mod n, so a 4-GPU machine
+(kind nvidia-h200-x4, same carry) does four lines per call, ~26 min for all in three calls:
+    bash scripts/device/lm.sh "lm-main --only 10m" "lm-main --only 50m --arms vanilla" "lm-main --only 50m --arms kvshift" "lm-seeds"
+    bash scripts/device/lm.sh "lm-lr --only lr=0.0001,lr=0.0002,lr=0.001" "lm-lr --only lr=0.01" "lm-scaling --only 3m,10m,25m" "lm-scaling --only 50m"
+    bash scripts/device/lm.sh "lm-variants --arms vanilla,kvshift,kvshift_gate,kvshift_clamp" "lm-variants --arms kshift,vshift,window2,window3" "lm-gqa --arms vanilla" "lm-gqa --arms kvshift"
+After each call: `tar xzf <files_at>/results.tgz` in the repository root (merges results/lm-*-gpu/;
+do it before the next call, so identical runs are reused rather than retrained), then here on the CPU
+    python -m kvshift.experiments.lm summarize lm-main lm-seeds lm-lr lm-scaling lm-variants lm-gqa --scale gpu
+    python -m kvshift.experiments.lm shift-coefficients --scale gpu     # after lm-main 50m kvshift: seconds
+    kvshift report
 """
 
 from __future__ import annotations
@@ -55,9 +63,7 @@ import json
 import math
 import os
 import shutil
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,18 +153,18 @@ class Part:
 def parts(name: str, scale: str, lrs=LRS) -> list[Part]:
     g = scale == "gpu"
     if name == "lm-main":
-        return [Part("10m", "10m", 4000 if g else 60), Part("50m", "50m", 3000 if g else 60, coefficients="kvshift")]
+        return [Part("10m", "10m", 4000 if g else 60), Part("50m", "50m", 2800 if g else 60, coefficients="kvshift")]
     if name == "lm-seeds":
         return [Part("10m", "10m", 1200 if g else 40, seeds=(0, 1, 2))]
     if name == "lm-lr":
         return [Part(f"lr={lr:g}", "10m", 1200 if g else 40, lr=lr, seeds=(0, 1, 2) if lr == max(lrs) else (0,))
                 for lr in lrs]
     if name == "lm-scaling":
-        return [Part(s, s, 800 if g else 40, optional=s == "85m") for s in ("3m", "10m", "25m", "50m", "85m")]
+        return [Part(s, s, 600 if g else 40, optional=s == "85m") for s in ("3m", "10m", "25m", "50m", "85m")]
     if name == "lm-variants":
         return [Part("10m", "10m", 1200 if g else 40, arms=tuple(ARMS))]
     if name == "lm-gqa":
-        return [Part("50m-gqa", "50m", 3000 if g else 60, model=GQA[scale])]
+        return [Part("50m-gqa", "50m", 2800 if g else 60, model=GQA[scale])]
     raise ValueError(f"no runs for experiment {name!r}")
 
 
@@ -172,8 +178,9 @@ def run_config(scale: str, part: Part, arm: str, seed: int, shards: Path, steps:
     steps = steps or part.steps
     vocab = json.loads((Path(shards) / "meta.json").read_text())["vocab_size"]
     model = {**size_model, **part.model, **ARMS[arm], "vocab_size": vocab}
-    # the part with a coefficient arm checkpoints every 10% (every arm alike: configs differ only in the arm)
-    ckpt = max(1, steps // 10) if part.coefficients else 0  # 0: only the final checkpoint
+    # the coefficient arm checkpoints every 10% of its steps (0: only the final checkpoint). Checkpointing
+    # reads state and changes no numbers, so this is the one config field besides the arm that may differ.
+    ckpt = max(1, steps // 10) if arm == part.coefficients else 0
     ov = [f"model.preset={json.dumps(preset)}", *(f"model.{k}={json.dumps(v)}" for k, v in model.items()),
           'data.kind="shards"', f"data.shard_dir={json.dumps(str(shards))}", f"data.seq_len={sc.seq_len}",
           f"data.batch_size={sc.batch}", "data.grad_accum=1", f"data.seed={seed}",
@@ -318,13 +325,15 @@ def run_one(exp: str, scale: str, part: Part, arm: str, seed: int, out: Path, sh
         _publish(src, res)
         return _status(res, key)
     rd = Path(os.environ.get("KVSHIFT_RUNS", "runs")) / f"{exp}-{scale}" / part.name / f"{arm}-s{seed}"
-    if rd.exists() and json.loads((rd / "run.json").read_text() if (rd / "run.json").exists() else "{}").get("key") != key:
+    old = json.loads((rd / "run.json").read_text()).get("key") if (rd / "run.json").exists() else None
+    if rd.exists() and old != key:
         shutil.rmtree(rd)  # an older run with another config: never resume it
     rd.mkdir(parents=True, exist_ok=True)
-    prov = {k: v for k, v in provenance().items() if k != "command"}
-    (rd / "run.json").write_text(json.dumps({"experiment": exp, "scale": scale, "part": part.name, "arm": arm,
-                                             "seed": seed, "command": _command(), "provenance": prov,
-                                             "key": key}, indent=1) + "\n")
+    if old != key:  # a resumed run keeps the provenance of its first launch
+        prov = {k: v for k, v in provenance().items() if k != "command"}
+        (rd / "run.json").write_text(json.dumps({"experiment": exp, "scale": scale, "part": part.name, "arm": arm,
+                                                 "seed": seed, "command": _command(), "provenance": prov,
+                                                 "key": key}, indent=1) + "\n")
     st = _status(rd, key)
     if st is None:
         hook = CoefficientRecorder(rd, cfg) if arm == part.coefficients else None
@@ -494,9 +503,8 @@ def _provenance(all_runs: list[Path]) -> dict:
     infos = [json.loads((d / "run.json").read_text()) for d in all_runs if (d / "run.json").is_file()]
     uniq = lambda xs: "; ".join(dict.fromkeys(str(x) for x in xs if x)) or None  # noqa: E731
     if infos:
-        p.update(command=uniq(i["command"] for i in infos), git_commit=uniq(i["provenance"]["git_commit"] for i in infos),
-                 device=uniq(i["provenance"]["device"] for i in infos), torch=uniq(i["provenance"]["torch"] for i in infos),
-                 time_utc=max(i["provenance"]["time_utc"] for i in infos))
+        p.update({k: uniq(i["provenance"][k] for i in infos) for k in ("git_commit", "device", "torch")},
+                 command=uniq(i["command"] for i in infos), time_utc=max(i["provenance"]["time_utc"] for i in infos))
     p["summarized_by"] = _command()
     return p
 
@@ -593,11 +601,25 @@ def verdict_seeds(stats: dict, scale: str) -> tuple[str, str, dict]:
     agg = st["aggregate"]["kvshift"]
     d, sp, n, wins = agg["diff"], agg["speedup"], agg["diff"]["n"], agg["better_in"]
     verdict = "reproduced" if wins == n and n >= 3 else "partly reproduced" if d["mean"] < 0 else "not reproduced"
-    per = ", ".join(f"{p['kvshift']['diff']:+.4f}" for p in st["per_seed"].values() if p.get("kvshift", {}).get("diff") is not None)
+    per = ", ".join(f"{p['kvshift']['diff']:+.4f}" for p in st["per_seed"].values()
+                    if p.get("kvshift", {}).get("diff") is not None)
     text = (f"KV shift − vanilla final val loss {d['mean']:+.4f} ± {d['std']:.4f} (n={n}; per seed {per}); KV shift "
             f"better in {wins}/{n} seeds; speed-up {_fmt(sp['mean'], '.2f')} ± {_fmt(sp['std'], '.2f')}× (n={sp['n']}; "
             f"a seed whose KV-shift arm never reaches vanilla's final loss has none).")
     return verdict, text, {"diff": d, "speedup": sp, "better_in": wins, "n": n}
+
+
+COLLAPSE = 0.3  # nats: a run that ends this far above its own best val loss counts as failed, like a divergence
+
+
+def lr_failures(st: dict) -> dict[str, dict[str, bool]]:
+    """arm -> seed -> failed: the trainer's divergence (non-finite, or loss > 3x its running minimum) or a
+    collapse (final val loss more than COLLAPSE above the run's best)."""
+    out = {}
+    for arm, by_seed in st["runs"].items():
+        out[arm] = {seed: bool(r["diverged"] or r["final_val_loss"] is None
+                               or r["final_val_loss"] - r["best_val_loss"] > COLLAPSE) for seed, r in by_seed.items()}
+    return out
 
 
 def verdict_lr(stats: dict, scale: str) -> tuple[str, str, dict]:
@@ -605,24 +627,29 @@ def verdict_lr(stats: dict, scale: str) -> tuple[str, str, dict]:
     for name, st in stats.items():
         if not {"vanilla", "kvshift"} <= set(st["runs"]):
             continue
-        dv = {a: st["aggregate"][a]["diverged"] for a in ("vanilla", "kvshift")}
-        ns = {a: st["aggregate"][a]["seeds"] for a in ("vanilla", "kvshift")}
-        d = _mean_diff(st, "kvshift")
-        # better: lower mean final loss where both converge, or the only one that converges more often
-        b = (d < 0) if d is not None else (dv["vanilla"] / ns["vanilla"] > dv["kvshift"] / ns["kvshift"])
+        fail = lr_failures(st)
+        nf = {a: sum(fail[a].values()) for a in PAIR}
+        ns = {a: len(fail[a]) for a in PAIR}
+        dv = {a: st["aggregate"][a]["diverged"] for a in PAIR}
+        both_ok = [sd for sd in fail["kvshift"] if sd in fail["vanilla"] and not fail["kvshift"][sd] and not fail["vanilla"][sd]]
+        diffs = [st["per_seed"][sd]["kvshift"]["diff"] for sd in both_ok]
+        d = sum(diffs) / len(diffs) if diffs else None
+        # better: lower mean final loss over the seeds where neither failed, else the lower failure rate
+        b = (d < 0) if d is not None else (nf["vanilla"] / ns["vanilla"] > nf["kvshift"] / ns["kvshift"])
         better.append(b)
-        rows[name] = {"diff": d, "diverged": dv, "seeds": ns, "kvshift_better": b,
-                      "final_val_loss": {a: st["aggregate"][a]["final_val_loss"]["mean"] for a in dv}}
-        parts_txt.append(f"{name}: Δ {_fmt(d, '+.3f')}, diverged vanilla {dv['vanilla']}/{ns['vanilla']}, "
-                         f"KV shift {dv['kvshift']}/{ns['kvshift']}")
+        rows[name] = {"diff": d, "failed": nf, "diverged": dv, "seeds": ns, "kvshift_better": b,
+                      "final_val_loss": {a: st["aggregate"][a]["final_val_loss"]["mean"] for a in PAIR}}
+        parts_txt.append(f"{name}: Δ {_fmt(d, '+.3f')}, failed vanilla {nf['vanilla']}/{ns['vanilla']} (diverged "
+                         f"{dv['vanilla']}), KV shift {nf['kvshift']}/{ns['kvshift']} (diverged {dv['kvshift']})")
     if not rows:
         return "not reproduced", "no learning rate with both arms yet", {}
-    top = rows.get(max(rows, key=lambda k: float(k.split("=")[1])))
-    div_claim = top["diverged"]["vanilla"] == top["seeds"]["vanilla"] and top["diverged"]["kvshift"] == 0
+    top = rows[max(rows, key=lambda k: float(k.split("=")[1]))]
+    div_claim = top["failed"]["vanilla"] == top["seeds"]["vanilla"] and top["failed"]["kvshift"] == 0
     verdict = ("reproduced" if all(better) and div_claim and len(rows) >= 4
                else "partly reproduced" if div_claim or sum(better) > len(better) / 2 else "not reproduced")
-    text = "; ".join(parts_txt) + f". KV shift better at {sum(better)}/{len(better)} learning rates."
-    return verdict, text, {"by_lr": rows}
+    text = "; ".join(parts_txt) + (f". KV shift better at {sum(better)}/{len(better)} learning rates (failed = "
+                                   f"diverged, or final val loss > best + {COLLAPSE} nats).")
+    return verdict, text, {"by_lr": rows, "collapse_nats": COLLAPSE}
 
 
 def verdict_scaling(stats: dict, scale: str) -> tuple[str, str, dict]:
@@ -643,7 +670,8 @@ def verdict_scaling(stats: dict, scale: str) -> tuple[str, str, dict]:
     gaps = {s: sizes[s]["kvshift"]["val_loss"] - sizes[s]["vanilla"]["val_loss"] for s in order}
     wins = sum(g < 0 for g in gaps.values())
     span = sizes[order[-1]]["vanilla"]["params"] / sizes[order[0]]["vanilla"]["params"]
-    verdict = "reproduced" if wins == len(gaps) and len(gaps) >= 4 else "partly reproduced" if wins else "not reproduced"
+    verdict = ("reproduced" if wins == len(gaps) and len(gaps) >= 4
+               else "partly reproduced" if wins else "not reproduced")
     fit_txt = ", ".join(f"{a} L ≈ {f['log_linear']['a']:.3g}·N^-{f['log_linear']['b']:.3f}" for a, f in fits.items())
     text = (f"KV shift below vanilla at {wins}/{len(gaps)} sizes spanning {span:.0f}× ("
             + ", ".join(f"{s}: Δ {g:+.3f}" for s, g in gaps.items()) + f"); {fit_txt}.")
@@ -669,7 +697,8 @@ def verdict_variants(stats: dict, scale: str) -> tuple[str, str, dict]:
     sides_matter = bool(sides) and all(rel[a] is None or rel[a] > 0 for a in sides)
     windows_no_help = all(rel[a] is None or rel[a] >= -tol for a in ("window2", "window3") if a in rel)
     held = [not beaten, sides_matter, windows_no_help]
-    verdict = "reproduced" if all(held) and len(loss) == len(ARMS) else "partly reproduced" if any(held) else "not reproduced"
+    verdict = ("reproduced" if all(held) and len(loss) == len(ARMS)
+               else "partly reproduced" if any(held) else "not reproduced")
     text = (f"final val loss relative to plain KV shift ({ref:.4f}): "
             + ", ".join(f"{a} {_fmt(d, '+.4f')}" for a, d in rel.items() if a != "kvshift")
             + f"; beating it by > {tol:.3f} ({src}): {', '.join(beaten) or 'none'}. One seed.")
@@ -922,7 +951,7 @@ def plan(scale: str = "gpu") -> list[tuple[str, int, float]]:
                     n += 1
                     secs += p.steps * sc.batch * sc.seq_len / TOKENS_PER_S[p.size] * 1.12  # +12%: evaluations
                     secs += 45 if (p.size, arm) not in graphs else 10  # compilation (cached after the first)
-                    secs += 30 if p.coefficients else 0  # ten checkpoints
+                    secs += 60 if arm == p.coefficients else 0  # ten checkpoints of ~0.85 GB
                     graphs.add((p.size, arm))
         job = name + "".join(f" --{k} {v}" for k, v in opts.items())
         rows.append((job, n, secs))

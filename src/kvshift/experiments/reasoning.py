@@ -42,14 +42,14 @@ HOPK = {
 # iGSM. gpu: the paper's Tr12-Te15 (train n_ops uniform in 1..12, test exactly 15) with a 6-layer,
 # 384-wide model, rows up to 768 tokens, two arms in one 10-minute H200 command (estimate). Tr21-Te24
 # needs rows of ~1250 tokens and more steps than one command holds: add (21, 24) to `settings` and
-# run it on its own. cpu: Tr3-Te5 with a 4-layer 96-wide model; a few hundred steps on one core are
+# run it on its own. cpu: Tr3-Te4 with a 3-layer 96-wide model; a few hundred steps on one core are
 # far too few to learn mod-23 arithmetic, so expect answers near chance (1/23) there.
 IGSM = {
     "gpu": dict(settings=((12, 15),), seq=768, dim=384, heads=6, n_layers=6, ffn=1024, batch=64, steps=3000,
                 lr=1e-3, warmup=200, eval_every=500, n_test=512, n_id=256, gen_batch=128, bf16=True,
                 threads=None),
-    "cpu": dict(settings=((3, 5),), seq=256, dim=96, heads=4, n_layers=4, ffn=256, batch=16, steps=400,
-                lr=3e-3, warmup=40, eval_every=100, n_test=96, n_id=96, gen_batch=48, bf16=False, threads=1),
+    "cpu": dict(settings=((3, 4),), seq=256, dim=96, heads=4, n_layers=3, ffn=256, batch=12, steps=400,
+                lr=3e-3, warmup=40, eval_every=100, n_test=96, n_id=96, gen_batch=96, bf16=False, threads=1),
 }
 
 

@@ -66,7 +66,8 @@ def render(results: Path) -> str:
         for s in runs:
             v = s.get("verdict", "—")
             counts[v] = counts.get(v, 0) + 1
-            lines.append(f"| {ref} | {_cell(claim)} | {_cell(s.get('verdict_text', ''))} | **{v}** | "
+            ours = s.get("verdict_text", "") + (f" *Note: {s['note']}*" if s.get("note") else "")
+            lines.append(f"| {ref} | {_cell(claim)} | {_cell(ours)} | **{v}** | "
                          f"{s.get('scale', '?')} · {_cell(s.get('device', '?'))} | `{_cell(s.get('command', ''))}` | "
                          f"[{s['_dir']}](../results/{s['_dir']}/README.md) |")
     known = {n for _, n, _ in CLAIMS}

@@ -24,8 +24,8 @@ EVAL_SEED = 999_983  # held-out sequences: a seed no training stream uses
 INDUCTION = {
     "gpu": dict(vocab=8000, seq=512, pool=512, dim=1024, heads=16, ffn=2816, batch=64, steps=3000, lr=1e-3,
                 warmup=200, eval_every=100, n_eval=512, compile=False, bf16=True),
-    "cpu": dict(vocab=512, seq=128, pool=128, dim=128, heads=4, ffn=352, batch=32, steps=600, lr=1e-3, warmup=100,
-                eval_every=50, n_eval=128, compile=False, bf16=False),
+    "cpu": dict(vocab=512, seq=128, pool=128, dim=128, heads=4, ffn=352, batch=16, steps=400, lr=1e-3, warmup=100,
+                eval_every=50, n_eval=64, compile=False, bf16=False, width_steps=3000, width_eval_every=200),
 }
 
 
@@ -60,7 +60,9 @@ def run_arms(name: str, arms: list[Arm], sampler, spec: TrainSpec, n_eval: int, 
         for arm in arms:
             def log(rec, _seed=seed):
                 rd.log({**rec, "seed": _seed})
-            arms_out[arm.name] = train_arm(arm, stream, eval_set, spec, init_seed=seed, device=device, log=log)
+            save = f"{out}/models/{arm.name}" if seed == 0 else None
+            arms_out[arm.name] = train_arm(arm, stream, eval_set, spec, init_seed=seed, device=device, log=log,
+                                           save_dir=save)
         per_seed.append({"seed": seed, "data_generation_seconds": stream.gen_seconds, "arms": arms_out})
     summary = {
         "experiment": name, "scale": scale, "paper": paper, **provenance(),
@@ -96,8 +98,10 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 def _cfg(s: dict, attention: str, n_layers: int, dim: int | None = None, heads: int | None = None,
          ffn: int | None = None) -> ModelConfig:
+    # tied embeddings for every arm: with 8000 ids an untied head must learn an 8000-way copy map from
+    # rare tokens first, which stalled induction for 1000+ steps (results/induction-vocab-cpu)
     return ModelConfig(vocab_size=s["vocab"], dim=dim or s["dim"], n_layers=n_layers, n_heads=heads or s["heads"],
-                       ffn_dim=ffn or s["ffn"], max_seq_len=s["seq"] + 1, attention=attention,
+                       ffn_dim=ffn or s["ffn"], max_seq_len=s["seq"] + 1, attention=attention, tie_embeddings=True,
                        name=f"{attention}-{n_layers}L")
 
 
@@ -166,18 +170,23 @@ def _final(summary, arm):
 def induction_depth(scale="cpu", seeds=1, steps=None, out=None):
     s = INDUCTION[scale]
     arms = [Arm("kvshift-1L", _cfg(s, "kvshift", 1)), Arm("vanilla-1L", _cfg(s, "vanilla", 1)),
-            Arm("vanilla-2L", _cfg(s, "vanilla", 2)), Arm("vanilla-4L", _cfg(s, "vanilla", 4))]
+            Arm("vanilla-2L", _cfg(s, "vanilla", 2))]
+    if scale == "gpu":  # the 4-layer arm costs as much as the other three together: gpu scale only
+        arms.append(Arm("vanilla-4L", _cfg(s, "vanilla", 4)))
     paper = ("vanilla 1-layer cannot learn induction; vanilla 2-layer and KV-shift 1-layer reach ~100%; KV shift "
              "converges much faster than vanilla 2-layer; vanilla 4-layer is not faster than 2-layer.")
     spec = _spec(s, steps)
     summ = run_arms("induction-depth", arms, _induction_sampler(s), spec, s["n_eval"],
                     scale=scale, seeds=seeds, out=out, paper=paper)
     plot_accuracy(out, f"Induction, depth ({scale} scale)", [a.name for a in arms])
-    kv, v1, v2, v4 = (_final(summ, n) for n in ("kvshift-1L", "vanilla-1L", "vanilla-2L", "vanilla-4L"))
+    kv, v1, v2 = (_final(summ, n) for n in ("kvshift-1L", "vanilla-1L", "vanilla-2L"))
     st = lambda n: summ["arms"][n]["steps_to"]["0.9"]["median_step"]
     parts = [f"KV shift 1-layer reaches {kv:.1%}" + (f" (90% at step {st('kvshift-1L')})" if st("kvshift-1L") is not None else ""),
-             f"vanilla 1-layer {v1:.1%}", f"vanilla 2-layer {v2:.1%}", f"vanilla 4-layer {v4:.1%}"]
-    summ["verdict"] = _depth_verdict(kv, v1, v2, v4, st)
+             f"vanilla 1-layer {v1:.1%}", f"vanilla 2-layer {v2:.1%}"]
+    if "vanilla-4L" in summ["arms"]:
+        parts.append(f"vanilla 4-layer {_final(summ, 'vanilla-4L'):.1%}")
+    parts.append(f"after {spec.steps} steps of batch {spec.batch_size}")
+    summ["verdict"] = _depth_verdict(kv, v1, v2, st)
     summ["verdict_text"] = "; ".join(parts) + "."
     write_summary(out, summ)
     write_readme(out, summ, "Induction depth (paper Fig. 1a)", f"**{summ['verdict']}** — {summ['verdict_text']}",
@@ -185,7 +194,7 @@ def induction_depth(scale="cpu", seeds=1, steps=None, out=None):
     return summ
 
 
-def _depth_verdict(kv, v1, v2, v4, st) -> str:
+def _depth_verdict(kv, v1, v2, st) -> str:
     kv_learns = kv >= 0.9
     v1_fails = v1 < 0.2
     v2_learns = v2 >= 0.9
@@ -203,13 +212,16 @@ def induction_width(scale="cpu", seeds=1, steps=None, out=None):
     arms = [Arm("kvshift-1L", _cfg(s, "kvshift", 1, dim=8, heads=2, ffn=32)),
             Arm("vanilla-2L", _cfg(s, "vanilla", 2, dim=8, heads=2, ffn=32))]
     s["compile"] = False  # a hidden size of 8 gains nothing from compilation
+    # hidden size 8 is cheap: the scale may give both arms a longer budget
+    s["steps"], s["eval_every"] = s.get("width_steps", s["steps"]), s.get("width_eval_every", s["eval_every"])
     spec = _spec(s, steps)
     paper = "at hidden size 8, vanilla 2-layer learns induction very poorly while KV shift 1-layer still learns."
     summ = run_arms("induction-width", arms, _induction_sampler(s), spec, s["n_eval"],
                     scale=scale, seeds=seeds, out=out, paper=paper)
     plot_accuracy(out, f"Induction, hidden size 8 ({scale} scale)", [a.name for a in arms])
     kv, v2 = _final(summ, "kvshift-1L"), _final(summ, "vanilla-2L")
-    summ["verdict"] = "reproduced" if kv > v2 + 0.1 else ("partly reproduced" if kv > v2 else "not reproduced")
+    summ["verdict"] = ("reproduced" if kv >= 0.5 and kv > v2 + 0.2 else
+                       "partly reproduced" if kv >= 0.1 and kv > v2 + 0.05 else "not reproduced")
     summ["verdict_text"] = f"KV shift 1-layer {kv:.1%} vs vanilla 2-layer {v2:.1%} final accuracy at hidden size 8."
     write_summary(out, summ)
     write_readme(out, summ, "Induction width (paper Fig. 1b)", f"**{summ['verdict']}** — {summ['verdict_text']}")
@@ -218,7 +230,7 @@ def induction_width(scale="cpu", seeds=1, steps=None, out=None):
 
 NGRAM_SIZES = {  # (label, n_layers, dim, heads, ffn): the paper's 50M/4 layers, 0.4M/2 layers, 0.8K/1 layer
     "gpu": [("50M-4L", 4, 1024, 16, 2816), ("0.4M-2L", 2, 128, 4, 352), ("0.8K-1L", 1, 8, 2, 24)],
-    "cpu": [("0.4M-2L", 2, 128, 4, 352), ("0.8K-1L", 1, 8, 2, 24)],
+    "cpu": [("0.8K-1L", 1, 8, 2, 24), ("0.1M-1L", 1, 64, 4, 176)],
 }
 
 
