@@ -139,6 +139,16 @@ def warmup_constant(warmup: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
 
+def optimizer_step(model, opt, sched, loss: torch.Tensor, grad_clip: float) -> torch.Tensor:
+    """Backward, clip, step, schedule; returns the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    return gnorm
+
+
 def masked_accuracy(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
     """Prediction at position p of token p+1, counted where mask[p] (last position never counts)."""
     pred = logits[:, :-1].argmax(-1)
@@ -229,11 +239,7 @@ def train_arm(arm: Arm, stream: DataStream, eval_set: tuple[torch.Tensor, torch.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
             logits = fwd(tok[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, V), tok[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        opt.step()
-        sched.step()
+        gnorm = optimizer_step(model, opt, sched, loss, spec.grad_clip)
         if (step + 1) % spec.log_every == 0 or step == spec.steps - 1:
             lv = float(loss.detach())
             if not math.isfinite(lv):

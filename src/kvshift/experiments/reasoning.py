@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kvshift.experiments import register
-from kvshift.experiments.common import (DataStream, ResultsDir, TrainSpec, default_device, provenance,
+from kvshift.experiments.common import (DataStream, ResultsDir, TrainSpec, default_device, optimizer_step, provenance,
                                         read_metrics, spec_dict, warmup_constant, write_summary)
 from kvshift.models import LM, ModelConfig
 from kvshift.tasks import hopk, igsm
@@ -94,11 +94,7 @@ def train(name: str, model: LM, stream: DataStream, spec: TrainSpec, loss_fn, ev
         tok, aux = stream.batch(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
             loss = loss_fn(model, tok.to(device).long(), aux.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        opt.step()
-        sched.step()
+        gnorm = optimizer_step(model, opt, sched, loss, spec.grad_clip)
         if (step + 1) % spec.log_every == 0 or step == spec.steps - 1:
             lv = float(loss.detach())
             log({"step": step + 1, "arm": name, "loss": lv, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
