@@ -183,7 +183,10 @@ class Attention(nn.Module):
         else:
             if mask.dtype != torch.bool:
                 mask = mask.to(qh.dtype)
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+            if gqa:  # the masked (memory-efficient) SDPA kernels take no enable_gqa on every torch we support
+                rep = self.n_heads // self.n_kv_heads
+                kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
 
