@@ -266,16 +266,16 @@ def test_presets_sizes():
         ModelConfig.from_name(name)
 
 
-@pytest.mark.parametrize("window", [1, 2], ids=["w1", "w2"])
-def test_fused_backend_matches_naive_in_the_model(window):
+@pytest.mark.parametrize("kind,window", [("kvshift", 1), ("kvshift", 2), ("vshift", 1)], ids=["kv-w1", "kv-w2", "v-w1"])
+def test_fused_backend_matches_naive_in_the_model(kind, window):
     """The Triton path (interpreter on CPU) gives the naive model's logits, gradients, cached decoding
     and packed results."""
     pytest.importorskip("triton")
     from kvshift.ops.shift import triton_available
     if not triton_available():
         pytest.skip("triton kernels unavailable (no CUDA and TRITON_INTERPRET unset)")
-    naive = make("kvshift", window, shift_impl="naive")
-    fused = LM(ModelConfig.from_name("debug", attention="kvshift", shift_window=window, shift_impl="triton"), seed=0).eval()
+    naive = make(kind, window, shift_impl="naive")
+    fused = LM(ModelConfig.from_name("debug", attention=kind, shift_window=window, shift_impl="triton"), seed=0).eval()
     fused.load_state_dict(naive.state_dict())
     x = torch.randint(0, 97, (2, 13))
     ref, out = naive(x), fused(x)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kvshift.ops.rope import apply_rope
-from kvshift.ops.shift import kv_shift, shift_rope
+from kvshift.ops.shift import kv_shift, shift_rope, triton_available
 
 # which sides shift, and how coefficients are parametrised
 SHIFT_KINDS: dict[str, tuple[bool, bool, str]] = {
@@ -163,6 +163,14 @@ class Attention(nn.Module):
         if cache is not None and self.kind != "vanilla":
             prev_k, prev_v = cache.raw(self.layer_idx)
         coef_k = self._coefficients("k")
+        if cache is not None and T == 1 and prev_k is not None and ctx.token_valid is None and self._fused_decode(x):
+            # decode step: shift + RoPE + cache append in one kernel (the unshifted side, if any, uses identity)
+            coef_v = self._coefficients("v")
+            ident = identity_coefficients(self.n_kv_heads, self.window).to(x.device)
+            q = apply_rope(q, ctx.cos, ctx.sin)
+            k_hat, v_hat = cache.append_decode(self.layer_idx, k, v, ident if coef_k is None else coef_k,
+                                               ident if coef_v is None else coef_v, ctx.cos, ctx.sin)
+            return self._attend(q, k_hat, v_hat, ctx, B, T)
         if self.position == "rope":
             q = apply_rope(q, ctx.cos, ctx.sin)
             # the K path: shift then rotate, one fused pass on the Triton backend
@@ -172,6 +180,15 @@ class Attention(nn.Module):
         v_hat = self._shift(v, self._coefficients("v"), prev_v, ctx.cu_seqlens)
         if cache is not None:
             k_hat, v_hat = cache.update(self.layer_idx, k_hat, v_hat, k, v)  # (B, S, Hkv, D) each
+        return self._attend(q, k_hat, v_hat, ctx, B, T)
+
+    def _fused_decode(self, x: torch.Tensor) -> bool:
+        if self.position != "rope":
+            return False
+        return self.shift_impl == "triton" or (self.shift_impl == "auto" and x.is_cuda and triton_available())
+
+    def _attend(self, q, k_hat, v_hat, ctx: "AttentionContext", B: int, T: int) -> torch.Tensor:
+        hd = self.head_dim
         qh, kh, vh = q.transpose(1, 2), k_hat.transpose(1, 2), v_hat.transpose(1, 2)  # (B, H, T|S, D)
         mask = ctx.mask
         if self.position == "alibi":
@@ -179,7 +196,7 @@ class Attention(nn.Module):
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         gqa = self.n_heads != self.n_kv_heads
         if mask is None:
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=ctx.causal, enable_gqa=gqa)
         else:
             if mask.dtype != torch.bool:
                 mask = mask.to(qh.dtype)
@@ -193,13 +210,14 @@ class Attention(nn.Module):
 class AttentionContext:
     """What every layer of one forward call shares: positions, masks, packing and the cache."""
 
-    __slots__ = ("cos", "sin", "mask", "distance", "token_valid", "cu_seqlens", "cache")
+    __slots__ = ("cos", "sin", "mask", "distance", "token_valid", "cu_seqlens", "cache", "causal")
 
     def __init__(self, *, cos=None, sin=None, mask=None, distance=None, token_valid=None,
-                 cu_seqlens=None, cache=None):
+                 cu_seqlens=None, cache=None, causal=True):
         self.cos, self.sin = cos, sin  # (B, T, D/2) fp32 for RoPE
         self.mask = mask  # None (plain causal) or bool (B, 1, T, S): True = may attend
         self.distance = distance  # (B, T, S) fp32 query-key distance for ALiBi
         self.token_valid = token_valid  # (B, T) bool for left-padded batches, else None
         self.cu_seqlens = cu_seqlens  # int32 (docs+1,) over the flattened B*T tokens when packed
         self.cache = cache
+        self.causal = causal  # with mask None: causal (T == S) or every query sees every key (one decode token)

@@ -30,6 +30,7 @@ class KVCache:
         self.length = 0  # slots used (same for every row)
         self.batch_size, self.max_seq_len, self.window = batch_size, max_seq_len, window
         self._pending = 0  # slots being appended by the forward in progress
+        self.padded = False  # set once any call passed an attention_mask: slots may hold pads
 
     # called once per model forward, before the layers
     def begin(self, n_new: int, token_valid: torch.Tensor) -> None:
@@ -62,6 +63,20 @@ class KVCache:
             self.raw_k[layer] = torch.cat([self.raw_k[layer], k_raw.to(self.raw_k[layer].dtype)], 1)[:, -W:]
             self.raw_v[layer] = torch.cat([self.raw_v[layer], v_raw.to(self.raw_v[layer].dtype)], 1)[:, -W:]
         return self.k[layer][:, :e], self.v[layer][:, :e]
+
+    def append_decode(self, layer: int, k_raw: torch.Tensor, v_raw: torch.Tensor, w_k: torch.Tensor,
+                      w_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new raw token per row (B, 1, H, D): shift + RoPE + append in one fused Triton kernel, which
+        also advances the raw state; returns all cached K̂, V̂. Same result as `update` after the
+        naive shift and RoPE."""
+        from kvshift.ops.shift.triton import shift_rope_decode
+
+        pos = self.length
+        dt = self.k[layer].dtype
+        self.raw_k[layer], self.raw_v[layer] = shift_rope_decode(
+            k_raw.to(dt), v_raw.to(dt), w_k, w_v, self.raw_k[layer], self.raw_v[layer], cos, sin,
+            self.k[layer], self.v[layer], pos)
+        return self.k[layer][:, :pos + 1], self.v[layer][:, :pos + 1]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder rows (beam search)."""

@@ -169,6 +169,8 @@ class LM(nn.Module):
                     if bool((seen_real & ~valid).any()):
                         raise ValueError("attention_mask must be left-padded: a pad (0) follows a real token")
                 ctx.token_valid = valid
+                if cache is not None:
+                    cache.padded = True
             else:
                 valid = torch.ones(B, T, dtype=torch.bool, device=dev)
             if cache is not None:
@@ -178,15 +180,15 @@ class LM(nn.Module):
                 kvalid = valid
             kpos = (kvalid.long().cumsum(1) - 1).clamp_min(0)  # position among the row's real tokens
             qpos = kpos[:, past:]
-            if cache is not None or attention_mask is not None:
+            if cache is not None and attention_mask is None and not cache.padded and (past == 0 or T == 1):
+                ctx.causal = past == 0  # plain causal prefill, or one token that sees every cached slot
+            elif cache is not None or attention_mask is not None:
                 S = past + T
                 q_slot = torch.arange(past, S, device=dev).view(T, 1)
                 k_slot = torch.arange(S, device=dev).view(1, S)
                 allowed = (k_slot <= q_slot).unsqueeze(0) & kvalid.view(B, 1, S)
                 allowed = allowed | (k_slot == q_slot).unsqueeze(0)  # pad queries see themselves: no NaN rows
-                if cache is not None and past == 0 and attention_mask is None:
-                    allowed = None
-                ctx.mask = None if allowed is None else allowed.unsqueeze(1)
+                ctx.mask = allowed.unsqueeze(1)  # (B, 1, T, S)
         if cfg.position == "rope":
             ctx.cos, ctx.sin = rope_cos_sin(qpos, cfg.head_dim, cfg.rope_base)
         elif cfg.position == "alibi":
