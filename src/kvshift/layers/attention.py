@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kvshift.ops.rope import apply_rope
-from kvshift.ops.shift import kv_shift, shift_rope, triton_available
+from kvshift.ops.shift import dispatch_shift, dispatch_shift_rope, triton_available
 
 # which sides shift, and how coefficients are parametrised
 SHIFT_KINDS: dict[str, tuple[bool, bool, str]] = {
@@ -137,16 +137,17 @@ class Attention(nn.Module):
             return x
         if cu_seqlens is not None:  # packed documents over the flattened (B*T) tokens
             B, T, H, D = x.shape
-            return kv_shift(x.reshape(B * T, H, D), coef, cu_seqlens=cu_seqlens, impl=self.shift_impl).view(B, T, H, D)
-        return kv_shift(x, coef, prev=prev, impl=self.shift_impl)
+            return dispatch_shift(x.reshape(B * T, H, D), coef, cu_seqlens, None, self.shift_impl).view(B, T, H, D)
+        return dispatch_shift(x, coef, None, prev, self.shift_impl)
 
     def _shift_rope(self, k: torch.Tensor, coef: torch.Tensor, prev: torch.Tensor | None,
                     ctx: "AttentionContext") -> torch.Tensor:
         if ctx.cu_seqlens is not None:
             B, T, H, D = k.shape
-            return shift_rope(k.reshape(B * T, H, D), coef, ctx.cos.reshape(B * T, -1), ctx.sin.reshape(B * T, -1),
-                              cu_seqlens=ctx.cu_seqlens, impl=self.shift_impl).view(B, T, H, D)
-        return shift_rope(k, coef, ctx.cos, ctx.sin, prev=prev, impl=self.shift_impl)
+            cos, sin = (c.expand(B, T, -1).reshape(B * T, -1) for c in (ctx.cos, ctx.sin))
+            return dispatch_shift_rope(k.reshape(B * T, H, D), coef, cos, sin, ctx.cu_seqlens, None,
+                                       self.shift_impl).view(B, T, H, D)
+        return dispatch_shift_rope(k, coef, ctx.cos, ctx.sin, None, prev, self.shift_impl)
 
     def forward(self, x: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
         B, T, _ = x.shape

@@ -178,8 +178,11 @@ class LM(nn.Module):
                 kvalid = cache.valid[:, : past + T]
             else:
                 kvalid = valid
-            kpos = (kvalid.long().cumsum(1) - 1).clamp_min(0)  # position among the row's real tokens
-            qpos = kpos[:, past:]
+            if cache is None and attention_mask is None:  # the training step: positions 0..T-1 for every row
+                kpos = qpos = torch.arange(T, device=dev).view(1, T)
+            else:
+                kpos = (kvalid.long().cumsum(1) - 1).clamp_min(0)  # position among the row's real tokens
+                qpos = kpos[:, past:]
             if cache is not None and attention_mask is None and not cache.padded and (past == 0 or T == 1):
                 ctx.causal = past == 0  # plain causal prefill, or one token that sees every cached slot
             elif cache is not None or attention_mask is not None:
@@ -210,7 +213,7 @@ class LM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if not torch.compiler.is_compiling() and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync for both bounds
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
                                  f"got values in [{lo}, {hi}]")

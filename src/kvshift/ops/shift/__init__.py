@@ -90,8 +90,13 @@ def kv_shift(x: torch.Tensor, weight: torch.Tensor, *, cu_seqlens: torch.Tensor 
              prev: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """Causal per-head mix of each token with the W-1 tokens before it (see module docstring)."""
     _check(x, weight, cu_seqlens, prev, impl)
-    use_triton = impl == "triton" or (impl == "auto" and x.is_cuda and triton_available())
-    if use_triton:
+    return dispatch_shift(x, weight, cu_seqlens, prev, impl)
+
+
+def dispatch_shift(x, weight, cu_seqlens, prev, impl):
+    """`kv_shift` without the argument checks, for callers that built valid inputs themselves (the
+    model validates cu_seqlens once per forward, not once per layer)."""
+    if impl == "triton" or (impl == "auto" and x.is_cuda and triton_available()):
         from . import triton as tk
         return tk.kv_shift(x, weight, cu_seqlens=cu_seqlens, prev=prev)
     if cu_seqlens is None:
@@ -130,11 +135,16 @@ def shift_rope(k: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: to
     """
     _check(k, weight, cu_seqlens, prev, impl)
     _check_rope(k, cos, sin, cu_seqlens)
-    use_triton = impl == "triton" or (impl == "auto" and k.is_cuda and triton_available())
-    if use_triton:
+    return dispatch_shift_rope(k, weight, cos, sin, cu_seqlens, prev, impl)
+
+
+def dispatch_shift_rope(k, weight, cos, sin, cu_seqlens, prev, impl):
+    """`shift_rope` without the argument checks (see `dispatch_shift`)."""
+    if impl == "triton" or (impl == "auto" and k.is_cuda and triton_available()):
         from . import triton as tk
         return tk.shift_rope(k, weight, cos, sin, cu_seqlens=cu_seqlens, prev=prev)
     return naive.shift_rope(k, weight, cos, sin, cu_seqlens=cu_seqlens, prev=prev)
 
 
-__all__ = ["kv_shift", "shift_rope", "check_cu_seqlens", "triton_available", "IMPLS", "naive"]
+__all__ = ["kv_shift", "shift_rope", "dispatch_shift", "dispatch_shift_rope", "check_cu_seqlens", "triton_available",
+           "IMPLS", "naive"]
