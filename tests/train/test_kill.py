@@ -13,7 +13,7 @@ from kvshift.train.checkpoint import latest_checkpoint
 from kvshift.train.metrics import read_metrics
 from kvshift.train.testing import losses, train_worker
 
-SETS = ["train.steps=60", "train.ckpt_every=1", "train.keep_last=2", "train.eval_every=15"]
+SETS = ["train.steps=120", "train.ckpt_every=1", "train.keep_last=2", "train.eval_every=30"]  # long enough for 20 kills
 KILLS = 20
 
 
