@@ -26,8 +26,14 @@ if [ ! -f "$KVSHIFT_SHARDS/meta.json" ]; then
   echo "== unpacked in $(( $(date +%s) - t0 ))s"
 fi
 
-ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-[ "${ngpu:-0}" -ge 1 ] || ngpu=1
+# the GPUs: CUDA_VISIBLE_DEVICES when set (scripts/device/batch.sh gives each job its own), else all
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
+else
+  n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  gpus=($(seq 0 $(( ${n:-1} > 0 ? ${n:-1} - 1 : 0 ))))
+fi
+ngpu=${#gpus[@]}
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader 2>/dev/null
 
 pack_results() {  # atomic: a job finishing meanwhile never leaves a torn archive
@@ -42,7 +48,7 @@ queue() {  # queue GPU JOB...
     local left=$(( deadline - $(date +%s) ))
     if [ "$left" -le 60 ]; then echo "== [gpu$g] skip '$job': ${left}s left"; continue; fi
     echo "== [gpu$g] $(date +%T) $job (${left}s left)"
-    LM_COMMAND="bash scripts/device/lm.sh \"$job\"" CUDA_VISIBLE_DEVICES=$g \
+    LM_COMMAND="bash scripts/device/lm.sh \"$job\"" CUDA_VISIBLE_DEVICES=${gpus[$g]} \
       timeout -s TERM -k 30 "$left" "$PY" -m kvshift.experiments.lm $job --scale gpu 2>&1 \
       | tr '\r' '\n' | grep -v '^\s*$' >> "$OUT/lm-gpu$g.log"
     echo "== [gpu$g] $(date +%T) done '$job' (exit ${PIPESTATUS[0]}):"

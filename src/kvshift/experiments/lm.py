@@ -350,7 +350,9 @@ def run_one(exp: str, scale: str, part: Part, arm: str, seed: int, out: Path, sh
             return st
         log(f"[lm] {exp} {part.name} {arm} s{seed}: {st}, val loss {s['final_val_loss']}, "
             f"{s['tokens_per_s'] or 0:,.0f} tokens/s, {s['wall_time_s']:.0f} s")
-    if arm != part.coefficients:  # the coefficient arm keeps its final checkpoint (and keep/ the early one)
+    # the coefficient arm keeps its final checkpoint (and keep/ the early one); KVSHIFT_KEEP_CHECKPOINTS=1
+    # keeps every run's (scripts/device/export.sh exports and analyses them)
+    if arm != part.coefficients and os.environ.get("KVSHIFT_KEEP_CHECKPOINTS", "0") in ("", "0"):
         shutil.rmtree(rd / "checkpoints", ignore_errors=True)
     _publish(rd, res)
     return st

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Several device jobs at once on a machine of several GPUs (device tool), from the repository root:
+#   bash scripts/device/batch.sh BUDGET_S "GPUS|COMMAND" ["GPUS|COMMAND" ...]
+# e.g. bash scripts/device/batch.sh 560 "0|bash scripts/device/bench.sh" "1|bash scripts/device/lm.sh 'lm-main --only 10m'"
+# Each COMMAND runs under bash with CUDA_VISIBLE_DEVICES=GPUS, its own OUT (/tmp/batch/jobN) and
+# KVSHIFT_BATCH_DEADLINE (epoch seconds; BENCH_TIMEOUT and LM_BUDGET, BATCH_TAIL=40 s before it, are derived from it), and is killed
+# at the deadline. The LM pack (cache/lm-pack.tar.xz, when carried) is unpacked once, before any job.
+# Every 60 s and at the end, $OUT/batch.tgz gets every file under results/ written since the start plus the
+# jobs' logs and outputs (not their results.tgz); files a job puts in $KVSHIFT_RETURN (= $OUT) come back
+# as they are (at most 8 files in all, 16 MiB each). Here: `tar xzf <files_at>/batch.tgz` in the repo root
+# (results/ merge in place; logs land in batch/).
+set -u
+[ $# -ge 2 ] || { echo "usage: bash scripts/device/batch.sh BUDGET_S \"GPUS|COMMAND\" ..." >&2; exit 2; }
+start=$(date +%s); deadline=$(( start + $1 )); shift; ROOT=$PWD
+OUT=${OUT:-/tmp/batch-out}; J=/tmp/batch; rm -rf "$J"; mkdir -p "$J" "$OUT"
+stamp=$J/.start; touch -d "@$start" "$stamp"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 KVSHIFT_BATCH_DEADLINE=$deadline KVSHIFT_RETURN=$OUT
+export KVSHIFT_RESULTS=$PWD/results KVSHIFT_SHARDS=${KVSHIFT_SHARDS:-$PWD/cache/lm-shards}
+nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader 2>/dev/null
+if [ ! -f "$KVSHIFT_SHARDS/meta.json" ] && [ -f cache/lm-pack.tar.xz ]; then
+  t0=$(date +%s); python3 -m kvshift.data.cli data unpack cache/lm-pack.tar.xz --out "$KVSHIFT_SHARDS" | tail -n 2
+  echo "== unpacked the LM pack in $(( $(date +%s) - t0 ))s"
+fi
+
+pack() {  # atomic, so a cut call still returns the last complete archive
+  (cd "$ROOT" && find results -type f -newer "$stamp" ! -name '*.tmp' 2>/dev/null) > "$J/.l1"
+  (cd /tmp && find batch -type f ! -name results.tgz ! -name '.*' 2>/dev/null) > "$J/.l2"
+  tar czf "$OUT/.batch.tgz" -C "$ROOT" -T "$J/.l1" -C /tmp -T "$J/.l2" && mv -f "$OUT/.batch.tgz" "$OUT/batch.tgz"
+}
+
+i=0; pids=()
+for spec in "$@"; do
+  gpus=${spec%%|*}; cmd=${spec#*|}; d=$J/job$i; mkdir -p "$d"
+  left=$(( deadline - $(date +%s) ))
+  echo "== job$i [gpu $gpus] $(date +%T): $cmd"
+  echo "$cmd" > "$d/command"
+  ( export CUDA_VISIBLE_DEVICES=$gpus OUT=$d BENCH_TIMEOUT=$(( left - 15 )) LM_BUDGET=$(( left - ${BATCH_TAIL:-40} ))
+    timeout -k 15 "$left" bash -c "$cmd" > "$d/log" 2>&1; echo "== exit $?" >> "$d/log" ) &
+  pids+=($!); i=$(( i + 1 ))
+done
+( while sleep 60; do pack; done ) & packer=$!
+wait "${pids[@]}"
+kill "$packer" 2>/dev/null
+for (( k = 0; k < i; k++ )); do echo "== job$k: $(cat "$J/job$k/command")"; tail -n 6 "$J/job$k/log"; done
+pack
+echo "== batch done in $(( $(date +%s) - start ))s"; ls -l "$OUT"
