@@ -23,7 +23,7 @@ if [ ! -f "$KVSHIFT_SHARDS/meta.json" ] && [ -f cache/lm-pack.tar.xz ]; then
 fi
 
 pack() {  # atomic, so a cut call still returns the last complete archive
-  (cd "$ROOT" && find results -type f -newer "$stamp" ! -name '*.tmp' 2>/dev/null) > "$J/.l1"
+  (cd "$ROOT" && find results -type f -newer "$stamp" ! -name '*.tmp' ! -path '*/models/*' 2>/dev/null) > "$J/.l1"
   (cd /tmp && find batch -type f ! -name results.tgz ! -name '.*' 2>/dev/null) > "$J/.l2"
   tar czf "$OUT/.batch.tgz" -C "$ROOT" -T "$J/.l1" -C /tmp -T "$J/.l2" && mv -f "$OUT/.batch.tgz" "$OUT/batch.tgz"
 }
