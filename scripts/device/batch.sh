@@ -4,7 +4,8 @@
 # e.g. bash scripts/device/batch.sh 560 "0|bash scripts/device/bench.sh" "1|bash scripts/device/lm.sh 'lm-main --only 10m'"
 # Each COMMAND runs under bash with CUDA_VISIBLE_DEVICES=GPUS, its own OUT (/tmp/batch/jobN) and
 # KVSHIFT_BATCH_DEADLINE (epoch seconds; BENCH_TIMEOUT and LM_BUDGET, BATCH_TAIL=40 s before it, are derived from it), and is killed
-# at the deadline. The LM pack (cache/lm-pack.tar.xz, when carried) is unpacked once, before any job.
+# at the deadline. The LM pack ($LM_PACK, default cache/lm-pack.tar.xz, when carried) is unpacked once,
+# before any job, into $KVSHIFT_SHARDS (default cache/lm-shards).
 # Every 60 s and at the end, $OUT/batch.tgz gets every file under results/ written since the start plus the
 # jobs' logs and outputs (not their results.tgz); files a job puts in $KVSHIFT_RETURN (= $OUT) come back
 # as they are (at most 8 files in all, 16 MiB each). Here: `tar xzf <files_at>/batch.tgz` in the repo root
@@ -17,8 +18,9 @@ stamp=$J/.start; touch -d "@$start" "$stamp"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 KVSHIFT_BATCH_DEADLINE=$deadline KVSHIFT_RETURN=$OUT
 export KVSHIFT_RESULTS=$PWD/results KVSHIFT_SHARDS=${KVSHIFT_SHARDS:-$PWD/cache/lm-shards}
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader 2>/dev/null
-if [ ! -f "$KVSHIFT_SHARDS/meta.json" ] && [ -f cache/lm-pack.tar.xz ]; then
-  t0=$(date +%s); python3 -m kvshift.data.cli data unpack cache/lm-pack.tar.xz --out "$KVSHIFT_SHARDS" | tail -n 2
+PACK=${LM_PACK:-cache/lm-pack.tar.xz}
+if [ ! -f "$KVSHIFT_SHARDS/meta.json" ] && [ -f "$PACK" ]; then
+  t0=$(date +%s); "${PYTHON:-python3}" -m kvshift.data.cli data unpack "$PACK" --out "$KVSHIFT_SHARDS" | tail -n 2
   echo "== unpacked the LM pack in $(( $(date +%s) - t0 ))s"
 fi
 

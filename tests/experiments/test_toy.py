@@ -75,3 +75,20 @@ def test_registry_and_unknown_name():
     assert {"induction-depth", "induction-width", "ngram", "shift-dynamics", "landscape", "theorem2"} <= names
     with pytest.raises(ValueError, match="unknown experiment"):
         get("nope")
+
+
+def test_report_rows_from_bench_targets(tmp_path):
+    from kvshift.experiments.report import render
+
+    def write(name, targets):
+        (tmp_path / "bench").mkdir(exist_ok=True)
+        (tmp_path / "bench" / f"{name}.json").write_text(json.dumps(
+            {"meta": {"device": name.upper()}, "targets": {k: {"measured": m, "op": "<=", "target": 1.02, "met": ok}
+                                                          for k, (m, ok) in targets.items()}}))
+
+    write("gpu-a", {"e2e/x/tokens_per_s_ratio": (1.0, True), "e2e/x/peak_mem_ratio": (1.07, False)})
+    write("gpu-b", {"block/y/time_ratio": (1.2, False)})
+    rows = [line for line in render(tmp_path).splitlines() if line.startswith("| Sec. 2 (cost)")]
+    assert len(rows) == 2
+    assert "**partly reproduced**" in rows[0] and "GPU-A" in rows[0] and "peak_mem_ratio: 1.070 (<= 1.02, missed)" in rows[0]
+    assert "**not reproduced**" in rows[1] and "(../results/bench/gpu-b.md)" in rows[1]

@@ -149,7 +149,7 @@ def provenance(device: torch.device, quick: bool) -> dict:
     import platform
 
     import kvshift
-    from kvshift.experiments.common import git_commit
+    from kvshift.provenance import git_commit
 
     try:
         import triton

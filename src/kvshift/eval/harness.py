@@ -16,11 +16,12 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from kvshift.provenance import git_commit
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -121,15 +122,6 @@ def _versions() -> dict:
     return out
 
 
-def _git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                           text=True, timeout=10)
-        return r.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, tokenizer=None,
              batch_size: int = 8, device: str | None = None, dtype=None, add_bos: bool | None = None,
              max_length: int | None = None, out: str | Path | None = None, seed: int = 1234,
@@ -187,7 +179,7 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
                   "add_bos": add_bos, "bos_prepended": bos_prepended, "max_length": lm.max_length,
                   "seed": seed, "eval_seconds": round(elapsed, 2)},
         "versions": _versions(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": " ".join(sys.argv),
         "python": platform.python_version(),
         "device_name": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else platform.machine(),

@@ -13,7 +13,6 @@ import math
 import multiprocessing
 import os
 import platform
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,25 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from kvshift.models import LM, ModelConfig
+from kvshift.provenance import git_commit
 
 THRESHOLDS = (0.5, 0.9, 0.99)
 
 
 # ---------------------------------------------------------------------------------------------
 # provenance
-def git_commit() -> str | None:
-    if os.environ.get("KVSHIFT_GIT_COMMIT"):  # set where the tree travels without .git (device machines)
-        return os.environ["KVSHIFT_GIT_COMMIT"]
-    try:
-        root = Path(__file__).resolve().parents[3]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
-    except Exception:
-        return None
-
-
 def provenance() -> dict:
     import kvshift
     return {

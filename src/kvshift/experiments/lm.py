@@ -641,7 +641,12 @@ def verdict_lr(stats: dict, scale: str) -> tuple[str, str, dict]:
         better.append(b)
         rows[name] = {"diff": d, "failed": nf, "diverged": dv, "seeds": ns, "kvshift_better": b,
                       "final_val_loss": {a: st["aggregate"][a]["final_val_loss"]["mean"] for a in PAIR}}
-        parts_txt.append(f"{name}: Δ {_fmt(d, '+.3f')}, failed vanilla {nf['vanilla']}/{ns['vanilla']} (diverged "
+        finals = {a: [r["final_val_loss"] for r in st["runs"][a].values() if r["final_val_loss"] is not None]
+                  for a in PAIR}
+        rng = {a: (f"{min(v):.3f}" if len(v) == 1 else f"{min(v):.3f}–{max(v):.3f}") if v else "—"
+               for a, v in finals.items()}
+        parts_txt.append(f"{name}: Δ {_fmt(d, '+.3f')}, final val loss vanilla {rng['vanilla']} vs KV shift "
+                         f"{rng['kvshift']}, failed vanilla {nf['vanilla']}/{ns['vanilla']} (diverged "
                          f"{dv['vanilla']}), KV shift {nf['kvshift']}/{ns['kvshift']} (diverged {dv['kvshift']})")
     if not rows:
         return "not reproduced", "no learning rate with both arms yet", {}

@@ -22,8 +22,30 @@ CLAIMS = [
     ("Fig. 8", "lm-variants", "No variant beats plain KV shift; K and V shifting both matter; longer windows don't help."),
     ("Table 4", "shift-coefficients", "Heads tend to take key and value from the same token (diagonal of the 2×2 table dominates)."),
     ("§4 (GQA)", "lm-gqa", "The gain holds with grouped-query attention."),
+    ("Tables 2-3", "lm-downstream", "KV shifting improves downstream benchmarks (1.5B-19B); induction heads form without a previous-token head."),
     ("Sec. 2 (cost)", "bench", "KV shifting adds negligible cost (O(N·D))."),
 ]
+
+
+def _bench(results: Path) -> list[dict]:
+    """Report rows from `kvshift bench` JSON files (results/bench/<gpu>.json): the targets, met or not."""
+    rows = []
+    for f in sorted((results / "bench").glob("*.json")):
+        b = json.loads(f.read_text())
+        t, meta = b.get("targets") or {}, b.get("meta", {})
+        if not t:
+            continue
+        missed = [k for k, v in t.items() if not v["met"]]
+        speed = [k for k in t if k.endswith(("tokens_per_s_ratio", "time_ratio"))]
+        verdict = ("reproduced" if not missed else
+                   "partly reproduced" if not set(missed) & set(speed) else "not reproduced")
+        parts = [f"{k}: {v['measured']:.3f} ({v['op']} {v['target']}{'' if v['met'] else ', missed'})" for k, v in t.items()]
+        rows.append({"experiment": "bench", "scale": "gpu", "device": meta.get("device", "?"),
+                     "command": "bash scripts/device/bench.sh", "verdict": verdict,
+                     "verdict_text": f"fused / vanilla: {'; '.join(parts)}. Targets missed: {len(missed)} of {len(t)}. "
+                                     "(vanilla = the same layer with PyTorch RoPE; the fused arm also fuses K's RoPE.)",
+                     "_dir": "bench", "_readme": f"bench/{f.stem}.md"})
+    return rows
 
 
 def _load(results: Path) -> dict[str, list[dict]]:
@@ -36,6 +58,8 @@ def _load(results: Path) -> dict[str, list[dict]]:
         name = s.get("experiment") or f.parent.name
         s["_dir"] = f.parent.name
         found.setdefault(name, []).append(s)
+    for row in _bench(results):
+        found.setdefault("bench", []).append(row)
     return found
 
 
@@ -69,7 +93,7 @@ def render(results: Path) -> str:
             ours = s.get("verdict_text", "") + (f" *Note: {s['note']}*" if s.get("note") else "")
             lines.append(f"| {ref} | {_cell(claim)} | {_cell(ours)} | **{v}** | "
                          f"{s.get('scale', '?')} · {_cell(s.get('device', '?'))} | `{_cell(s.get('command', ''))}` | "
-                         f"[{s['_dir']}](../results/{s['_dir']}/README.md) |")
+                         f"[{s['_dir']}](../results/{s.get('_readme', s['_dir'] + '/README.md')}) |")
     known = {n for _, n, _ in CLAIMS}
     extra = sorted(set(found) - known)
     if extra:

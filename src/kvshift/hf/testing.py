@@ -21,3 +21,38 @@ def tiny_tokenizer(vocab_size: int = 300, texts: list[str] | None = None):
     tok.train_from_iterator(texts or DEFAULT_TEXTS, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", model_input_names=["input_ids", "attention_mask"])
+
+
+def tiny_lm(vocab_size: int, seed: int = 0, **kw):
+    """A 2-layer, 32-wide kvshift.LM (GQA 4/2 heads) with its matrices scaled up 5x from the init, so its
+    predictions are sharp rather than near-uniform (evaluation and analysis tests)."""
+    import torch
+
+    from kvshift import LM, ModelConfig
+
+    cfg = ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                      max_seq_len=1024, **kw)
+    lm = LM(cfg, seed=seed).eval()
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if p.dim() == 2 and "shift_" not in name:
+                p.mul_(5.0)
+    return lm
+
+
+def export_tiny(directory, seed: int = 0, **kw):
+    """Saves tiny_lm (with tiny_tokenizer, BOS prepended as `kvshift export` does) as KVShiftForCausalLM in
+    `directory`; returns (kvshift.LM, tokenizer)."""
+    from pathlib import Path
+
+    from kvshift.hf import KVShiftForCausalLM
+    from kvshift.hf.convert import load_tokenizer_for_export
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tiny_tokenizer().backend_tokenizer.save(str(d / "tokenizer.json"))
+    tok = load_tokenizer_for_export(d / "tokenizer.json")
+    lm = tiny_lm(len(tok), seed, **kw)
+    KVShiftForCausalLM.from_lm(lm).save_pretrained(d)
+    tok.save_pretrained(d)
+    return lm, tok

@@ -6,11 +6,12 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from kvshift.provenance import git_commit
 
 __all__ = ["MetricsLog", "read_metrics", "environment", "git_commit", "shift_summary"]
 
@@ -73,19 +74,6 @@ def read_metrics(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
-
-
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def environment(device: torch.device) -> dict:

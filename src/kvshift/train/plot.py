@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kvshift.train.metrics import read_metrics
 
-__all__ = ["plot_runs", "curves"]
+__all__ = ["plot_runs", "curves", "save_figure"]
 
 
 def curves(run_dir: str | Path) -> dict[str, list[tuple[float, float]]]:
@@ -24,6 +24,18 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """tight_layout, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, *, labels: list[str] | None = None) -> Path:
@@ -46,9 +58,4 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, labels: list[str] 
     ax.set_title("train (thin) and validation (markers) loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)

@@ -1,0 +1,79 @@
+"""lm-downstream on two tiny exported models: lm-eval offline (small limit), analysis, table and verdict."""
+
+import json
+
+import pytest
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+
+from kvshift.experiments import downstream  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from kvshift.hf.testing import export_tiny
+
+    root = tmp_path_factory.mktemp("pair")
+    out = {arm: root / f"m-{arm}" for arm in ("vanilla", "kvshift")}
+    for arm, d in out.items():
+        export_tiny(d, attention=arm)
+    return out
+
+
+def test_downstream_end_to_end(pair, tmp_path):
+    s = downstream.run(pair, tasks=["piqa", "winogrande"], limit=6, name="tiny", eval_dir=tmp_path / "eval",
+                       analysis_dir=tmp_path / "an", out=tmp_path / "out", device="cpu", batch_size=4)
+    assert s["verdict"] in {"reproduced", "partly reproduced", "not reproduced"}
+    for t in ("piqa", "winogrande"):
+        r = s["tasks"][t]
+        assert r["chance"] == 0.5 and r["vanilla"]["n"] == 6 and 0 <= r["kvshift"]["acc"] <= 1
+        assert r["kvshift"]["diff"] == pytest.approx(r["kvshift"]["acc"] - r["vanilla"]["acc"])
+        assert r["kvshift"]["significant"] == (abs(r["kvshift"]["diff"]) > 2 * r["kvshift"]["diff_se"])
+    for arm in pair:
+        assert (tmp_path / "eval" / f"m-{arm}.json").is_file()
+        assert (tmp_path / "an" / f"tiny-{arm}" / "analysis.json").is_file()
+        assert s["heads"][arm]["n_layers"] == 2
+    assert (tmp_path / "out" / "plot.png").stat().st_size > 5000
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "| piqa (acc) | 6 | 0.5 |" in readme and s["verdict"] in readme
+    # a second run reuses both the evaluations and the analyses (same tasks and limit)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "eval").iterdir()}
+    downstream.run(pair, tasks=["piqa", "winogrande"], limit=6, name="tiny", eval_dir=tmp_path / "eval",
+                   analysis_dir=tmp_path / "an", out=tmp_path / "out")
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "eval").iterdir()}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["limit"] == 6
+
+
+def test_head_and_verdict_rules():
+    rep = {"scores": {"prefix_matching": [[0.1, 0.9], [0.6, 0.2]], "previous_token": [[0.7, 0.0], [0.0, 0.0]]}}
+    assert downstream.heads(rep, "prefix_matching") == [[0, 1], [1, 0]]
+    assert downstream.heads(rep, "previous_token") == [[0, 0]]
+    row = lambda d, sig: {"chance": 0.25, "vanilla": {"acc": 0.3}, "kvshift": {"acc": 0.3 + d, "diff": d,  # noqa: E731
+                                                                              "significant": sig}}
+    assert downstream.verdict({"a": row(0.05, True), "b": row(0.01, False)}, "kvshift")[0] == "reproduced"
+    assert downstream.verdict({"a": row(0.05, True), "b": row(0.0, False), "c": row(0.0, False)},
+                              "kvshift")[0] == "partly reproduced"
+    v, text = downstream.verdict({"a": row(0.05, True), "b": row(-0.05, True)}, "kvshift")
+    assert v == "not reproduced" and "worse on b" in text
+
+
+def test_bad_model_arguments(tmp_path):
+    with pytest.raises(ValueError, match="ARM=DIR"):
+        downstream._arms("vanilla")
+    with pytest.raises(FileNotFoundError, match="--models vanilla: .*no config"):
+        downstream._arms(f"vanilla={tmp_path},kvshift={tmp_path}")
+
+
+def test_task_rows_standard_errors_and_significance():
+    def ev(acc, n=100, norm=None):
+        res = {"acc": acc, **({"acc_norm": norm} if norm is not None else {})}
+        return {"results": {"piqa": res, "hellaswag": res}, "n_samples": {"piqa": {"effective": n}, "hellaswag": {"effective": n}}}
+
+    rows = downstream.task_rows({"vanilla": ev(0.5, norm=0.30), "kvshift": ev(0.6, norm=0.45)}, ["piqa", "hellaswag"])
+    p = rows["piqa"]
+    assert p["vanilla"]["se"] == pytest.approx(0.05) and p["kvshift"]["se"] == pytest.approx((0.24 / 100) ** 0.5)
+    assert p["kvshift"]["diff"] == pytest.approx(0.1) and p["kvshift"]["diff_se"] == pytest.approx((0.0025 + 0.0024) ** 0.5)
+    assert not p["kvshift"]["significant"]  # 0.1 is 1.43 standard errors: not enough
+    h = rows["hellaswag"]  # scored by acc_norm
+    assert h["metric"] == "acc_norm" and h["kvshift"]["diff"] == pytest.approx(0.15) and h["kvshift"]["significant"]
