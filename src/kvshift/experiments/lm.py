@@ -44,13 +44,16 @@ evaluations; the first command's log prints the real tokens/s of each run: recal
     bash scripts/device/lm.sh "lm-variants --arms kshift,vshift,window2,window3"                7.0
     bash scripts/device/lm.sh "lm-gqa --arms vanilla"                7.0  2800 steps
     bash scripts/device/lm.sh "lm-gqa --arms kvshift"                7.0
-~86 min on one GPU. lm.sh takes several jobs and runs job i on GPU i mod n, so a 4-GPU machine
-(kind nvidia-h200-x4, same carry) does four lines per call, ~26 min for all in three calls:
-    bash scripts/device/lm.sh "lm-main --only 10m" "lm-main --only 50m --arms vanilla" "lm-main --only 50m --arms kvshift" "lm-seeds"
-    bash scripts/device/lm.sh "lm-lr --only lr=0.0001,lr=0.0002,lr=0.001" "lm-lr --only lr=0.01" "lm-scaling --only 3m,10m,25m" "lm-scaling --only 50m"
-    bash scripts/device/lm.sh "lm-variants --arms vanilla,kvshift,kvshift_gate,kvshift_clamp" "lm-variants --arms kshift,vshift,window2,window3" "lm-gqa --arms vanilla" "lm-gqa --arms kvshift"
-After each call: `tar xzf <files_at>/results.tgz` in the repository root (merges results/lm-*-gpu/;
-do it before the next call, so identical runs are reused rather than retrained), then here on the CPU
+~86 min on one GPU by this estimate. Measured on 2026-11-28 (nvidia-h200-x4, one job per GPU; wall time of
+each job, results/device-logs/2026-11-28/): lm-main 10m 7.3 min (1.47M / 1.38M tokens/s vanilla / KV shift),
+50m vanilla 5.5 min (0.69M tokens/s), 50m kvshift 6.8 min (0.66M), lm-seeds 6.8, lm-lr (3 rates, 1e-3 reused
+from lm-seeds) 4.6, lm-lr 1e-2 6.6, lm-scaling 3m/10m/25m 5.1, lm-variants 5.3 and 5.9. lm.sh takes several
+jobs and runs job i on GPU i mod n (or on the GPUs of CUDA_VISIBLE_DEVICES); scripts/device/batch.sh runs
+mixed jobs (lm.sh, toy.sh, bench.sh, scaling.sh, export.sh) side by side, one GPU list each, in one call.
+After each call: `tar xzf <files_at>/results.tgz` (batch.sh: batch.tgz) in the repository root (merges
+results/lm-*-gpu/; do it before the next call, so identical runs are reused rather than retrained; a call
+re-sends this checkout, whose results/ then replace the device's: never make a call between a batch and
+extracting what it returned), then here on the CPU
     python -m kvshift.experiments.lm summarize lm-main lm-seeds lm-lr lm-scaling lm-variants lm-gqa --scale gpu
     python -m kvshift.experiments.lm shift-coefficients --scale gpu     # after lm-main 50m kvshift: seconds
     kvshift report
