@@ -167,7 +167,7 @@ def _plot(rows, head_rows, an, path: Path) -> None:
 def _readme(s: dict, path: Path) -> None:
     arms = list(s["models"])
     other = [a for a in arms if a != "vanilla"]
-    lines = [f"# lm-downstream (gpu-trained models, evaluated {s['evaluations']['vanilla']['device_name'] or ''})", "",
+    lines = [f"# lm-downstream (models trained on the GPU by lm-main, evaluated on {s['device']})", "",
              f"Command: `{s['command']}`", f"Commit: `{s['git_commit']}`", "", f"**Paper:** {s['paper']}", "",
              f"**Ours:** **{s['verdict']}** — {s['verdict_text']}", "",
              "Zero-shot, lm-evaluation-harness with the offline task files of `kvshift eval`; accuracy (acc_norm for "
