@@ -33,7 +33,7 @@ def test_downstream_end_to_end(pair, tmp_path):
     for arm in pair:
         assert (tmp_path / "eval" / f"m-{arm}.json").is_file()
         assert (tmp_path / "an" / f"tiny-{arm}" / "analysis.json").is_file()
-        assert s["heads"][arm]["n_layers"] == 2
+        assert s["heads"][arm]["n_layers"] == 2 and len(s["exports"][arm]["weights_sha256"]) == 64
     assert (tmp_path / "out" / "plot.png").stat().st_size > 5000
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "| piqa (acc) | 6 | 0.5 |" in readme and s["verdict"] in readme

@@ -45,6 +45,23 @@ def _arms(spec: str) -> dict[str, Path]:
     return out
 
 
+def _export_info(model_dir: Path) -> dict:
+    """Where an exported model came from (kvshift_export.json: run, step, config) and its weights' sha256."""
+    import hashlib
+
+    info = {}
+    if (model_dir / "kvshift_export.json").is_file():
+        info = json.loads((model_dir / "kvshift_export.json").read_text())
+    w = model_dir / "model.safetensors"
+    if w.is_file():
+        h = hashlib.sha256()
+        with open(w, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        info["weights_sha256"] = h.hexdigest()
+    return info
+
+
 def evaluation(model_dir: Path, tasks, limit, eval_dir: Path, **kw) -> dict:
     """A finished evaluation of `tasks` at `limit` from eval_dir/<model>.json, else a new one written there."""
     path = eval_dir / f"{model_dir.name}.json"
@@ -126,6 +143,7 @@ def run(models: dict[str, Path], *, tasks=TASKS, limit=None, name="10m", eval_di
     summ = {"experiment": "lm-downstream", "scale": "gpu", "paper": PAPER, **provenance(),
             **({"command": command} if command else {}), "limit": limit,
             "models": {a: str(d) for a, d in models.items()},
+            "exports": {a: _export_info(d) for a, d in models.items()},
             "evaluations": {a: {k: e.get(k) for k in ("model", "setup", "versions", "git_commit", "command", "device_name")}
                             for a, e in evals.items()},
             "tasks": rows, "heads": head_rows, "verdict": v, "verdict_text": text}
