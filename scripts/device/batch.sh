@@ -9,7 +9,7 @@
 # Every 60 s and at the end, $OUT/batch.tgz gets every file under results/ written since the start plus the
 # jobs' logs and outputs (not their results.tgz); files a job puts in $KVSHIFT_RETURN (= $OUT) come back
 # as they are (at most 8 files in all, 16 MiB each). Here: `tar xzf <files_at>/batch.tgz` in the repo root
-# (results/ merge in place; logs land in batch/).
+# (results/ merge in place; logs land in batch/, which git ignores).
 set -u
 [ $# -ge 2 ] || { echo "usage: bash scripts/device/batch.sh BUDGET_S \"GPUS|COMMAND\" ..." >&2; exit 2; }
 start=$(date +%s); deadline=$(( start + $1 )); shift; ROOT=$PWD
@@ -28,6 +28,11 @@ pack() {  # atomic, so a cut call still returns the last complete archive
   (cd "$ROOT" && find results -type f -newer "$stamp" ! -name '*.tmp' ! -path '*/models/*' 2>/dev/null) > "$J/.l1"
   (cd /tmp && find batch -type f ! -name results.tgz ! -name '.*' 2>/dev/null) > "$J/.l2"
   tar czf "$OUT/.batch.tgz" -C "$ROOT" -T "$J/.l1" -C /tmp -T "$J/.l2" && mv -f "$OUT/.batch.tgz" "$OUT/batch.tgz"
+  local size; size=$(stat -c %s "$OUT/batch.tgz" 2>/dev/null || echo 0)
+  if [ "$size" -gt $(( 16 * 1024 * 1024 )) ]; then  # it would not come back: say what made it big
+    echo "== WARNING: batch.tgz is $(( size >> 20 )) MiB, over the 16 MiB return limit; largest files:"
+    (cd "$ROOT" && xargs -a "$J/.l1" -d '\n' ls -S -l 2>/dev/null | head -n 5)
+  fi
 }
 
 i=0; pids=()
