@@ -101,3 +101,14 @@ def test_batch_script_packs_new_results_and_logs(tmp_path):
     assert not any(n.startswith("results/") and "zz-batch-test" not in n for n in names)  # nothing older
     assert "gpus=0" in log0 and "== exit 0" in log0
     assert "gpus=2,3" in log1 and "== exit 124" in log1  # killed at the deadline
+
+
+def test_scaling_efficiency_is_per_gpu(tmp_path):
+    for mode, tps, world, par in (("1gpu", 100.0, 1, "none"), ("2gpu-ddp", 180.0, 2, "ddp")):
+        (tmp_path / mode).mkdir()
+        (tmp_path / mode / "summary.json").write_text(json.dumps(
+            {"tokens_per_s": tps, "world_size": world, "parallel": par, "mfu": 0.4 * tps / 100}))
+    m = pipeline.scaling(tmp_path, tmp_path / "pipe")["modes"]
+    assert m["2gpu-ddp"]["scaling_efficiency"] == pytest.approx(0.9)
+    assert m["2gpu-ddp"]["tokens_per_s_per_gpu"] == pytest.approx(90.0)
+    assert "| 2gpu-ddp | 2 | ddp | 180 | 90 | 90.0% | 72.0% |" in (tmp_path / "pipe" / "README.md").read_text()
