@@ -25,6 +25,7 @@ from kvshift.layers.attention import Attention, AttentionContext
 from kvshift.models.lm import LM
 from kvshift.ops.rope import apply_rope
 from kvshift.ops.shift import kv_shift
+from kvshift.train.plot import save_figure
 
 SCORES = ("prefix_matching", "previous_token", "duplicate_token")
 
@@ -179,11 +180,7 @@ def plot(report: dict, path: str | Path, *, title: str | None = None) -> Path:
         ax.set_xticks(range(m.shape[1]))
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title or f"head analysis (repeated random tokens, n={report['n']})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def load_for_analysis(path: str | Path) -> LM:

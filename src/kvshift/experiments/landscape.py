@@ -10,6 +10,7 @@ import torch
 from kvshift.experiments import register
 from kvshift.experiments.common import ResultsDir, provenance, write_summary
 from kvshift.tasks.theorem3 import landscape_grid, loss
+from kvshift.train.plot import save_figure
 
 OTS = (0.0, 10.0, 100.0)
 STARTS = ((0.5, 0.5), (0.9, 0.1), (0.2, 0.8), (0.8, 0.8))
@@ -64,9 +65,7 @@ def landscape(scale="cpu", seeds=1, steps=None, out=None):
         per_ot[str(OT)] = {"loss_at": vals, "grid_argmin": [float(a1.flatten()[argmin]), float(b1.flatten()[argmin])],
                            "mean_grad_norm": float(gnorm.mean()), "gradient_descent": ends}
     fig.suptitle("Theorem 3 loss: contours and gradient-descent streamlines (★ = induction solution)")
-    fig.tight_layout()
-    fig.savefig(f"{out}/plot.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"{out}/plot.png", dpi=110)
     rd.close()
     minima_ok = all(v["grid_argmin"][0] <= 0.05 and v["grid_argmin"][1] >= 0.95 for v in per_ot.values())
     flatter = [per_ot[str(o)]["mean_grad_norm"] for o in OTS]

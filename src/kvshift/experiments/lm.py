@@ -72,6 +72,7 @@ from pathlib import Path
 
 from kvshift.experiments import register
 from kvshift.experiments.common import provenance, write_summary
+from kvshift.train.plot import save_figure
 
 NAMES = ("lm-main", "lm-seeds", "lm-lr", "lm-scaling", "lm-variants", "shift-coefficients", "lm-gqa")
 SHARDS_ENV = "KVSHIFT_SHARDS"
@@ -806,9 +807,7 @@ def plot_parts(out: Path, stats: dict, name: str, scale: str) -> None:
             if a.get_legend_handles_labels()[0]:
                 a.legend(fontsize=7)
     fig.suptitle(f"{name} ({scale} scale)")
-    fig.tight_layout()
-    fig.savefig(out / "plot.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "plot.png", dpi=110)
     if name == "lm-scaling":
         _plot_scaling(out, stats)
 
@@ -831,9 +830,7 @@ def _plot_scaling(out: Path, stats: dict) -> None:
     ax.set(xscale="log", xlabel="non-embedding parameters", ylabel="final validation loss", title="lm-scaling")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "scaling.png", dpi=110)
 
 
 def plot_coefficients(out: Path, res: dict) -> None:
@@ -848,9 +845,7 @@ def plot_coefficients(out: Path, res: dict) -> None:
         ax.axvline(1, color="k", lw=0.6)
         ax.set(title=lab, xlabel="value", ylabel="KV heads")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "plot.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "plot.png", dpi=110)
 
 
 def _a_run_dir(st: dict) -> str:

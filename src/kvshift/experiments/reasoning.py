@@ -23,6 +23,7 @@ from kvshift.experiments.common import (DataStream, ResultsDir, TrainSpec, defau
                                         read_metrics, spec_dict, warmup_constant, write_summary)
 from kvshift.models import LM, ModelConfig
 from kvshift.tasks import hopk, igsm
+from kvshift.train.plot import save_figure
 
 EVAL_SEED = 999_983  # held-out data: a seed no training stream uses
 ARMS = ("vanilla", "kvshift")
@@ -250,9 +251,7 @@ def plot_hopk(out: str, summ: dict) -> None:
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
     fig.suptitle(f"hop-k ({summ['scale']} scale): error rate vs k, seed-mean over {summ['seeds']} seed(s)")
-    fig.tight_layout()
-    fig.savefig(f"{out}/plot.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, f"{out}/plot.png", dpi=100)
 
 
 def write_hopk_readme(out: str, s: dict) -> None:
@@ -522,9 +521,7 @@ def plot_igsm(out: str, summ: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"iGSM ({summ['scale']} scale)")
-    fig.tight_layout()
-    fig.savefig(f"{out}/plot.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, f"{out}/plot.png", dpi=100)
 
 
 def write_igsm_readme(out: str, s: dict) -> None:

@@ -14,6 +14,7 @@ from kvshift.experiments.common import (Arm, DataStream, ResultsDir, THRESHOLDS,
 from kvshift.models import ModelConfig
 from kvshift.tasks import induction
 from kvshift.tasks.ngram import NGramTask
+from kvshift.train.plot import save_figure
 
 EVAL_SEED = 999_983  # held-out sequences: a seed no training stream uses
 
@@ -123,9 +124,7 @@ def plot_accuracy(out: str, title: str, arms: list[str]) -> None:
     axes[0].legend()
     axes[0].grid(alpha=0.3)
     axes[1].grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(f"{out}/plot.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"{out}/plot.png", dpi=110)
 
 
 def _table(summary: dict) -> str:
@@ -326,6 +325,4 @@ def plot_dynamics(out: str, heads: list[dict]) -> None:
     axes[4].set(title="induction accuracy", xlabel="step", ylim=(-0.02, 1.02))
     axes[4].grid(alpha=0.3)
     fig.suptitle("KV-shift coefficients per head (red: ends induction-like: α2 > α1 and β1 > β2)")
-    fig.tight_layout()
-    fig.savefig(f"{out}/plot.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, f"{out}/plot.png", dpi=100)

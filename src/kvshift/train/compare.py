@@ -20,7 +20,7 @@ import os
 import statistics
 from pathlib import Path
 
-from kvshift.train.plot import curves
+from kvshift.train.plot import curves, save_figure
 
 __all__ = ["compare", "tokens_to_reach", "summarize"]
 
@@ -123,9 +123,7 @@ def plot_compare(runs: dict[str, dict[int, Path]], out_png: Path) -> Path:
     ax2.set_xlabel("tokens"); ax2.set_ylabel("val loss difference"); ax2.grid(alpha=0.3)
     if len(arms) > 1:
         ax2.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out_png, dpi=120)
     return out_png
 
 
