@@ -47,18 +47,13 @@ def _arms(spec: str) -> dict[str, Path]:
 
 def _export_info(model_dir: Path) -> dict:
     """Where an exported model came from (kvshift_export.json: run, step, config) and its weights' sha256."""
-    import hashlib
+    from kvshift.data.tokenizer import file_sha256
 
     info = {}
     if (model_dir / "kvshift_export.json").is_file():
         info = json.loads((model_dir / "kvshift_export.json").read_text())
-    w = model_dir / "model.safetensors"
-    if w.is_file():
-        h = hashlib.sha256()
-        with open(w, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        info["weights_sha256"] = h.hexdigest()
+    if (model_dir / "model.safetensors").is_file():
+        info["weights_sha256"] = file_sha256(model_dir / "model.safetensors")
     return info
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from kvshift.experiments.common import provenance
+from kvshift.train.checkpoint import write_json_atomic
 from kvshift.train.plot import _pyplot, curves, save_figure
 
 OUT = Path("results/pipeline")
@@ -33,13 +34,6 @@ def _read(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read a run summary ({e})") from None
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def sizes(runs: str | Path, only: list[str] | None = None, out: str | Path = OUT) -> dict:
@@ -61,7 +55,8 @@ def sizes(runs: str | Path, only: list[str] | None = None, out: str | Path = OUT
         raise ValueError(f"--runs {runs}: no finished runs")
     table = dict(sorted(table.items(), key=lambda kv: min(r["non_embedding_params"] or 0 for r in kv[1].values())))
     res = {"kind": "sizes", "source": str(runs), "sizes": table, "summarised": provenance()}
-    _write_json(out / "sizes.json", res)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "sizes.json", res)
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(table), figsize=(5.5 * len(table), 4.2), squeeze=False)
     for ax, (size, arms) in zip(axes[0], table.items()):
@@ -96,7 +91,8 @@ def scaling(src: str | Path, out: str | Path = OUT) -> dict:
         m["tokens_per_s_per_gpu"] = m["tokens_per_s"] / n
         m["scaling_efficiency"] = m["tokens_per_s"] / (n * base)
     res = {"kind": "scaling", "source": str(src), "modes": modes, "summarised": provenance()}
-    _write_json(out / "scaling.json", res)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "scaling.json", res)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(modes)

@@ -18,7 +18,6 @@ checkpoint is never overwritten.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from kvshift.data.tokenizer import file_sha256
 
 __all__ = ["save_checkpoint", "load_checkpoint", "verify_checkpoint", "latest_checkpoint", "list_checkpoints",
            "rng_state", "set_rng_state", "CheckpointError"]
@@ -96,14 +97,6 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_json_atomic(path: str | Path, obj) -> None:
     path = Path(path)
     _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
@@ -145,7 +138,7 @@ def verify_checkpoint(path: str | Path) -> dict:
         size = f.stat().st_size
         if size != info["size"]:
             raise CheckpointError(f"{f}: truncated or corrupt: {size:,} bytes, manifest says {info['size']:,}")
-        if _sha256(f) != info["sha256"]:
+        if file_sha256(f) != info["sha256"]:
             raise CheckpointError(f"{f}: sha256 mismatch (corrupt file)")
     return man
 
@@ -179,7 +172,7 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     if config is not None:
         _write_atomic(tmp / CONFIG, lambda f: f.write((json.dumps(config, indent=1) + "\n").encode()))
         names.append(CONFIG)
-    files = {n: {"sha256": _sha256(tmp / n), "size": (tmp / n).stat().st_size} for n in names}
+    files = {n: {"sha256": file_sha256(tmp / n), "size": (tmp / n).stat().st_size} for n in names}
     man = {"format": FORMAT, "step": step, "files": files}
     _write_atomic(tmp / MANIFEST, lambda f: f.write((json.dumps(man, indent=1) + "\n").encode()))
     _fsync_dir(tmp)
