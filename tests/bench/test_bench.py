@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 
-from kvshift.bench.report import TARGETS, check_target, compute_targets, render_markdown, target_summary
+from kvshift.bench.report import ARMS, TARGETS, check_target, compute_targets, render_markdown, target_summary
 from kvshift.bench.run import (PARTS, block_inputs, check_nonzero, decode_prompt, device_slug, fused_available,
                                train_batch)
 from kvshift.bench.timing import measure, percentile, summarize
 from kvshift.cli import main
 from kvshift.models import ModelConfig
 
-ARMS = ("vanilla", "naive", "fused")
 
 
 @pytest.fixture
@@ -35,8 +34,11 @@ def _check_arms(case: dict, n: int) -> None:
     assert tuple(case["arms"]) == ARMS
     for arm in ARMS:
         a = case["arms"][arm]
-        if arm == "fused" and not fused_available():
+        if arm in ("fused", "fused-sdpa") and not fused_available():
             assert "skipped" in a
+            continue
+        if arm == "fused-sdpa" and "skipped" in a:
+            assert "same kernel" in a["skipped"]  # decode: one decode step for both Triton arms
             continue
         assert "error" not in a, a
         _check_timing(a.get("step", a), n)
@@ -44,7 +46,7 @@ def _check_arms(case: dict, n: int) -> None:
 
 def test_quick_run_end_to_end(tmp_path, one_thread, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "--quick", "--out", str(out), "--steps", "2", "--warmup", "1"]) == 0
+    assert main(["bench", "--quick", "--out", str(out), "--steps", "2", "--warmup", "1", "--profile"]) == 0
     printed = capsys.readouterr().out
     assert "## Targets" in printed and "cpu.json" in printed
     res = json.loads((out / "cpu.json").read_text())
@@ -76,6 +78,8 @@ def test_quick_run_end_to_end(tmp_path, one_thread, capsys):
             assert a["peak_mem_bytes"] is None  # no CUDA allocator on CPU
             assert a["loss"] is not None and math.isclose(a["loss"], math.log(cfg.vocab_size), rel_tol=0.2)
         assert set(m["ratios"]) == {"tokens_per_s", "peak_mem"}
+        prof = m["arms"]["vanilla"]["profile"]
+        assert "error" not in prof and prof["steps"] == 2 and isinstance(prof["top"], list)
 
     dec = res["decode"]
     assert dec["context"] == 40 and list(dec["batches"]) == ["batch1", "batch2"]
@@ -232,3 +236,23 @@ def test_device_slug():
     assert device_slug("NVIDIA H200") == "nvidia-h200"
     assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert device_slug("cpu") == "cpu"
+
+
+def test_merge_takes_each_part_from_its_run(tmp_path):
+    from kvshift.bench.run import merge_results
+
+    base = {"meta": {"device": "X", "device_slug": "x", "quick": False, "command": "a"}}
+    a = {**base, "block": {"shapes": {}, "settings": {}}, "decode": {"batches": {}, "settings": {}},
+         "e2e": {"models": {"old": {}}, "from_earlier_run": True}}
+    b = {**base, "meta": {**base["meta"], "command": "b"}, "e2e": {"models": {"new": {"arms": {}, "ratios": {}}},
+                                                                   "settings": {}}}
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    res = merge_results([pa, pb], tmp_path / "out")
+    assert list(res["e2e"]["models"]) == ["new"] and "block" in res and "decode" in res
+    assert [m["parts"] for m in res["meta"]["merged_from"]] == [["block", "decode"], ["e2e"]]
+    assert (tmp_path / "out" / "x.json").exists() and (tmp_path / "out" / "x.md").exists()
+    pb.write_text(json.dumps({**b, "meta": {**b["meta"], "device": "Y"}}))
+    with pytest.raises(ValueError, match="different devices"):
+        merge_results([pa, pb], tmp_path / "out")

@@ -266,19 +266,34 @@ def test_presets_sizes():
         ModelConfig.from_name(name)
 
 
-@pytest.mark.parametrize("kind,window", [("kvshift", 1), ("kvshift", 2), ("vshift", 1)], ids=["kv-w1", "kv-w2", "v-w1"])
-def test_fused_backend_matches_naive_in_the_model(kind, window):
+@pytest.mark.parametrize("fuse_attention", [True, False], ids=["one-op", "sdpa"])
+@pytest.mark.parametrize("kind,window", [("kvshift", 1), ("kvshift", 2), ("vshift", 1), ("kshift", 1),
+                                         ("kvshift_gate", 1), ("vanilla", 1)],
+                         ids=["kv-w1", "kv-w2", "v-w1", "k-w1", "gate-w1", "vanilla"])
+def test_fused_backend_matches_naive_in_the_model(kind, window, fuse_attention):
     """The Triton path (interpreter on CPU) gives the naive model's logits, gradients, cached decoding
-    and packed results."""
+    (the one-kernel decode step, vanilla included) and packed results; with fuse_attention the
+    training forward goes through the one-op shift + attention (`kvshift.ops.shift.attention`)."""
     pytest.importorskip("triton")
+    from kvshift.layers.attention import set_fused_attention
     from kvshift.ops.shift import triton_available
     if not triton_available():
         pytest.skip("triton kernels unavailable (no CUDA and TRITON_INTERPRET unset)")
     naive = make(kind, window, shift_impl="naive")
     fused = LM(ModelConfig.from_name("debug", attention=kind, shift_window=window, shift_impl="triton"), seed=0).eval()
     fused.load_state_dict(naive.state_dict())
-    x = torch.randint(0, 97, (2, 13))
-    ref, out = naive(x), fused(x)
+    set_fused_attention(fused, fuse_attention)
+    calls = []
+    import kvshift.layers.attention as attn_mod
+    real = attn_mod.shift_attention
+    attn_mod.shift_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        x = torch.randint(0, 97, (2, 13))
+        ref, out = naive(x), fused(x)
+    finally:
+        attn_mod.shift_attention = real
+    both_shifted = kind in ("kvshift", "kvshift_gate")
+    assert len(calls) == (fused.config.n_layers if fuse_attention and both_shifted else 0)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     ref.square().mean().backward()
     out.square().mean().backward()
@@ -288,5 +303,7 @@ def test_fused_backend_matches_naive_in_the_model(kind, window):
         cache = fused.new_cache(2, 16)
         steps = torch.cat([fused(x[:, :5], cache=cache)] + [fused(x[:, i:i + 1], cache=cache) for i in range(5, 13)], 1)
         assert (steps - ref).abs().max() <= TOL
+        pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3]])
+        torch.testing.assert_close(fused(x, position_ids=pos), naive(x, position_ids=pos), rtol=1e-4, atol=1e-4)
         cu = torch.tensor([0, 4, 13], dtype=torch.int32)
         torch.testing.assert_close(fused(x[0][None], cu_seqlens=cu), naive(x[0][None], cu_seqlens=cu), rtol=1e-4, atol=1e-4)

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from kvshift.ops import shift as shift_api  # noqa: E402
-from kvshift.ops.rope import rope_cos_sin  # noqa: E402
+from kvshift.ops.rope import apply_rope, rope_cos_sin  # noqa: E402
 from kvshift.ops.shift import naive  # noqa: E402
 from kvshift.ops.shift import triton as tk  # noqa: E402
 
@@ -275,30 +275,39 @@ def test_compile_fullgraph(backend):
 # decode helper
 
 
-def _decode_inputs(W, D=6, B=2, H=3, S=5, dt=torch.float32, seed=3):
+def _decode_inputs(W, D=6, B=2, H=3, S=5, dt=torch.float32, seed=3, rep=1):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dt)  # noqa: E731
     cos, sin = rope_cos_sin(torch.tensor([[4], [9]])[:B].to(DEVICE), D)
-    return dict(k_new=r(B, 1, H, D), v_new=r(B, 1, H, D), w_k=r(H, W), w_v=r(H, W),
+    return dict(q=r(B, 1, H * rep, D), k_new=r(B, 1, H, D), v_new=r(B, 1, H, D), w_k=r(H, W), w_v=r(H, W),
                 raw_k=r(B, W - 1, H, D), raw_v=r(B, W - 1, H, D), cos=cos, sin=sin,
                 k_cache=r(B, S, H, D), v_cache=r(B, S, H, D), pos=3)
 
 
 @pytest.mark.parametrize("W", [1, 2, 4], ids=lambda w: f"W{w}")
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
-def test_decode_step_matches_naive(W, dt):
-    a = _decode_inputs(W, D=40 if dt == "bf16" else 6, dt=DT[dt])
+@pytest.mark.parametrize("rep", [1, 3], ids=lambda r: f"rep{r}")
+def test_decode_step_matches_naive(W, dt, rep):
+    """q RoPE, k/v shift (+ RoPE), cache append and the in-place raw-state update, against the reference."""
+    a = _decode_inputs(W, D=40 if dt == "bf16" else 6, dt=DT[dt], rep=rep)
     b = {k: (v.float().clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}  # fp32 reference
-    raw_a = tk.shift_rope_decode(**a)
-    raw_b = tk.shift_rope_decode_naive(**b)
+    raw_before = a["raw_k"].clone()
+    q_a, rk_a, rv_a = tk.shift_rope_decode(**a)
+    q_b, rk_b, rv_b = tk.shift_rope_decode_naive(**b)
+    _assert_close("q_rot", q_a, q_b, DT[dt])
     _assert_close("k_cache", a["k_cache"], b["k_cache"], DT[dt])
     _assert_close("v_cache", a["v_cache"], b["v_cache"], DT[dt])
-    for u, v in zip(raw_a, raw_b):
+    assert rk_a is a["raw_k"] and rv_a is a["raw_v"]  # advanced in place
+    for u, v in ((rk_a, rk_b), (rv_a, rv_b)):
         assert torch.equal(u.float(), v.float())
+    if W > 2:
+        assert torch.equal(a["raw_k"][:, 0], raw_before[:, 1])
+    if W > 1:
+        assert torch.equal(a["raw_k"][:, -1], a["k_new"][:, 0])
 
 
 def test_opcheck_decode():
-    a = _decode_inputs(2)
+    a = _decode_inputs(2, rep=2)
     torch.library.opcheck(torch.ops.kvshift.shift_rope_decode.default, tuple(a.values()))
 
 
@@ -313,8 +322,10 @@ def test_decode_token_by_token_equals_full_forward():
     v_full = naive.shift_padded(v, w_v)
     k_cache, v_cache = torch.zeros(B, T, H, D, device=DEVICE), torch.zeros(B, T, H, D, device=DEVICE)
     raw_k, raw_v = torch.zeros(B, W - 1, H, D, device=DEVICE), torch.zeros(B, W - 1, H, D, device=DEVICE)
+    q = torch.randn(B, T, H, D, generator=g).to(DEVICE)
     for t in range(T):
-        raw_k, raw_v = tk.shift_rope_decode(k[:, t:t + 1], v[:, t:t + 1], w_k, w_v, raw_k, raw_v,
-                                            cos[:, t:t + 1], sin[:, t:t + 1], k_cache, v_cache, t)
+        q_rot, raw_k, raw_v = tk.shift_rope_decode(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], w_k, w_v, raw_k,
+                                                   raw_v, cos[:, t:t + 1], sin[:, t:t + 1], k_cache, v_cache, t)
+        _assert_close("q_rot", q_rot, apply_rope(q[:, t:t + 1], cos[:, t:t + 1], sin[:, t:t + 1]), torch.float32)
     _assert_close("k_cache", k_cache, k_full, torch.float32)
     _assert_close("v_cache", v_cache, v_full, torch.float32)

@@ -19,6 +19,15 @@ def _parts(s: str) -> tuple[str, ...]:
 def _run(args) -> int:
     import torch
 
+    if args.merge:
+        from kvshift.bench.report import render_markdown
+        from kvshift.bench.run import merge_results
+
+        res = merge_results(args.merge, args.out)
+        print(render_markdown(res))
+        print(f"merged {len(args.merge)} results into {args.out}/{res['meta']['device_slug']}.json and .md")
+        return 0
+
     cuda = torch.cuda.is_available()
     if not cuda:
         # the fused kernels then run through Triton's interpreter (must be set before they are defined)
@@ -38,6 +47,7 @@ def _run(args) -> int:
         if args.peak_flops <= 0:
             raise ValueError(f"--peak-flops must be positive, got {args.peak_flops}")
         plan.peak_flops = args.peak_flops
+    plan.profile = bool(args.profile)
     res = run_bench(plan, args.out)
     slug = res["meta"]["device_slug"]
     from kvshift.bench.report import render_markdown
@@ -50,7 +60,7 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="vanilla vs kvshift (naive, fused): attention block, training step, decode")
+    p = sub.add_parser("bench", help="vanilla vs kvshift (naive, fused-sdpa, fused): attention block, training step, decode")
     p.add_argument("--only", default=None, help="comma-separated parts: block,e2e,decode (default: all)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed iterations per measurement (default: 40 block, 20 e2e, 40 decode; quick: 3)")
@@ -59,4 +69,8 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes and few iterations (CPU, smoke tests)")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak bf16 FLOP/s for MFU (default: by device name, 989e12 for H100/H200)")
+    p.add_argument("--profile", action="store_true",
+                   help="also record each e2e arm's top GPU kernels (torch.profiler, 2 steps after the timing)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge result files of one device (parts run on separate GPUs) into --out; runs nothing")
     p.set_defaults(func=_run)

@@ -2,13 +2,18 @@
 
 Three parts, each with the same settings for every arm:
   block   the attention block forward + backward: q/k/v given as inputs, RoPE (+ K shift fused with
-          RoPE and V shift for the shift arms) + SDPA (flash backend where it accepts the shape), eager
+          RoPE and V shift for the shift arms) + SDPA (flash backend where it accepts the shape), once
+          eager and once under torch.compile (where inductor fuses vanilla's RoPE too: the fair test)
   e2e     a full training step of a bench preset: torch.compile(model + loss), bf16 autocast,
           fused AdamW; tokens/s, MFU, peak memory
   decode  prefill a long context with the model's own cache, then greedy single-token steps (eager)
 
-Arms: "vanilla" (attention="vanilla"), "naive" (attention="kvshift", shift_impl="naive") and
-"fused" (attention="kvshift", shift_impl="triton"). The fused arm is skipped where Triton cannot run.
+Arms: "vanilla" (attention="vanilla"), "naive" (attention="kvshift", shift_impl="naive"),
+"fused-sdpa" (shift_impl="triton" with separate shift ops and SDPA: `set_fused_attention(model, False)`)
+and "fused" (shift_impl="triton": shift, RoPE(K) and flash attention in one op that saves only raw k, v,
+`kvshift.ops.shift.attention`). The targets are judged on "fused". Decode has no fused-sdpa arm (the
+decode step is the same kernel). The Triton arms are skipped where Triton cannot run. With --profile
+the e2e part also records each arm's top GPU kernels (torch.profiler, 2 steps after the timing).
 Results go to <out>/<device-slug>.json and .md after every finished case, so a run cut short keeps
 what it measured; with --only the other parts of an earlier result for the same device are kept.
 """
@@ -35,13 +40,24 @@ from kvshift.bench.report import ARMS, compute_targets, ratio, render_markdown, 
 from kvshift.bench.timing import measure, synchronize
 from kvshift.models import LM, ModelConfig
 from kvshift.ops.rope import apply_rope, rope_cos_sin
+from kvshift.layers.attention import set_fused_attention
 from kvshift.ops.shift import kv_shift, shift_rope, triton_available
+from kvshift.ops.shift.attention import shift_attention
 from kvshift.train.flops import flops_per_token, peak_flops_for
 
 PARTS = ("block", "e2e", "decode")
 ARM_MODEL = {"vanilla": dict(attention="vanilla"), "naive": dict(attention="kvshift", shift_impl="naive"),
+             "fused-sdpa": dict(attention="kvshift", shift_impl="triton"),
              "fused": dict(attention="kvshift", shift_impl="triton")}
-ARM_IMPL = {"naive": "naive", "fused": "triton"}
+ARM_IMPL = {"naive": "naive", "fused-sdpa": "triton", "fused": "triton"}
+TRITON_ARMS = ("fused-sdpa", "fused")
+BLOCK_MODES = ("eager", "compiled")
+
+
+def build_model(cfg: ModelConfig, arm: str, seed: int) -> LM:
+    """The arm's model: the config's attention/impl from ARM_MODEL, and for "fused-sdpa" the one-op
+    shift + attention path switched off."""
+    return set_fused_attention(LM(cfg.replace(**ARM_MODEL[arm]), seed=seed), arm != "fused-sdpa")
 
 
 @dataclass
@@ -65,6 +81,8 @@ class Plan:
     decode_warmup: int
     decode_iters: int
     compile: bool = True
+    block_modes: tuple[str, ...] = BLOCK_MODES
+    profile: bool = False
     peak_flops: float | None = None  # None: by device name (989e12 for H100/H200)
     seed: int = 0
     parts: tuple[str, ...] = PARTS
@@ -88,7 +106,8 @@ class Plan:
                    e2e_warmup=1, e2e_iters=3,
                    decode_model="debug", decode_overrides={}, decode_context=40, decode_batches=[1, 2],
                    decode_warmup=1, decode_iters=3,
-                   compile=cuda)  # CPU inductor compiles take far longer than the quick run itself
+                   compile=cuda,  # CPU inductor compiles take far longer than the quick run itself
+                   block_modes=BLOCK_MODES if cuda else ("eager",))
 
     def with_steps(self, steps: int | None, warmup: int | None) -> "Plan":
         if steps is not None:
@@ -141,8 +160,8 @@ def fused_available() -> bool:
 
 def arms_for_run() -> dict[str, str | None]:
     """arm -> None when it runs, else why it is skipped."""
-    return {"vanilla": None, "naive": None,
-            "fused": None if fused_available() else "Triton unavailable (no CUDA and TRITON_INTERPRET unset)"}
+    why = None if fused_available() else "Triton unavailable (no CUDA and TRITON_INTERPRET unset)"
+    return {"vanilla": None, "naive": None, **{a: why for a in TRITON_ARMS}}
 
 
 def provenance(device: torch.device, quick: bool) -> dict:
@@ -198,31 +217,40 @@ def _sdpa_context(backend: str):
     return nullcontext()
 
 
-def block_step(arm: str, inp: dict, backend: str) -> Callable[[], None]:
+def block_step(arm: str, inp: dict, backend: str, compiled: bool = False) -> Callable[[], None]:
     """One forward + backward of the attention block for `arm`; gradients of every input (and of
     the shift coefficients) are computed and dropped, so iterations do not accumulate.
 
     backend: "flash" (flash SDPA, GQA through enable_gqa), "flash-expand" (K/V repeated to all
-    heads, for a flash kernel without GQA support) or "default" (PyTorch's choice)."""
+    heads, for a flash kernel without GQA support) or "default" (PyTorch's choice). The "fused" arm
+    runs its own flash kernels (`shift_attention`) whatever the backend. compiled: the forward
+    (RoPE, shift, attention) goes through torch.compile, as in a compiled training step."""
     if backend not in SDPA_BACKENDS:
         raise ValueError(f"backend must be one of {SDPA_BACKENDS}, got {backend!r}")
     q, k, v, cos, sin, go = inp["q"], inp["k"], inp["v"], inp["cos"], inp["sin"], inp["grad_out"]
     rep = q.shape[2] // k.shape[2]
     wrt = (q, k, v) if arm == "vanilla" else (q, k, v, inp["w_k"], inp["w_v"])
 
+    def forward(q, k, v, w_k, w_v):
+        qr = apply_rope(q, cos, sin)
+        if arm == "fused":
+            return shift_attention(qr, k, v, w_k, w_v, cos, sin, impl="triton").transpose(1, 2)  # (B, H, T, D)
+        if arm == "vanilla":
+            kr, vs = apply_rope(k, cos, sin), v
+        else:
+            kr = shift_rope(k, w_k, cos, sin, impl=ARM_IMPL[arm])
+            vs = kv_shift(v, w_v, impl=ARM_IMPL[arm])
+        qh, kh, vh = qr.transpose(1, 2), kr.transpose(1, 2), vs.transpose(1, 2)  # (B, H|Hkv, T, D)
+        if rep > 1 and backend == "flash-expand":
+            kh, vh = kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1)
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
+                                              enable_gqa=rep > 1 and backend != "flash-expand")  # (B, H, T, D)
+
+    fwd = torch.compile(forward) if compiled else forward
+
     def step():
         with _sdpa_context(backend):
-            qr = apply_rope(q, cos, sin)
-            if arm == "vanilla":
-                kr, vs = apply_rope(k, cos, sin), v
-            else:
-                kr = shift_rope(k, inp["w_k"], cos, sin, impl=ARM_IMPL[arm])
-                vs = kv_shift(v, inp["w_v"], impl=ARM_IMPL[arm])
-            qh, kh, vh = qr.transpose(1, 2), kr.transpose(1, 2), vs.transpose(1, 2)  # (B, H|Hkv, T, D)
-            if rep > 1 and backend == "flash-expand":
-                kh, vh = kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1)
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
-                                                 enable_gqa=rep > 1 and backend != "flash-expand")  # (B, H, T, D)
+            out = fwd(q, k, v, inp["w_k"], inp["w_v"])
         torch.autograd.grad(out, wrt, go)
 
     return step
@@ -244,46 +272,53 @@ def pick_sdpa_backend(inp: dict, device: torch.device) -> str:
 
 def bench_block(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:
     section = {"settings": {"dtype": "bf16", "warmup": plan.block_warmup, "iters": plan.block_iters,
-                            "compile": False, "timer": "cuda-events" if device.type == "cuda" else "perf_counter"},
+                            "modes": list(plan.block_modes),
+                            "timer": "cuda-events" if device.type == "cuda" else "perf_counter"},
                "shapes": {}}
     skip = arms_for_run()
     for (B, T, H, H_kv, D) in plan.block_shapes:
-        name = f"B{B}-T{T}-H{H}" + (f"kv{H_kv}" if H_kv != H else "") + f"-D{D}"
-        _log(f"block {name}")
-        case = {"B": B, "T": T, "H": H, "H_kv": H_kv, "D": D, "arms": {}, "ratios": {}}
-        section["shapes"][name] = case
+        shape = f"B{B}-T{T}-H{H}" + (f"kv{H_kv}" if H_kv != H else "") + f"-D{D}"
         try:
             inp = block_inputs(B, T, H, H_kv, D, device=device, seed=plan.seed)
             backend = pick_sdpa_backend(inp, device)
         except Exception as e:  # noqa: BLE001 - a failed case is recorded, the run goes on
-            case["error"] = _error(e)["error"]
+            section["shapes"][shape] = {"B": B, "T": T, "H": H, "H_kv": H_kv, "D": D, "error": _error(e)["error"]}
             continue
-        case["sdpa_backend"] = backend
-        fns = {}
-        for arm in ARMS:
-            if skip[arm]:
-                case["arms"][arm] = {"skipped": skip[arm]}
-                continue
-            fn = block_step(arm, inp, backend)
-            try:
-                fn()  # first call: Triton compiles/autotunes here, outside the timing
-                synchronize(device)
-                fns[arm] = fn
-            except Exception as e:  # noqa: BLE001
-                case["arms"][arm] = _error(e)
-        if fns:
-            try:
-                case["arms"].update(measure(fns, warmup=plan.block_warmup, iters=plan.block_iters, device=device))
-            except Exception as e:  # noqa: BLE001
-                err = _error(e)
-                case["arms"].update({a: err for a in fns})
-        case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
-        van = case["arms"].get("vanilla", {}).get("median_ms")
-        for arm in ("naive", "fused"):
-            case["ratios"][arm] = ratio(case["arms"].get(arm, {}).get("median_ms"), van)
-        del inp, fns
+        for mode in plan.block_modes:
+            name = f"{shape}-{mode}"
+            _log(f"block {name}")
+            case = {"B": B, "T": T, "H": H, "H_kv": H_kv, "D": D, "mode": mode, "sdpa_backend": backend,
+                    "arms": {}, "ratios": {}}
+            section["shapes"][name] = case
+            torch._dynamo.reset()
+            fns = {}
+            for arm in ARMS:
+                if skip[arm]:
+                    case["arms"][arm] = {"skipped": skip[arm]}
+                    continue
+                fn = block_step(arm, inp, backend, compiled=mode == "compiled")
+                try:
+                    fn()  # first call: compiles / Triton autotunes here, outside the timing
+                    synchronize(device)
+                    fns[arm] = fn
+                except Exception as e:  # noqa: BLE001
+                    case["arms"][arm] = _error(e)
+            if fns:
+                try:
+                    case["arms"].update(measure(fns, warmup=plan.block_warmup, iters=plan.block_iters, device=device))
+                except Exception as e:  # noqa: BLE001
+                    err = _error(e)
+                    case["arms"].update({a: err for a in fns})
+            case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
+            van = case["arms"].get("vanilla", {}).get("median_ms")
+            for arm in ARMS[1:]:
+                case["ratios"][arm] = ratio(case["arms"].get(arm, {}).get("median_ms"), van)
+            del fns
+            _free(device)
+            save({"block": section})
+        del inp
+        torch._dynamo.reset()
         _free(device)
-        save({"block": section})
     return section
 
 
@@ -309,12 +344,51 @@ def train_batch(cfg: ModelConfig, batch: int, seq_len: int, *, device, seed: int
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def _e2e_arm(cfg: ModelConfig, batch: int, seq_len: int, plan: Plan, device: torch.device, peak: float) -> dict:
+def profile_kernels(step: Callable[[], None], device: torch.device, steps: int = 2, top: int = 12) -> dict:
+    """The GPU kernels of `steps` calls of `step` (torch.profiler): the `top` by total device time, and
+    the total per family (attention, matmul, triton, other), in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t and t > 0 and e.device_type is not None and "cuda" in str(e.device_type).lower():
+            rows.append((e.key, e.count, t / 1e3 / steps))
+    rows.sort(key=lambda r: -r[2])
+
+    def family(name: str) -> str:
+        n = name.lower()
+        if "flash" in n or "fmha" in n or "attention" in n or "attn" in n:
+            return "attention"
+        if "gemm" in n or "cutlass" in n or "sm90" in n or "nvjet" in n or "matmul" in n or "mm_" in n:
+            return "matmul"
+        if "triton" in n or "_kernel" in n:
+            return "triton/elementwise"
+        return "other"
+
+    fam: dict[str, float] = {}
+    for k, _, t in rows:
+        fam[family(k)] = fam.get(family(k), 0.0) + t
+    return {"steps": steps, "total_ms_per_step": sum(r[2] for r in rows),
+            "families_ms_per_step": {k: round(v, 4) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": k[:160], "calls_per_step": c / steps, "ms_per_step": round(t, 4)}
+                    for k, c, t in rows[:top]]}
+
+
+def _e2e_arm(cfg: ModelConfig, arm: str, batch: int, seq_len: int, plan: Plan, device: torch.device,
+             peak: float) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     torch._dynamo.reset()  # every arm compiles from scratch under identical settings
-    model = LM(cfg, seed=plan.seed).to(device)
+    model = build_model(cfg, arm, plan.seed).to(device)
     model.train()
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, betas=(0.9, 0.95),
                             **({"fused": True} if cuda else {}))
@@ -344,11 +418,20 @@ def _e2e_arm(cfg: ModelConfig, batch: int, seq_len: int, plan: Plan, device: tor
     tps = batch * seq_len / (timing["median_ms"] / 1e3)
     peak_mem = torch.cuda.max_memory_allocated(device) if cuda else None
     loss = float(last_loss[0])
+    prof = None
+    if plan.profile:
+        try:
+            prof = profile_kernels(step, device)
+        except Exception as e:  # noqa: BLE001 - the timing stands without the profile
+            prof = _error(e)
     del model, opt, step_model, x, y, last_loss
     fpt = flops_per_token(cfg, seq_len)
-    return {"tokens_per_s": tps, "step": timing, "flops_per_token": fpt, "mfu": tps * fpt / peak,
-            "peak_mem_bytes": peak_mem, "peak_mem_gib": None if peak_mem is None else peak_mem / 2**30,
-            "first_step_s": first, "loss": loss if math.isfinite(loss) else None}
+    out = {"tokens_per_s": tps, "step": timing, "flops_per_token": fpt, "mfu": tps * fpt / peak,
+           "peak_mem_bytes": peak_mem, "peak_mem_gib": None if peak_mem is None else peak_mem / 2**30,
+           "first_step_s": first, "loss": loss if math.isfinite(loss) else None}
+    if prof is not None:
+        out["profile"] = prof
+    return out
 
 
 def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:
@@ -364,14 +447,14 @@ def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) ->
         base = ModelConfig.from_name(preset, **overrides)
         case = {"preset": preset, "overrides": overrides, "seq_len": seq_len, "batch": batch, "arms": {}, "ratios": {}}
         section["models"][label] = case
-        for arm in ("vanilla", "fused", "naive"):
+        for arm in ("vanilla", "fused", "fused-sdpa", "naive"):
             if skip[arm]:
                 case["arms"][arm] = {"skipped": skip[arm]}
                 continue
             _log(f"e2e {label} {arm}")
             _free(device)
             try:
-                case["arms"][arm] = _e2e_arm(base.replace(**ARM_MODEL[arm]), batch, seq_len, plan, device, peak)
+                case["arms"][arm] = _e2e_arm(base, arm, batch, seq_len, plan, device, peak)
                 a = case["arms"][arm]
                 _log(f"  {a['tokens_per_s']:,.0f} tok/s, MFU {a['mfu']:.1%}, first step {a['first_step_s']:.1f}s")
             except Exception as e:  # noqa: BLE001
@@ -382,9 +465,9 @@ def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) ->
             van = case["arms"].get("vanilla", {})
             case["ratios"] = {
                 "tokens_per_s": {a: ratio(case["arms"].get(a, {}).get("tokens_per_s"), van.get("tokens_per_s"))
-                                 for a in ("naive", "fused")},
+                                 for a in ARMS[1:]},
                 "peak_mem": {a: ratio(case["arms"].get(a, {}).get("peak_mem_bytes"), van.get("peak_mem_bytes"))
-                             for a in ("naive", "fused")},
+                             for a in ARMS[1:]},
             }
             save({"e2e": section})
     return section
@@ -418,11 +501,12 @@ def bench_decode(plan: Plan, device: torch.device, save: Callable[[dict], None])
     prompt = decode_prompt(base.vocab_size, 1, plan.decode_context, device=device, seed=plan.seed)  # (1, ctx)
     models: dict[str, LM] = {}
     build_errors: dict[str, dict] = {}
+    skip = {**skip, "fused-sdpa": "the decode step is the same kernel as the fused arm's"}
     for arm in ARMS:  # built once, shared weights equal across arms (same seed)
         if skip[arm]:
             continue
         try:
-            model = LM(base.replace(**ARM_MODEL[arm]), seed=plan.seed)
+            model = build_model(base, arm, plan.seed)
             models[arm] = model.to(device=device, dtype=torch.bfloat16).eval()
         except Exception as e:  # noqa: BLE001
             build_errors[arm] = _error(e)
@@ -460,7 +544,7 @@ def bench_decode(plan: Plan, device: torch.device, save: Callable[[dict], None])
                     case["arms"][a] = err
         case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
         van = case["arms"].get("vanilla", {}).get("median_ms")
-        case["ratios"] = {a: ratio(case["arms"].get(a, {}).get("median_ms"), van) for a in ("naive", "fused")}
+        case["ratios"] = {a: ratio(case["arms"].get(a, {}).get("median_ms"), van) for a in ARMS[1:]}
         del fns
         _free(device)
         save({"decode": section})
@@ -495,6 +579,34 @@ def write_results(results: dict, out: Path) -> tuple[Path, Path]:
     jp.write_text(json.dumps(results, indent=1) + "\n")
     mp.write_text(render_markdown(results))
     return jp, mp
+
+
+def merge_results(paths: list[str | Path], out: str | Path) -> dict:
+    """One result from several runs of the same device (parts run as separate processes on separate GPUs
+    of one machine): each part is taken from the last file that holds it; meta.merged_from lists them."""
+    if len(paths) < 2:
+        raise ValueError("--merge needs at least two result files")
+    runs = []
+    for p in paths:
+        try:
+            runs.append((str(p), json.loads(Path(p).read_text())))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read bench result {p}: {e}") from e
+    devices = {r["meta"].get("device") for _, r in runs}
+    if len(devices) != 1 or len({r["meta"].get("quick") for _, r in runs}) != 1:
+        raise ValueError(f"the results come from different devices or modes: {sorted(map(str, devices))}")
+    meta = dict(runs[0][1]["meta"])
+    meta["merged_from"] = [{"file": Path(p).name, "command": r["meta"].get("command"), "time_utc": r["meta"].get("time_utc"),
+                            "git_commit": r["meta"].get("git_commit"),
+                            "parts": [k for k in PARTS if k in r and not r[k].get("from_earlier_run")]}
+                           for p, r in runs]
+    results: dict = {"meta": meta}
+    for _, r in runs:
+        for part in PARTS:
+            if part in r and not r[part].get("from_earlier_run"):
+                results[part] = r[part]
+    write_results(results, Path(out))
+    return results
 
 
 def run_bench(plan: Plan, out: str | Path, *, device: torch.device | None = None) -> dict:

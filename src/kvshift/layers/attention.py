@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from kvshift.ops.rope import apply_rope
 from kvshift.ops.shift import dispatch_shift, dispatch_shift_rope, triton_available
+from kvshift.ops.shift.attention import flash_supported, shift_attention
 
 # which sides shift, and how coefficients are parametrised
 SHIFT_KINDS: dict[str, tuple[bool, bool, str]] = {
@@ -71,6 +72,10 @@ class Attention(nn.Module):
         self.head_dim = dim // n_heads
         self.kind, self.window, self.position, self.shift_impl = attention, shift_window, position, shift_impl
         self.layer_idx = layer_idx
+        # with the Triton backend, shift + RoPE(K) + attention run as one op that saves only raw k, v
+        # (`kvshift.ops.shift.attention`); False keeps separate shift ops and SDPA (see set_fused_attention)
+        self.fuse_attention = True
+        self._ident: torch.Tensor | None = None  # identity coefficients for the decode kernel (see _identity)
         self.shift_keys, self.shift_values, self.param = SHIFT_KINDS[attention]
         hd = self.head_dim
         self.wq = nn.Linear(dim, n_heads * hd, bias=False)
@@ -164,29 +169,59 @@ class Attention(nn.Module):
         if cache is not None and self.kind != "vanilla":
             prev_k, prev_v = cache.raw(self.layer_idx)
         coef_k = self._coefficients("k")
-        if cache is not None and T == 1 and prev_k is not None and ctx.token_valid is None and self._fused_decode(x):
-            # decode step: shift + RoPE + cache append in one kernel (the unshifted side, if any, uses identity)
-            coef_v = self._coefficients("v")
-            ident = identity_coefficients(self.n_kv_heads, self.window).to(x.device)
-            q = apply_rope(q, ctx.cos, ctx.sin)
-            k_hat, v_hat = cache.append_decode(self.layer_idx, k, v, ident if coef_k is None else coef_k,
-                                               ident if coef_v is None else coef_v, ctx.cos, ctx.sin)
+        coef_v = self._coefficients("v")
+        if cache is not None and T == 1 and ctx.token_valid is None and self._fused_decode(x):
+            # decode step: RoPE(q), shift + RoPE(k), shift(v) and the cache append in one kernel; an
+            # unshifted side (and a vanilla layer, window 0) uses identity coefficients
+            ident = self._identity(cache.window + 1, x.device)
+            q, k_hat, v_hat = cache.append_decode(self.layer_idx, q, k, v, ident if coef_k is None else coef_k,
+                                                  ident if coef_v is None else coef_v, ctx.cos, ctx.sin)
             return self._attend(q, k_hat, v_hat, ctx, B, T)
+        if self._shift_attention_ok(x, q, ctx, coef_k, coef_v):
+            return self._shift_attend(apply_rope(q, ctx.cos, ctx.sin), k, v, coef_k, coef_v, ctx, B, T)
         if self.position == "rope":
             q = apply_rope(q, ctx.cos, ctx.sin)
             # the K path: shift then rotate, one fused pass on the Triton backend
             k_hat = apply_rope(k, ctx.cos, ctx.sin) if coef_k is None else self._shift_rope(k, coef_k, prev_k, ctx)
         else:
             k_hat = self._shift(k, coef_k, prev_k, ctx.cu_seqlens)
-        v_hat = self._shift(v, self._coefficients("v"), prev_v, ctx.cu_seqlens)
+        v_hat = self._shift(v, coef_v, prev_v, ctx.cu_seqlens)
         if cache is not None:
             k_hat, v_hat = cache.update(self.layer_idx, k_hat, v_hat, k, v)  # (B, S, Hkv, D) each
         return self._attend(q, k_hat, v_hat, ctx, B, T)
 
+    def _identity(self, width: int, device: torch.device) -> torch.Tensor:
+        """(n_kv_heads, width) identity coefficients, built once per device (decode runs it every step)."""
+        c = getattr(self, "_ident", None)
+        if c is None or c.shape[1] != width or c.device != device:
+            c = self._ident = identity_coefficients(self.n_kv_heads, width - 1).to(device)
+        return c
+
+    def _fused_impl(self, x: torch.Tensor) -> bool:
+        return self.shift_impl == "triton" or (self.shift_impl == "auto" and x.is_cuda and triton_available())
+
+    def _shift_attention_ok(self, x, q, ctx: "AttentionContext", coef_k, coef_v) -> bool:
+        """The one-op path: both sides shifted, RoPE, training-style causal attention (plain or packed
+        documents), no cache or padding, a fused backend and a dtype/head dim the flash kernels take."""
+        return (self.fuse_attention and coef_k is not None and coef_v is not None and self.position == "rope"
+                and ctx.cache is None and ctx.token_valid is None and ctx.causal
+                and (ctx.mask is None or ctx.cu_seqlens is not None)
+                and self._fused_impl(x) and flash_supported(q))
+
+    def _shift_attend(self, q, k, v, coef_k, coef_v, ctx: "AttentionContext", B: int, T: int) -> torch.Tensor:
+        if ctx.cu_seqlens is None:
+            out = shift_attention(q, k, v, coef_k, coef_v, ctx.cos, ctx.sin, impl="triton")
+        else:  # packed documents over the flattened B*T tokens; no document is longer than T
+            cos, sin = (c.expand(B, T, -1).reshape(B * T, -1) for c in (ctx.cos, ctx.sin))
+            flat = lambda t: t.reshape(B * T, t.shape[2], t.shape[3])  # noqa: E731
+            out = shift_attention(flat(q), flat(k), flat(v), coef_k, coef_v, cos, sin, cu_seqlens=ctx.cu_seqlens,
+                                  max_seqlen=T, impl="triton")
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+
     def _fused_decode(self, x: torch.Tensor) -> bool:
         if self.position != "rope":
             return False
-        return self.shift_impl == "triton" or (self.shift_impl == "auto" and x.is_cuda and triton_available())
+        return self._fused_impl(x)
 
     def _attend(self, q, k_hat, v_hat, ctx: "AttentionContext", B: int, T: int) -> torch.Tensor:
         hd = self.head_dim
@@ -206,6 +241,15 @@ class Attention(nn.Module):
                 kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+
+def set_fused_attention(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn the one-op shift + attention path of every `Attention` in `model` on (the default) or off
+    (separate Triton shift ops and SDPA: the layout the benchmark's "fused-sdpa" arm measures)."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fuse_attention = bool(enabled)
+    return model
 
 
 class AttentionContext:

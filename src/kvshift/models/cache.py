@@ -64,19 +64,21 @@ class KVCache:
             self.raw_v[layer] = torch.cat([self.raw_v[layer], v_raw.to(self.raw_v[layer].dtype)], 1)[:, -W:]
         return self.k[layer][:, :e], self.v[layer][:, :e]
 
-    def append_decode(self, layer: int, k_raw: torch.Tensor, v_raw: torch.Tensor, w_k: torch.Tensor,
-                      w_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One new raw token per row (B, 1, H, D): shift + RoPE + append in one fused Triton kernel, which
-        also advances the raw state; returns all cached K̂, V̂. Same result as `update` after the
-        naive shift and RoPE."""
+    def append_decode(self, layer: int, q: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Tensor,
+                      w_k: torch.Tensor, w_v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new token per row (B, 1, H, D): RoPE of the queries, shift + RoPE of k, shift of v, the
+        cache append and the raw-state update in ONE Triton kernel; returns (RoPE(q), all cached K̂, V̂).
+        Same result as `update` after the naive shift and RoPE. w_k/w_v: (H, window + 1), identity
+        columns for an unshifted side (a vanilla layer: window 0, (H, 1) ones)."""
         from kvshift.ops.shift.triton import shift_rope_decode
 
         pos = self.length
         dt = self.k[layer].dtype
-        self.raw_k[layer], self.raw_v[layer] = shift_rope_decode(
-            k_raw.to(dt), v_raw.to(dt), w_k, w_v, self.raw_k[layer], self.raw_v[layer], cos, sin,
-            self.k[layer], self.v[layer], pos)
-        return self.k[layer][:, :pos + 1], self.v[layer][:, :pos + 1]
+        q_rot, self.raw_k[layer], self.raw_v[layer] = shift_rope_decode(
+            q, k_raw.to(dt), v_raw.to(dt), w_k, w_v, self.raw_k[layer].contiguous(),
+            self.raw_v[layer].contiguous(), cos, sin, self.k[layer], self.v[layer], pos)
+        return q_rot, self.k[layer][:, :pos + 1], self.v[layer][:, :pos + 1]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder rows (beam search)."""

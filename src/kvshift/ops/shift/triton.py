@@ -183,29 +183,36 @@ def _backward(ctx, dy):
 shift_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("kvshift::shift_rope_decode", mutates_args=("k_cache", "v_cache"))
-def _shift_rope_decode_op(k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v: Tensor, raw_k: Tensor, raw_v: Tensor,
-                          cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> None:
+@torch.library.custom_op("kvshift::shift_rope_decode", mutates_args=("raw_k", "raw_v", "k_cache", "v_cache"))
+def _shift_rope_decode_op(q: Tensor, k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v: Tensor, raw_k: Tensor,
+                          raw_v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                          pos: int) -> Tensor:
     B, _, H, D = k_new.shape
+    q = q.contiguous()
+    q_rot = torch.empty_like(q)
     if B == 0 or H == 0:
-        return
+        return q_rot
     kc, vc = k_cache.select(1, pos), v_cache.select(1, pos)  # (B, H, D) views at the write slot
-    assert kc.stride(-1) == 1 and vc.stride(-1) == 1, "caches need a contiguous head dim"
+    if kc.stride(-1) != 1 or vc.stride(-1) != 1:
+        raise ValueError("the KV caches need a contiguous head dim")
+    if not (raw_k.is_contiguous() and raw_v.is_contiguous()):
+        raise ValueError("the raw states are advanced in place and must be contiguous")
     cos = cos.contiguous()
     sin = sin.contiguous()
     _decode_kernel[(B, H)](
-        k_new.contiguous(), v_new.contiguous(), w_k.contiguous(), w_v.contiguous(),
-        raw_k.contiguous(), raw_v.contiguous(), cos, sin, kc, vc,
+        q, q_rot, k_new.contiguous(), v_new.contiguous(), w_k.contiguous(), w_v.contiguous(),
+        raw_k, raw_v, cos, sin, kc, vc,
         H, D, D // 2, (cos.stride(0) if cos.shape[0] > 1 else 0),
         kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-        WKN=w_k.shape[1], WVN=w_v.shape[1],
+        REP=q.shape[2] // H, WKN=w_k.shape[1], WVN=w_v.shape[1],
         BLOCK_H=triton.next_power_of_2(max(D // 2, 1)), BLOCK_D=triton.next_power_of_2(max(D, 1)),
     )
+    return q_rot
 
 
 @_shift_rope_decode_op.register_fake
-def _(k_new, v_new, w_k, w_v, raw_k, raw_v, cos, sin, k_cache, v_cache, pos):
-    return None
+def _(q, k_new, v_new, w_k, w_v, raw_k, raw_v, cos, sin, k_cache, v_cache, pos):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,32 +240,42 @@ def shift_rope(k: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, *, cu_seqlen
     return shift_fwd(k, weight, prev, cu_seqlens, cos, sin)
 
 
-def shift_rope_decode_naive(k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v: Tensor, raw_k: Tensor, raw_v: Tensor,
-                            cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                            pos: int) -> Tuple[Tensor, Tensor]:
-    """Reference decode step: writes k̂ (rotated) and v̂ at cache index pos, returns the new raw states."""
+def _advance_naive(raw: Tensor, new: Tensor) -> None:
+    if raw.shape[1]:
+        raw.copy_(torch.cat([raw[:, 1:], new.to(raw.dtype)], 1))
+
+
+def shift_rope_decode_naive(q: Tensor, k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v: Tensor, raw_k: Tensor,
+                            raw_v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                            pos: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reference decode step (see `shift_rope_decode`)."""
     from kvshift.ops.rope import apply_rope
 
     k_hat = apply_rope(naive.shift_padded(k_new, w_k, raw_k), cos, sin)  # (B, 1, H, D)
     v_hat = naive.shift_padded(v_new, w_v, raw_v)
     k_cache[:, pos : pos + 1].copy_(k_hat)
     v_cache[:, pos : pos + 1].copy_(v_hat)
-    return torch.cat([raw_k[:, 1:], k_new], 1), torch.cat([raw_v[:, 1:], v_new], 1)
+    _advance_naive(raw_k, k_new)
+    _advance_naive(raw_v, v_new)
+    return apply_rope(q, cos, sin), raw_k, raw_v
 
 
-def shift_rope_decode(k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v: Tensor, raw_k: Tensor, raw_v: Tensor,
-                      cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tuple[Tensor, Tensor]:
-    """One decode step for a batch of single tokens.
+def shift_rope_decode(q: Tensor, k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v: Tensor, raw_k: Tensor,
+                      raw_v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                      pos: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """One decode step for a batch of single tokens, one kernel launch for the whole layer.
 
-    k_new, v_new (B, 1, H, D); w_k (H, Wk), w_v (H, Wv); raw_k (B, Wk-1, H, D), raw_v (B, Wv-1, H, D)
-    (the last raw tokens, oldest first, zeros before the sequence start); cos/sin (B or 1, 1, D/2);
-    k_cache, v_cache (B, S, H, D). Writes k_cache[:, pos] = RoPE(shift(k)), v_cache[:, pos] = shift(v)
-    in place and returns the new raw states (raw[:, 1:] followed by the new token).
+    q (B, 1, H_q, D) raw queries, H_q a multiple of H; k_new, v_new (B, 1, H, D); w_k (H, Wk), w_v (H, Wv);
+    raw_k (B, Wk-1, H, D), raw_v (B, Wv-1, H, D) (the last raw tokens, oldest first, zeros before the
+    sequence start; contiguous); cos/sin (B or 1, 1, D/2); k_cache, v_cache (B, S, H, D). Writes
+    k_cache[:, pos] = RoPE(shift(k)), v_cache[:, pos] = shift(v), advances raw_k/raw_v IN PLACE
+    (raw[:, 1:] followed by the new token) and returns (RoPE(q), raw_k, raw_v). With Wk = Wv = 1
+    (no shift, empty raw states) it is the RoPE + cache append of a vanilla layer.
     """
-    if _fp64(k_new, v_new, w_k, w_v, raw_k, raw_v, k_cache, v_cache):
-        return shift_rope_decode_naive(k_new, v_new, w_k, w_v, raw_k, raw_v, cos, sin, k_cache, v_cache, pos)
-    _shift_rope_decode_op(k_new, v_new, w_k, w_v, raw_k, raw_v, cos, sin, k_cache, v_cache, pos)
-    return torch.cat([raw_k[:, 1:], k_new], 1), torch.cat([raw_v[:, 1:], v_new], 1)
+    if _fp64(q, k_new, v_new, w_k, w_v, raw_k, raw_v, k_cache, v_cache):
+        return shift_rope_decode_naive(q, k_new, v_new, w_k, w_v, raw_k, raw_v, cos, sin, k_cache, v_cache, pos)
+    q_rot = _shift_rope_decode_op(q, k_new, v_new, w_k, w_v, raw_k, raw_v, cos, sin, k_cache, v_cache, pos)
+    return q_rot, raw_k, raw_v
 
 
 __all__ = ["is_available", "kv_shift", "shift_rope", "shift_rope_decode", "shift_rope_decode_naive",

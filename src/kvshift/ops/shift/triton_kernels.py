@@ -201,20 +201,41 @@ def _decode_one(XN, RAW, WT, b, h, cols, mask_d, H, D, W: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(KN, VN, WK, WV, RAWK, RAWV, COS, SIN, KC, VC, H, D, HALF, stride_cb,
-                   skb, skh, svb, svh,
-                   WKN: tl.constexpr, WVN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per (b, h): KC[b, h] = rope(shift(k)), VC[b, h] = shift(v).
+def _advance_raw(RAW, XN, b, h, dcols, md, H, D, W: tl.constexpr):
+    # raw[b] (oldest first, W-1 slots) <- raw[b][1:] followed by the new raw token; every thread moves
+    # only its own columns, in order, after the barrier that ends all reads of the old state
+    for i in tl.static_range(W - 2):
+        x = tl.load(RAW + ((b * (W - 1) + i + 1) * H + h) * D + dcols, mask=md, other=0.0)
+        tl.store(RAW + ((b * (W - 1) + i) * H + h) * D + dcols, x, mask=md)
+    if W > 1:
+        x = tl.load(XN + (b * H + h) * D + dcols, mask=md, other=0.0)
+        tl.store(RAW + ((b * (W - 1) + W - 2) * H + h) * D + dcols, x.to(RAW.dtype.element_ty), mask=md)
 
-    KC/VC are the caches' (B, H, D) slices at the write position (last dim contiguous)."""
+
+@triton.jit
+def _decode_kernel(Q, QO, KN, VN, WK, WV, RAWK, RAWV, COS, SIN, KC, VC, H, D, HALF, stride_cb,
+                   skb, skh, svb, svh,
+                   REP: tl.constexpr, WKN: tl.constexpr, WVN: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """One program per (b, KV head h): the REP query heads of h rotated into QO, KC[b, h] =
+    rope(shift(k)), VC[b, h] = shift(v), then the raw states advanced in place.
+
+    Q/QO (B, H*REP, D) contiguous; KC/VC are the caches' (B, H, D) slices at the write position
+    (last dim contiguous); RAWK/RAWV (B, W-1, H, D) contiguous."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     cols = tl.arange(0, BLOCK_H)
     mh = cols < HALF
-    k1 = _decode_one(KN, RAWK, WK, b, h, cols, mh, H, D, WKN)
-    k2 = _decode_one(KN, RAWK, WK, b, h, cols + HALF, mh, H, D, WKN)
     c = tl.load(COS + b * stride_cb + cols, mask=mh, other=0.0).to(tl.float32)
     s = tl.load(SIN + b * stride_cb + cols, mask=mh, other=0.0).to(tl.float32)
+    for r in tl.static_range(REP):
+        qoff = (b * (H * REP) + h * REP + r) * D + cols
+        q1 = tl.load(Q + qoff, mask=mh, other=0.0).to(tl.float32)
+        q2 = tl.load(Q + qoff + HALF, mask=mh, other=0.0).to(tl.float32)
+        tl.store(QO + qoff, (q1 * c - q2 * s).to(QO.dtype.element_ty), mask=mh)
+        tl.store(QO + qoff + HALF, (q2 * c + q1 * s).to(QO.dtype.element_ty), mask=mh)
+    k1 = _decode_one(KN, RAWK, WK, b, h, cols, mh, H, D, WKN)
+    k2 = _decode_one(KN, RAWK, WK, b, h, cols + HALF, mh, H, D, WKN)
     kbase = KC + b * skb + h * skh
     tl.store(kbase + cols, (k1 * c - k2 * s).to(KC.dtype.element_ty), mask=mh)
     tl.store(kbase + cols + HALF, (k2 * c + k1 * s).to(KC.dtype.element_ty), mask=mh)
@@ -222,3 +243,6 @@ def _decode_kernel(KN, VN, WK, WV, RAWK, RAWV, COS, SIN, KC, VC, H, D, HALF, str
     md = dcols < D
     v = _decode_one(VN, RAWV, WV, b, h, dcols, md, H, D, WVN)
     tl.store(VC + b * svb + h * svh + dcols, v.to(VC.dtype.element_ty), mask=md)
+    tl.debug_barrier()
+    _advance_raw(RAWK, KN, b, h, dcols, md, H, D, WKN)
+    _advance_raw(RAWV, VN, b, h, dcols, md, H, D, WVN)

@@ -1,0 +1,222 @@
+"""KV shift + RoPE of the keys + causal attention as ONE autograd op that saves only raw k and v.
+
+    out = shift_attention(q_rot, k, v, w_k, w_v, cos, sin, cu_seqlens=None, max_seqlen=None, impl="auto")
+
+q_rot (B, T, H, D) are the already rotated queries; k, v (B, T, H_kv, D) the RAW key/value
+projections; w_k, w_v (H_kv, W) the shift coefficients (current token first); cos/sin the RoPE
+tables (B or 1, T, D/2). Packed documents: q_rot/k/v (N, H|H_kv, D), cos/sin (N, D/2) and int32
+cu_seqlens; attention and the shift both stop at document starts. Returns the attention output in
+q_rot's layout (before the output projection).
+
+Why one op: with the shift and attention as separate ops, autograd keeps the raw k and v (the shift's
+backward needs them for the coefficient gradients) AND the shifted k̂, v̂ (attention's backward needs
+them): two extra (B, T, H_kv, D) tensors per layer compared with vanilla attention, which keeps only
+the rotated k and v. Here the backward recomputes k̂ = RoPE(shift(k)) and v̂ = shift(v) from the saved
+raw tensors (one elementwise pass each, the same kernels as the forward) before the attention
+backward, so a layer saves exactly what a vanilla layer saves: q_rot, k, v, out, logsumexp.
+
+Backends ("triton"): the Triton shift kernels of `kvshift.ops.shift.triton` and PyTorch's flash-attention
+kernels (`aten::_flash_attention_forward/_backward`, varlen form, GQA native) on CUDA in bf16/fp16;
+on the CPU (TRITON_INTERPRET=1, for tests) the attention part is an exact fp32 math implementation of
+the same forward/backward, so the recompute and gradient plumbing is tested without a GPU.
+"naive" is the reference: naive shift, naive RoPE and plain masked softmax attention, differentiated
+by autograd.
+
+This module deliberately does not use `from __future__ import annotations`: custom_op infers its
+schema from the real annotations.
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import naive
+
+Tensor = torch.Tensor
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_supported(q: Tensor) -> bool:
+    """True when the CUDA flash kernels take this input (dtype, head dim); the CPU path always runs."""
+    if not q.is_cuda:
+        return True
+    D = q.shape[-1]
+    return q.dtype in _FLASH_DTYPES and D % 8 == 0 and D <= 256
+
+
+def _dense_cu(B: int, T: int, device) -> Tensor:
+    return torch.arange(0, (B + 1) * T, T, device=device, dtype=torch.int32)
+
+
+# ---- the attention part: flash on CUDA, exact math elsewhere ------------------------------------
+def _math_mask(cu: Tensor, N: int) -> Tensor:
+    rows = torch.arange(N, device=cu.device, dtype=torch.int32)
+    doc = torch.searchsorted(cu[1:].contiguous(), rows, right=True)
+    return (doc[:, None] == doc[None, :]) & (rows[None, :] <= rows[:, None])  # (N, N) query x key
+
+
+def _math_scores(q: Tensor, k: Tensor, cu: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    H, Hk = q.shape[1], k.shape[1]
+    kf = k.float().repeat_interleave(H // Hk, dim=1)
+    s = torch.einsum("nhd,mhd->hnm", q.float(), kf) * scale  # (H, N, N)
+    mask = _math_mask(cu, q.shape[0])
+    return s.masked_fill(~mask, float("-inf")), kf
+
+
+def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float) -> Tuple[Tensor, Tensor]:
+    """q (N, H, D), k/v (N, H_kv, D) -> out (N, H, D) in q's dtype, lse (H, N) fp32."""
+    if q.is_cuda:
+        out, lse = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)[:2]
+        return out, lse
+    s, _ = _math_scores(q, k, cu, scale)
+    lse = torch.logsumexp(s, dim=-1)  # (H, N)
+    p = torch.exp(s - lse[..., None])
+    vf = v.float().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    out = torch.einsum("hnm,mhd->nhd", p, vf)
+    return out.to(q.dtype).contiguous(), lse
+
+
+def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu: Tensor,
+              max_len: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    if q.is_cuda:
+        rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: the state is unused
+        unused = torch.empty(0, device=q.device)
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, cu, cu, max_len, max_len, 0.0, True, rng, unused, scale=scale)
+        return dq, dk, dv
+    H, Hk = q.shape[1], k.shape[1]
+    s, kf = _math_scores(q, k, cu, scale)
+    p = torch.exp(s - lse[..., None])  # (H, N, N)
+    vf = v.float().repeat_interleave(H // Hk, dim=1)
+    do = dout.float()
+    dv = torch.einsum("hnm,nhd->mhd", p, do)
+    dp = torch.einsum("nhd,mhd->hnm", do, vf)
+    delta = (do * out.float()).sum(-1).transpose(0, 1)  # (H, N)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = torch.einsum("hnm,mhd->nhd", ds, kf)
+    dk = torch.einsum("hnm,nhd->mhd", ds, q.float())
+    N, D = k.shape[0], k.shape[-1]
+    dk = dk.view(N, Hk, H // Hk, D).sum(2)
+    dv = dv.view(N, Hk, H // Hk, D).sum(2)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+# ---- the fused op -------------------------------------------------------------------------------
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _shifted(k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor,
+             cu_seqlens: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    from .triton import _fwd_impl
+    return _fwd_impl(k, w_k, None, cu_seqlens, cos, sin), _fwd_impl(v, w_v, None, cu_seqlens, None, None)
+
+
+@torch.library.custom_op("kvshift::shift_attn_fwd", mutates_args=())
+def shift_attn_fwd(q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor,
+                   cu_seqlens: Optional[Tensor], max_len: int, scale: float) -> Tuple[Tensor, Tensor]:
+    """(out in q's layout, logsumexp (H, N) fp32)."""
+    k_hat, v_hat = _shifted(k, v, w_k, w_v, cos, sin, cu_seqlens)
+    qf = _flat(q).contiguous()
+    cu = cu_seqlens if cu_seqlens is not None else _dense_cu(q.shape[0], q.shape[1], q.device)
+    out, lse = _attn_fwd(qf, _flat(k_hat), _flat(v_hat), cu, max_len, scale)
+    return out.view(q.shape), lse
+
+
+@shift_attn_fwd.register_fake
+def _(q, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len, scale):
+    N = q.numel() // (q.shape[-1] * q.shape[-2])
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((q.shape[-2], N), dtype=torch.float32))
+
+
+@torch.library.custom_op("kvshift::shift_attn_bwd", mutates_args=())
+def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor,
+                   sin: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Optional[Tensor], max_len: int,
+                   scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dw_k, dw_v): recompute k̂, v̂, attention backward, then the shift backward."""
+    from .triton import _bwd_impl
+    k_hat, v_hat = _shifted(k, v, w_k, w_v, cos, sin, cu_seqlens)
+    cu = cu_seqlens if cu_seqlens is not None else _dense_cu(q.shape[0], q.shape[1], q.device)
+    dq, dk_hat, dv_hat = _attn_bwd(_flat(dout), _flat(q).contiguous(), _flat(k_hat), _flat(v_hat), _flat(out),
+                                   lse, cu, max_len, scale)
+    del k_hat, v_hat
+    dk, dw_k, _ = _bwd_impl(dk_hat.view(k.shape), k, w_k, None, cu_seqlens, cos, sin)
+    dv, dw_v, _ = _bwd_impl(dv_hat.view(v.shape), v, w_v, None, cu_seqlens, None, None)
+    return dq.reshape(q.shape).contiguous(), dk, dv, dw_k, dw_v
+
+
+@shift_attn_bwd.register_fake
+def _(dout, q, k, v, w_k, w_v, cos, sin, out, lse, cu_seqlens, max_len, scale):
+    e = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return e(q), e(k), e(v), e(w_k), e(w_v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len, scale = inputs
+    out, lse = output
+    ctx.max_len, ctx.scale = max_len, scale
+    ctx.save_for_backward(q, k, v, w_k, w_v, cos, sin, cu_seqlens, out, lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, w_k, w_v, cos, sin, cu_seqlens, out, lse = ctx.saved_tensors
+    dq, dk, dv, dw_k, dw_v = shift_attn_bwd(dout, q, k, v, w_k, w_v, cos, sin, out, lse, cu_seqlens,
+                                            ctx.max_len, ctx.scale)
+    return dq, dk, dv, dw_k, dw_v, None, None, None, None, None
+
+
+shift_attn_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- public entry points ------------------------------------------------------------------------
+def shift_attention_reference(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor,
+                              sin: Tensor, *, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """The naive composition (naive shift + RoPE, masked softmax attention), differentiated by autograd."""
+    k_hat = naive.shift_rope(k, w_k, cos, sin, cu_seqlens=cu_seqlens)
+    v_hat = naive.shift_padded(v, w_v) if cu_seqlens is None else naive.shift_varlen(v, w_v, cu_seqlens)
+    qf, kf, vf = _flat(q_rot), _flat(k_hat), _flat(v_hat)
+    cu = cu_seqlens if cu_seqlens is not None else _dense_cu(q_rot.shape[0], q_rot.shape[1], q_rot.device)
+    s, kx = _math_scores(qf, kf, cu, 1.0 / math.sqrt(q_rot.shape[-1]))
+    p = torch.softmax(s, dim=-1)
+    vx = vf.float().repeat_interleave(qf.shape[1] // vf.shape[1], dim=1)
+    return torch.einsum("hnm,mhd->nhd", p, vx).to(q_rot.dtype).view(q_rot.shape)
+
+
+def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor, *,
+                    cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+                    impl: str = "auto") -> Tensor:
+    """Causal attention over the KV-shifted keys/values (see the module docstring).
+
+    max_seqlen: the longest document with cu_seqlens (an upper bound is fine; default T or N)."""
+    packed = cu_seqlens is not None
+    if q_rot.dim() != (3 if packed else 4) or k.dim() != q_rot.dim() or v.shape != k.shape:
+        raise ValueError(f"q_rot/k/v must be (B, T, H, D) (or packed (N, H, D) with cu_seqlens), got "
+                         f"{tuple(q_rot.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q_rot.shape[:-2] != k.shape[:-2] or q_rot.shape[-1] != k.shape[-1] or q_rot.shape[-2] % k.shape[-2]:
+        raise ValueError(f"q_rot {tuple(q_rot.shape)} and k {tuple(k.shape)} must share tokens and head dim, "
+                         "with a multiple of k's heads")
+    for name, w in (("w_k", w_k), ("w_v", w_v)):
+        if w.dim() != 2 or w.shape[0] != k.shape[-2]:
+            raise ValueError(f"{name} must be (H_kv, W) = ({k.shape[-2]}, W), got {tuple(w.shape)}")
+    if impl not in ("auto", "naive", "triton"):
+        raise ValueError(f"impl must be 'auto', 'naive' or 'triton', got {impl!r}")
+    from . import triton_available
+    fused = impl == "triton" or (impl == "auto" and q_rot.is_cuda and triton_available())
+    if not fused:
+        return shift_attention_reference(q_rot, k, v, w_k, w_v, cos, sin, cu_seqlens=cu_seqlens)
+    if not flash_supported(q_rot):
+        raise ValueError(f"the fused path needs bf16/fp16 and a head dim that is a multiple of 8 (<= 256) on CUDA, "
+                         f"got {q_rot.dtype}, D={q_rot.shape[-1]}; use impl='naive'")
+    if packed:
+        max_len = int(max_seqlen) if max_seqlen is not None else q_rot.shape[0]
+    else:
+        max_len = q_rot.shape[1]
+    out, _ = shift_attn_fwd(q_rot, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len,
+                            1.0 / math.sqrt(q_rot.shape[-1]))
+    return out
+
+
+__all__ = ["shift_attention", "shift_attention_reference", "flash_supported"]

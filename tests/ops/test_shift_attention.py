@@ -1,0 +1,141 @@
+"""The one-op KV shift + RoPE(K) + causal attention (`kvshift.ops.shift.attention`) against the reference.
+
+On the CPU the Triton shift kernels run in the interpreter and the attention part is the op's exact
+math implementation, so what is tested here is the recompute-in-backward plumbing: outputs and the
+gradients of q, k, v and both coefficient sets, padded and packed, MHA and GQA, windows 1-3. On CUDA
+(the device tool) the same tests run the flash kernels in bf16 against the fp32 reference.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kvshift.ops.rope import rope_cos_sin  # noqa: E402
+from kvshift.ops.shift.attention import shift_attention, shift_attention_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32  # flash needs bf16/fp16; the CPU math path is exact
+TOL = 2e-2 if CUDA else 2e-5  # max abs error relative to max(1, max |reference|)
+
+
+def _inputs(B, T, H, Hk, D, W, cu, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k, v = r(B, T, H, D), r(B, T, Hk, D), r(B, T, Hk, D)
+    w_k, w_v = torch.rand(Hk, W, generator=g), torch.rand(Hk, W, generator=g)
+    cos, sin = rope_cos_sin(torch.arange(T).view(1, T), D)
+    if cu is not None:  # one packed row of N = B*T tokens
+        N = B * T
+        q, k, v = q.reshape(N, H, D), k.reshape(N, Hk, D), v.reshape(N, Hk, D)
+        cos, sin = cos.expand(B, T, -1).reshape(N, -1), sin.expand(B, T, -1).reshape(N, -1)
+        cu = torch.tensor(cu, dtype=torch.int32)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    return dict(q=dev(q), k=dev(k), v=dev(v), w_k=dev(w_k), w_v=dev(w_v), cos=dev(cos), sin=dev(sin),
+                cu=None if cu is None else dev(cu))
+
+
+def _run(inp, impl, dtype):
+    leaves = [inp[n].to(dtype).requires_grad_() for n in ("q", "k", "v")]
+    ws = [inp[n].clone().requires_grad_() for n in ("w_k", "w_v")]
+    out = shift_attention(*leaves, *ws, inp["cos"], inp["sin"], cu_seqlens=inp["cu"], impl=impl)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, leaves + ws, g)
+    return [out] + list(grads)
+
+
+def _close(name, got, ref):
+    got, ref = got.float(), ref.float()
+    assert got.shape == ref.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite"
+    err = (got - ref).abs().max().item()
+    assert err <= TOL * max(1.0, ref.abs().max().item()), f"{name}: max abs err {err:.3e}"
+
+
+CASES = [  # B, T, H, Hk, D, W, cu
+    (2, 7, 4, 4, 8, 2, None),
+    (1, 13, 6, 2, 16, 2, None),       # GQA 3:1, odd T
+    (2, 9, 4, 1, 8, 3, None),         # MQA, window 2
+    (3, 5, 2, 2, 8, 4, None),         # window 3
+    (2, 9, 4, 2, 8, 2, (0, 3, 3, 4, 18)),  # packed: an empty and a length-1 document
+]
+
+
+@pytest.mark.parametrize("B,T,H,Hk,D,W,cu", CASES,
+                         ids=[f"B{c[0]}T{c[1]}H{c[2]}kv{c[3]}D{c[4]}W{c[5]}{'-packed' if c[6] else ''}" for c in CASES])
+def test_fused_matches_reference(B, T, H, Hk, D, W, cu):
+    inp = _inputs(B, T, H, Hk, D, W, cu)
+    ref = _run(inp, "naive", torch.float32)
+    got = _run(inp, "triton", DTYPE)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dw_k", "dw_v"), got, ref):
+        _close(name, a, b)
+
+
+def test_reference_is_the_unfused_composition():
+    """The reference equals naive shift/RoPE + SDPA (causal), so the op means what the layer computes."""
+    import torch.nn.functional as F
+
+    from kvshift.ops.shift import naive
+
+    inp = _inputs(2, 6, 4, 2, 8, 2, None)
+    inp = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    out = shift_attention_reference(inp["q"], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"])
+    k_hat = naive.shift_rope(inp["k"], inp["w_k"], inp["cos"], inp["sin"])
+    v_hat = naive.shift_padded(inp["v"], inp["w_v"])
+    sd = F.scaled_dot_product_attention(inp["q"].transpose(1, 2), k_hat.transpose(1, 2), v_hat.transpose(1, 2),
+                                        is_causal=True, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, sd, rtol=1e-5, atol=1e-5)
+
+
+def test_saves_raw_not_shifted():
+    """Autograd keeps q, raw k, raw v, out and lse (no shifted copies): what a vanilla layer keeps."""
+    inp = _inputs(1, 5, 2, 2, 8, 2, None)
+    q, k, v = (inp[n].to(DTYPE).requires_grad_() for n in ("q", "k", "v"))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        shift_attention(q, k, v, inp["w_k"], inp["w_v"], inp["cos"], inp["sin"], impl="triton")
+    big = [t for t in saved if t.dim() >= 3 and t.shape[-1] == 8]
+    assert sum(t.data_ptr() == k.data_ptr() for t in big) == 1 and sum(t.data_ptr() == v.data_ptr() for t in big) == 1
+    assert len(big) == 4, [tuple(t.shape) for t in big]  # q, k, v, out
+
+
+def test_opcheck():
+    inp = _inputs(1, 5, 4, 2, 8, 2, None)
+    args = (inp["q"].to(DTYPE), inp["k"].to(DTYPE), inp["v"].to(DTYPE), inp["w_k"], inp["w_v"], inp["cos"],
+            inp["sin"], None, 5, 8 ** -0.5)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(torch.ops.kvshift.shift_attn_fwd.default, args, test_utils=utils)
+    out, lse = torch.ops.kvshift.shift_attn_fwd(*args)
+    bwd_args = (torch.randn_like(out),) + args[:7] + (out, lse) + args[7:]
+    torch.library.opcheck(torch.ops.kvshift.shift_attn_bwd.default, bwd_args, test_utils=utils[:2])
+
+
+def test_compile_fullgraph_keeps_the_op():
+    inp = _inputs(1, 6, 4, 2, 8, 2, None)
+
+    def f(q, k, v, w_k, w_v):
+        return shift_attention(q, k, v, w_k, w_v, inp["cos"], inp["sin"], impl="triton").float().square().sum()
+
+    args = [inp["q"].to(DTYPE), inp["k"].to(DTYPE), inp["v"].to(DTYPE), inp["w_k"], inp["w_v"]]
+    args = [a.clone().requires_grad_() for a in args]
+    eager = torch.autograd.grad(f(*args), args)
+    comp = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*args), args)
+    for a, b in zip(comp, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_arguments():
+    inp = _inputs(1, 5, 4, 2, 8, 2, None)
+    with pytest.raises(ValueError, match="w_k"):
+        shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"][:1], inp["w_v"], inp["cos"], inp["sin"])
+    with pytest.raises(ValueError, match="q_rot"):
+        shift_attention(inp["q"][:, :, :3], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"])
+    with pytest.raises(ValueError, match="impl"):
+        shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"], impl="x")
