@@ -307,3 +307,22 @@ def test_fused_backend_matches_naive_in_the_model(kind, window, fuse_attention):
         torch.testing.assert_close(fused(x, position_ids=pos), naive(x, position_ids=pos), rtol=1e-4, atol=1e-4)
         cu = torch.tensor([0, 4, 13], dtype=torch.int32)
         torch.testing.assert_close(fused(x[0][None], cu_seqlens=cu), naive(x[0][None], cu_seqlens=cu), rtol=1e-4, atol=1e-4)
+
+
+def test_rope_tables_equal_computed_rope():
+    """The cached fp32 tables (slice for 0..T-1, gather otherwise) give exactly the computed RoPE, and
+    positions past the tables fall back to computing."""
+    from kvshift.ops.rope import rope_cos_sin
+
+    m = make()
+    cfg = m.config
+    pos = torch.tensor([[0, 5, 3, cfg.max_seq_len - 1]])
+    ref = rope_cos_sin(pos, cfg.head_dim, cfg.rope_base)
+    for got in (m._rope(pos, cfg.max_seq_len - 1, False), m._rope(pos, None, False)):
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    ar = torch.arange(9).view(1, 9)
+    assert all(torch.equal(a, b) for a, b in zip(m._rope(ar, 8, True), rope_cos_sin(ar, cfg.head_dim, cfg.rope_base)))
+    far = torch.tensor([[cfg.max_seq_len + 3]])
+    assert all(torch.equal(a, b) for a, b in zip(m._rope(far, cfg.max_seq_len + 3, False),
+                                                 rope_cos_sin(far, cfg.head_dim, cfg.rope_base)))
+    assert "rope_cos" not in m.state_dict()  # not a checkpoint entry

@@ -48,6 +48,13 @@ def _run(args) -> int:
             raise ValueError(f"--peak-flops must be positive, got {args.peak_flops}")
         plan.peak_flops = args.peak_flops
     plan.profile = bool(args.profile)
+    if args.models:
+        want = [m.strip() for m in args.models.split(",") if m.strip()]
+        known = [m[0] for m in plan.e2e_models]
+        bad = [m for m in want if m not in known]
+        if bad or not want:
+            raise ValueError(f"--models takes a comma-separated subset of {','.join(known)}, got {args.models!r}")
+        plan.e2e_models = [m for m in plan.e2e_models if m[0] in want]
     res = run_bench(plan, args.out)
     slug = res["meta"]["device_slug"]
     from kvshift.bench.report import render_markdown
@@ -69,6 +76,8 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes and few iterations (CPU, smoke tests)")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak bf16 FLOP/s for MFU (default: by device name, 989e12 for H100/H200)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated e2e models to run (default: all of the plan; e.g. bench-162m)")
     p.add_argument("--profile", action="store_true",
                    help="also record each e2e arm's top GPU kernels (torch.profiler, 2 steps after the timing)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",

@@ -117,10 +117,14 @@ class KVShiftPreTrainedModel(PreTrainedModel):
                     c = torch.log(c[:, :-1] / c[:, -1:])
                 p.copy_(c)
             _restore_buffers(module)
+        elif isinstance(module, LM):
+            _restore_buffers(module)
 
 
 def _restore_buffers(module: nn.Module) -> None:
     # non-persistent buffers are not in checkpoints; transformers may build the model on the meta device
+    if isinstance(module, LM) and hasattr(module, "rope_cos") and not module.rope_cos.is_meta:
+        module.reset_rope_tables()
     if isinstance(module, Attention) and hasattr(module, "alibi_slopes") and not module.alibi_slopes.is_meta:
         module.alibi_slopes.copy_(alibi_slopes(module.n_heads).to(module.alibi_slopes.device))
 

@@ -66,6 +66,13 @@ class LM(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        if config.position == "rope":
+            # fp32 RoPE tables for positions 0..max_seq_len-1, computed once: looked up, never recomputed
+            # per forward (inside a compiled graph the cos/sin of a fresh position grid got fused into every
+            # RoPE kernel and evaluated per element and head, ~25% of a 162M model's training step)
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+            self.reset_rope_tables()
         if seed is not None:
             self.init_weights(seed)
 
@@ -122,11 +129,36 @@ class LM(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # ---- forward ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_rope_tables(self) -> None:
+        """(Re)compute the fp32 RoPE tables (non-persistent buffers: not in checkpoints; a model built on
+        the meta device, as transformers does, calls this once materialised)."""
+        cfg = self.config
+        dev = self.rope_cos.device
+        if dev.type == "meta":
+            dev = torch.device("cpu")
+        self.rope_cos, self.rope_sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=dev), cfg.head_dim,
+                                                    cfg.rope_base)
+
+    def _rope(self, pos: torch.Tensor, bound: int | None, arange: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B or 1, T, D/2) fp32 for positions `pos` (B or 1, T): a slice (arange: pos is
+        0..T-1) or a gather of the tables when `bound` (a host-side upper bound on pos, None if unknown)
+        fits them; computed otherwise (or when the tables were cast off fp32)."""
+        cfg = self.config
+        if (bound is not None and bound < cfg.max_seq_len and self.rope_cos.dtype == torch.float32
+                and self.rope_cos.device == pos.device):
+            if arange:
+                T = pos.shape[-1]
+                return self.rope_cos[:T].unsqueeze(0), self.rope_sin[:T].unsqueeze(0)
+            return self.rope_cos[pos], self.rope_sin[pos]
+        return rope_cos_sin(pos, cfg.head_dim, cfg.rope_base)
+
     def _context(self, input_ids, cache, attention_mask, cu_seqlens, position_ids) -> AttentionContext:
         cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
         ctx = AttentionContext(cache=cache)
+        pos_bound, plain = None, False  # a host-side bound on the positions; positions are 0..T-1
         if cu_seqlens is not None or position_ids is not None:
             if cache is not None:
                 raise ValueError("cu_seqlens/position_ids (packed documents) cannot be combined with a cache")
@@ -141,6 +173,7 @@ class LM(nn.Module):
                 doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths, output_size=T)
                 pos = (torch.arange(T, device=dev) - cu.long()[doc]).view(1, T)
                 doc = doc.view(1, T)
+                pos_bound = T - 1
             else:
                 if position_ids.shape != (B, T):
                     raise ValueError(f"position_ids must have shape {(B, T)}, got {tuple(position_ids.shape)}")
@@ -178,8 +211,10 @@ class LM(nn.Module):
                 kvalid = cache.valid[:, : past + T]
             else:
                 kvalid = valid
+            pos_bound = past + T - 1  # a row's position never exceeds its slot
             if cache is None and attention_mask is None:  # the training step: positions 0..T-1 for every row
                 kpos = qpos = torch.arange(T, device=dev).view(1, T)
+                plain = True
             else:
                 kpos = (kvalid.long().cumsum(1) - 1).clamp_min(0)  # position among the row's real tokens
                 qpos = kpos[:, past:]
@@ -193,7 +228,7 @@ class LM(nn.Module):
                 allowed = allowed | (k_slot == q_slot).unsqueeze(0)  # pad queries see themselves: no NaN rows
                 ctx.mask = allowed.unsqueeze(1)  # (B, 1, T, S)
         if cfg.position == "rope":
-            ctx.cos, ctx.sin = rope_cos_sin(qpos, cfg.head_dim, cfg.rope_base)
+            ctx.cos, ctx.sin = self._rope(qpos, pos_bound, plain)
         elif cfg.position == "alibi":
             ctx.distance = (qpos.unsqueeze(2) - kpos.unsqueeze(1)).float()
             if ctx.mask is None:
