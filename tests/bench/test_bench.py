@@ -249,9 +249,11 @@ def test_merge_takes_each_part_from_its_run(tmp_path):
     pa, pb = tmp_path / "a.json", tmp_path / "b.json"
     pa.write_text(json.dumps(a))
     pb.write_text(json.dumps(b))
-    res = merge_results([pa, pb], tmp_path / "out")
-    assert list(res["e2e"]["models"]) == ["new"] and "block" in res and "decode" in res
-    assert [m["parts"] for m in res["meta"]["merged_from"]] == [["block", "decode"], ["e2e"]]
+    pc = tmp_path / "c.json"
+    pc.write_text(json.dumps({**b, "e2e": {"models": {"other": {"arms": {}, "ratios": {}}}, "settings": {}}}))
+    res = merge_results([pa, pb, pc], tmp_path / "out")
+    assert list(res["e2e"]["models"]) == ["new", "other"] and "block" in res and "decode" in res
+    assert [m["parts"] for m in res["meta"]["merged_from"]] == [["block", "decode"], ["e2e"], ["e2e"]]
     assert (tmp_path / "out" / "x.json").exists() and (tmp_path / "out" / "x.md").exists()
     pb.write_text(json.dumps({**b, "meta": {**b["meta"], "device": "Y"}}))
     with pytest.raises(ValueError, match="different devices"):

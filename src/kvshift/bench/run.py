@@ -583,7 +583,8 @@ def write_results(results: dict, out: Path) -> tuple[Path, Path]:
 
 def merge_results(paths: list[str | Path], out: str | Path) -> dict:
     """One result from several runs of the same device (parts run as separate processes on separate GPUs
-    of one machine): each part is taken from the last file that holds it; meta.merged_from lists them."""
+    of one machine): each part's cases (block shapes, e2e models, decode batches) are the union over the
+    files, a later file winning a case both hold; meta.merged_from lists the files."""
     if len(paths) < 2:
         raise ValueError("--merge needs at least two result files")
     runs = []
@@ -601,10 +602,15 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
                             "parts": [k for k in PARTS if k in r and not r[k].get("from_earlier_run")]}
                            for p, r in runs]
     results: dict = {"meta": meta}
+    cases = {"block": "shapes", "e2e": "models", "decode": "batches"}
     for _, r in runs:
         for part in PARTS:
             if part in r and not r[part].get("from_earlier_run"):
-                results[part] = r[part]
+                if part in results:  # the same part from several runs (e.g. one e2e model per GPU): union of cases
+                    merged = {**results[part][cases[part]], **r[part].get(cases[part], {})}
+                    results[part] = {**r[part], cases[part]: merged}
+                else:
+                    results[part] = r[part]
     write_results(results, Path(out))
     return results
 

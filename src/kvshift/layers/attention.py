@@ -72,9 +72,11 @@ class Attention(nn.Module):
         self.head_dim = dim // n_heads
         self.kind, self.window, self.position, self.shift_impl = attention, shift_window, position, shift_impl
         self.layer_idx = layer_idx
-        # with the Triton backend, shift + RoPE(K) + attention run as one op that saves only raw k, v
-        # (`kvshift.ops.shift.attention`); False keeps separate shift ops and SDPA (see set_fused_attention)
-        self.fuse_attention = True
+        # with the Triton backend: separate Triton shift ops + SDPA (default: the speed of vanilla on the
+        # H200, +2-7% training memory), or with set_fused_attention(model, True) one op for shift + RoPE(K)
+        # + flash attention that saves only raw k, v (vanilla's memory, ~9% slower: its FA2 kernels are
+        # slower than SDPA's cuDNN ones there). results/bench/nvidia-h200.md has both.
+        self.fuse_attention = False
         self._ident: torch.Tensor | None = None  # identity coefficients for the decode kernel (see _identity)
         self.shift_keys, self.shift_values, self.param = SHIFT_KINDS[attention]
         hd = self.head_dim
@@ -244,8 +246,9 @@ class Attention(nn.Module):
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> nn.Module:
-    """Turn the one-op shift + attention path of every `Attention` in `model` on (the default) or off
-    (separate Triton shift ops and SDPA: the layout the benchmark's "fused-sdpa" arm measures)."""
+    """Turn the one-op shift + attention path of every `Attention` in `model` on (vanilla's training
+    memory; the benchmark's "fused" arm) or off (the default: separate Triton shift ops and SDPA, the
+    benchmark's "fused-sdpa" arm)."""
     for m in model.modules():
         if isinstance(m, Attention):
             m.fuse_attention = bool(enabled)
