@@ -96,6 +96,15 @@ def _arm_or_reason(section: dict, arm: str) -> tuple[dict, str | None]:
     return a, None
 
 
+def _timing_cells(case: dict) -> list[str]:
+    """One timing cell per arm of a block or decode case (or why the arm has none)."""
+    cells = []
+    for arm in ARMS:
+        a, why = _arm_or_reason(case, arm)
+        cells.append(why or _timing_cell(a))
+    return cells
+
+
 def render_markdown(results: dict) -> str:
     meta = results.get("meta", {})
     lines = [f"# kvshift bench: {meta.get('device', '?')}", ""]
@@ -116,10 +125,7 @@ def render_markdown(results: dict) -> str:
                   + " | ".join(f"{a}/van" for a in others) + " |",
                   "|---|---|---|" + "---|" * (len(ARMS) + len(others))]
         for name, s in blk.get("shapes", {}).items():
-            cells = []
-            for arm in ARMS:
-                a, why = _arm_or_reason(s, arm)
-                cells.append(why or _timing_cell(a))
+            cells = _timing_cells(s)
             r = s.get("ratios", {})
             shape = f"({s['B']}, {s['T']}, {s['H']}/{s['H_kv']}, {s['D']})"
             lines.append(f"| {shape} | {s.get('mode', 'eager')} | {s.get('sdpa_backend')} | " + " | ".join(cells)
@@ -176,10 +182,7 @@ def render_markdown(results: dict) -> str:
                   "| batch | " + " | ".join(ARMS) + " | " + " | ".join(f"{a}/van" for a in ARMS[1:]) + " |",
                   "|---|" + "---|" * (2 * len(ARMS) - 1)]
         for name, b in dec.get("batches", {}).items():
-            cells = []
-            for arm in ARMS:
-                a, why = _arm_or_reason(b, arm)
-                cells.append(why or _timing_cell(a))
+            cells = _timing_cells(b)
             r = b.get("ratios", {})
             lines.append(f"| {b['batch']} | " + " | ".join(cells) + " | "
                          + " | ".join(_f(r.get(a)) for a in ARMS[1:]) + " |")
