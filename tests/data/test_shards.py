@@ -129,3 +129,15 @@ def test_subset_keeps_whole_documents(pipeline, tmp_path):
 def test_tokenize_domain_filter(pipeline, tmp_path):
     meta = tokenize_corpus(pipeline.corpus, pipeline.tokenizer, tmp_path / "s", domains=["code"], log=lambda s: None)
     assert set(meta["splits"]["train"]["tokens_by_domain"]) == {"code"}
+
+
+def test_subset_of_validation_only_keeps_train_identical(pipeline, tmp_path):
+    """--max-val-tokens alone: a smaller validation split, the training tokens byte for byte."""
+    full_val = Shards(pipeline.shards, "val")
+    budget = len(full_val) // 2
+    meta = subset_shards(pipeline.shards, tmp_path / "sub", max_val_tokens=budget, seed=3)
+    for name in ("train.tokens.bin", "train.offsets.bin", "train.domains.bin"):
+        assert (tmp_path / "sub" / name).read_bytes() == (pipeline.shards / name).read_bytes(), name
+    val = Shards(tmp_path / "sub", "val")
+    assert 0 < len(val) <= budget and val.n_documents < full_val.n_documents
+    assert "bytes" not in meta["splits"]["val"] and meta["subset_of"]["max_val_tokens"] == budget

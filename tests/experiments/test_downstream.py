@@ -77,3 +77,27 @@ def test_task_rows_standard_errors_and_significance():
     assert not p["kvshift"]["significant"]  # 0.1 is 1.43 standard errors: not enough
     h = rows["hellaswag"]  # scored by acc_norm
     assert h["metric"] == "acc_norm" and h["kvshift"]["diff"] == pytest.approx(0.15) and h["kvshift"]["significant"]
+
+
+def test_downstream_from_evaluation_files(pair, tmp_path):
+    """Models scored elsewhere (`kvshift eval --scores`): the arms are evaluation JSONs, the analyses must exist."""
+    kw = dict(tasks=["piqa"], limit=4, name="tiny", analysis_dir=tmp_path / "an", device="cpu", batch_size=4)
+    downstream.run(pair, eval_dir=tmp_path / "eval", out=tmp_path / "first", **kw)
+    evals = {arm: tmp_path / "eval" / f"m-{arm}.json" for arm in pair}
+    for arm, f in evals.items():  # what `kvshift eval --scores` adds
+        r = json.loads(f.read_text())
+        r["scored"] = {"device_name": "NVIDIA H200", "dtype": "torch.bfloat16", "torch": "2.11", "requests_sha256": "x",
+                       "model": f"rerun/runs/{arm}-s0", "weights_sha256": {}}
+        f.write_text(json.dumps(r))
+    out = tmp_path / "out"
+    (out / "runs" / "kvshift-s0").mkdir(parents=True)
+    (out / "runs" / "kvshift-s0" / "summary.json").write_text(json.dumps(
+        {"final_val_loss": 1.5, "tokens": 1000, "steps": 10, "tokens_per_s": 1.0, "status": "finished"}))
+    s = downstream.run(downstream._arms(",".join(f"{a}={f}" for a, f in evals.items())), out=out, **kw)
+    assert s["exports"]["vanilla"]["model"] == "rerun/runs/vanilla-s0" and s["training"]["kvshift"]["final_val_loss"] == 1.5
+    readme = (out / "README.md").read_text()
+    assert "computed on NVIDIA H200" in readme and "| kvshift | 1.5000 | 1,000 | finished |" in readme
+    with pytest.raises(FileNotFoundError, match="no head analysis"):
+        downstream.run(evals, out=tmp_path / "o2", **{**kw, "analysis_dir": tmp_path / "none"})
+    with pytest.raises(ValueError, match="does not hold"):
+        downstream.run(evals, out=tmp_path / "o3", **{**kw, "limit": 5})

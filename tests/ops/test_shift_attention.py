@@ -3,7 +3,8 @@
 On the CPU the Triton shift kernels run in the interpreter and the attention part is the op's exact
 math implementation, so what is tested here is the recompute-in-backward plumbing: outputs and the
 gradients of q, k, v and both coefficient sets, padded and packed, MHA and GQA, windows 1-3. On CUDA
-(the device tool) the same tests run the flash kernels in bf16 against the fp32 reference.
+(the device tool) the same tests run in bf16 against the fp32 reference, dense batches through both
+cuDNN (the default) and the flash kernels (KVSHIFT_ATTENTION=flash), packed ones through flash.
 """
 
 import os
@@ -18,7 +19,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from kvshift.ops.rope import rope_cos_sin  # noqa: E402
-from kvshift.ops.shift.attention import shift_attention, shift_attention_reference  # noqa: E402
+from kvshift.ops.shift.attention import attention_backend, shift_attention, shift_attention_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -66,12 +67,19 @@ CASES = [  # B, T, H, Hk, D, W, cu
     (3, 5, 2, 2, 8, 4, None),         # window 3
     (2, 9, 4, 2, 8, 2, (0, 3, 3, 4, 18)),  # packed: an empty and a length-1 document
 ]
+if CUDA:  # the model's head sizes, and a T that is not a multiple of the kernels' tiles
+    CASES += [(2, 200, 8, 2, 64, 2, None), (1, 131, 4, 4, 128, 3, None), (1, 150, 4, 2, 64, 2, (0, 61, 150))]
+BACKENDS = ["auto", "flash"] if CUDA else ["auto"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,T,H,Hk,D,W,cu", CASES,
                          ids=[f"B{c[0]}T{c[1]}H{c[2]}kv{c[3]}D{c[4]}W{c[5]}{'-packed' if c[6] else ''}" for c in CASES])
-def test_fused_matches_reference(B, T, H, Hk, D, W, cu):
+def test_fused_matches_reference(B, T, H, Hk, D, W, cu, backend, monkeypatch):
+    monkeypatch.setenv("KVSHIFT_ATTENTION", backend)
     inp = _inputs(B, T, H, Hk, D, W, cu)
+    expect = "math" if not CUDA else "flash" if (cu is not None or backend == "flash") else "cudnn"
+    assert attention_backend(inp["q"], inp["cu"]) == expect
     ref = _run(inp, "naive", torch.float32)
     got = _run(inp, "triton", DTYPE)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dw_k", "dw_v"), got, ref):
@@ -109,7 +117,7 @@ def test_saves_raw_not_shifted():
 def test_opcheck():
     inp = _inputs(1, 5, 4, 2, 8, 2, None)
     args = (inp["q"].to(DTYPE), inp["k"].to(DTYPE), inp["v"].to(DTYPE), inp["w_k"], inp["w_v"], inp["cos"],
-            inp["sin"], None, 5, 8 ** -0.5)
+            inp["sin"], None, 5, 8 ** -0.5, attention_backend(inp["q"], None))
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
     torch.library.opcheck(torch.ops.kvshift.shift_attn_fwd.default, args, test_utils=utils)
     out, lse = torch.ops.kvshift.shift_attn_fwd(*args)
@@ -131,8 +139,12 @@ def test_compile_fullgraph_keeps_the_op():
         torch.testing.assert_close(a, b)
 
 
-def test_bad_arguments():
+def test_bad_arguments(monkeypatch):
     inp = _inputs(1, 5, 4, 2, 8, 2, None)
+    monkeypatch.setenv("KVSHIFT_ATTENTION", "sdpa")
+    with pytest.raises(ValueError, match="KVSHIFT_ATTENTION"):
+        shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"], impl="triton")
+    monkeypatch.delenv("KVSHIFT_ATTENTION")
     with pytest.raises(ValueError, match="w_k"):
         shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"][:1], inp["w_v"], inp["cos"], inp["sin"])
     with pytest.raises(ValueError, match="q_rot"):

@@ -79,9 +79,10 @@ def cmd_pack(args) -> int:
     src = Path(args.shards)
     tmp = None
     try:
-        if args.max_train_tokens:
+        if args.max_train_tokens or args.max_val_tokens:
             tmp = Path(tempfile.mkdtemp(prefix="kvshift-subset-"))
-            subset_shards(src, tmp, max_train_tokens=args.max_train_tokens, seed=args.seed)
+            subset_shards(src, tmp, max_train_tokens=args.max_train_tokens or None, seed=args.seed,
+                          max_val_tokens=args.max_val_tokens or None)
             src = tmp
         size = pack_shards(src, args.out, preset=args.preset)
         meta = json.loads((src / "meta.json").read_text())
@@ -153,6 +154,8 @@ def register(subparsers) -> None:
     pk.add_argument("--shards", required=True)
     pk.add_argument("--out", required=True, help="output .tar.xz")
     pk.add_argument("--max-train-tokens", type=int, help="keep a seeded document subset of the train split")
+    pk.add_argument("--max-val-tokens", type=int, help="keep a seeded document subset of the validation split "
+                    "(a smaller pack for a device call that carries more)")
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--preset", type=int, default=9, help="xz preset 0-9")
     pk.set_defaults(func=cmd_pack)

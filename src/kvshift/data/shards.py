@@ -221,9 +221,11 @@ class Shards:
 # subsetting and packing (carry a corpus to a machine without `tokenizers`)
 
 
-def subset_shards(src: str | Path, dst: str | Path, *, max_train_tokens: int, seed: int = 0) -> dict:
-    """Copies `src` to `dst` keeping every validation document and a seeded random subset of training
-    documents (drawn from all domains alike) with at most `max_train_tokens` tokens."""
+def subset_shards(src: str | Path, dst: str | Path, *, max_train_tokens: int | None = None, seed: int = 0,
+                  max_val_tokens: int | None = None) -> dict:
+    """Copies `src` to `dst` keeping a seeded random subset of training documents (drawn from all
+    domains alike) with at most `max_train_tokens` tokens, and likewise of validation documents with
+    `max_val_tokens`; None keeps the split whole, in order (byte-identical tokens)."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     meta = json.loads((src / META).read_text())
@@ -232,10 +234,11 @@ def subset_shards(src: str | Path, dst: str | Path, *, max_train_tokens: int, se
         o = sh.offsets
         lens = np.diff(o)  # each document with its opening eos; the closing eos is re-added below
         order = np.arange(sh.n_documents)
-        if split == "train":
+        limit = max_train_tokens if split == "train" else max_val_tokens
+        if limit is not None:
             rng = np.random.default_rng(seed)
             order = rng.permutation(sh.n_documents)
-            keep_n = int(np.searchsorted(np.cumsum(lens[order]), max_train_tokens - 1, side="right"))
+            keep_n = int(np.searchsorted(np.cumsum(lens[order]), limit - 1, side="right"))
             order = np.sort(order[:keep_n])
         parts, new_off, pos = [], [], 0
         for i in order:
@@ -252,13 +255,16 @@ def subset_shards(src: str | Path, dst: str | Path, *, max_train_tokens: int, se
         doms = sh.domains[order]
         doms.tofile(dst / names["domains"])
         info = meta["splits"][split]
-        if split == "train":
+        if limit is not None:
             info.pop("tokens_by_source", None)  # not tracked per document
+            info.pop("bytes", None)  # of the whole split: bits/byte would be off
+            info.pop("bytes_by_domain", None)
         info.update(tokens=int(toks.size), documents=int(order.size),
                     tokens_by_domain={sh.domain_names[k]: int(v) for k, v in
                                       zip(*np.unique(np.repeat(doms, lens[order].astype(np.int64)), return_counts=True))},
                     documents_by_domain={sh.domain_names[k]: int(v) for k, v in zip(*np.unique(doms, return_counts=True))})
-    meta["subset_of"] = {"max_train_tokens": max_train_tokens, "seed": seed}
+    meta["subset_of"] = {"max_train_tokens": max_train_tokens, "seed": seed,
+                         **({"max_val_tokens": max_val_tokens} if max_val_tokens is not None else {})}
     (dst / META).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 

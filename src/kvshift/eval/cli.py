@@ -22,15 +22,31 @@ def cmd_eval(args) -> int:
     try:
         rep = run_eval(args.model, args.tasks, limit=args.limit, tokenizer=args.tokenizer, batch_size=args.batch_size,
                        device=args.device, dtype=args.dtype, add_bos=add_bos, max_length=args.max_length,
-                       out=args.out, seed=args.seed, bootstrap_iters=args.bootstrap_iters)
+                       out=args.out, seed=args.seed, bootstrap_iters=args.bootstrap_iters, record=args.record,
+                       scores=args.scores, requests=args.requests, softmax_dtype=args.softmax_dtype)
     except ValueError as e:
         return _fail("eval", e)
     width = max(len(t) for t in rep["results"])
     for task, m in rep["results"].items():
         shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
         print(f"{task:<{width}}  n={rep['n_samples'].get(task, {}).get('effective', '?')}  {shown}")
+    if args.record:
+        print(f"recorded the requests (the metrics above are placeholders) in {args.record}")
     if args.out:
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval_score(args) -> int:
+    from kvshift.eval.offload import score_file
+
+    try:
+        meta = score_file(args.model, args.requests, args.out, device=args.device, dtype=args.dtype,
+                          batch_tokens=args.batch_tokens)
+    except ValueError as e:
+        return _fail("eval-score", e)
+    print(f"scored {meta['n_requests']} requests with {args.model} on {meta['device_name']} ({meta['dtype']}) "
+          f"in {meta['score_seconds']} s: wrote {args.out}")
     return 0
 
 
@@ -72,7 +88,22 @@ def register(subparsers) -> None:
                    help="encode contexts with the tokenizer's special tokens (BOS); auto = the tokenizer's default")
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--bootstrap-iters", type=int, default=0, help="bootstrap resamples for stderr (0: none)")
+    e.add_argument("--softmax-dtype", choices=("float32",), help="log-softmax in fp32 (lm-eval's default: the "
+                   "logits' dtype); `kvshift eval-score` always uses fp32")
+    e.add_argument("--record", metavar="REQUESTS", help="only record the tokenized loglikelihood requests in this "
+                   ".npz (no model compute) for `kvshift eval-score` on another machine")
+    e.add_argument("--scores", help="answer every request from this `kvshift eval-score` file (needs --requests)")
+    e.add_argument("--requests", help="the --record file the --scores were computed for")
     e.set_defaults(func=cmd_eval)
+
+    s = subparsers.add_parser("eval-score", help="score recorded eval requests with a model (torch only, no lm-eval)")
+    s.add_argument("model", metavar="MODEL", help="transformers causal-LM directory or kvshift training run/checkpoint")
+    s.add_argument("requests", metavar="REQUESTS", help="file written by `kvshift eval --record`")
+    s.add_argument("--out", required=True, help="scores .npz to write")
+    s.add_argument("--device", help="default: cuda when available, else cpu")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as saved")
+    s.add_argument("--batch-tokens", type=int, default=1 << 16, help="padded tokens per forward pass")
+    s.set_defaults(func=cmd_eval_score)
 
     a = subparsers.add_parser("analyze", help="per-head induction / previous-token scores and shift coefficients")
     a.add_argument("model", metavar="MODEL", help="KVShiftForCausalLM directory or a training run/checkpoint directory")

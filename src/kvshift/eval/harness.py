@@ -72,32 +72,46 @@ def _is_training_dir(p: Path) -> bool:
     return (p / "model.safetensors").is_file() and not cfg.is_file()
 
 
-def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
-    """(PreTrainedModel, tokenizer) from a directory (see module doc) or a loaded model."""
+def _load_hf(model, tokenizer=None, *, dtype=None):
+    """(PreTrainedModel on the CPU, tokenizer source) from a directory (see module doc) or a loaded model."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import kvshift.hf  # registers KVShiftForCausalLM with the Auto classes
-    from kvshift.hf.convert import load_tokenizer_for_export, load_training_checkpoint
+    from kvshift.hf.convert import load_training_checkpoint
     from kvshift.hf.modeling import KVShiftForCausalLM, load_lm_state
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if not isinstance(model, (str, Path)):
-        hf = model
-        tok_src = tokenizer or getattr(getattr(hf, "config", None), "_name_or_path", None) or None
-    else:
-        path = Path(model)
-        if not path.is_dir():
-            raise ValueError(f"model {path}: not a directory")
-        if _is_training_dir(path):
-            mc, state, info = load_training_checkpoint(path)
-            hf = KVShiftForCausalLM(kvshift.hf.KVShiftConfig.from_model_config(mc))
-            load_lm_state(hf.model, state)
-            tok_src = tokenizer or info["tokenizer"]
-        else:
-            hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
-            tok_src = tokenizer or str(path)
+        return model, tokenizer or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    path = Path(model)
+    if not path.is_dir():
+        raise ValueError(f"model {path}: not a directory")
+    if _is_training_dir(path):
+        mc, state, info = load_training_checkpoint(path)
+        hf = KVShiftForCausalLM(kvshift.hf.KVShiftConfig.from_model_config(mc))
+        load_lm_state(hf.model, state)
+        return hf, tokenizer or info["tokenizer"]
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto"), tokenizer or str(path)
+
+
+def load_weights(model, *, device: str = "cpu", dtype=None):
+    """The PreTrainedModel alone (no tokenizer needed), in eval mode on `device`."""
+    import torch
+
+    hf, _ = _load_hf(model, dtype=dtype)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return hf.to(device=device, **({"dtype": dtype} if dtype is not None else {})).eval()
+
+
+def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
+    """(PreTrainedModel, tokenizer) from a directory (see module doc) or a loaded model."""
+    import torch
+
+    from kvshift.hf.convert import load_tokenizer_for_export
+
+    hf, tok_src = _load_hf(model, tokenizer, dtype=dtype)
     if tok_src is None:
         raise ValueError("no tokenizer: pass tokenizer= (a tokenizer.json or a saved transformers tokenizer)")
     if isinstance(tok_src, (str, Path)):
@@ -106,8 +120,16 @@ def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
         tok = tok_src
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     hf = hf.to(device=device, **({"dtype": dtype} if dtype is not None else {})).eval()
     return hf, tok
+
+
+def _tokenizer_sha256(tok) -> str | None:
+    import hashlib
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    return hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else None
 
 
 def _versions() -> dict:
@@ -125,14 +147,25 @@ def _versions() -> dict:
 def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, tokenizer=None,
              batch_size: int = 8, device: str | None = None, dtype=None, add_bos: bool | None = None,
              max_length: int | None = None, out: str | Path | None = None, seed: int = 1234,
-             bootstrap_iters: int = 0) -> dict:
+             bootstrap_iters: int = 0, record: str | Path | None = None, scores: str | Path | None = None,
+             requests: str | Path | None = None, softmax_dtype: str | None = None) -> dict:
     """Run lm-eval on `tasks` offline; returns (and writes to `out`) a JSON-ready dict with the
     metrics per task, the sample counts, the setup and the versions.
 
     add_bos: encode contexts with (True) or without (False) the tokenizer's special tokens; None =
     the tokenizer's default (tokenizers written by `kvshift export` prepend <|endoftext|>, which
-    every training document starts with)."""
+    every training document starts with).
+
+    Offloaded scoring (kvshift.eval.offload): record= writes the tokenized loglikelihood requests there
+    and computes nothing (the returned metrics are meaningless); scores= (with requests=, the file they
+    were computed for) answers every request from a `kvshift eval-score` file, so MODEL only lends its
+    tokenizer and context length and is never run."""
     import torch
+
+    if record is not None and scores is not None:
+        raise ValueError("record and scores are exclusive: record the requests first, score them, then replay")
+    if scores is not None and requests is None:
+        raise ValueError("scores needs requests= (the file written by record= that the scores were computed for)")
 
     names = parse_tasks(tasks)
     if limit is not None and limit <= 0:
@@ -152,7 +185,24 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
         lm_kwargs = dict(pretrained=hf, tokenizer=tok, batch_size=batch_size, max_length=max_length)
         if add_bos is not None:
             lm_kwargs["add_bos_token"] = add_bos
-        lm = HFLM(**lm_kwargs)
+        if softmax_dtype is not None:  # lm-eval's default is the logits' dtype (bf16 for bf16 models)
+            lm_kwargs["softmax_dtype"] = softmax_dtype
+        table = None
+        if record is not None or scores is not None:
+            from kvshift.eval.offload import Requests, load_scores, offload_lm
+
+            if scores is not None:
+                req = Requests.load(requests)
+                table = load_scores(scores, req, requests)
+            lm = offload_lm(HFLM, "record" if record is not None else "replay",
+                            table and table["table"])(**lm_kwargs)
+            if table is not None and req.meta.get("tokenizer_sha256") not in (None, _tokenizer_sha256(tok)):
+                raise ValueError(f"requests {requests} were recorded with another tokenizer than {model}'s")
+            if table is not None and req.meta["max_length"] != lm.max_length:
+                raise ValueError(f"requests {requests} were recorded at max_length {req.meta['max_length']}, "
+                                 f"this model's is {lm.max_length}")
+        else:
+            lm = HFLM(**lm_kwargs)
         tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
         quiet = _QuietCustomDataset()
         logging.getLogger("lm_eval.api.task").addFilter(quiet)
@@ -165,6 +215,15 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
         logging.getLogger("lm_eval.api.task").removeFilter(quiet)
     if res is None:
         raise RuntimeError("lm-eval returned no results")
+    if record is not None:
+        from kvshift.eval.offload import _FORMAT, Requests
+
+        pairs = list(lm.recorded)
+        meta = {"format": _FORMAT, "tasks": names, "limit": limit, "max_length": lm.max_length,
+                "add_bos": add_bos, "bos_prepended": bos_prepended, "n_requests": len(pairs),
+                "tokenizer_sha256": _tokenizer_sha256(tok), "shell": str(model), "versions": _versions(),
+                "git_commit": git_commit()}
+        Requests.from_pairs(pairs, meta).save(record)
     metrics = {t: {k.replace(",none", ""): v for k, v in m.items() if k != "alias" and v != "N/A"}
                for t, m in res["results"].items()}
     report = {
@@ -177,8 +236,12 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
         "setup": {"limit": limit, "batch_size": batch_size, "device": str(device),
                   "dtype": str(next(hf.parameters()).dtype),
                   "add_bos": add_bos, "bos_prepended": bos_prepended, "max_length": lm.max_length,
+                  "softmax_dtype": "float32 (kvshift eval-score)" if table is not None else softmax_dtype,
                   "seed": seed, "eval_seconds": round(elapsed, 2)},
         "versions": _versions(),
+        **({"scored": table["meta"], "shell": str(model), "model": table["meta"]["model"],
+            "model_type": table["meta"]["model_type"]} if table is not None else {}),
+        **({"recorded": str(record)} if record is not None else {}),
         "git_commit": git_commit(),
         "command": " ".join(sys.argv),
         "python": platform.python_version(),

@@ -37,8 +37,12 @@ def _arms(spec: str) -> dict[str, Path]:
         if "=" not in item:
             raise ValueError(f"--models: expected ARM=DIR, got {item!r}")
         arm, d = item.split("=", 1)
-        if not (Path(d) / "config.json").is_file():
-            raise FileNotFoundError(f"--models {arm}: {d} is not an exported model directory (no config.json)")
+        if d.endswith(".json"):
+            if not Path(d).is_file():
+                raise FileNotFoundError(f"--models {arm}: no evaluation file {d}")
+        elif not (Path(d) / "config.json").is_file():
+            raise FileNotFoundError(f"--models {arm}: {d} is not an exported model directory (no config.json) "
+                                    "nor an evaluation .json")
         out[arm.strip()] = Path(d)
     if "vanilla" not in out or len(out) < 2:
         raise ValueError("--models: needs vanilla=DIR and at least one other arm")
@@ -50,6 +54,8 @@ def _export_info(model_dir: Path) -> dict:
     from kvshift.data.tokenizer import file_sha256
 
     info = {}
+    if model_dir.suffix == ".json":  # scored elsewhere: what kvshift eval-score recorded about the model
+        return dict(json.loads(model_dir.read_text()).get("scored") or {})
     if (model_dir / "kvshift_export.json").is_file():
         info = json.loads((model_dir / "kvshift_export.json").read_text())
     if (model_dir / "model.safetensors").is_file():
@@ -58,7 +64,13 @@ def _export_info(model_dir: Path) -> dict:
 
 
 def evaluation(model_dir: Path, tasks, limit, eval_dir: Path, **kw) -> dict:
-    """A finished evaluation of `tasks` at `limit` from eval_dir/<model>.json, else a new one written there."""
+    """A finished evaluation of `tasks` at `limit` from eval_dir/<model>.json, else a new one written there.
+    model_dir may also be such a JSON itself (e.g. `kvshift eval --scores` of a model scored elsewhere)."""
+    if model_dir.suffix == ".json":
+        r = json.loads(model_dir.read_text())
+        if not set(tasks) <= set(r.get("results", {})) or r.get("setup", {}).get("limit") != limit:
+            raise ValueError(f"{model_dir}: does not hold tasks {list(tasks)} at limit {limit}")
+        return r
     path = eval_dir / f"{model_dir.name}.json"
     if path.is_file():
         r = json.loads(path.read_text())
@@ -73,6 +85,9 @@ def evaluation(model_dir: Path, tasks, limit, eval_dir: Path, **kw) -> dict:
 def analysis(model_dir: Path, path: Path) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
+    if model_dir.suffix == ".json":
+        raise FileNotFoundError(f"{path}: no head analysis of the model behind {model_dir} (run `kvshift analyze` "
+                                "where the model is, e.g. scripts/device/downstream.sh)")
     from kvshift.eval.analysis import analyze
     from kvshift.eval.harness import load_model
 
@@ -135,7 +150,14 @@ def run(models: dict[str, Path], *, tasks=TASKS, limit=None, name="10m", eval_di
              f"{first(hv['induction_heads'])}), {arm} {len(hk['induction_heads'])} (first at layer "
              f"{first(hk['induction_heads'])}); previous-token heads: vanilla {len(hv['previous_token_heads'])}, "
              f"{arm} {len(hk['previous_token_heads'])}.")
+    training = {}  # runs trained again to be scored (scripts/device/downstream.sh): their summaries, if copied
+    for a in models:
+        f = Path(out) / "runs" / f"{a}-s0" / "summary.json"
+        if f.is_file():
+            t = json.loads(f.read_text())
+            training[a] = {k: t.get(k) for k in ("final_val_loss", "tokens", "steps", "tokens_per_s", "status")}
     summ = {"experiment": "lm-downstream", "scale": "gpu", "paper": PAPER, **provenance(),
+            "name": name, "training": training,
             **({"command": command} if command else {}), "limit": limit,
             "models": {a: str(d) for a, d in models.items()},
             "exports": {a: _export_info(d) for a, d in models.items()},
@@ -182,8 +204,22 @@ def _readme(s: dict, path: Path) -> None:
     other = [a for a in arms if a != "vanilla"]
     lines = [f"# lm-downstream (models trained on the GPU by lm-main, evaluated on {s['device']})", "",
              f"Command: `{s['command']}`", f"Commit: `{s['git_commit']}`", "", f"**Paper:** {s['paper']}", "",
-             f"**Ours:** **{s['verdict']}** — {s['verdict_text']}", "",
-             "Zero-shot, lm-evaluation-harness with the offline task files of `kvshift eval`; accuracy (acc_norm for "
+             f"**Ours:** **{s['verdict']}** — {s['verdict_text']}", ""]
+    scored = {a: e for a, e in s["exports"].items() if e.get("device_name") and e.get("requests_sha256")}
+    if scored:
+        e = next(iter(scored.values()))
+        lines += [f"The loglikelihoods were computed on {e['device_name']} ({e['dtype']}, torch {e['torch']}) by "
+                  "`kvshift eval-score` from requests recorded here, then replayed through lm-eval here "
+                  "(`kvshift.eval.offload`): the models were trained again on the device for this (same config, "
+                  "seed and training tokens as the committed lm-main run) and never copied back.", ""]
+    if s.get("training"):
+        lines += ["The re-run's own validation loss (its pack may carry a smaller validation split than lm-main's, "
+                  "see the notes of the run; the training tokens are the same):", "",
+                  "| arm | final val loss (re-run) | tokens | status |", "|---|---|---|---|"]
+        lines += [f"| {a} | {t['final_val_loss']:.4f} | {t['tokens']:,} | {t['status']} |"
+                  for a, t in s["training"].items() if t.get("final_val_loss") is not None]
+        lines += [""]
+    lines += ["Zero-shot, lm-evaluation-harness with the offline task files of `kvshift eval`; accuracy (acc_norm for "
              "HellaSwag and ARC) ± binomial standard error; Δ counts (*) beyond twice the standard error of the "
              "difference.", "",
              "| task | n | chance | " + " | ".join(arms) + " | " + " | ".join(f"Δ {a}" for a in other) + " |",

@@ -15,8 +15,11 @@ the rotated k and v. Here the backward recomputes k̂ = RoPE(shift(k)) and v̂ =
 raw tensors (one elementwise pass each, the same kernels as the forward) before the attention
 backward, so a layer saves exactly what a vanilla layer saves: q_rot, k, v, out, logsumexp.
 
-Backends ("triton"): the Triton shift kernels of `kvshift.ops.shift.triton` and PyTorch's flash-attention
-kernels (`aten::_flash_attention_forward/_backward`, varlen form, GQA native) on CUDA in bf16/fp16;
+Backends ("triton"): the Triton shift kernels of `kvshift.ops.shift.triton`, then on CUDA in bf16/fp16
+cuDNN's fused attention for dense batches (`aten::_scaled_dot_product_cudnn_attention` and its backward:
+the kernels SDPA itself picks on Hopper, GQA native) and PyTorch's flash-attention kernels
+(`aten::_flash_attention_forward/_backward`, varlen form) for packed documents or with
+KVSHIFT_ATTENTION=flash (`attention_backend` says which);
 on the CPU (TRITON_INTERPRET=1, for tests) the attention part is an exact fp32 math implementation of
 the same forward/backward, so the recompute and gradient plumbing is tested without a GPU.
 "naive" is the reference: naive shift, naive RoPE and plain masked softmax attention, differentiated
@@ -103,6 +106,55 @@ def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
+# ---- dense causal attention through cuDNN (what SDPA picks on Hopper) ----------------------------
+_LSE_4D: Optional[bool] = None
+
+
+def _cudnn_lse_4d() -> bool:
+    """Whether this torch's cuDNN attention returns logsumexp as (B, H, T, 1) (it did up to 2.13) or
+    (B, H, T): asked of its meta kernel once, so the backward hands the tensor back as it came."""
+    global _LSE_4D
+    if _LSE_4D is None:
+        q = torch.empty(1, 1, 8, 64, device="meta", dtype=torch.bfloat16)
+        _LSE_4D = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, q, q, None, True, 0.0, True, False, scale=0.125)[1].dim() == 4
+    return _LSE_4D
+
+
+def _cudnn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """q (B, T, H, D), k/v (B, T, H_kv, D) -> out (B, T, H, D) contiguous, lse (B, H, T) fp32."""
+    B, T, H, _ = q.shape
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, True, False, scale=scale)
+    return res[0].transpose(1, 2).contiguous(), res[1].reshape(B, H, T)  # no copies: cuDNN writes BTHD
+
+
+def _cudnn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+               scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    T = q.shape[1]
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    unused = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout's philox state: no dropout here
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        t(dout.contiguous()), t(q), t(k), t(v), t(out), lse.unsqueeze(-1) if _cudnn_lse_4d() else lse,
+        unused, unused, None, None, None, T, T, 0.0, True, scale=scale)
+    return t(dq).contiguous(), t(dk).contiguous(), t(dv).contiguous()
+
+
+def attention_backend(q: Tensor, cu_seqlens: Optional[Tensor]) -> str:
+    """"cudnn" (dense CUDA input, as SDPA picks on Hopper), "flash" (packed, or KVSHIFT_ATTENTION=flash)
+    or "math" (CPU)."""
+    import os
+
+    choice = os.environ.get("KVSHIFT_ATTENTION", "auto")
+    if choice not in ("auto", "cudnn", "flash"):
+        raise ValueError(f"KVSHIFT_ATTENTION must be auto, cudnn or flash, got {choice!r}")
+    if not q.is_cuda:
+        return "math"
+    if cu_seqlens is None and choice != "flash" and torch.backends.cudnn.is_available() and q.shape[-1] <= 128:
+        return "cudnn"
+    return "flash"
+
+
 # ---- the fused op -------------------------------------------------------------------------------
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
@@ -116,9 +168,12 @@ def _shifted(k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: T
 
 @torch.library.custom_op("kvshift::shift_attn_fwd", mutates_args=())
 def shift_attn_fwd(q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor,
-                   cu_seqlens: Optional[Tensor], max_len: int, scale: float) -> Tuple[Tensor, Tensor]:
-    """(out in q's layout, logsumexp (H, N) fp32)."""
+                   cu_seqlens: Optional[Tensor], max_len: int, scale: float,
+                   backend: str) -> Tuple[Tensor, Tensor]:
+    """(out in q's layout, logsumexp fp32: (B, H, T) for cudnn, else (H, N))."""
     k_hat, v_hat = _shifted(k, v, w_k, w_v, cos, sin, cu_seqlens)
+    if backend == "cudnn":
+        return _cudnn_fwd(q, k_hat, v_hat, scale)
     qf = _flat(q).contiguous()
     cu = cu_seqlens if cu_seqlens is not None else _dense_cu(q.shape[0], q.shape[1], q.device)
     out, lse = _attn_fwd(qf, _flat(k_hat), _flat(v_hat), cu, max_len, scale)
@@ -126,22 +181,26 @@ def shift_attn_fwd(q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, co
 
 
 @shift_attn_fwd.register_fake
-def _(q, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len, scale):
+def _(q, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len, scale, backend):
     N = q.numel() // (q.shape[-1] * q.shape[-2])
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((q.shape[-2], N), dtype=torch.float32))
+    lse = (q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) if backend == "cudnn"
+           else q.new_empty((q.shape[-2], N), dtype=torch.float32))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
 @torch.library.custom_op("kvshift::shift_attn_bwd", mutates_args=())
 def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor,
                    sin: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Optional[Tensor], max_len: int,
-                   scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dw_k, dw_v): recompute k̂, v̂, attention backward, then the shift backward."""
     from .triton import _bwd_impl
     k_hat, v_hat = _shifted(k, v, w_k, w_v, cos, sin, cu_seqlens)
-    cu = cu_seqlens if cu_seqlens is not None else _dense_cu(q.shape[0], q.shape[1], q.device)
-    dq, dk_hat, dv_hat = _attn_bwd(_flat(dout), _flat(q).contiguous(), _flat(k_hat), _flat(v_hat), _flat(out),
-                                   lse, cu, max_len, scale)
+    if backend == "cudnn":
+        dq, dk_hat, dv_hat = _cudnn_bwd(dout, q, k_hat, v_hat, out, lse, scale)
+    else:
+        cu = cu_seqlens if cu_seqlens is not None else _dense_cu(q.shape[0], q.shape[1], q.device)
+        dq, dk_hat, dv_hat = _attn_bwd(_flat(dout), _flat(q).contiguous(), _flat(k_hat), _flat(v_hat),
+                                       _flat(out), lse, cu, max_len, scale)
     del k_hat, v_hat
     dk, dw_k, _ = _bwd_impl(dk_hat.view(k.shape), k, w_k, None, cu_seqlens, cos, sin)
     dv, dw_v, _ = _bwd_impl(dv_hat.view(v.shape), v, w_v, None, cu_seqlens, None, None)
@@ -149,23 +208,23 @@ def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w
 
 
 @shift_attn_bwd.register_fake
-def _(dout, q, k, v, w_k, w_v, cos, sin, out, lse, cu_seqlens, max_len, scale):
+def _(dout, q, k, v, w_k, w_v, cos, sin, out, lse, cu_seqlens, max_len, scale, backend):
     e = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     return e(q), e(k), e(v), e(w_k), e(w_v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len, scale = inputs
+    q, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len, scale, backend = inputs
     out, lse = output
-    ctx.max_len, ctx.scale = max_len, scale
+    ctx.max_len, ctx.scale, ctx.backend = max_len, scale, backend
     ctx.save_for_backward(q, k, v, w_k, w_v, cos, sin, cu_seqlens, out, lse)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, w_k, w_v, cos, sin, cu_seqlens, out, lse = ctx.saved_tensors
     dq, dk, dv, dw_k, dw_v = shift_attn_bwd(dout, q, k, v, w_k, w_v, cos, sin, out, lse, cu_seqlens,
-                                            ctx.max_len, ctx.scale)
-    return dq, dk, dv, dw_k, dw_v, None, None, None, None, None
+                                            ctx.max_len, ctx.scale, ctx.backend)
+    return dq, dk, dv, dw_k, dw_v, None, None, None, None, None, None
 
 
 shift_attn_fwd.register_autograd(_backward, setup_context=_setup)
@@ -215,8 +274,8 @@ def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tenso
     else:
         max_len = q_rot.shape[1]
     out, _ = shift_attn_fwd(q_rot, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len,
-                            1.0 / math.sqrt(q_rot.shape[-1]))
+                            1.0 / math.sqrt(q_rot.shape[-1]), attention_backend(q_rot, cu_seqlens))
     return out
 
 
-__all__ = ["shift_attention", "shift_attention_reference", "flash_supported"]
+__all__ = ["shift_attention", "shift_attention_reference", "flash_supported", "attention_backend"]
