@@ -135,8 +135,8 @@ def test_compile_fullgraph_keeps_the_op():
     args = [a.clone().requires_grad_() for a in args]
     eager = torch.autograd.grad(f(*args), args)
     comp = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*args), args)
-    for a, b in zip(comp, eager):
-        torch.testing.assert_close(a, b)
+    for name, a, b in zip(("dq", "dk", "dv", "dw_k", "dw_v"), comp, eager):
+        _close(name, a, b)  # bf16 on CUDA: the attention backward may sum in another order
 
 
 def test_bad_arguments(monkeypatch):
@@ -145,6 +145,8 @@ def test_bad_arguments(monkeypatch):
     with pytest.raises(ValueError, match="KVSHIFT_ATTENTION"):
         shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"], impl="triton")
     monkeypatch.delenv("KVSHIFT_ATTENTION")
+    with pytest.raises(ValueError, match="backend"):
+        shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"], backend="sdpa")
     with pytest.raises(ValueError, match="w_k"):
         shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"][:1], inp["w_v"], inp["cos"], inp["sin"])
     with pytest.raises(ValueError, match="q_rot"):

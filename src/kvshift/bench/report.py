@@ -8,7 +8,7 @@ so margin >= 0 means met with that much room and margin < 0 means missed by |mar
 
 from __future__ import annotations
 
-ARMS = ("vanilla", "naive", "fused-sdpa", "fused")
+ARMS = ("vanilla", "naive", "fused-sdpa", "fused", "fused-flash")
 
 # name -> (what, op, bound). The bounds are the targets on the H200 in bf16.
 TARGETS: dict[str, tuple[str, str, float]] = {
@@ -120,7 +120,8 @@ def render_markdown(results: dict) -> str:
         lines += ["## Attention block, forward + backward (ms, median [p10–p90])", "",
                   f"q/k/v inputs, RoPE + shift + SDPA, {st.get('dtype')}, eager and torch.compile'd forward, "
                   f"{st.get('warmup')} warm-up + {st.get('iters')} timed iterations, arms interleaved. "
-                  "fused: shift, RoPE(K) and flash attention in one op; fused-sdpa: Triton shift ops, then SDPA.", "",
+                  "fused: shift, RoPE(K) and attention in one op (cuDNN attention kernels); fused-flash: the same op "
+                  "with PyTorch's flash kernels; fused-sdpa: Triton shift ops, then SDPA.", "",
                   "| shape (B, T, H/Hkv, D) | mode | SDPA backend | " + " | ".join(ARMS) + " | "
                   + " | ".join(f"{a}/van" for a in others) + " |",
                   "|---|---|---|" + "---|" * (len(ARMS) + len(others))]

@@ -48,16 +48,19 @@ from kvshift.train.flops import flops_per_token, peak_flops_for
 PARTS = ("block", "e2e", "decode")
 ARM_MODEL = {"vanilla": dict(attention="vanilla"), "naive": dict(attention="kvshift", shift_impl="naive"),
              "fused-sdpa": dict(attention="kvshift", shift_impl="triton"),
-             "fused": dict(attention="kvshift", shift_impl="triton")}
-ARM_IMPL = {"naive": "naive", "fused-sdpa": "triton", "fused": "triton"}
-TRITON_ARMS = ("fused-sdpa", "fused")
+             "fused": dict(attention="kvshift", shift_impl="triton"),
+             "fused-flash": dict(attention="kvshift", shift_impl="triton")}
+ARM_IMPL = {"naive": "naive", "fused-sdpa": "triton", "fused": "triton", "fused-flash": "triton"}
+TRITON_ARMS = ("fused-sdpa", "fused", "fused-flash")
+ARM_BACKEND = {"fused": "auto", "fused-flash": "flash"}  # the one-op arms' attention kernels
 BLOCK_MODES = ("eager", "compiled")
 
 
 def build_model(cfg: ModelConfig, arm: str, seed: int) -> LM:
-    """The arm's model: the config's attention/impl from ARM_MODEL, and for "fused-sdpa" the one-op
-    shift + attention path switched off."""
-    return set_fused_attention(LM(cfg.replace(**ARM_MODEL[arm]), seed=seed), arm != "fused-sdpa")
+    """The arm's model: the config's attention/impl from ARM_MODEL, the one-op shift + attention path
+    on for "fused" (cuDNN attention kernels) and "fused-flash" (flash kernels), off for "fused-sdpa"."""
+    return set_fused_attention(LM(cfg.replace(**ARM_MODEL[arm]), seed=seed), arm in ARM_BACKEND,
+                               ARM_BACKEND.get(arm, "auto"))
 
 
 @dataclass
@@ -233,8 +236,9 @@ def block_step(arm: str, inp: dict, backend: str, compiled: bool = False) -> Cal
 
     def forward(q, k, v, w_k, w_v):
         qr = apply_rope(q, cos, sin)
-        if arm == "fused":
-            return shift_attention(qr, k, v, w_k, w_v, cos, sin, impl="triton").transpose(1, 2)  # (B, H, T, D)
+        if arm in ARM_BACKEND:
+            return shift_attention(qr, k, v, w_k, w_v, cos, sin, impl="triton",
+                                   backend=ARM_BACKEND[arm]).transpose(1, 2)  # (B, H, T, D)
         if arm == "vanilla":
             kr, vs = apply_rope(k, cos, sin), v
         else:
@@ -447,7 +451,7 @@ def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) ->
         base = ModelConfig.from_name(preset, **overrides)
         case = {"preset": preset, "overrides": overrides, "seq_len": seq_len, "batch": batch, "arms": {}, "ratios": {}}
         section["models"][label] = case
-        for arm in ("vanilla", "fused", "fused-sdpa", "naive"):
+        for arm in ("vanilla", "fused", "fused-flash", "fused-sdpa", "naive"):
             if skip[arm]:
                 case["arms"][arm] = {"skipped": skip[arm]}
                 continue
@@ -501,7 +505,7 @@ def bench_decode(plan: Plan, device: torch.device, save: Callable[[dict], None])
     prompt = decode_prompt(base.vocab_size, 1, plan.decode_context, device=device, seed=plan.seed)  # (1, ctx)
     models: dict[str, LM] = {}
     build_errors: dict[str, dict] = {}
-    skip = {**skip, "fused-sdpa": "the decode step is the same kernel as the fused arm's"}
+    skip = {**skip, **{a: "the decode step is the same kernel as the fused arm's" for a in ("fused-sdpa", "fused-flash")}}
     for arm in ARMS:  # built once, shared weights equal across arms (same seed)
         if skip[arm]:
             continue

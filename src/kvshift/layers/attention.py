@@ -77,6 +77,7 @@ class Attention(nn.Module):
         # + flash attention that saves only raw k, v (vanilla's memory, ~9% slower: its FA2 kernels are
         # slower than SDPA's cuDNN ones there). results/bench/nvidia-h200.md has both.
         self.fuse_attention = False
+        self.attention_backend = "auto"  # of the one-op path: auto | cudnn | flash (set_fused_attention)
         self._ident: torch.Tensor | None = None  # identity coefficients for the decode kernel (see _identity)
         self.shift_keys, self.shift_values, self.param = SHIFT_KINDS[attention]
         hd = self.head_dim
@@ -212,12 +213,13 @@ class Attention(nn.Module):
 
     def _shift_attend(self, q, k, v, coef_k, coef_v, ctx: "AttentionContext", B: int, T: int) -> torch.Tensor:
         if ctx.cu_seqlens is None:
-            out = shift_attention(q, k, v, coef_k, coef_v, ctx.cos, ctx.sin, impl="triton")
+            out = shift_attention(q, k, v, coef_k, coef_v, ctx.cos, ctx.sin, impl="triton",
+                                  backend=self.attention_backend)
         else:  # packed documents over the flattened B*T tokens; no document is longer than T
             cos, sin = (c.expand(B, T, -1).reshape(B * T, -1) for c in (ctx.cos, ctx.sin))
             flat = lambda t: t.reshape(B * T, t.shape[2], t.shape[3])  # noqa: E731
             out = shift_attention(flat(q), flat(k), flat(v), coef_k, coef_v, cos, sin, cu_seqlens=ctx.cu_seqlens,
-                                  max_seqlen=T, impl="triton")
+                                  max_seqlen=T, impl="triton", backend=self.attention_backend)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
     def _fused_decode(self, x: torch.Tensor) -> bool:
@@ -245,13 +247,17 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
 
-def set_fused_attention(model: nn.Module, enabled: bool) -> nn.Module:
+def set_fused_attention(model: nn.Module, enabled: bool, backend: str = "auto") -> nn.Module:
     """Turn the one-op shift + attention path of every `Attention` in `model` on (vanilla's training
     memory; the benchmark's "fused" arm) or off (the default: separate Triton shift ops and SDPA, the
-    benchmark's "fused-sdpa" arm)."""
+    benchmark's "fused-sdpa" arm). backend: its CUDA attention kernels, "auto" (cuDNN for dense batches,
+    flash for packed ones), "cudnn" or "flash" (the benchmark's "fused-flash" arm)."""
+    if backend not in ("auto", "cudnn", "flash"):
+        raise ValueError(f"backend must be auto, cudnn or flash, got {backend!r}")
     for m in model.modules():
         if isinstance(m, Attention):
             m.fuse_attention = bool(enabled)
+            m.attention_backend = backend
     return model
 
 

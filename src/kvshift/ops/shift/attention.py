@@ -140,14 +140,19 @@ def _cudnn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
     return t(dq).contiguous(), t(dk).contiguous(), t(dv).contiguous()
 
 
-def attention_backend(q: Tensor, cu_seqlens: Optional[Tensor]) -> str:
-    """"cudnn" (dense CUDA input, as SDPA picks on Hopper), "flash" (packed, or KVSHIFT_ATTENTION=flash)
-    or "math" (CPU)."""
+def attention_backend(q: Tensor, cu_seqlens: Optional[Tensor], choice: str = "auto") -> str:
+    """"cudnn" (dense CUDA input: the kernels SDPA picks on Hopper), "flash" (packed documents, or asked
+    for) or "math" (CPU). choice: "auto" | "cudnn" | "flash"; "auto" defers to $KVSHIFT_ATTENTION (the
+    same values, default auto). cuDNN takes head dims up to 128 here; larger ones go to flash."""
     import os
 
-    choice = os.environ.get("KVSHIFT_ATTENTION", "auto")
+    if choice == "auto":
+        choice = os.environ.get("KVSHIFT_ATTENTION", "auto")
+        where = "KVSHIFT_ATTENTION"
+    else:
+        where = "backend"
     if choice not in ("auto", "cudnn", "flash"):
-        raise ValueError(f"KVSHIFT_ATTENTION must be auto, cudnn or flash, got {choice!r}")
+        raise ValueError(f"{where} must be auto, cudnn or flash, got {choice!r}")
     if not q.is_cuda:
         return "math"
     if cu_seqlens is None and choice != "flash" and torch.backends.cudnn.is_available() and q.shape[-1] <= 128:
@@ -246,10 +251,11 @@ def shift_attention_reference(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, 
 
 def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor, *,
                     cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                    impl: str = "auto") -> Tensor:
+                    impl: str = "auto", backend: str = "auto") -> Tensor:
     """Causal attention over the KV-shifted keys/values (see the module docstring).
 
-    max_seqlen: the longest document with cu_seqlens (an upper bound is fine; default T or N)."""
+    max_seqlen: the longest document with cu_seqlens (an upper bound is fine; default T or N).
+    backend: the CUDA attention kernels, "auto" | "cudnn" | "flash" (`attention_backend`)."""
     packed = cu_seqlens is not None
     if q_rot.dim() != (3 if packed else 4) or k.dim() != q_rot.dim() or v.shape != k.shape:
         raise ValueError(f"q_rot/k/v must be (B, T, H, D) (or packed (N, H, D) with cu_seqlens), got "
@@ -262,6 +268,7 @@ def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tenso
             raise ValueError(f"{name} must be (H_kv, W) = ({k.shape[-2]}, W), got {tuple(w.shape)}")
     if impl not in ("auto", "naive", "triton"):
         raise ValueError(f"impl must be 'auto', 'naive' or 'triton', got {impl!r}")
+    chosen = attention_backend(q_rot, cu_seqlens, backend)  # validates backend / $KVSHIFT_ATTENTION first
     from . import triton_available
     fused = impl == "triton" or (impl == "auto" and q_rot.is_cuda and triton_available())
     if not fused:
@@ -274,7 +281,7 @@ def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tenso
     else:
         max_len = q_rot.shape[1]
     out, _ = shift_attn_fwd(q_rot, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len,
-                            1.0 / math.sqrt(q_rot.shape[-1]), attention_backend(q_rot, cu_seqlens))
+                            1.0 / math.sqrt(q_rot.shape[-1]), chosen)
     return out
 
 
