@@ -25,6 +25,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32  # flash needs bf16/fp16; the CPU math path is exact
 TOL = 2e-2 if CUDA else 2e-5  # max abs error relative to max(1, max |reference|)
+# the coefficient gradients sum T * D * H/H_kv products of bf16-rounded inputs: their error grows with that
+TOL_W = 5e-2 if CUDA else 2e-5
 
 
 def _inputs(B, T, H, Hk, D, W, cu, seed=0):
@@ -57,7 +59,8 @@ def _close(name, got, ref):
     assert got.shape == ref.shape, name
     assert torch.isfinite(got).all(), f"{name}: non-finite"
     err = (got - ref).abs().max().item()
-    assert err <= TOL * max(1.0, ref.abs().max().item()), f"{name}: max abs err {err:.3e}"
+    tol = TOL_W if name.startswith("dw") else TOL
+    assert err <= tol * max(1.0, ref.abs().max().item()), f"{name}: max abs err {err:.3e}"
 
 
 CASES = [  # B, T, H, Hk, D, W, cu
@@ -153,3 +156,4 @@ def test_bad_arguments(monkeypatch):
         shift_attention(inp["q"][:, :, :3], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"])
     with pytest.raises(ValueError, match="impl"):
         shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"], impl="x")
+

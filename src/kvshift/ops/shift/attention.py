@@ -140,6 +140,10 @@ def _cudnn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
     return t(dq).contiguous(), t(dk).contiguous(), t(dv).contiguous()
 
 
+# read once: dynamo (torch 2.11) breaks the graph on torch.backends.cudnn.is_available() inside a trace
+_HAS_CUDNN = torch.backends.cudnn.is_available()
+
+
 def attention_backend(q: Tensor, cu_seqlens: Optional[Tensor], choice: str = "auto") -> str:
     """"cudnn" (dense CUDA input: the kernels SDPA picks on Hopper), "flash" (packed documents, or asked
     for) or "math" (CPU). choice: "auto" | "cudnn" | "flash"; "auto" defers to $KVSHIFT_ATTENTION (the
@@ -155,7 +159,7 @@ def attention_backend(q: Tensor, cu_seqlens: Optional[Tensor], choice: str = "au
         raise ValueError(f"{where} must be auto, cudnn or flash, got {choice!r}")
     if not q.is_cuda:
         return "math"
-    if cu_seqlens is None and choice != "flash" and torch.backends.cudnn.is_available() and q.shape[-1] <= 128:
+    if cu_seqlens is None and choice != "flash" and _HAS_CUDNN and q.shape[-1] <= 128:
         return "cudnn"
     return "flash"
 
