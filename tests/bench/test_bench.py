@@ -255,6 +255,8 @@ def test_merge_takes_each_part_from_its_run(tmp_path):
     assert list(res["e2e"]["models"]) == ["new", "other"] and "block" in res and "decode" in res
     assert [m["parts"] for m in res["meta"]["merged_from"]] == [["block", "decode"], ["e2e"], ["e2e"]]
     assert (tmp_path / "out" / "x.json").exists() and (tmp_path / "out" / "x.md").exists()
+    md = (tmp_path / "out" / "x.md").read_text()
+    assert "- a.json: block, decode at" in md and "- c.json: e2e at" in md  # which run measured what
     pb.write_text(json.dumps({**b, "meta": {**b["meta"], "device": "Y"}}))
     with pytest.raises(ValueError, match="different devices"):
         merge_results([pa, pb], tmp_path / "out")

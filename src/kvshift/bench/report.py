@@ -112,6 +112,11 @@ def render_markdown(results: dict) -> str:
         lines += ["**Quick mode (tiny shapes, few iterations): not a measurement to commit.**", ""]
     keys = ("git_commit", "torch", "triton", "cuda", "time_utc", "command")
     lines += [", ".join(f"{k}: `{meta.get(k)}`" for k in keys if meta.get(k) is not None), ""]
+    if meta.get("merged_from"):  # parts measured by separate runs: say which run measured what
+        lines += ["Merged from separate runs on this device (a later run wins a case both hold):", ""]
+        lines += [f"- {m.get('file')}: {', '.join(m.get('parts') or [])} at `{str(m.get('git_commit'))[:7]}`, "
+                  f"{m.get('time_utc')}, `{m.get('command')}`" for m in meta["merged_from"]]
+        lines.append("")
 
     blk = results.get("block")
     if blk:

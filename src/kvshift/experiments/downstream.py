@@ -135,7 +135,7 @@ def verdict(rows: dict, arm: str) -> tuple[str, str]:
 
 def run(models: dict[str, Path], *, tasks=TASKS, limit=None, name="10m", eval_dir=Path("cache/eval"),
         analysis_dir=Path("results/analyze-lm-gpu"), out=Path("results/lm-downstream-gpu"), command=None,
-        **eval_kw) -> dict:
+        note: str | None = None, **eval_kw) -> dict:
     evals = {arm: evaluation(d, tasks, limit, Path(eval_dir), **eval_kw) for arm, d in models.items()}
     rows = task_rows(evals, tasks)
     an = {arm: analysis(d, Path(analysis_dir) / f"{name}-{arm}" / "analysis.json") for arm, d in models.items()}
@@ -144,6 +144,7 @@ def run(models: dict[str, Path], *, tasks=TASKS, limit=None, name="10m", eval_di
                  for arm, a in an.items()}
     arm = next(a for a in models if a != "vanilla")
     v, text = verdict(rows, arm)
+    text = f"{name} pair: {text}"
     hv, hk = head_rows["vanilla"], head_rows[arm]
     first = lambda hs: min((h[0] for h in hs), default=None)  # noqa: E731
     text += (f" Induction heads (prefix matching > {HEAD_THRESHOLD}): vanilla {len(hv['induction_heads'])} (first at layer "
@@ -157,7 +158,7 @@ def run(models: dict[str, Path], *, tasks=TASKS, limit=None, name="10m", eval_di
             t = json.loads(f.read_text())
             training[a] = {k: t.get(k) for k in ("final_val_loss", "tokens", "steps", "tokens_per_s", "status")}
     summ = {"experiment": "lm-downstream", "scale": "gpu", "paper": PAPER, **provenance(),
-            "name": name, "training": training,
+            "name": name, "training": training, **({"note": note} if note else {}),
             **({"command": command} if command else {}), "limit": limit,
             "models": {a: str(d) for a, d in models.items()},
             "exports": {a: _export_info(d) for a, d in models.items()},
@@ -202,9 +203,11 @@ def _plot(rows, head_rows, an, path: Path) -> None:
 def _readme(s: dict, path: Path) -> None:
     arms = list(s["models"])
     other = [a for a in arms if a != "vanilla"]
-    lines = [f"# lm-downstream (models trained on the GPU by lm-main, evaluated on {s['device']})", "",
+    lines = [f"# lm-downstream, {s.get('name', '')} (models trained on the GPU by lm-main, lm-eval run on {s['device']})", "",
              f"Command: `{s['command']}`", f"Commit: `{s['git_commit']}`", "", f"**Paper:** {s['paper']}", "",
              f"**Ours:** **{s['verdict']}** — {s['verdict_text']}", ""]
+    if s.get("note"):
+        lines += [f"*Note:* {s['note']}", ""]
     scored = {a: e for a, e in s["exports"].items() if e.get("device_name") and e.get("requests_sha256")}
     if scored:
         e = next(iter(scored.values()))
@@ -213,8 +216,8 @@ def _readme(s: dict, path: Path) -> None:
                   "(`kvshift.eval.offload`): the models were trained again on the device for this (same config, "
                   "seed and training tokens as the committed lm-main run) and never copied back.", ""]
     if s.get("training"):
-        lines += ["The re-run's own validation loss (its pack may carry a smaller validation split than lm-main's, "
-                  "see the notes of the run; the training tokens are the same):", "",
+        lines += ["The re-run's own validation loss (same training tokens as lm-main; its validation split may be "
+                  "a subset, see the note):", "",
                   "| arm | final val loss (re-run) | tokens | status |", "|---|---|---|---|"]
         lines += [f"| {a} | {t['final_val_loss']:.4f} | {t['tokens']:,} | {t['status']} |"
                   for a, t in s["training"].items() if t.get("final_val_loss") is not None]
@@ -248,11 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results/lm-downstream-gpu")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--note", help="a sentence for the summary and README (how the models were obtained, caveats)")
     args = ap.parse_args(argv)
     try:
         s = run(_arms(args.models), tasks=[t for t in args.tasks.split(",") if t], limit=args.limit, name=args.name,
                 eval_dir=Path(args.eval_dir), analysis_dir=Path(args.analysis_dir), out=Path(args.out),
-                device=args.device, batch_size=args.batch_size,
+                device=args.device, batch_size=args.batch_size, note=args.note,
                 command="python -m kvshift.experiments.downstream " + " ".join(sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
