@@ -9,10 +9,11 @@ Three parts, each with the same settings for every arm:
   decode  prefill a long context with the model's own cache, then greedy single-token steps (eager)
 
 Arms: "vanilla" (attention="vanilla"), "naive" (attention="kvshift", shift_impl="naive"),
-"fused-sdpa" (shift_impl="triton" with separate shift ops and SDPA: `set_fused_attention(model, False)`)
-and "fused" (shift_impl="triton": shift, RoPE(K) and flash attention in one op that saves only raw k, v,
-`kvshift.ops.shift.attention`). The targets are judged on "fused". Decode has no fused-sdpa arm (the
-decode step is the same kernel). The Triton arms are skipped where Triton cannot run. With --profile
+"fused-sdpa" (shift_impl="triton" with separate shift ops and SDPA: `set_fused_attention(model, False)`),
+"fused" (shift_impl="triton", the layer's default: shift, RoPE(K) and attention in one op that saves only
+raw k, v, `kvshift.ops.shift.attention`, with cuDNN attention kernels) and "fused-flash" (the same op with
+PyTorch's flash kernels). The targets are judged on "fused". Decode has no fused-sdpa / fused-flash arm
+(the decode step is the same kernel). The Triton arms are skipped where Triton cannot run. With --profile
 the e2e part also records each arm's top GPU kernels (torch.profiler, 2 steps after the timing).
 Results go to <out>/<device-slug>.json and .md after every finished case, so a run cut short keeps
 what it measured; with --only the other parts of an earlier result for the same device are kept.

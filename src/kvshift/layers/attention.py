@@ -72,11 +72,11 @@ class Attention(nn.Module):
         self.head_dim = dim // n_heads
         self.kind, self.window, self.position, self.shift_impl = attention, shift_window, position, shift_impl
         self.layer_idx = layer_idx
-        # with the Triton backend: separate Triton shift ops + SDPA (default: the speed of vanilla on the
-        # H200, +2-7% training memory), or with set_fused_attention(model, True) one op for shift + RoPE(K)
-        # + flash attention that saves only raw k, v (vanilla's memory, ~9% slower: its FA2 kernels are
-        # slower than SDPA's cuDNN ones there). results/bench/nvidia-h200.md has both.
-        self.fuse_attention = False
+        # with the Triton backend, training uses one op for shift + RoPE(K) + attention that saves only raw
+        # k, v and recomputes k̂, v̂ in the backward (default: vanilla's memory, 1.2-3.5% below its speed
+        # on the H200), or with set_fused_attention(model, False) separate Triton shift ops + SDPA (closer
+        # to vanilla's speed, +2-7% training memory). results/bench/nvidia-h200.md has both.
+        self.fuse_attention = True
         self.attention_backend = "auto"  # of the one-op path: auto | cudnn | flash (set_fused_attention)
         self._ident: torch.Tensor | None = None  # identity coefficients for the decode kernel (see _identity)
         self.shift_keys, self.shift_values, self.param = SHIFT_KINDS[attention]
@@ -248,8 +248,8 @@ class Attention(nn.Module):
 
 
 def set_fused_attention(model: nn.Module, enabled: bool, backend: str = "auto") -> nn.Module:
-    """Turn the one-op shift + attention path of every `Attention` in `model` on (vanilla's training
-    memory; the benchmark's "fused" arm) or off (the default: separate Triton shift ops and SDPA, the
+    """Turn the one-op shift + attention path of every `Attention` in `model` on (the default: vanilla's
+    training memory; the benchmark's "fused" arm) or off (separate Triton shift ops and SDPA, the
     benchmark's "fused-sdpa" arm). backend: its CUDA attention kernels, "auto" (cuDNN for dense batches,
     flash for packed ones), "cudnn" or "flash" (the benchmark's "fused-flash" arm)."""
     if backend not in ("auto", "cudnn", "flash"):
