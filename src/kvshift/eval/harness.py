@@ -96,19 +96,20 @@ def _load_hf(model, tokenizer=None, *, dtype=None):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto"), tokenizer or str(path)
 
 
-def load_weights(model, *, device: str = "cpu", dtype=None):
-    """The PreTrainedModel alone (no tokenizer needed), in eval mode on `device`."""
+def _place(hf, device: str, dtype):
     import torch
 
-    hf, _ = _load_hf(model, dtype=dtype)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return hf.to(device=device, **({"dtype": dtype} if dtype is not None else {})).eval()
 
 
+def load_weights(model, *, device: str = "cpu", dtype=None):
+    """The PreTrainedModel alone (no tokenizer needed), in eval mode on `device`."""
+    return _place(_load_hf(model, dtype=dtype)[0], device, dtype)
+
+
 def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
     """(PreTrainedModel, tokenizer) from a directory (see module doc) or a loaded model."""
-    import torch
-
     from kvshift.hf.convert import load_tokenizer_for_export
 
     hf, tok_src = _load_hf(model, tokenizer, dtype=dtype)
@@ -120,9 +121,7 @@ def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
         tok = tok_src
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    hf = hf.to(device=device, **({"dtype": dtype} if dtype is not None else {})).eval()
-    return hf, tok
+    return _place(hf, device, dtype), tok
 
 
 def _tokenizer_sha256(tok) -> str | None:
