@@ -96,7 +96,7 @@ def test_downstream_from_evaluation_files(pair, tmp_path):
     s = downstream.run(downstream._arms(",".join(f"{a}={f}" for a, f in evals.items())), out=out, **kw)
     assert s["exports"]["vanilla"]["model"] == "rerun/runs/vanilla-s0" and s["training"]["kvshift"]["final_val_loss"] == 1.5
     readme = (out / "README.md").read_text()
-    assert "computed on NVIDIA H200" in readme and "| kvshift | 1.5000 | 1,000 | finished |" in readme
+    assert "computed on NVIDIA H200 (torch.bfloat16, torch 2.11)" in readme and "| kvshift | 1.5000 | 1,000 | finished |" in readme
     with pytest.raises(FileNotFoundError, match="no head analysis"):
         downstream.run(evals, out=tmp_path / "o2", **{**kw, "analysis_dir": tmp_path / "none"})
     with pytest.raises(ValueError, match="does not hold"):

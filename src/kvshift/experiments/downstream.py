@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -211,10 +212,9 @@ def _readme(s: dict, path: Path) -> None:
     scored = {a: e for a, e in s["exports"].items() if e.get("device_name") and e.get("requests_sha256")}
     if scored:
         e = next(iter(scored.values()))
-        lines += [f"The loglikelihoods were computed on {e['device_name']} ({e['dtype']}, torch {e['torch']}) by "
+        lines += [f"The log-likelihoods were computed on {e['device_name']} ({e['dtype']}, torch {e['torch']}) by "
                   "`kvshift eval-score` from requests recorded here, then replayed through lm-eval here "
-                  "(`kvshift.eval.offload`): the models were trained again on the device for this (same config, "
-                  "seed and training tokens as the committed lm-main run) and never copied back.", ""]
+                  "(`kvshift.eval.offload`; where the models came from: the note).", ""]
     if s.get("training"):
         lines += ["The re-run's own validation loss (same training tokens as lm-main; its validation split may be "
                   "a subset, see the note):", "",
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         s = run(_arms(args.models), tasks=[t for t in args.tasks.split(",") if t], limit=args.limit, name=args.name,
                 eval_dir=Path(args.eval_dir), analysis_dir=Path(args.analysis_dir), out=Path(args.out),
                 device=args.device, batch_size=args.batch_size, note=args.note,
-                command="python -m kvshift.experiments.downstream " + " ".join(sys.argv[1:] if argv is None else argv))
+                command="python -m kvshift.experiments.downstream " + shlex.join(sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
