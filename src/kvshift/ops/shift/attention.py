@@ -111,7 +111,7 @@ _LSE_4D: Optional[bool] = None
 
 
 def _cudnn_lse_4d() -> bool:
-    """Whether this torch's cuDNN attention returns logsumexp as (B, H, T, 1) (2.11 and 2.13 do) or
+    """Whether this torch's cuDNN attention returns logsumexp as (B, H, T, 1) (2.13 does) or
     (B, H, T): asked of its meta kernel once, so the backward hands the tensor back as it came."""
     global _LSE_4D
     if _LSE_4D is None:
