@@ -24,23 +24,17 @@ endings share one context) plus a JSON `meta`; scores hold `logprob` (float64), 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from kvshift.data.tokenizer import file_sha256
+from kvshift.train.checkpoint import write_atomic
+
 _FORMAT = "kvshift-eval-requests-1"
 _SCORES_FORMAT = "kvshift-eval-scores-1"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _concat(seqs: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
@@ -84,11 +78,9 @@ class Requests:
         path.parent.mkdir(parents=True, exist_ok=True)
         small = max(int(self.ctx.max(initial=0)), int(self.cont.max(initial=0))) < 2 ** 16
         tok = np.uint16 if small else np.int32
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, ctx=self.ctx.astype(tok), ctx_off=self.ctx_off, cont=self.cont.astype(tok),
-                            cont_off=self.cont_off, req_ctx=self.req_ctx.astype(np.int32),
-                            meta=np.array(json.dumps(self.meta)))
-        tmp.replace(path)
+        write_atomic(path, lambda f: np.savez_compressed(
+            f, ctx=self.ctx.astype(tok), ctx_off=self.ctx_off, cont=self.cont.astype(tok), cont_off=self.cont_off,
+            req_ctx=self.req_ctx.astype(np.int32), meta=np.array(json.dumps(self.meta))))
         return path
 
     @classmethod
@@ -154,13 +146,6 @@ def score(model, req: Requests, *, batch_tokens: int = 1 << 16, max_batch: int =
     return logprob, greedy
 
 
-def load_for_scoring(model: str | Path, *, device: str = "cpu", dtype=None):
-    """A transformers causal LM from an exported directory or a kvshift training run/checkpoint."""
-    from kvshift.eval.harness import load_weights
-
-    return load_weights(model, device=device, dtype=dtype)
-
-
 def _weights_sha256(model: Path) -> dict:
     """{weights file (relative to model): sha256} of what was scored: the resolved checkpoint of a run."""
     from kvshift.eval.harness import _is_training_dir
@@ -172,7 +157,7 @@ def _weights_sha256(model: Path) -> dict:
         from kvshift.hf.convert import _resolve_checkpoint
 
         src = _resolve_checkpoint(model)
-    return {str(p.relative_to(model)): _sha256(p) for p in sorted(src.glob("*.safetensors"))}
+    return {str(p.relative_to(model)): file_sha256(p) for p in sorted(src.glob("*.safetensors"))}
 
 
 def score_file(model: str | Path, requests: str | Path, out: str | Path, *, device: str | None = None,
@@ -182,25 +167,25 @@ def score_file(model: str | Path, requests: str | Path, out: str | Path, *, devi
 
     import torch
 
+    from kvshift.eval.harness import load_weights
+
     req = Requests.load(requests)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    hf = load_for_scoring(model, device=device, dtype=dtype)
+    hf = load_weights(model, device=device, dtype=dtype)  # an exported directory or a training run
     t0 = time.time()
     logprob, greedy = score(hf, req, batch_tokens=batch_tokens, device=device)
     meta = {"format": _SCORES_FORMAT, "model": str(model), "weights_sha256": _weights_sha256(Path(model)),
             "model_type": getattr(getattr(hf, "config", None), "model_type", None),
             "dtype": str(next(hf.parameters()).dtype), "device": str(device),
             "device_name": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else platform.machine(),
-            "torch": torch.__version__, "requests_sha256": _sha256(Path(requests)), "n_requests": len(req),
+            "torch": torch.__version__, "requests_sha256": file_sha256(Path(requests)), "n_requests": len(req),
             "max_length": req.meta["max_length"], "score_seconds": round(time.time() - t0, 2)}
     from kvshift.provenance import git_commit
 
     meta["git_commit"] = git_commit()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, logprob=logprob, greedy=greedy, meta=np.array(json.dumps(meta)))
-    tmp.replace(out)
+    write_atomic(out, lambda f: np.savez(f, logprob=logprob, greedy=greedy, meta=np.array(json.dumps(meta))))
     return meta
 
 
@@ -213,7 +198,7 @@ def load_scores(path: str | Path, requests: Requests, requests_path: str | Path)
     meta = json.loads(str(z["meta"]))
     if meta.get("format") != _SCORES_FORMAT:
         raise ValueError(f"scores {path}: format {meta.get('format')!r}, expected {_SCORES_FORMAT!r}")
-    if meta["requests_sha256"] != _sha256(Path(requests_path)):
+    if meta["requests_sha256"] != file_sha256(Path(requests_path)):
         raise ValueError(f"scores {path} were computed for other requests than {requests_path} (sha256 differs)")
     lp, gr = z["logprob"], z["greedy"]
     if len(lp) != len(requests):
@@ -253,4 +238,4 @@ def offload_lm(base_cls, mode: str, table: dict | None = None):
     return OffloadLM
 
 
-__all__ = ["Requests", "score", "score_file", "load_scores", "offload_lm", "load_for_scoring"]
+__all__ = ["Requests", "score", "score_file", "load_scores", "offload_lm"]

@@ -32,7 +32,7 @@ import torch
 from kvshift.data.tokenizer import file_sha256
 
 __all__ = ["save_checkpoint", "load_checkpoint", "verify_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "rng_state", "set_rng_state", "CheckpointError"]
+           "rng_state", "set_rng_state", "CheckpointError", "write_atomic", "write_json_atomic"]
 
 FORMAT = "kvshift-ckpt-v1"
 MANIFEST = "MANIFEST.json"
@@ -88,7 +88,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
+    """`write(f)` into path.tmp, fsync, then rename over `path`: readers see the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         write(f)
@@ -99,7 +100,7 @@ def _write_atomic(path: Path, write) -> None:
 
 def write_json_atomic(path: str | Path, obj) -> None:
     path = Path(path)
-    _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
     _fsync_dir(path.parent)
 
 
@@ -166,15 +167,15 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     tmp.mkdir()
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
     blob = st_save(weights, metadata={"format": FORMAT, "step": str(step)})
-    _write_atomic(tmp / WEIGHTS, lambda f: f.write(blob))
-    _write_atomic(tmp / STATE, lambda f: torch.save({"step": step, **train_state}, f))
+    write_atomic(tmp / WEIGHTS, lambda f: f.write(blob))
+    write_atomic(tmp / STATE, lambda f: torch.save({"step": step, **train_state}, f))
     names = [WEIGHTS, STATE]
     if config is not None:
-        _write_atomic(tmp / CONFIG, lambda f: f.write((json.dumps(config, indent=1) + "\n").encode()))
+        write_atomic(tmp / CONFIG, lambda f: f.write((json.dumps(config, indent=1) + "\n").encode()))
         names.append(CONFIG)
     files = {n: {"sha256": file_sha256(tmp / n), "size": (tmp / n).stat().st_size} for n in names}
     man = {"format": FORMAT, "step": step, "files": files}
-    _write_atomic(tmp / MANIFEST, lambda f: f.write((json.dumps(man, indent=1) + "\n").encode()))
+    write_atomic(tmp / MANIFEST, lambda f: f.write((json.dumps(man, indent=1) + "\n").encode()))
     _fsync_dir(tmp)
     os.replace(tmp, final)
     _fsync_dir(root)
