@@ -103,7 +103,7 @@ def train_worker(config: str, overrides: list[str], out: str, resume: bool, log_
     from kvshift.train.trainer import train
 
     if ckpt_delay_s:
-        orig = C._write_atomic
+        orig = C.write_atomic
 
         def slow(path, write):
             def w(f):
@@ -111,7 +111,7 @@ def train_worker(config: str, overrides: list[str], out: str, resume: bool, log_
                 f.flush()
                 time.sleep(ckpt_delay_s)  # a half-written temp file exists during this sleep
             orig(path, w)
-        C._write_atomic = slow
+        C.write_atomic = slow
     with open(log_file, "a", buffering=1) as lf:
         train(load_config(config, overrides), out, resume=resume, log=lambda s: lf.write(s + "\n"))
     sys.stdout.flush()
