@@ -6,7 +6,8 @@ import pytest
 
 from kvshift.data.corpus import iter_documents
 from kvshift.data.shards import META, Shards, pack_shards, subset_shards, token_dtype, unpack_shards, tokenize_corpus
-from kvshift.data.tokenizer import EOS, EOS_ID, file_sha256, load_tokenizer, train_tokenizer
+from kvshift.data.tokenizer import EOS, EOS_ID, load_tokenizer, train_tokenizer
+from kvshift.utils.io import file_sha256
 
 
 def test_tokenizer_eos_id_and_roundtrip(pipeline):

@@ -172,7 +172,7 @@ def provenance(device: torch.device, quick: bool) -> dict:
     import platform
 
     import kvshift
-    from kvshift.provenance import git_commit
+    from kvshift.utils.provenance import git_commit
 
     try:
         import triton

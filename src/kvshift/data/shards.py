@@ -59,7 +59,8 @@ def tokenize_corpus(corpus: str | Path, tokenizer: str | Path, out: str | Path, 
                     log: Callable[[str], None] = print) -> dict:
     """Tokenizes both splits of a built corpus into `out`; returns (and writes) the meta.json dict."""
     from kvshift.data.corpus import SPLITS as CSPLITS, iter_documents, read_manifest
-    from kvshift.data.tokenizer import eos_id_of, file_sha256, load_tokenizer
+    from kvshift.data.tokenizer import eos_id_of, load_tokenizer
+    from kvshift.utils.io import file_sha256
 
     tok = load_tokenizer(tokenizer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -181,7 +182,7 @@ class Shards:
                                  f"{count:,} x {dt.name} = {count * dt.itemsize:,} bytes")
         self.token_file = files["tokens"]
         if tokenizer is not None:
-            from kvshift.data.tokenizer import file_sha256
+            from kvshift.utils.io import file_sha256
 
             sha = file_sha256(tokenizer)
             if sha != self.meta["tokenizer_sha256"]:

@@ -7,23 +7,18 @@ The saved tokenizer.json loads with `tokenizers.Tokenizer.from_file` and with
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["EOS", "EOS_ID", "train_tokenizer", "load_tokenizer", "file_sha256"]
+from kvshift.utils.io import file_sha256
+
+__all__ = ["EOS", "EOS_ID", "train_tokenizer", "load_tokenizer"]
 
 EOS = "<|endoftext|>"
 EOS_ID = 0
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sample_texts(corpus: Path, max_bytes: int | None, seed: int) -> Iterator[str]:

@@ -25,7 +25,7 @@ from kvshift.layers.attention import Attention, AttentionContext
 from kvshift.models.lm import LM
 from kvshift.ops.rope import apply_rope
 from kvshift.ops.shift import kv_shift
-from kvshift.train.plot import save_figure
+from kvshift.utils.plot import save_figure
 
 SCORES = ("prefix_matching", "previous_token", "duplicate_token")
 

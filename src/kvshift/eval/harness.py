@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from kvshift.provenance import git_commit
+from kvshift.utils.provenance import git_commit
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvshift.data.tokenizer import file_sha256
-from kvshift.train.checkpoint import write_atomic
+from kvshift.utils.io import file_sha256
+from kvshift.utils.io import write_atomic
 
 _FORMAT = "kvshift-eval-requests-1"
 _SCORES_FORMAT = "kvshift-eval-scores-1"
@@ -180,7 +180,7 @@ def score_file(model: str | Path, requests: str | Path, out: str | Path, *, devi
             "device_name": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else platform.machine(),
             "torch": torch.__version__, "requests_sha256": file_sha256(Path(requests)), "n_requests": len(req),
             "max_length": req.meta["max_length"], "score_seconds": round(time.time() - t0, 2)}
-    from kvshift.provenance import git_commit
+    from kvshift.utils.provenance import git_commit
 
     meta["git_commit"] = git_commit()
     out = Path(out)

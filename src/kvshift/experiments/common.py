@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvshift.models import LM, ModelConfig
-from kvshift.provenance import git_commit
+from kvshift.utils.provenance import git_commit
 
 THRESHOLDS = (0.5, 0.9, 0.99)
 

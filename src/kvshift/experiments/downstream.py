@@ -22,6 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from kvshift.utils.plot import pyplot, save_figure
 from kvshift.experiments.common import provenance, write_summary
 
 TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")
@@ -52,7 +53,7 @@ def _arms(spec: str) -> dict[str, Path]:
 
 def _export_info(model_dir: Path) -> dict:
     """Where an exported model came from (kvshift_export.json: run, step, config) and its weights' sha256."""
-    from kvshift.data.tokenizer import file_sha256
+    from kvshift.utils.io import file_sha256
 
     info = {}
     if model_dir.suffix == ".json":  # scored elsewhere: what kvshift eval-score recorded about the model
@@ -175,9 +176,8 @@ def run(models: dict[str, Path], *, tasks=TASKS, limit=None, name="10m", eval_di
 
 
 def _plot(rows, head_rows, an, path: Path) -> None:
-    from kvshift.train.plot import _pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     arms = list(head_rows)
     fig, axes = plt.subplots(1, 1 + len(arms), figsize=(5.5 + 3.6 * len(arms), 4), squeeze=False)
     ax = axes[0][0]

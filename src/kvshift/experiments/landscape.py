@@ -10,7 +10,7 @@ import torch
 from kvshift.experiments import register
 from kvshift.experiments.common import ResultsDir, provenance, write_summary
 from kvshift.tasks.theorem3 import landscape_grid, loss
-from kvshift.train.plot import save_figure
+from kvshift.utils.plot import save_figure
 
 OTS = (0.0, 10.0, 100.0)
 STARTS = ((0.5, 0.5), (0.9, 0.1), (0.2, 0.8), (0.8, 0.8))

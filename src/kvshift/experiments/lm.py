@@ -72,7 +72,7 @@ from pathlib import Path
 
 from kvshift.experiments import register
 from kvshift.experiments.common import provenance, write_summary
-from kvshift.train.plot import save_figure
+from kvshift.utils.plot import save_figure
 
 NAMES = ("lm-main", "lm-seeds", "lm-lr", "lm-scaling", "lm-variants", "shift-coefficients", "lm-gqa")
 SHARDS_ENV = "KVSHIFT_SHARDS"

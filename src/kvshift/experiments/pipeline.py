@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from kvshift.experiments.common import provenance
-from kvshift.train.checkpoint import write_json_atomic
-from kvshift.train.plot import _pyplot, curves, save_figure
+from kvshift.utils.io import write_json_atomic
+from kvshift.train.plot import curves
+from kvshift.utils.plot import pyplot, save_figure
 
 OUT = Path("results/pipeline")
 RUN_KEYS = ("status", "steps", "tokens", "epochs", "final_loss", "final_val_loss", "tokens_per_s", "mfu",
@@ -57,7 +58,7 @@ def sizes(runs: str | Path, only: list[str] | None = None, out: str | Path = OUT
     res = {"kind": "sizes", "source": str(runs), "sizes": table, "summarised": provenance()}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "sizes.json", res)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(table), figsize=(5.5 * len(table), 4.2), squeeze=False)
     for ax, (size, arms) in zip(axes[0], table.items()):
         for i, (name, r) in enumerate(arms.items()):
@@ -93,7 +94,7 @@ def scaling(src: str | Path, out: str | Path = OUT) -> dict:
     res = {"kind": "scaling", "source": str(src), "modes": modes, "summarised": provenance()}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "scaling.json", res)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(modes)
     ax.bar(names, [modes[n]["tokens_per_s"] / 1e6 for n in names], color=[f"C{i}" for i in range(len(names))])

@@ -23,7 +23,7 @@ from kvshift.experiments.common import (DataStream, ResultsDir, TrainSpec, defau
                                         read_metrics, spec_dict, warmup_constant, write_summary)
 from kvshift.models import LM, ModelConfig
 from kvshift.tasks import hopk, igsm
-from kvshift.train.plot import save_figure
+from kvshift.utils.plot import save_figure
 
 EVAL_SEED = 999_983  # held-out data: a seed no training stream uses
 ARMS = ("vanilla", "kvshift")

@@ -14,7 +14,7 @@ from kvshift.experiments.common import (Arm, DataStream, ResultsDir, THRESHOLDS,
 from kvshift.models import ModelConfig
 from kvshift.tasks import induction
 from kvshift.tasks.ngram import NGramTask
-from kvshift.train.plot import save_figure
+from kvshift.utils.plot import save_figure
 
 EVAL_SEED = 999_983  # held-out sequences: a seed no training stream uses
 

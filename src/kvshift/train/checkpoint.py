@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvshift.data.tokenizer import file_sha256
+from kvshift.utils.io import file_sha256, fsync_dir, write_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "verify_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "rng_state", "set_rng_state", "CheckpointError", "write_atomic", "write_json_atomic"]
+           "rng_state", "set_rng_state", "CheckpointError"]
 
 FORMAT = "kvshift-ckpt-v1"
 MANIFEST = "MANIFEST.json"
@@ -74,34 +74,6 @@ def set_rng_state(d: dict) -> None:
         else:  # another world size / device count: seed each device from the saved state of device 0
             for i in range(torch.cuda.device_count()):
                 torch.cuda.set_rng_state(states[i % len(states)], i)
-
-
-# ---- atomic file writing ------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, write) -> None:
-    """`write(f)` into path.tmp, fsync, then rename over `path`: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
-    _fsync_dir(path.parent)
 
 
 # ---- save / verify / load -----------------------------------------------------------------------
@@ -176,9 +148,9 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     files = {n: {"sha256": file_sha256(tmp / n), "size": (tmp / n).stat().st_size} for n in names}
     man = {"format": FORMAT, "step": step, "files": files}
     write_atomic(tmp / MANIFEST, lambda f: f.write((json.dumps(man, indent=1) + "\n").encode()))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep_last:
         prune(root, keep_last)
     return final

@@ -20,7 +20,8 @@ import os
 import statistics
 from pathlib import Path
 
-from kvshift.train.plot import curves, save_figure
+from kvshift.train.plot import curves
+from kvshift.utils.plot import pyplot, save_figure
 
 __all__ = ["compare", "tokens_to_reach", "summarize"]
 
@@ -95,9 +96,8 @@ def summarize(runs: dict[str, dict[int, Path]]) -> dict:
 
 
 def plot_compare(runs: dict[str, dict[int, Path]], out_png: Path) -> Path:
-    from kvshift.train.plot import _pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     arms = list(runs)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, arm in enumerate(arms):

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import torch
 
-from kvshift.provenance import git_commit
+from kvshift.utils.io import finite, read_jsonl
+from kvshift.utils.provenance import environment
 
-__all__ = ["MetricsLog", "read_metrics", "environment", "git_commit", "shift_summary"]
+__all__ = ["MetricsLog", "read_metrics", "environment", "shift_summary"]
+
+read_metrics = read_jsonl  # the records of a metrics.jsonl
 
 
 class MetricsLog:
@@ -44,7 +47,7 @@ class MetricsLog:
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a")
-        self._f.write(json.dumps(_finite(record)) + "\n")
+        self._f.write(json.dumps(finite(record)) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -53,36 +56,10 @@ class MetricsLog:
             self._f = None
 
 
-def _finite(x):
-    """JSON has no NaN/inf: write them as strings so the file stays strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a metrics.jsonl; a torn last line (a killed writer) is ignored."""
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
 
 
-def environment(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "python": sys.version.split()[0],
-            "git_commit": git_commit(), "host": platform.node(), "threads": torch.get_num_threads()}
 
 
 def shift_summary(model) -> dict | None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvshift.train.metrics import read_metrics
+from kvshift.utils.plot import pyplot, save_figure
 
-__all__ = ["plot_runs", "curves", "save_figure"]
+__all__ = ["plot_runs", "curves"]
 
 
 def curves(run_dir: str | Path) -> dict[str, list[tuple[float, float]]]:
@@ -17,29 +18,8 @@ def curves(run_dir: str | Path) -> dict[str, list[tuple[float, float]]]:
     return {"train": tr, "val": va}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """tight_layout, write (creating the folder) and close a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
-
-
 def plot_runs(run_dirs: list[str | Path], out: str | Path, *, labels: list[str] | None = None) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, rd in enumerate(run_dirs):
         c = curves(rd)
