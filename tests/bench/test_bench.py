@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from kvshift.bench.plan import PARTS, check_nonzero, device_slug, fused_available
 from kvshift.bench.report import ARMS, TARGETS, check_target, compute_targets, render_markdown, target_summary
-from kvshift.bench.run import (PARTS, block_inputs, check_nonzero, decode_prompt, device_slug, fused_available,
-                               train_batch)
+from kvshift.bench.run import block_inputs, decode_prompt, train_batch
 from kvshift.bench.timing import measure, percentile, summarize
 from kvshift.cli import main
 from kvshift.models import ModelConfig

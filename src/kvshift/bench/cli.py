@@ -7,7 +7,7 @@ import sys
 
 
 def _parts(s: str) -> tuple[str, ...]:
-    from kvshift.bench.run import PARTS
+    from kvshift.bench.plan import PARTS
 
     parts = tuple(p.strip() for p in s.split(",") if p.strip())
     bad = [p for p in parts if p not in PARTS]
@@ -32,7 +32,8 @@ def _run(args) -> int:
     if not cuda:
         # the fused kernels then run through Triton's interpreter (must be set before they are defined)
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from kvshift.bench.run import PARTS, Plan, run_bench
+    from kvshift.bench.plan import PARTS, Plan
+    from kvshift.bench.run import run_bench
 
     quick = args.quick
     if not cuda and not quick:

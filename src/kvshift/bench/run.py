@@ -8,28 +8,21 @@ Three parts, each with the same settings for every arm:
           fused AdamW; tokens/s, MFU, peak memory
   decode  prefill a long context with the model's own cache, then greedy single-token steps (eager)
 
-Arms: "vanilla" (attention="vanilla"), "naive" (attention="kvshift", shift_impl="naive"),
-"fused-sdpa" (shift_impl="triton" with separate shift ops and SDPA: `set_fused_attention(model, False)`),
-"fused" (shift_impl="triton", the layer's default: shift, RoPE(K) and attention in one op that saves only
-raw k, v, `kvshift.ops.shift.attention`, with cuDNN attention kernels) and "fused-flash" (the same op with
-PyTorch's flash kernels). The targets are judged on "fused". Decode has no fused-sdpa / fused-flash arm
-(the decode step is the same kernel). The Triton arms are skipped where Triton cannot run. With --profile
-the e2e part also records each arm's top GPU kernels (torch.profiler, 2 steps after the timing).
+Arms and plans: `kvshift.bench.plan`. Decode has no fused-sdpa / fused-flash arm (the decode step is the
+same kernel). With --profile the e2e part also records each arm's top GPU kernels (torch.profiler,
+2 steps after the timing).
 Results go to <out>/<device-slug>.json and .md after every finished case, so a run cut short keeps
 what it measured; with --only the other parts of an earlier result for the same device are kept.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
-import re
 import sys
 import time
-import traceback
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -37,135 +30,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kvshift.bench.plan import (ARM_BACKEND, ARM_IMPL, PARTS, Plan, arms_for_run, build_model, check_nonzero,
+                                device_name, device_slug, error_entry, free_memory, fused_available, log, timer_name)
 from kvshift.bench.report import ARMS, compute_targets, ratio, render_markdown, target_summary
 from kvshift.bench.timing import measure, synchronize
 from kvshift.models import LM, ModelConfig
 from kvshift.ops.rope import apply_rope, rope_cos_sin
-from kvshift.layers.attention import set_fused_attention
-from kvshift.ops.shift import kv_shift, shift_rope, triton_available
+from kvshift.ops.shift import kv_shift, shift_rope
 from kvshift.ops.shift.attention import shift_attention
 from kvshift.train.flops import flops_per_token, peak_flops_for
-
-PARTS = ("block", "e2e", "decode")
-ARM_MODEL = {"vanilla": dict(attention="vanilla"), "naive": dict(attention="kvshift", shift_impl="naive"),
-             "fused-sdpa": dict(attention="kvshift", shift_impl="triton"),
-             "fused": dict(attention="kvshift", shift_impl="triton"),
-             "fused-flash": dict(attention="kvshift", shift_impl="triton")}
-ARM_IMPL = {"naive": "naive", "fused-sdpa": "triton", "fused": "triton", "fused-flash": "triton"}
-TRITON_ARMS = ("fused-sdpa", "fused", "fused-flash")
-ARM_BACKEND = {"fused": "auto", "fused-flash": "flash"}  # the one-op arms' attention kernels
-BLOCK_MODES = ("eager", "compiled")
-
-
-def build_model(cfg: ModelConfig, arm: str, seed: int) -> LM:
-    """The arm's model: the config's attention/impl from ARM_MODEL, the one-op shift + attention path
-    on for "fused" (cuDNN attention kernels) and "fused-flash" (flash kernels), off for "fused-sdpa"."""
-    return set_fused_attention(LM(cfg.replace(**ARM_MODEL[arm]), seed=seed), arm in ARM_BACKEND,
-                               ARM_BACKEND.get(arm, "auto"))
-
-
-@dataclass
-class Plan:
-    """What one run measures: `full()` is the issue's H200 benchmark, `quick_plan()` tiny shapes
-    and few iterations (CPU smoke runs, tests)."""
-    quick: bool
-    # block: (B, T, H, H_kv, D)
-    block_shapes: list[tuple[int, int, int, int, int]]
-    block_warmup: int
-    block_iters: int
-    # e2e: (label, preset, overrides, seq_len, batch)
-    e2e_models: list[tuple[str, str, dict, int, int]]
-    e2e_warmup: int  # the first warm-up step compiles
-    e2e_iters: int
-    # decode
-    decode_model: str
-    decode_overrides: dict
-    decode_context: int
-    decode_batches: list[int]
-    decode_warmup: int
-    decode_iters: int
-    compile: bool = True
-    block_modes: tuple[str, ...] = BLOCK_MODES
-    profile: bool = False
-    peak_flops: float | None = None  # None: by device name (989e12 for H100/H200)
-    seed: int = 0
-    parts: tuple[str, ...] = PARTS
-
-    @classmethod
-    def full(cls) -> "Plan":
-        return cls(quick=False,
-                   block_shapes=[(8, 2048, 16, 16, 128), (4, 4096, 32, 8, 128), (16, 1024, 12, 12, 64)],
-                   block_warmup=5, block_iters=40,
-                   e2e_models=[("bench-162m", "bench-162m", {}, 1024, 32), ("bench-246m", "bench-246m", {}, 2048, 16)],
-                   e2e_warmup=3, e2e_iters=20,
-                   decode_model="bench-246m", decode_overrides={}, decode_context=8192, decode_batches=[1, 32],
-                   decode_warmup=5, decode_iters=40)
-
-    @classmethod
-    def quick_plan(cls, cuda: bool) -> "Plan":
-        return cls(quick=True,
-                   block_shapes=[(2, 32, 4, 4, 32), (1, 33, 4, 2, 16)],
-                   block_warmup=1, block_iters=3,
-                   e2e_models=[("debug", "debug", {}, 32, 2), ("debug-mha", "debug", {"n_kv_heads": 4}, 16, 2)],
-                   e2e_warmup=1, e2e_iters=3,
-                   decode_model="debug", decode_overrides={}, decode_context=40, decode_batches=[1, 2],
-                   decode_warmup=1, decode_iters=3,
-                   compile=cuda,  # CPU inductor compiles take far longer than the quick run itself
-                   block_modes=BLOCK_MODES if cuda else ("eager",))
-
-    def with_steps(self, steps: int | None, warmup: int | None) -> "Plan":
-        if steps is not None:
-            if steps < 1:
-                raise ValueError(f"steps must be >= 1, got {steps}")
-            self.block_iters = self.e2e_iters = self.decode_iters = steps
-        if warmup is not None:
-            if warmup < 1:
-                raise ValueError(f"warmup must be >= 1 (the first e2e step compiles), got {warmup}")
-            self.block_warmup = self.e2e_warmup = self.decode_warmup = warmup
-        return self
-
-
-# ---- helpers ------------------------------------------------------------------------------------
-def device_slug(name: str) -> str:
-    """'NVIDIA H200' -> 'nvidia-h200'; CPU results are 'cpu'."""
-    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return s or "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-def _error(e: BaseException) -> dict:
-    traceback.print_exc(file=sys.stderr)
-    return {"error": f"{type(e).__name__}: {e}"[:600]}
-
-
-def check_nonzero(name: str, t: torch.Tensor) -> None:
-    """Benchmarks on all-zero inputs can take fast paths and flatter a kernel: refuse them."""
-    if t.numel() and int(torch.count_nonzero(t)) == 0:
-        raise RuntimeError(f"benchmark input {name} is all zeros")
-
-
-def fused_available() -> bool:
-    return triton_available()
-
-
-def arms_for_run() -> dict[str, str | None]:
-    """arm -> None when it runs, else why it is skipped."""
-    why = None if fused_available() else "Triton unavailable (no CUDA and TRITON_INTERPRET unset)"
-    return {"vanilla": None, "naive": None, **{a: why for a in TRITON_ARMS}}
 
 
 def provenance(device: torch.device, quick: bool) -> dict:
@@ -271,14 +144,14 @@ def pick_sdpa_backend(inp: dict, device: torch.device) -> str:
             synchronize(device)
             return backend
         except RuntimeError as e:
-            _log(f"SDPA backend {backend} unavailable for this shape ({str(e).splitlines()[0][:120]})")
+            log(f"SDPA backend {backend} unavailable for this shape ({str(e).splitlines()[0][:120]})")
     return "default"
 
 
 def bench_block(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:
     section = {"settings": {"dtype": "bf16", "warmup": plan.block_warmup, "iters": plan.block_iters,
                             "modes": list(plan.block_modes),
-                            "timer": "cuda-events" if device.type == "cuda" else "perf_counter"},
+                            "timer": timer_name(device)},
                "shapes": {}}
     skip = arms_for_run()
     for (B, T, H, H_kv, D) in plan.block_shapes:
@@ -287,11 +160,11 @@ def bench_block(plan: Plan, device: torch.device, save: Callable[[dict], None]) 
             inp = block_inputs(B, T, H, H_kv, D, device=device, seed=plan.seed)
             backend = pick_sdpa_backend(inp, device)
         except Exception as e:  # noqa: BLE001 - a failed case is recorded, the run goes on
-            section["shapes"][shape] = {"B": B, "T": T, "H": H, "H_kv": H_kv, "D": D, "error": _error(e)["error"]}
+            section["shapes"][shape] = {"B": B, "T": T, "H": H, "H_kv": H_kv, "D": D, "error": error_entry(e)["error"]}
             continue
         for mode in plan.block_modes:
             name = f"{shape}-{mode}"
-            _log(f"block {name}")
+            log(f"block {name}")
             case = {"B": B, "T": T, "H": H, "H_kv": H_kv, "D": D, "mode": mode, "sdpa_backend": backend,
                     "arms": {}, "ratios": {}}
             section["shapes"][name] = case
@@ -307,23 +180,23 @@ def bench_block(plan: Plan, device: torch.device, save: Callable[[dict], None]) 
                     synchronize(device)
                     fns[arm] = fn
                 except Exception as e:  # noqa: BLE001
-                    case["arms"][arm] = _error(e)
+                    case["arms"][arm] = error_entry(e)
             if fns:
                 try:
                     case["arms"].update(measure(fns, warmup=plan.block_warmup, iters=plan.block_iters, device=device))
                 except Exception as e:  # noqa: BLE001
-                    err = _error(e)
+                    err = error_entry(e)
                     case["arms"].update({a: err for a in fns})
             case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
             van = case["arms"].get("vanilla", {}).get("median_ms")
             for arm in ARMS[1:]:
                 case["ratios"][arm] = ratio(case["arms"].get(arm, {}).get("median_ms"), van)
             del fns
-            _free(device)
+            free_memory(device)
             save({"block": section})
         del inp
         torch._dynamo.reset()
-        _free(device)
+        free_memory(device)
     return section
 
 
@@ -428,7 +301,7 @@ def _e2e_arm(cfg: ModelConfig, arm: str, batch: int, seq_len: int, plan: Plan, d
         try:
             prof = profile_kernels(step, device)
         except Exception as e:  # noqa: BLE001 - the timing stands without the profile
-            prof = _error(e)
+            prof = error_entry(e)
     del model, opt, step_model, x, y, last_loss
     fpt = flops_per_token(cfg, seq_len)
     out = {"tokens_per_s": tps, "step": timing, "flops_per_token": fpt, "mfu": tps * fpt / peak,
@@ -444,7 +317,7 @@ def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) ->
     peak = plan.peak_flops or peak_flops_for(name, default=989e12)
     section = {"settings": {"autocast": "bf16", "compile": "torch.compile(model + loss)" if plan.compile else "none",
                             "fused_adamw": device.type == "cuda", "warmup": plan.e2e_warmup, "iters": plan.e2e_iters,
-                            "peak_flops": peak, "timer": "cuda-events" if device.type == "cuda" else "perf_counter"},
+                            "peak_flops": peak, "timer": timer_name(device)},
                "models": {}}
     skip = arms_for_run()
     # vanilla first, then fused: if the run is cut short, the headline comparison is already saved
@@ -456,16 +329,16 @@ def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) ->
             if skip[arm]:
                 case["arms"][arm] = {"skipped": skip[arm]}
                 continue
-            _log(f"e2e {label} {arm}")
-            _free(device)
+            log(f"e2e {label} {arm}")
+            free_memory(device)
             try:
                 case["arms"][arm] = _e2e_arm(base, arm, batch, seq_len, plan, device, peak)
                 a = case["arms"][arm]
-                _log(f"  {a['tokens_per_s']:,.0f} tok/s, MFU {a['mfu']:.1%}, first step {a['first_step_s']:.1f}s")
+                log(f"  {a['tokens_per_s']:,.0f} tok/s, MFU {a['mfu']:.1%}, first step {a['first_step_s']:.1f}s")
             except Exception as e:  # noqa: BLE001
-                case["arms"][arm] = _error(e)
+                case["arms"][arm] = error_entry(e)
             torch._dynamo.reset()  # drop the compiled graphs (and what they hold) before the next arm
-            _free(device)
+            free_memory(device)
             case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
             van = case["arms"].get("vanilla", {})
             case["ratios"] = {
@@ -499,7 +372,7 @@ def bench_decode(plan: Plan, device: torch.device, save: Callable[[dict], None])
                "settings": {"dtype": "bf16", "warmup": plan.decode_warmup, "iters": plan.decode_iters,
                             "compile": False, "sampling": "greedy",
                             "prefill": "one row prefilled with the cache, copied to every row (KVCache.reorder)",
-                            "timer": "cuda-events" if device.type == "cuda" else "perf_counter"},
+                            "timer": timer_name(device)},
                "batches": {}}
     max_len = plan.decode_context + plan.decode_warmup + plan.decode_iters + 1
     base = ModelConfig.from_name(plan.decode_model, **{**plan.decode_overrides, "max_seq_len": max_len})
@@ -514,10 +387,10 @@ def bench_decode(plan: Plan, device: torch.device, save: Callable[[dict], None])
             model = build_model(base, arm, plan.seed)
             models[arm] = model.to(device=device, dtype=torch.bfloat16).eval()
         except Exception as e:  # noqa: BLE001
-            build_errors[arm] = _error(e)
+            build_errors[arm] = error_entry(e)
     for batch in plan.decode_batches:
         name = f"batch{batch}"
-        _log(f"decode {name}")
+        log(f"decode {name}")
         case = {"batch": batch, "arms": {}, "ratios": {}}
         section["batches"][name] = case
         fns = {}
@@ -536,25 +409,25 @@ def bench_decode(plan: Plan, device: torch.device, save: Callable[[dict], None])
                 fns[arm] = _decode_step(model, cache, {"next": nxt.index_select(0, rows)})
                 synchronize(device)
             except Exception as e:  # noqa: BLE001
-                case["arms"][arm] = _error(e)
-            _free(device)
+                case["arms"][arm] = error_entry(e)
+            free_memory(device)
         if fns:
             try:
                 res = measure(fns, warmup=plan.decode_warmup, iters=plan.decode_iters, device=device)
                 for a, r in res.items():
                     case["arms"][a] = {**r, "tokens_per_s": batch / (r["median_ms"] / 1e3)}
             except Exception as e:  # noqa: BLE001
-                err = _error(e)
+                err = error_entry(e)
                 for a in fns:
                     case["arms"][a] = err
         case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
         van = case["arms"].get("vanilla", {}).get("median_ms")
         case["ratios"] = {a: ratio(case["arms"].get(a, {}).get("median_ms"), van) for a in ARMS[1:]}
         del fns
-        _free(device)
+        free_memory(device)
         save({"decode": section})
     del models
-    _free(device)
+    free_memory(device)
     return section
 
 
@@ -647,6 +520,6 @@ def run_bench(plan: Plan, out: str | Path, *, device: torch.device | None = None
             results[part] = runners[part](plan, device, save)
             results[part]["wall_s"] = time.perf_counter() - t0
             save({})
-            _log(f"{part} done in {results[part]['wall_s']:.0f}s")
+            log(f"{part} done in {results[part]['wall_s']:.0f}s")
     write_results(results, out)
     return results

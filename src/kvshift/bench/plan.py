@@ -1,0 +1,153 @@
+"""What a bench run measures and the helpers every part shares.
+
+Arms: "vanilla" (attention="vanilla"), "naive" (attention="kvshift", shift_impl="naive"),
+"fused-sdpa" (shift_impl="triton" with separate shift ops and SDPA: `set_fused_attention(model, False)`),
+"fused" (shift_impl="triton", the layer's default: shift, RoPE(K) and attention in one op that saves only
+raw k, v, `kvshift.ops.shift.attention`, with cuDNN attention kernels) and "fused-flash" (the same op with
+PyTorch's flash kernels). The targets are judged on "fused". The Triton arms are skipped where Triton
+cannot run.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from kvshift.layers.attention import set_fused_attention
+from kvshift.models import LM, ModelConfig
+from kvshift.ops.shift import triton_available
+
+PARTS = ("block", "e2e", "decode")
+ARM_MODEL = {"vanilla": dict(attention="vanilla"), "naive": dict(attention="kvshift", shift_impl="naive"),
+             "fused-sdpa": dict(attention="kvshift", shift_impl="triton"),
+             "fused": dict(attention="kvshift", shift_impl="triton"),
+             "fused-flash": dict(attention="kvshift", shift_impl="triton")}
+ARM_IMPL = {"naive": "naive", "fused-sdpa": "triton", "fused": "triton", "fused-flash": "triton"}
+TRITON_ARMS = ("fused-sdpa", "fused", "fused-flash")
+ARM_BACKEND = {"fused": "auto", "fused-flash": "flash"}  # the one-op arms' attention kernels
+BLOCK_MODES = ("eager", "compiled")
+
+
+def build_model(cfg: ModelConfig, arm: str, seed: int) -> LM:
+    """The arm's model: the config's attention/impl from ARM_MODEL, the one-op shift + attention path
+    on for "fused" (cuDNN attention kernels) and "fused-flash" (flash kernels), off for "fused-sdpa"."""
+    return set_fused_attention(LM(cfg.replace(**ARM_MODEL[arm]), seed=seed), arm in ARM_BACKEND,
+                               ARM_BACKEND.get(arm, "auto"))
+
+
+@dataclass
+class Plan:
+    """What one run measures: `full()` is the issue's H200 benchmark, `quick_plan()` tiny shapes
+    and few iterations (CPU smoke runs, tests)."""
+    quick: bool
+    # block: (B, T, H, H_kv, D)
+    block_shapes: list[tuple[int, int, int, int, int]]
+    block_warmup: int
+    block_iters: int
+    # e2e: (label, preset, overrides, seq_len, batch)
+    e2e_models: list[tuple[str, str, dict, int, int]]
+    e2e_warmup: int  # the first warm-up step compiles
+    e2e_iters: int
+    # decode
+    decode_model: str
+    decode_overrides: dict
+    decode_context: int
+    decode_batches: list[int]
+    decode_warmup: int
+    decode_iters: int
+    compile: bool = True
+    block_modes: tuple[str, ...] = BLOCK_MODES
+    profile: bool = False
+    peak_flops: float | None = None  # None: by device name (989e12 for H100/H200)
+    seed: int = 0
+    parts: tuple[str, ...] = PARTS
+
+    @classmethod
+    def full(cls) -> "Plan":
+        return cls(quick=False,
+                   block_shapes=[(8, 2048, 16, 16, 128), (4, 4096, 32, 8, 128), (16, 1024, 12, 12, 64)],
+                   block_warmup=5, block_iters=40,
+                   e2e_models=[("bench-162m", "bench-162m", {}, 1024, 32), ("bench-246m", "bench-246m", {}, 2048, 16)],
+                   e2e_warmup=3, e2e_iters=20,
+                   decode_model="bench-246m", decode_overrides={}, decode_context=8192, decode_batches=[1, 32],
+                   decode_warmup=5, decode_iters=40)
+
+    @classmethod
+    def quick_plan(cls, cuda: bool) -> "Plan":
+        return cls(quick=True,
+                   block_shapes=[(2, 32, 4, 4, 32), (1, 33, 4, 2, 16)],
+                   block_warmup=1, block_iters=3,
+                   e2e_models=[("debug", "debug", {}, 32, 2), ("debug-mha", "debug", {"n_kv_heads": 4}, 16, 2)],
+                   e2e_warmup=1, e2e_iters=3,
+                   decode_model="debug", decode_overrides={}, decode_context=40, decode_batches=[1, 2],
+                   decode_warmup=1, decode_iters=3,
+                   compile=cuda,  # CPU inductor compiles take far longer than the quick run itself
+                   block_modes=BLOCK_MODES if cuda else ("eager",))
+
+    def with_steps(self, steps: int | None, warmup: int | None) -> "Plan":
+        if steps is not None:
+            if steps < 1:
+                raise ValueError(f"steps must be >= 1, got {steps}")
+            self.block_iters = self.e2e_iters = self.decode_iters = steps
+        if warmup is not None:
+            if warmup < 1:
+                raise ValueError(f"warmup must be >= 1 (the first e2e step compiles), got {warmup}")
+            self.block_warmup = self.e2e_warmup = self.decode_warmup = warmup
+        return self
+
+
+# ---- helpers shared by the parts ----------------------------------------------------------------
+def device_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200'; CPU results are 'cpu'."""
+    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return s or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "cpu": unlike `kvshift.utils.provenance.device_name` ("cpu (N cores)"), so a CPU
+    result is always cpu.json and an earlier CPU result is found again whatever the core count."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def timer_name(device: torch.device) -> str:
+    """What `timing.measure` times with on this device (recorded in every part's settings)."""
+    return "cuda-events" if device.type == "cuda" else "perf_counter"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def error_entry(e: BaseException) -> dict:
+    """A failed case or arm as recorded in the result (the traceback goes to stderr)."""
+    traceback.print_exc(file=sys.stderr)
+    return {"error": f"{type(e).__name__}: {e}"[:600]}
+
+
+def check_nonzero(name: str, t: torch.Tensor) -> None:
+    """Benchmarks on all-zero inputs can take fast paths and flatter a kernel: refuse them."""
+    if t.numel() and int(torch.count_nonzero(t)) == 0:
+        raise RuntimeError(f"benchmark input {name} is all zeros")
+
+
+def fused_available() -> bool:
+    return triton_available()
+
+
+def arms_for_run() -> dict[str, str | None]:
+    """arm -> None when it runs, else why it is skipped."""
+    why = None if fused_available() else "Triton unavailable (no CUDA and TRITON_INTERPRET unset)"
+    return {"vanilla": None, "naive": None, **{a: why for a in TRITON_ARMS}}
