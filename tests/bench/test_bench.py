@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
+from kvshift.bench.block import block_inputs
+from kvshift.bench.decode import decode_prompt
+from kvshift.bench.e2e import train_batch
 from kvshift.bench.plan import PARTS, check_nonzero, device_slug, fused_available
 from kvshift.bench.report import ARMS, TARGETS, check_target, compute_targets, render_markdown, target_summary
-from kvshift.bench.run import block_inputs, decode_prompt, train_batch
+from kvshift.bench.run import merge_results
 from kvshift.bench.timing import measure, percentile, summarize
 from kvshift.cli import main
 from kvshift.models import ModelConfig
@@ -239,8 +242,6 @@ def test_device_slug():
 
 
 def test_merge_takes_each_part_from_its_run(tmp_path):
-    from kvshift.bench.run import merge_results
-
     base = {"meta": {"device": "X", "device_slug": "x", "quick": False, "command": "a"}}
     a = {**base, "block": {"shapes": {}, "settings": {}}, "decode": {"batches": {}, "settings": {}},
          "e2e": {"models": {"old": {}}, "from_earlier_run": True}}

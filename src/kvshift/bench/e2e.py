@@ -1,0 +1,170 @@
+"""The e2e part: a full training step of a bench preset per arm: torch.compile(model + loss), bf16
+autocast, fused AdamW; tokens/s, MFU, peak memory. With --profile also each arm's top GPU kernels
+(`profile_kernels`: torch.profiler, 2 steps after the timing).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from kvshift.bench.plan import (Plan, arms_for_run, build_model, check_nonzero, device_name, error_entry, free_memory,
+                                log, timer_name)
+from kvshift.bench.report import ARMS, ratio
+from kvshift.bench.timing import measure, synchronize
+from kvshift.models import LM, ModelConfig
+from kvshift.train.flops import flops_per_token, peak_flops_for
+
+
+class _LossModel(nn.Module):
+    """model + next-token cross-entropy, compiled as one graph (the fp32 logits never materialise
+    outside it)."""
+
+    def __init__(self, model: LM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        logits = self.model(x)  # (B, T, V)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+
+
+def train_batch(cfg: ModelConfig, batch: int, seq_len: int, *, device, seed: int = 0):
+    """Random token ids in [1, vocab): inputs (B, T) and next-token labels (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
+    check_nonzero("input_ids", ids)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def profile_kernels(step: Callable[[], None], device: torch.device, steps: int = 2, top: int = 12) -> dict:
+    """The GPU kernels of `steps` calls of `step` (torch.profiler): the `top` by total device time, and
+    the total per family (attention, matmul, triton, other), in ms per step."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t and t > 0 and e.device_type is not None and "cuda" in str(e.device_type).lower():
+            rows.append((e.key, e.count, t / 1e3 / steps))
+    rows.sort(key=lambda r: -r[2])
+
+    def family(name: str) -> str:
+        n = name.lower()
+        if "flash" in n or "fmha" in n or "attention" in n or "attn" in n:
+            return "attention"
+        if "gemm" in n or "cutlass" in n or "sm90" in n or "nvjet" in n or "matmul" in n or "mm_" in n:
+            return "matmul"
+        if "triton" in n or "_kernel" in n:
+            return "triton/elementwise"
+        return "other"
+
+    fam: dict[str, float] = {}
+    for k, _, t in rows:
+        fam[family(k)] = fam.get(family(k), 0.0) + t
+    return {"steps": steps, "total_ms_per_step": sum(r[2] for r in rows),
+            "families_ms_per_step": {k: round(v, 4) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": k[:160], "calls_per_step": c / steps, "ms_per_step": round(t, 4)}
+                    for k, c, t in rows[:top]]}
+
+
+def _e2e_arm(cfg: ModelConfig, arm: str, batch: int, seq_len: int, plan: Plan, device: torch.device,
+             peak: float) -> dict:
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    torch._dynamo.reset()  # every arm compiles from scratch under identical settings
+    model = build_model(cfg, arm, plan.seed).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, betas=(0.9, 0.95),
+                            **({"fused": True} if cuda else {}))
+    step_model = _LossModel(model)
+    step_model = torch.compile(step_model) if plan.compile else step_model
+    x, y = train_batch(cfg, batch, seq_len, device=device, seed=plan.seed)
+    last_loss = []
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = step_model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last_loss[:] = [loss.detach()]
+
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    first = time.perf_counter() - t0
+    for _ in range(plan.e2e_warmup - 1):
+        step()
+    synchronize(device)
+    if cuda:  # model, optimizer state and the steady-state working set, not the compile
+        torch.cuda.reset_peak_memory_stats(device)
+    timing = measure({"step": step}, warmup=0, iters=plan.e2e_iters, device=device)["step"]
+    tps = batch * seq_len / (timing["median_ms"] / 1e3)
+    peak_mem = torch.cuda.max_memory_allocated(device) if cuda else None
+    loss = float(last_loss[0])
+    prof = None
+    if plan.profile:
+        try:
+            prof = profile_kernels(step, device)
+        except Exception as e:  # noqa: BLE001 - the timing stands without the profile
+            prof = error_entry(e)
+    del model, opt, step_model, x, y, last_loss
+    fpt = flops_per_token(cfg, seq_len)
+    out = {"tokens_per_s": tps, "step": timing, "flops_per_token": fpt, "mfu": tps * fpt / peak,
+           "peak_mem_bytes": peak_mem, "peak_mem_gib": None if peak_mem is None else peak_mem / 2**30,
+           "first_step_s": first, "loss": loss if math.isfinite(loss) else None}
+    if prof is not None:
+        out["profile"] = prof
+    return out
+
+
+def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:
+    name = device_name(device)
+    peak = plan.peak_flops or peak_flops_for(name, default=989e12)
+    section = {"settings": {"autocast": "bf16", "compile": "torch.compile(model + loss)" if plan.compile else "none",
+                            "fused_adamw": device.type == "cuda", "warmup": plan.e2e_warmup, "iters": plan.e2e_iters,
+                            "peak_flops": peak, "timer": timer_name(device)},
+               "models": {}}
+    skip = arms_for_run()
+    # vanilla first, then fused: if the run is cut short, the headline comparison is already saved
+    for label, preset, overrides, seq_len, batch in plan.e2e_models:
+        base = ModelConfig.from_name(preset, **overrides)
+        case = {"preset": preset, "overrides": overrides, "seq_len": seq_len, "batch": batch, "arms": {}, "ratios": {}}
+        section["models"][label] = case
+        for arm in ("vanilla", "fused", "fused-flash", "fused-sdpa", "naive"):
+            if skip[arm]:
+                case["arms"][arm] = {"skipped": skip[arm]}
+                continue
+            log(f"e2e {label} {arm}")
+            free_memory(device)
+            try:
+                case["arms"][arm] = _e2e_arm(base, arm, batch, seq_len, plan, device, peak)
+                a = case["arms"][arm]
+                log(f"  {a['tokens_per_s']:,.0f} tok/s, MFU {a['mfu']:.1%}, first step {a['first_step_s']:.1f}s")
+            except Exception as e:  # noqa: BLE001
+                case["arms"][arm] = error_entry(e)
+            torch._dynamo.reset()  # drop the compiled graphs (and what they hold) before the next arm
+            free_memory(device)
+            case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
+            van = case["arms"].get("vanilla", {})
+            case["ratios"] = {
+                "tokens_per_s": {a: ratio(case["arms"].get(a, {}).get("tokens_per_s"), van.get("tokens_per_s"))
+                                 for a in ARMS[1:]},
+                "peak_mem": {a: ratio(case["arms"].get(a, {}).get("peak_mem_bytes"), van.get("peak_mem_bytes"))
+                             for a in ARMS[1:]},
+            }
+            save({"e2e": section})
+    return section
