@@ -20,7 +20,6 @@ what it measured; with --only the other parts of an earlier result for the same 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,28 +31,27 @@ from kvshift.bench.decode import bench_decode
 from kvshift.bench.e2e import bench_e2e
 from kvshift.bench.plan import PARTS, Plan, device_name, device_slug, fused_available, log
 from kvshift.bench.report import compute_targets, render_markdown, target_summary
+from kvshift.utils.provenance import provenance
 
 
-def provenance(device: torch.device, quick: bool) -> dict:
-    import platform
-
-    import kvshift
-    from kvshift.utils.provenance import git_commit
-
+def _triton_version() -> str | None:
     try:
-        import triton
-        triton_version = triton.__version__
+        import triton  # optional dependency (kvshift[triton]): None when it is not installed
     except Exception:
-        triton_version = None
+        return None
+    return triton.__version__
+
+
+def bench_meta(device: torch.device, quick: bool) -> dict:
+    """The result's meta: `kvshift.utils.provenance` with the bench's device name ("cpu" on a CPU, see
+    `plan.device_name`) and the bench-only keys, in the order results have always had."""
+    prov = provenance(device)
     name = device_name(device)
     return {
         "device": name, "device_slug": device_slug(name), "quick": quick,
-        "command": " ".join(["kvshift"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("kvshift", "cli.py"))
-        else " ".join(sys.argv),
-        "git_commit": git_commit(), "kvshift": kvshift.__version__, "torch": torch.__version__,
-        "triton": triton_version, "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cpu_threads": torch.get_num_threads(),
+        **{k: prov[k] for k in ("command", "git_commit", "kvshift", "torch")},
+        "triton": _triton_version(), "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "python": prov["python"], "time_utc": prov["time_utc"], "cpu_threads": torch.get_num_threads(),
     }
 
 
@@ -125,7 +123,7 @@ def run_bench(plan: Plan, out: str | Path, *, device: torch.device | None = None
         raise ValueError(f"unknown bench parts {sorted(unknown)}; choose from {PARTS}")
     out = Path(out)
     torch.set_float32_matmul_precision("high")
-    meta = provenance(device, plan.quick)
+    meta = bench_meta(device, plan.quick)
     meta["plan"] = asdict(plan)
     meta["fused_available"] = fused_available()
     results: dict = {"meta": meta}
