@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
+# None of these defines the Triton kernels at import: `kvshift.ops.shift.triton_available()` imports them
+# at first use (in run_bench), after `_run` has set TRITON_INTERPRET on a CPU machine.
+from kvshift.bench.plan import PARTS, Plan
+from kvshift.bench.report import render_markdown
+from kvshift.bench.run import merge_results, run_bench
+
 
 def _parts(s: str) -> tuple[str, ...]:
-    from kvshift.bench.plan import PARTS
-
     parts = tuple(p.strip() for p in s.split(",") if p.strip())
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
@@ -17,12 +23,7 @@ def _parts(s: str) -> tuple[str, ...]:
 
 
 def _run(args) -> int:
-    import torch
-
     if args.merge:
-        from kvshift.bench.report import render_markdown
-        from kvshift.bench.run import merge_results
-
         res = merge_results(args.merge, args.out)
         print(render_markdown(res))
         print(f"merged {len(args.merge)} results into {args.out}/{res['meta']['device_slug']}.json and .md")
@@ -32,9 +33,6 @@ def _run(args) -> int:
     if not cuda:
         # the fused kernels then run through Triton's interpreter (must be set before they are defined)
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from kvshift.bench.plan import PARTS, Plan
-    from kvshift.bench.run import run_bench
-
     quick = args.quick
     if not cuda and not quick:
         sys.stderr.write("kvshift bench: no CUDA device, running the --quick plan (tiny shapes; not for committing)\n")
@@ -58,8 +56,6 @@ def _run(args) -> int:
         plan.e2e_models = [m for m in plan.e2e_models if m[0] in want]
     res = run_bench(plan, args.out)
     slug = res["meta"]["device_slug"]
-    from kvshift.bench.report import render_markdown
-
     print(render_markdown(res))
     s = res["summary"]
     print(f"targets: {s['met']} met, {s['missed']} missed, {s['unknown']} without data")
