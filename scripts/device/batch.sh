@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Several device jobs at once on a machine of several GPUs (device tool), from the repository root:
 #   bash scripts/device/batch.sh BUDGET_S "GPUS|COMMAND" ["GPUS|COMMAND" ...]
-# e.g. bash scripts/device/batch.sh 560 "0|bash scripts/device/bench.sh" "1|bash scripts/device/lm.sh 'lm-main --only 10m'"
-# Each COMMAND runs under bash with CUDA_VISIBLE_DEVICES=GPUS, its own OUT (/tmp/batch/jobN) and
-# KVSHIFT_BATCH_DEADLINE (epoch seconds; BENCH_TIMEOUT and LM_BUDGET, BATCH_TAIL=40 s before it, are derived from it), and is killed
-# at the deadline. The LM pack ($LM_PACK, default cache/lm-pack.tar.xz, when carried) is unpacked once,
-# before any job, into $KVSHIFT_SHARDS (default cache/lm-shards).
+# e.g. bash scripts/device/batch.sh 560 "0|bash scripts/device/bench.sh" "1|bash scripts/device/experiment.sh 'lm-main --only 10m'"
+# Each COMMAND runs under bash with CUDA_VISIBLE_DEVICES=GPUS, its own OUT (/tmp/batch/jobN),
+# BENCH_TIMEOUT and BUDGET (BATCH_TAIL=40 s before the deadline), and is killed at the deadline. The LM
+# pack ($LM_PACK, default cache/lm-pack.tar.xz, when carried) is unpacked once, before any job, into
+# cache/lm-shards.
 # Every 60 s and at the end, $OUT/batch.tgz gets every file under results/ written since the start plus the
-# jobs' logs and outputs (not their results.tgz); files a job puts in $KVSHIFT_RETURN (= $OUT) come back
+# jobs' logs and outputs (not their results.tgz); files a job puts in $RETURN_DIR (= $OUT) come back
 # as they are (at most 8 files in all, 16 MiB each). Here: `tar xzf <files_at>/batch.tgz` in the repo root
 # (results/ merge in place; logs land in batch/, which git ignores).
 set -u
@@ -15,12 +15,12 @@ set -u
 start=$(date +%s); deadline=$(( start + $1 )); shift; ROOT=$PWD
 OUT=${OUT:-/tmp/batch-out}; J=/tmp/batch; rm -rf "$J"; mkdir -p "$J" "$OUT"
 stamp=$J/.start; touch -d "@$start" "$stamp"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 KVSHIFT_BATCH_DEADLINE=$deadline KVSHIFT_RETURN=$OUT
-export KVSHIFT_RESULTS=$PWD/results KVSHIFT_SHARDS=${KVSHIFT_SHARDS:-$PWD/cache/lm-shards}
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 RETURN_DIR=$OUT
+SHARDS=cache/lm-shards
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader 2>/dev/null
 PACK=${LM_PACK:-cache/lm-pack.tar.xz}
-if [ ! -f "$KVSHIFT_SHARDS/meta.json" ] && [ -f "$PACK" ]; then
-  t0=$(date +%s); "${PYTHON:-python3}" -m kvshift.data.cli data unpack "$PACK" --out "$KVSHIFT_SHARDS" | tail -n 2
+if [ ! -f "$SHARDS/meta.json" ] && [ -f "$PACK" ]; then
+  t0=$(date +%s); "${PYTHON:-python3}" -m kvshift.cli data unpack "$PACK" --out "$SHARDS" | tail -n 2
   echo "== unpacked the LM pack in $(( $(date +%s) - t0 ))s"
 fi
 
@@ -41,7 +41,7 @@ for spec in "$@"; do
   left=$(( deadline - $(date +%s) ))
   echo "== job$i [gpu $gpus] $(date +%T): $cmd"
   echo "$cmd" > "$d/command"
-  ( export CUDA_VISIBLE_DEVICES=$gpus OUT=$d BENCH_TIMEOUT=$(( left - 15 )) LM_BUDGET=$(( left - ${BATCH_TAIL:-40} ))
+  ( export CUDA_VISIBLE_DEVICES=$gpus OUT=$d BENCH_TIMEOUT=$(( left - 15 )) BUDGET=$(( left - ${BATCH_TAIL:-40} ))
     timeout -k 15 "$left" bash -c "$cmd" > "$d/log" 2>&1; echo "== exit $?" >> "$d/log" ) &
   pids+=($!); i=$(( i + 1 ))
 done

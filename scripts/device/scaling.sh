@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Multi-GPU throughput of `kvshift train` (device tool, kind nvidia-h200-x2 or larger), from the repo root,
-# with the LM shards in $KVSHIFT_SHARDS (default cache/lm-shards; scripts/device/batch.sh unpacks the pack):
+# with the LM shards in $SHARDS (default cache/lm-shards; scripts/device/batch.sh unpacks the pack):
 #   bash scripts/device/scaling.sh [CONFIG] [STEPS] [EXTRA --set ARGS...]
 # Weak scaling: the same per-GPU batch on 1 GPU, then 2 GPUs with DDP, then 2 GPUs with FSDP2 (`--fsdp`),
 # each a fresh compiled run of STEPS steps (default 60; the summary's tokens_per_s leaves out the first
 # steps, compilation included). Each run's summary.json and metrics.jsonl go to $OUT/scaling/<mode>/;
-# then, here: `python -m kvshift.experiments.pipeline scaling DIR/scaling` writes results/pipeline/scaling.*
+# then, here: `kvshift experiment pipeline --scale gpu --input scaling=DIR/scaling` writes results/pipeline-gpu/scaling.*
 # Without a GPU the same runs go to the CPU with gloo (a smoke test of this script: tests/test_pipeline.py).
 set -u
 CONFIG=${1:-lm-50m}; STEPS=${2:-60}; shift $(( $# < 2 ? $# : 2 ))
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; SH=${KVSHIFT_SHARDS:-$PWD/cache/lm-shards}; PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/out}; SH=${SHARDS:-$PWD/cache/lm-shards}; PY=${PYTHON:-python3}
 [ -f "$SH/meta.json" ] || { echo "no shards (meta.json) in $SH" >&2; exit 1; }
 sets=()
 for kv in "data.shard_dir=\"$SH\"" "train.steps=$STEPS" "train.eval_every=0" "train.eval_batches=2" \

@@ -23,7 +23,7 @@ def pair(tmp_path_factory):
 
 def test_downstream_end_to_end(pair, tmp_path):
     s = downstream.run(pair, tasks=["piqa", "winogrande"], limit=6, name="tiny", eval_dir=tmp_path / "eval",
-                       analysis_dir=tmp_path / "an", out=tmp_path / "out", device="cpu", batch_size=4)
+                       out=tmp_path / "out", device="cpu", batch_size=4)
     assert s["verdict"] in {"reproduced", "partly reproduced", "not reproduced"}
     for t in ("piqa", "winogrande"):
         r = s["tasks"][t]
@@ -32,7 +32,7 @@ def test_downstream_end_to_end(pair, tmp_path):
         assert r["kvshift"]["significant"] == (abs(r["kvshift"]["diff"]) > 2 * r["kvshift"]["diff_se"])
     for arm in pair:
         assert (tmp_path / "eval" / f"m-{arm}.json").is_file()
-        assert (tmp_path / "an" / f"tiny-{arm}" / "analysis.json").is_file()
+        assert (tmp_path / "out" / "analysis" / f"tiny-{arm}" / "analysis.json").is_file()
         assert s["heads"][arm]["n_layers"] == 2 and len(s["exports"][arm]["weights_sha256"]) == 64
     assert (tmp_path / "out" / "plot.png").stat().st_size > 5000
     readme = (tmp_path / "out" / "README.md").read_text()
@@ -40,7 +40,7 @@ def test_downstream_end_to_end(pair, tmp_path):
     # a second run reuses both the evaluations and the analyses (same tasks and limit)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "eval").iterdir()}
     downstream.run(pair, tasks=["piqa", "winogrande"], limit=6, name="tiny", eval_dir=tmp_path / "eval",
-                   analysis_dir=tmp_path / "an", out=tmp_path / "out")
+                   out=tmp_path / "out")
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "eval").iterdir()}
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["limit"] == 6
 
@@ -60,9 +60,9 @@ def test_head_and_verdict_rules():
 
 def test_bad_model_arguments(tmp_path):
     with pytest.raises(ValueError, match="ARM=DIR"):
-        downstream._arms("vanilla")
-    with pytest.raises(FileNotFoundError, match="--models vanilla: .*no config"):
-        downstream._arms(f"vanilla={tmp_path},kvshift={tmp_path}")
+        downstream._arms(["vanilla"])
+    with pytest.raises(FileNotFoundError, match="--input vanilla: .*no config"):
+        downstream._arms([f"vanilla={tmp_path}", f"kvshift={tmp_path}"])
 
 
 def test_task_rows_standard_errors_and_significance():
@@ -81,7 +81,7 @@ def test_task_rows_standard_errors_and_significance():
 
 def test_downstream_from_evaluation_files(pair, tmp_path):
     """Models scored elsewhere (`kvshift eval --scores`): the arms are evaluation JSONs, the analyses must exist."""
-    kw = dict(tasks=["piqa"], limit=4, name="tiny", analysis_dir=tmp_path / "an", device="cpu", batch_size=4)
+    kw = dict(tasks=["piqa"], limit=4, name="tiny", device="cpu", batch_size=4)
     downstream.run(pair, eval_dir=tmp_path / "eval", out=tmp_path / "first", **kw)
     evals = {arm: tmp_path / "eval" / f"m-{arm}.json" for arm in pair}
     for arm, f in evals.items():  # what `kvshift eval --scores` adds
@@ -91,13 +91,16 @@ def test_downstream_from_evaluation_files(pair, tmp_path):
         f.write_text(json.dumps(r))
     out = tmp_path / "out"
     (out / "runs" / "kvshift-s0").mkdir(parents=True)
+    (out / "analysis").mkdir()
+    for arm in pair:  # the analyses made where the models were (scripts/device/downstream.sh)
+        (tmp_path / "first" / "analysis" / f"tiny-{arm}").rename(out / "analysis" / f"tiny-{arm}")
     (out / "runs" / "kvshift-s0" / "summary.json").write_text(json.dumps(
         {"final_val_loss": 1.5, "tokens": 1000, "steps": 10, "tokens_per_s": 1.0, "status": "finished"}))
-    s = downstream.run(downstream._arms(",".join(f"{a}={f}" for a, f in evals.items())), out=out, **kw)
+    s = downstream.run(downstream._arms([f"{a}={f}" for a, f in evals.items()]), out=out, **kw)
     assert s["exports"]["vanilla"]["model"] == "rerun/runs/vanilla-s0" and s["training"]["kvshift"]["final_val_loss"] == 1.5
     readme = (out / "README.md").read_text()
     assert "computed on NVIDIA H200 (torch.bfloat16, torch 2.11)" in readme and "| kvshift | 1.5000 | 1,000 | finished |" in readme
     with pytest.raises(FileNotFoundError, match="no head analysis"):
-        downstream.run(evals, out=tmp_path / "o2", **{**kw, "analysis_dir": tmp_path / "none"})
+        downstream.run(evals, out=tmp_path / "o2", **kw)
     with pytest.raises(ValueError, match="does not hold"):
-        downstream.run(evals, out=tmp_path / "o3", **{**kw, "limit": 5})
+        downstream.run(evals, out=out, **{**kw, "limit": 5})

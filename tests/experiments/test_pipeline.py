@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kvshift.experiments import lm, pipeline
+from kvshift.experiments import pipeline
+from kvshift.experiments.base import RunOptions
+from kvshift.experiments.cli import run_experiment
 from kvshift.train.testing import write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +24,7 @@ def shards(tmp_path_factory):
 
 
 def _env(tmp_path, shards):
-    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), KVSHIFT_SHARDS=str(shards),
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), SHARDS=str(shards),
                SCALING_RUNS=str(tmp_path / "scaling-runs"), OMP_NUM_THREADS="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     return env
@@ -58,12 +60,11 @@ def test_scaling_summary_needs_the_one_gpu_run(tmp_path):
         pipeline.scaling(tmp_path, tmp_path / "pipe")
 
 
-def test_sizes_from_lm_runs(tmp_path, shards, monkeypatch):
-    monkeypatch.setenv("KVSHIFT_RESULTS", str(tmp_path / "results"))
-    monkeypatch.setenv("KVSHIFT_RUNS", str(tmp_path / "runs"))
+def test_sizes_from_lm_runs(tmp_path, shards):
     out = tmp_path / "results" / "lm-scaling-cpu"
-    lm.run_experiment("lm-scaling", "cpu", steps=6, out=out, shards=shards, only=["3m", "10m"], log=lambda *_: None)
-    res = pipeline.sizes(out / "runs", None, tmp_path / "pipe")
+    run_experiment("lm-scaling", RunOptions(steps=6, out=out, runs=tmp_path / "runs", shards=shards,
+                                            only=["3m", "10m"], log=lambda *_: None))
+    res = run_experiment("pipeline", RunOptions(out=tmp_path / "pipe", inputs=[f"sizes={out / 'runs'}"]))["sizes"]
     assert list(res["sizes"]) == ["3m", "10m"]  # ordered by size
     for arms in res["sizes"].values():
         assert set(arms) == {"vanilla-s0", "kvshift-s0"}
@@ -71,18 +72,19 @@ def test_sizes_from_lm_runs(tmp_path, shards, monkeypatch):
             assert r["status"] == "finished" and r["tokens_per_s"] > 0 and r["final_val_loss"] > 0
     readme = (tmp_path / "pipe" / "README.md").read_text()
     assert "| 3m | vanilla-s0 |" in readme and (tmp_path / "pipe" / "loss.png").stat().st_size > 5000
-    with pytest.raises(ValueError, match="--sizes"):
+    with pytest.raises(ValueError, match="--only"):
         pipeline.sizes(out / "runs", ["85m"], tmp_path / "pipe")
-    with pytest.raises(FileNotFoundError, match="--runs"):
+    with pytest.raises(FileNotFoundError, match="--input sizes="):
         pipeline.sizes(tmp_path / "nowhere", None, tmp_path / "pipe")
+    with pytest.raises(ValueError, match="sizes=DIR or scaling=DIR"):
+        run_experiment("pipeline", RunOptions(out=tmp_path / "pipe", inputs=[f"size={out}"]))
 
 
 def test_batch_script_packs_new_results_and_logs(tmp_path):
     """batch.sh runs each job with its own GPU list and OUT, and packs only files written since it started
     (not the jobs' own results.tgz, not toy model weights) into $OUT/batch.tgz."""
     res = REPO / "results" / "zz-batch-test"
-    env = dict(os.environ, OUT=str(tmp_path / "out"), KVSHIFT_SHARDS=str(tmp_path / "no-shards"),
-               LM_PACK=str(tmp_path / "no-pack.tar.xz"))
+    env = dict(os.environ, OUT=str(tmp_path / "out"), LM_PACK=str(tmp_path / "no-pack.tar.xz"))
     jobs = [f"0|echo gpus=$CUDA_VISIBLE_DEVICES; mkdir -p {res}/models && echo 1 > {res}/a.json "
             f"&& echo w > {res}/models/w.bin && echo x > $OUT/results.tgz && echo keep > $OUT/note.txt",
             "2,3|echo gpus=$CUDA_VISIBLE_DEVICES; sleep 30"]

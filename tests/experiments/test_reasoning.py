@@ -6,12 +6,14 @@ import random
 import pytest
 import torch
 
-from kvshift.experiments import get, reasoning
+from kvshift.experiments import hopk as hopk_exp
+from kvshift.experiments import igsm as igsm_exp
+from kvshift.experiments.base import VERDICTS, RunOptions
+from kvshift.experiments.cli import run_experiment
 from kvshift.models import LM, ModelConfig
-from kvshift.tasks import igsm
+from kvshift.tasks import hopk, igsm
 
 FILES = ("metrics.jsonl", "summary.json", "plot.png", "README.md")
-VERDICTS = ("reproduced", "partly reproduced", "not reproduced")
 
 
 def _check_common(out, summ, name):
@@ -27,14 +29,14 @@ def _check_common(out, summ, name):
 
 @pytest.fixture
 def tiny_hopk(monkeypatch):
-    s = dict(reasoning.HOPK["cpu"], depths=(1, 2), seq=24, dim=16, heads=2, ffn=32, batch=8, steps=6, warmup=2,
+    s = dict(hopk_exp.HOPK["cpu"], depths=(1, 2), seq=24, dim=16, heads=2, ffn=32, batch=8, steps=6, warmup=2,
              eval_every=4, n_eval=4)
-    monkeypatch.setitem(reasoning.HOPK, "cpu", s)
+    monkeypatch.setitem(hopk_exp.HOPK, "cpu", s)
     return s
 
 
 def test_hopk_end_to_end(tmp_path, tiny_hopk):
-    summ = get("hopk")(scale="cpu", seeds=1, steps=None, out=str(tmp_path))
+    summ = run_experiment("hopk", RunOptions(out=tmp_path, runs=tmp_path / "runs", log=lambda m: None))
     _check_common(tmp_path, summ, "hopk")
     assert summ["depths"] == [1, 2]
     assert len(summ["defined_fraction_by_k"]) == 17
@@ -57,8 +59,8 @@ def test_hopk_arms_share_init_and_data(tiny_hopk):
     a, b = LM(cfg("vanilla"), seed=3).state_dict(), LM(cfg("kvshift"), seed=3).state_dict()
     for k, v in a.items():
         assert torch.equal(v, b[k]), k
-    x1 = reasoning._sample_hopk(s["seq"], 4, 16, 3, torch.Generator().manual_seed(5))
-    x2 = reasoning._sample_hopk(s["seq"], 4, 16, 3, torch.Generator().manual_seed(5))
+    x1 = hopk_exp._sample_hopk(s["seq"], 4, 16, 3, torch.Generator().manual_seed(5))
+    x2 = hopk_exp._sample_hopk(s["seq"], 4, 16, 3, torch.Generator().manual_seed(5))
     assert all(torch.equal(p, q) for p, q in zip(x1, x2))
 
 
@@ -71,25 +73,25 @@ def test_hopk_verdict_rules():
 
 
 def test_hops_solved():
-    assert reasoning.hops_solved([0.0, 0.01, 0.3, 0.0]) == 1  # stops at the first miss
-    assert reasoning.hops_solved([0.2, 0.0]) == -1
-    assert reasoning.hops_solved([0.0] * 17) == 16
+    assert hopk_exp.hops_solved([0.0, 0.01, 0.3, 0.0]) == 1  # stops at the first miss
+    assert hopk_exp.hops_solved([0.2, 0.0]) == -1
+    assert hopk_exp.hops_solved([0.0] * 17) == 16
 
 
 def hopk_v(d, L):
-    return reasoning.hopk_verdict(d, L)[0]
+    return hopk_exp.hopk_verdict(d, L)[0]
 
 
 @pytest.fixture
 def tiny_igsm(monkeypatch):
-    s = dict(reasoning.IGSM["cpu"], settings=((2, 3),), seq=160, dim=16, heads=2, n_layers=1, ffn=32, batch=4,
+    s = dict(igsm_exp.IGSM["cpu"], settings=((2, 3),), seq=160, dim=16, heads=2, n_layers=1, ffn=32, batch=4,
              steps=4, warmup=2, eval_every=2, n_test=4, n_id=3, gen_batch=3)
-    monkeypatch.setitem(reasoning.IGSM, "cpu", s)
+    monkeypatch.setitem(igsm_exp.IGSM, "cpu", s)
     return s
 
 
 def test_igsm_end_to_end(tmp_path, tiny_igsm):
-    summ = get("igsm")(scale="cpu", seeds=1, steps=None, out=str(tmp_path))
+    summ = run_experiment("igsm", RunOptions(out=tmp_path, runs=tmp_path / "runs", log=lambda m: None))
     _check_common(tmp_path, summ, "igsm")
     r = summ["results"]["Tr2-Te3"]
     for arm in ("vanilla", "kvshift"):
@@ -102,7 +104,7 @@ def test_igsm_end_to_end(tmp_path, tiny_igsm):
 
 
 def test_igsm_sampler_rows_and_mask():
-    tok, mask = reasoning._sample_igsm(3, 200, 5, torch.Generator().manual_seed(0))
+    tok, mask = igsm_exp._sample_igsm(3, 200, 5, torch.Generator().manual_seed(0))
     assert tok.shape == mask.shape == (5, 200)
     T = igsm.IGSMTokenizer()
     for b in range(5):
@@ -135,8 +137,8 @@ def test_greedy_scoring_of_a_perfect_and_a_wrong_solver(monkeypatch):
             gen = torch.tensor([r + [T.eos_id] * (L - len(r)) for r in rows])
             return torch.cat([ids.cpu(), gen], 1)
 
-    good = reasoning.greedy_solve(Oracle(False), problems, torch.device("cpu"), batch=3, max_new=500)
-    bad = reasoning.greedy_solve(Oracle(True), problems, torch.device("cpu"), batch=3, max_new=500)
+    good = igsm_exp.greedy_solve(Oracle(False), problems, torch.device("cpu"), batch=3, max_new=500)
+    bad = igsm_exp.greedy_solve(Oracle(True), problems, torch.device("cpu"), batch=3, max_new=500)
     assert good["answer_accuracy"] == 1 and good["solution_correct"] == 1
     assert bad["answer_accuracy"] == 0 and bad["solution_correct"] == 0
 
@@ -158,3 +160,21 @@ def test_left_padded_greedy_matches_one_by_one(attention):
     for b, p in enumerate(prompts):
         alone = model.generate(p.view(1, -1), 6, temperature=0)[0, len(p):]
         assert torch.equal(batched[b], alone), b
+
+
+def test_task_batches_give_the_tasks_losses():
+    """The trainer's cross-entropy (ignore -100) on the tasks' batches is each task's own loss: iGSM's on the
+    solution tokens only, hop-k's read at each position."""
+    torch.manual_seed(0)
+    tok, mask = igsm_exp._sample_igsm(3, 200, 4, torch.Generator().manual_seed(0))
+    b = igsm_exp.igsm_batch(tok, mask)
+    V = igsm.IGSMTokenizer().vocab_size
+    logits = torch.randn(*b["input_ids"].shape, V)
+    ours = torch.nn.functional.cross_entropy(logits.view(-1, V), b["labels"].view(-1), ignore_index=-100)
+    T = b["input_ids"].shape[1] + 1
+    m = mask[:, :T - 1]
+    ref = torch.nn.functional.cross_entropy(logits[m], tok[:, 1:T][m])
+    assert torch.allclose(ours, ref) and T <= 200 and (tok[:, T:] == igsm.IGSMTokenizer().pad_id).all()
+    t, y = hopk_exp._sample_hopk(24, 4, 16, 2, torch.Generator().manual_seed(1))
+    hb = hopk_exp.hopk_batch(t, y)
+    assert torch.equal(hb["input_ids"], t) and torch.equal(hb["labels"], y) and hopk.IGNORE_INDEX == -100

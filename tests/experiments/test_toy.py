@@ -5,8 +5,12 @@ import json
 import pytest
 import torch
 
-from kvshift.experiments import get, load_all
 from kvshift.experiments import toy
+from kvshift.experiments.arms import DataStream
+from kvshift.experiments.base import VERDICTS, RunOptions
+from kvshift.experiments.cli import run_experiment
+from kvshift.experiments.registry import EXPERIMENTS, get
+from kvshift.experiments.report import render, write_report
 
 TINY = dict(vocab=64, seq=24, pool=16, dim=16, heads=2, ffn=32, batch=4, steps=6, lr=1e-3, warmup=2,
             eval_every=3, n_eval=8, compile=False, bf16=False)
@@ -22,12 +26,11 @@ def tiny(monkeypatch):
 @pytest.mark.parametrize("name", ["induction-depth", "induction-width", "ngram", "shift-dynamics"])
 def test_toy_experiment_writes_every_file(tiny, tmp_path, name):
     out = tmp_path / name
-    out.mkdir()
-    summary = get(name)(scale="cpu", seeds=1, steps=None, out=str(out))
+    summary = run_experiment(name, RunOptions(out=out, runs=tmp_path / "runs", log=lambda m: None))
     for f in FILES:
         assert (out / f).stat().st_size > 0, f
     s = json.loads((out / "summary.json").read_text())
-    assert s["experiment"] == name and s["verdict"] in ("reproduced", "partly reproduced", "not reproduced")
+    assert s["experiment"] == name and s["verdict"] in VERDICTS
     assert s["train"]["steps"] == TINY["steps"] and s["torch"] == torch.__version__
     for arm in s["arms"].values():
         assert 0.0 <= arm["final_accuracy"] <= 1.0
@@ -37,7 +40,12 @@ def test_toy_experiment_writes_every_file(tiny, tmp_path, name):
     assert arms == set(s["arms"])
     # every arm saw the same number of steps and was evaluated at the same steps
     evals = {a: [r["step"] for r in recs if r["arm"] == a and r.get("eval")] for a in arms}
-    assert len({tuple(v) for v in evals.values()}) == 1
+    assert len({tuple(v) for v in evals.values()}) == 1 and evals[next(iter(arms))] == [0, 3, 6]
+    # every arm trained through the trainer: its run directory holds the trainer's files, no checkpoint
+    for a in arms:
+        rd = tmp_path / "runs" / f"{name}-cpu" / f"{a}-s0"
+        assert json.loads((rd / "summary.json").read_text())["status"] == "finished"
+        assert not (rd / "checkpoints").exists()
     if name == "shift-dynamics":
         assert any("coefficients" in r for r in recs)
         assert len(s["heads"]) == TINY["heads"]
@@ -46,7 +54,6 @@ def test_toy_experiment_writes_every_file(tiny, tmp_path, name):
 
 def test_arms_share_the_data_stream(tiny):
     sampler = toy._induction_sampler(toy.INDUCTION["cpu"])
-    from kvshift.experiments.common import DataStream
     a = DataStream(sampler, 4, 5, seed=3, workers=1)
     b = DataStream(sampler, 4, 5, seed=3, workers=2)
     c = DataStream(sampler, 4, 5, seed=4, workers=1)
@@ -58,12 +65,10 @@ def test_landscape_and_theorem2_and_report(tmp_path):
     res = tmp_path / "results"
     for name in ("landscape", "theorem2"):
         out = res / f"{name}-cpu"
-        out.mkdir(parents=True)
-        s = get(name)(scale="cpu", seeds=1, steps=50, out=str(out))
+        s = run_experiment(name, RunOptions(out=out, steps=50))
         assert (out / "summary.json").exists() and (out / "README.md").exists()
         assert s["verdict"] == "reproduced", s["verdict_text"]
     assert (res / "landscape-cpu" / "plot.png").stat().st_size > 10_000
-    from kvshift.experiments.report import write_report
     path = write_report(res, tmp_path / "REPRODUCTION.md")
     text = path.read_text()
     assert "| Fig. 2 |" in text and "**reproduced**" in text and "not run yet" in text
@@ -71,15 +76,14 @@ def test_landscape_and_theorem2_and_report(tmp_path):
 
 
 def test_registry_and_unknown_name():
-    names = set(load_all())
-    assert {"induction-depth", "induction-width", "ngram", "shift-dynamics", "landscape", "theorem2"} <= names
+    assert {"induction-depth", "induction-width", "ngram", "shift-dynamics", "landscape", "theorem2"} <= set(EXPERIMENTS)
     with pytest.raises(ValueError, match="unknown experiment"):
         get("nope")
+    for e in EXPERIMENTS.values():  # every claim has its rule in words
+        assert (e.claim is None) == (e.rule is None), e.name
 
 
 def test_report_rows_from_bench_targets(tmp_path):
-    from kvshift.experiments.report import render
-
     def write(name, targets):
         (tmp_path / "bench").mkdir(exist_ok=True)
         (tmp_path / "bench" / f"{name}.json").write_text(json.dumps(

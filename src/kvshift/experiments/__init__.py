@@ -1,40 +1,7 @@
-"""Registry of named experiments: `kvshift experiment NAME` looks a name up here.
+"""The research harness: the paper's experiments (and ours beyond it), each one `Experiment` record in
+`kvshift.experiments.registry`, run by `kvshift experiment NAME`, summarised into results/<name>-<scale>/
+and gathered into docs/REPRODUCTION.md by `kvshift report`.
 
-Each experiment is a function (scale, seeds, steps, out) -> summary dict that writes
-results/<name>[-<scale>]/ (metrics.jsonl, summary.json, plot.png, README.md).
+It lives in the package (not in a top-level folder) so that `kvshift experiment NAME` works from any
+install; the library (ops, layers, models) never imports it.
 """
-
-from __future__ import annotations
-
-from typing import Callable
-
-EXPERIMENTS: dict[str, tuple[Callable, str]] = {}
-_MODULES = ("kvshift.experiments.toy", "kvshift.experiments.landscape", "kvshift.experiments.reasoning",
-            "kvshift.experiments.lm")
-
-
-def register(name: str, description: str):
-    def deco(fn):
-        if name in EXPERIMENTS:
-            raise ValueError(f"experiment {name!r} registered twice")
-        EXPERIMENTS[name] = (fn, description)
-        return fn
-    return deco
-
-
-def load_all() -> dict[str, tuple[Callable, str]]:
-    import importlib
-    for m in _MODULES:
-        try:
-            importlib.import_module(m)
-        except ModuleNotFoundError as e:
-            if e.name != m:
-                raise
-    return EXPERIMENTS
-
-
-def get(name: str) -> Callable:
-    load_all()
-    if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
-    return EXPERIMENTS[name][0]

@@ -1,85 +1,124 @@
-"""`kvshift experiment NAME`, `kvshift reproduce --quick`, `kvshift report`."""
+"""`kvshift experiment NAME | list`, `kvshift reproduce [--quick]`, `kvshift report`."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-from kvshift.experiments import get, load_all
+from kvshift.experiments.base import RunOptions
+from kvshift.experiments.registry import EXPERIMENTS, get
+from kvshift.experiments.report import write_report
+
+QUICK = ("induction-depth", "landscape")
+FULL_CPU = ("induction-depth", "induction-width", "ngram", "shift-dynamics", "landscape")
 
 
-def results_root() -> Path:
-    return Path(os.environ.get("KVSHIFT_RESULTS", "results"))
+def _csv(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
-def run_experiment(name: str, scale: str = "cpu", seeds: int = 1, steps: int | None = None, out: str | None = None) -> dict:
-    fn = get(name)
-    if scale not in ("cpu", "gpu"):
-        raise ValueError(f"scale must be 'cpu' or 'gpu', got {scale!r}")
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
-    out = out or str(results_root() / f"{name}-{scale}")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    return fn(scale=scale, seeds=seeds, steps=steps, out=out)
+def _seeds(text: str | None) -> int | list[int] | None:
+    if text is None:
+        return None
+    if "," in text:
+        return [int(s) for s in text.split(",") if s.strip()]
+    return int(text)
 
 
-def _experiment(args) -> int:
-    s = run_experiment(args.name, args.scale, args.seeds, args.steps, args.out)
-    print(f"\n{args.name}: {s.get('verdict', '')} — {s.get('verdict_text', '')}")
-    print(f"results in {args.out or results_root() / (args.name + '-' + args.scale)}")
+def results_dir(name: str, opts: RunOptions) -> Path:
+    e = get(name)
+    if opts.out is not None:
+        return Path(opts.out)
+    if e.results_dir is not None:
+        return e.results_dir(opts)
+    return Path("results") / f"{name}-{opts.scale}"
+
+
+def run_experiment(name: str, opts: RunOptions) -> dict:
+    """Runs (or, with opts.summarize_only, re-summarises) one experiment into its results directory."""
+    e = get(name)
+    if opts.scale not in e.scales:
+        raise ValueError(f"{name} runs at scale {' or '.join(e.scales)}, not {opts.scale!r}")
+    out = results_dir(name, opts)
+    out.mkdir(parents=True, exist_ok=True)
+    if opts.summarize_only:
+        if e.summarize is None:
+            raise ValueError(f"{name} has no published runs to re-summarise: run it")
+        return e.summarize(opts, out)
+    return e.run(opts, out)
+
+
+def _options(a) -> RunOptions:
+    return RunOptions(scale=a.scale, out=Path(a.out) if a.out else None, runs=Path(a.runs), seeds=_seeds(a.seeds),
+                      steps=a.steps, only=_csv(a.only), arms=_csv(a.arms), shards=Path(a.shards) if a.shards else None,
+                      inputs=list(a.input), overrides=list(a.set), keep_checkpoints=a.keep_checkpoints,
+                      summarize_only=a.summarize, tag=a.tag, note=a.note)
+
+
+def _experiment(a) -> int:
+    if a.name == "list":
+        for name, e in EXPERIMENTS.items():
+            print(f"{name:<20} {e.ref:<16} {e.description}")
+        return 0
+    opts = _options(a)
+    s = run_experiment(a.name, opts)
+    if "verdict" in s:
+        print(f"\n{a.name}: {s['verdict']} — {s.get('verdict_text', '')}")
+    print(f"results in {results_dir(a.name, opts)}")
     return 0
 
 
-def _list(args) -> int:
-    for name, (_, desc) in sorted(load_all().items()):
-        print(f"{name:<22} {desc}")
-    return 0
-
-
-def _reproduce(args) -> int:
-    names = ["induction-depth", "landscape"] if args.quick else args.experiments.split(",")
+def _reproduce(a) -> int:
+    names = QUICK if a.quick else tuple(_csv(a.experiments) or FULL_CPU)
     rows = []
     for n in names:
-        s = run_experiment(n, args.scale, 1, None, None)
-        rows.append((n, s.get("verdict", ""), s.get("verdict_text", ""), results_root() / f"{n}-{args.scale}"))
+        opts = RunOptions(scale=a.scale, runs=Path(a.runs))
+        s = run_experiment(n, opts)
+        rows.append((n, s.get("verdict", ""), s.get("verdict_text", ""), results_dir(n, opts)))
         if "arms" in s:
-            print(f"\n{n} ({args.scale} scale)")
+            print(f"\n{n} ({a.scale} scale)")
             print(f"{'arm':<14} {'final acc':>9} {'best acc':>9} {'step to 90%':>12}")
-            for arm, a in s["arms"].items():
-                st = a["steps_to"]["0.9"]["median_step"]
-                print(f"{arm:<14} {a['final_accuracy']:>9.3f} {a['best_accuracy']:>9.3f} {str(st if st is not None else 'never'):>12}")
+            for arm, r in s["arms"].items():
+                st = r["steps_to"]["0.9"]["median_step"]
+                print(f"{arm:<14} {r['final_accuracy']:>9.3f} {r['best_accuracy']:>9.3f} "
+                      f"{str(st if st is not None else 'never'):>12}")
     print()
     for n, v, t, d in rows:
         print(f"{n}: {v} — {t}\n  plot: {d / 'plot.png'}")
-    from kvshift.experiments.report import write_report
     print(f"report: {write_report()}")
     return 0
 
 
-def _report(args) -> int:
-    path = write_report(args.results, args.out)
-    print(f"wrote {path}")
+def _report(a) -> int:
+    print(f"wrote {write_report(a.results, a.out)}")
     return 0
 
 
-def write_report(results=None, out=None):
-    from kvshift.experiments.report import write_report as w
-    return w(results, out)
-
-
 def register(sub) -> None:
-    p = sub.add_parser("experiment", help="run a named experiment of the paper (see `kvshift experiment list`)")
+    p = sub.add_parser("experiment", help="run a named experiment (see `kvshift experiment list`)")
     p.add_argument("name", help="experiment name, or 'list'")
     p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="override the scale's number of steps")
+    p.add_argument("--seeds", default=None, help="a count (3) or a list (0,1,2); default: the experiment's own")
+    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     p.add_argument("--out", default=None, help="results directory (default results/<name>-<scale>)")
-    p.set_defaults(func=lambda a: _list(a) if a.name == "list" else _experiment(a))
+    p.add_argument("--runs", default="runs", help="scratch directory for run directories and checkpoints")
+    p.add_argument("--only", default=None, help="comma-separated parts (e.g. 10m,50m; lr=0.01)")
+    p.add_argument("--arms", default=None, help="comma-separated arms")
+    p.add_argument("--shards", default=None, help="token shard directory (language-model experiments)")
+    p.add_argument("--input", action="append", default=[], metavar="KEY=PATH",
+                   help="an input of the experiments that train nothing (lm-downstream: ARM=DIR; pipeline: "
+                        "sizes=DIR, scaling=DIR)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="run-config override applied last (language-model experiments; smoke tests)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's checkpoints in --runs")
+    p.add_argument("--summarize", action="store_true", help="rebuild the summary from the runs already in --out")
+    p.add_argument("--tag", default=None, help="a label for the inputs (lm-downstream: the model size)")
+    p.add_argument("--note", default=None, help="a sentence for the summary and the report row")
+    p.set_defaults(func=_experiment)
     r = sub.add_parser("reproduce", help="run the reproduction suite (--quick: CPU induction-depth + landscape)")
     r.add_argument("--quick", action="store_true")
     r.add_argument("--scale", default="cpu", choices=["cpu", "gpu"])
-    r.add_argument("--experiments", default="induction-depth,induction-width,ngram,shift-dynamics,landscape")
+    r.add_argument("--runs", default="runs", help="scratch directory for run directories and checkpoints")
+    r.add_argument("--experiments", default=",".join(FULL_CPU))
     r.set_defaults(func=_reproduce)
     q = sub.add_parser("report", help="regenerate docs/REPRODUCTION.md from results/")
     q.add_argument("--results", default=None)

@@ -1,12 +1,12 @@
 """lm-downstream: zero-shot benchmarks and induction-head analysis of lm-main's vanilla / KV-shift pair.
 
-    python -m kvshift.experiments.downstream --models vanilla=DIR,kvshift=DIR [--tasks ...] [--limit N]
-        [--eval-dir cache/eval] [--analysis-dir results/analyze-lm-gpu] [--name 10m] [--out results/lm-downstream-gpu]
+    kvshift experiment lm-downstream --scale gpu --input vanilla=DIR --input kvshift=DIR [--tag 10m] [--out DIR]
 
-DIR is an exported model (`kvshift export RUN DIR`, or scripts/device/export.sh on the device). Each arm is
-evaluated with `kvshift.eval.run_eval` (lm-evaluation-harness, offline tasks), unless <eval-dir>/<DIR name>.json
-already holds a finished evaluation of the same tasks and limit, and analysed with `kvshift.eval.analyze`
-unless <analysis-dir>/<name>-<arm>/analysis.json exists. The summary compares the arms task by task (accuracy
+DIR is an exported model (`kvshift export RUN DIR`, or scripts/device/export.sh on the device) or the
+evaluation JSON of a model scored elsewhere (`kvshift eval --scores`). Each arm is evaluated with
+`kvshift.eval.run_eval` (lm-evaluation-harness, offline tasks), unless <runs>/eval/<DIR name>.json already
+holds a finished evaluation of the same tasks and limit, and analysed with `kvshift.eval.analyze` unless
+<out>/analysis/<tag>-<arm>/analysis.json exists. The summary compares the arms task by task (accuracy
 ± binomial standard error; a difference counts when it exceeds twice the standard error of the difference)
 and head by head: induction heads (prefix-matching score > 0.5) and previous-token heads (> 0.5) with their
 layers. The paper (Tables 2-3) reports benchmark gains at 1.5B-19B parameters; at ~10M parameters most tasks
@@ -15,15 +15,18 @@ sit at chance, which the summary says where it happens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
-import sys
 from pathlib import Path
 
+import torch
+
+from kvshift.eval.analysis import analyze
+from kvshift.eval.harness import load_model, run_eval
+from kvshift.experiments.base import Experiment, RunOptions, write_summary
+from kvshift.utils.io import file_sha256
 from kvshift.utils.plot import pyplot, save_figure
-from kvshift.experiments.common import provenance, write_summary
+from kvshift.utils.provenance import provenance
 
 TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")
 CHANCE = {"lambada": 0.0, "hellaswag": 0.25, "piqa": 0.5, "winogrande": 0.5, "arc_easy": 0.25,
@@ -33,28 +36,26 @@ PAPER = ("Tables 2-3: KV shifting improves zero/few-shot benchmark averages at 1
          "the paper's analysis: KV shifting forms induction heads without a separate previous-token head.")
 
 
-def _arms(spec: str) -> dict[str, Path]:
+def _arms(items: list[str]) -> dict[str, Path]:
     out = {}
-    for item in [s for s in spec.split(",") if s.strip()]:
+    for item in [s for it in items for s in it.split(",") if s.strip()]:
         if "=" not in item:
-            raise ValueError(f"--models: expected ARM=DIR, got {item!r}")
+            raise ValueError(f"--input: expected ARM=DIR, got {item!r}")
         arm, d = item.split("=", 1)
         if d.endswith(".json"):
             if not Path(d).is_file():
-                raise FileNotFoundError(f"--models {arm}: no evaluation file {d}")
+                raise FileNotFoundError(f"--input {arm}: no evaluation file {d}")
         elif not (Path(d) / "config.json").is_file():
-            raise FileNotFoundError(f"--models {arm}: {d} is not an exported model directory (no config.json) "
+            raise FileNotFoundError(f"--input {arm}: {d} is not an exported model directory (no config.json) "
                                     "nor an evaluation .json")
         out[arm.strip()] = Path(d)
     if "vanilla" not in out or len(out) < 2:
-        raise ValueError("--models: needs vanilla=DIR and at least one other arm")
+        raise ValueError("--input: needs vanilla=DIR and at least one other arm")
     return out
 
 
 def _export_info(model_dir: Path) -> dict:
     """Where an exported model came from (kvshift_export.json: run, step, config) and its weights' sha256."""
-    from kvshift.utils.io import file_sha256
-
     info = {}
     if model_dir.suffix == ".json":  # scored elsewhere: what kvshift eval-score recorded about the model
         return dict(json.loads(model_dir.read_text()).get("scored") or {})
@@ -78,8 +79,6 @@ def evaluation(model_dir: Path, tasks, limit, eval_dir: Path, **kw) -> dict:
         r = json.loads(path.read_text())
         if set(tasks) <= set(r.get("results", {})) and r.get("setup", {}).get("limit") == limit:
             return r
-    from kvshift.eval.harness import run_eval
-
     eval_dir.mkdir(parents=True, exist_ok=True)
     return run_eval(str(model_dir), list(tasks), limit=limit, out=path, **kw)
 
@@ -90,9 +89,6 @@ def analysis(model_dir: Path, path: Path) -> dict:
     if model_dir.suffix == ".json":
         raise FileNotFoundError(f"{path}: no head analysis of the model behind {model_dir} (run `kvshift analyze` "
                                 "where the model is, e.g. scripts/device/downstream.sh)")
-    from kvshift.eval.analysis import analyze
-    from kvshift.eval.harness import load_model
-
     model, _ = load_model(str(model_dir))
     return analyze(model, out=path.parent, title=path.parent.name)
 
@@ -135,12 +131,11 @@ def verdict(rows: dict, arm: str) -> tuple[str, str]:
     return v, text
 
 
-def run(models: dict[str, Path], *, tasks=TASKS, limit=None, name="10m", eval_dir=Path("cache/eval"),
-        analysis_dir=Path("results/analyze-lm-gpu"), out=Path("results/lm-downstream-gpu"), command=None,
-        note: str | None = None, **eval_kw) -> dict:
+def run(models: dict[str, Path], *, tasks=TASKS, limit=None, name="10m", eval_dir=Path("runs/eval"),
+        out=Path("results/lm-downstream-gpu"), scale: str = "gpu", note: str | None = None, **eval_kw) -> dict:
     evals = {arm: evaluation(d, tasks, limit, Path(eval_dir), **eval_kw) for arm, d in models.items()}
     rows = task_rows(evals, tasks)
-    an = {arm: analysis(d, Path(analysis_dir) / f"{name}-{arm}" / "analysis.json") for arm, d in models.items()}
+    an = {arm: analysis(d, Path(out) / "analysis" / f"{name}-{arm}" / "analysis.json") for arm, d in models.items()}
     head_rows = {arm: {"induction_heads": heads(a, "prefix_matching"), "previous_token_heads": heads(a, "previous_token"),
                        "max": a["max"], "argmax": a["argmax"], "n_layers": len(a["scores"]["prefix_matching"])}
                  for arm, a in an.items()}
@@ -159,9 +154,8 @@ def run(models: dict[str, Path], *, tasks=TASKS, limit=None, name="10m", eval_di
         if f.is_file():
             t = json.loads(f.read_text())
             training[a] = {k: t.get(k) for k in ("final_val_loss", "tokens", "steps", "tokens_per_s", "status")}
-    summ = {"experiment": "lm-downstream", "scale": "gpu", "paper": PAPER, **provenance(),
-            "name": name, "training": training, **({"note": note} if note else {}),
-            **({"command": command} if command else {}), "limit": limit,
+    summ = {"experiment": "lm-downstream", "scale": scale, "paper": PAPER, **provenance(),
+            "name": name, "training": training, **({"note": note} if note else {}), "limit": limit,
             "models": {a: str(d) for a, d in models.items()},
             "exports": {a: _export_info(d) for a, d in models.items()},
             "evaluations": {a: {k: e.get(k) for k in ("model", "setup", "versions", "git_commit", "command", "device_name")}
@@ -240,30 +234,21 @@ def _readme(s: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvshift.experiments.downstream", description=__doc__.split("\n")[0])
-    ap.add_argument("--models", required=True, help="ARM=DIR,... (vanilla required)")
-    ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--name", default="10m", help="model size tag for the analysis directories")
-    ap.add_argument("--eval-dir", default="cache/eval")
-    ap.add_argument("--analysis-dir", default="results/analyze-lm-gpu")
-    ap.add_argument("--out", default="results/lm-downstream-gpu")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--note", help="a sentence for the summary and README (how the models were obtained, caveats)")
-    args = ap.parse_args(argv)
-    try:
-        s = run(_arms(args.models), tasks=[t for t in args.tasks.split(",") if t], limit=args.limit, name=args.name,
-                eval_dir=Path(args.eval_dir), analysis_dir=Path(args.analysis_dir), out=Path(args.out),
-                device=args.device, batch_size=args.batch_size, note=args.note,
-                command="python -m kvshift.experiments.downstream " + shlex.join(sys.argv[1:] if argv is None else argv))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"lm-downstream: {s['verdict']} — {s['verdict_text']}")
-    return 0
+def run_experiment(opts: RunOptions, out: Path) -> dict:
+    if not opts.inputs:
+        raise ValueError("lm-downstream needs the models: --input vanilla=DIR --input kvshift=DIR")
+    return run(_arms(opts.inputs), name=opts.tag or "10m", eval_dir=opts.runs / "eval", out=out, scale=opts.scale,
+               note=opts.note, device="cuda" if torch.cuda.is_available() else "cpu", batch_size=32)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+EXPERIMENTS = [
+    Experiment(
+        "lm-downstream", "Tables 2-3",
+        "KV shifting improves downstream benchmarks (1.5B-19B); induction heads form without a previous-token head.",
+        "per task, a difference counts when it exceeds twice the standard error of the difference; reproduced: KV "
+        "shift better on at least half the tasks and worse on none; partly: better on some and worse on none; not "
+        "reproduced otherwise. Tasks within 5 points of chance for both arms are named: there the row cannot test "
+        "the claim.",
+        "Tables 2-3: lm-eval benchmarks and head analysis of an exported vanilla / KV-shift pair", run_experiment,
+        options=("inputs", "tag", "note", "runs")),
+]

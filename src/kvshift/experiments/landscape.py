@@ -4,13 +4,15 @@ its gradient-descent streamlines for O(T) = 0, 10, 100, and gradient descent run
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
-from kvshift.experiments import register
-from kvshift.experiments.common import ResultsDir, provenance, write_summary
+from kvshift.experiments.base import Experiment, ResultsLog, RunOptions, write_summary
 from kvshift.tasks.theorem3 import landscape_grid, loss
-from kvshift.utils.plot import save_figure
+from kvshift.theory import induction_head, induction_targets, random_embeddings, run_induction_head
+from kvshift.utils.plot import pyplot, save_figure
+from kvshift.utils.provenance import provenance
 
 OTS = (0.0, 10.0, 100.0)
 STARTS = ((0.5, 0.5), (0.9, 0.1), (0.2, 0.8), (0.8, 0.8))
@@ -31,15 +33,13 @@ def descend(a1: float, b1: float, OT: float, lr: float, steps: int) -> list[tupl
     return path
 
 
-@register("landscape", "Fig. 2: Theorem 3 loss landscape and gradient-descent streamlines for O(T) = 0, 10, 100")
-def landscape(scale="cpu", seeds=1, steps=None, out=None):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def landscape(opts: RunOptions, out: Path) -> dict:
+    scale, steps = opts.scale, opts.steps
+    plt = pyplot()
 
     t0 = time.time()
     steps = steps or 2000
-    rd = ResultsDir(out)
+    rd = ResultsLog(out)
     fig, axes = plt.subplots(1, len(OTS), figsize=(5.2 * len(OTS), 4.6))
     per_ot = {}
     for ax, OT in zip(axes, OTS):
@@ -92,7 +92,7 @@ Commit: `{summary['git_commit']}` · device: {summary['device']} · torch {summa
 
 **Paper:** {summary['paper']}
 
-**Ours:** the closed-form loss of Theorem 3 (PAPER.md §2) over a 101×101 grid; streamlines follow −∇L of the
+**Ours:** the closed-form loss of Theorem 3 (docs/paper.md) over a 101×101 grid; streamlines follow −∇L of the
 constrained function (autograd); red paths are projected gradient descent (lr 1, {steps} steps).
 
 **Verdict:** **{verdict}** — {text}
@@ -105,10 +105,8 @@ constrained function (autograd); red paths are projected gradient descent (lr 1,
     return summary
 
 
-@register("theorem2", "Thm. 2: the one-layer KV-shift construction is an exact induction head; vanilla is not")
-def theorem2(scale="cpu", seeds=1, steps=None, out=None):
-    from kvshift.theory import induction_head, induction_targets, random_embeddings, run_induction_head
-
+def theorem2(opts: RunOptions, out: Path) -> dict:
+    scale = opts.scale
     t0 = time.time()
     rows = []
     for dim, vocab, length in ((64, 32, 64), (256, 64, 128), (512, 256, 256)):
@@ -137,3 +135,17 @@ def theorem2(scale="cpu", seeds=1, steps=None, out=None):
                 "Random near-orthogonal unit embeddings, 16 random sequences per setting; the prediction is the "
                 "embedding nearest to the layer's output; targets are the tokens after the latest earlier occurrence.\n")
     return summary
+
+
+EXPERIMENTS = [
+    Experiment(
+        "theorem2", "Thm. 2", "One layer, one head of KV shifting attention represents an induction head exactly.",
+        "reproduced: the construction predicts every induction target (accuracy 1.0 at every size) and the same "
+        "weights with vanilla attention stay below 20%; not reproduced otherwise.",
+        "Thm. 2: the one-layer KV-shift construction is an exact induction head; vanilla is not", theorem2),
+    Experiment(
+        "landscape", "Fig. 2", "Theorem 3's loss landscape leads to the induction solution; larger O(T) flattens it.",
+        "reproduced: the grid minimum is at the induction solution (0, 1) for every O(T) and the mean gradient norm "
+        "falls as O(T) grows; partly: one of the two; not reproduced otherwise.",
+        "Fig. 2: Theorem 3 loss landscape and gradient-descent streamlines for O(T) = 0, 10, 100", landscape),
+]

@@ -1,65 +1,25 @@
-"""Generate docs/REPRODUCTION.md from results/*/summary.json. Never edit the output by hand."""
+"""Generate docs/REPRODUCTION.md from results/*/summary.json and the registry's claims and verdict rules.
+Never edit the output by hand: `kvshift report` rewrites it, and a test checks it is up to date."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-# (paper reference, experiment name, the paper's claim in one line)
-CLAIMS = [
-    ("Thm. 2", "theorem2", "One layer, one head of KV shifting attention represents an induction head exactly."),
-    ("Fig. 1a", "induction-depth", "KV shift 1 layer learns induction like vanilla 2 layers, much faster; vanilla 1 layer cannot."),
-    ("Fig. 1b", "induction-width", "At hidden size 8, KV shift 1 layer still learns induction; vanilla 2 layers learns very poorly."),
-    ("Fig. 2", "landscape", "Theorem 3's loss landscape leads to the induction solution; larger O(T) flattens it."),
-    ("Fig. 3", "ngram", "On 3-gram memorisation KV shift neither helps nor hurts."),
-    ("Sec. 3 / Thm. 2", "shift-dynamics", "Trained KV-shift heads move toward the induction solution (key from previous token, value from current)."),
-    ("App. H", "hopk", "With 5 layers, vanilla's hop-k error rises past k = 8; KV shift stays low to k = 16."),
-    ("App. I", "igsm", "iGSM accuracy: 0.8154 → 0.8909 (train ≤ 12 ops, test 15); 0.8711 → 0.9062 (≤ 21 → 24)."),
-    ("Fig. 4, 6", "lm-main", "KV shift's LM loss is below vanilla's throughout training."),
-    ("Fig. 5a", "lm-seeds", "Over seeds KV shift is always below vanilla."),
-    ("Fig. 5b/c", "lm-lr", "KV shift better at every learning rate; at 1e-2 vanilla diverges (5/5 seeds), KV shift converges."),
-    ("Fig. 7", "lm-scaling", "KV shift below vanilla at every model size; the gap does not close."),
-    ("Fig. 8", "lm-variants", "No variant beats plain KV shift; K and V shifting both matter; longer windows don't help."),
-    ("Table 4", "shift-coefficients", "Heads tend to take key and value from the same token (diagonal of the 2×2 table dominates)."),
-    ("§4 (GQA)", "lm-gqa", "The gain holds with grouped-query attention."),
-    ("Tables 2-3", "lm-downstream", "KV shifting improves downstream benchmarks (1.5B-19B); induction heads form without a previous-token head."),
-    ("Sec. 2 (cost)", "bench", "KV shifting adds negligible cost (O(N·D))."),
-]
-
-
-def _bench(results: Path) -> list[dict]:
-    """Report rows from `kvshift bench` JSON files (results/bench/<gpu>.json): the targets, met or not."""
-    rows = []
-    for f in sorted((results / "bench").glob("*.json")):
-        b = json.loads(f.read_text())
-        t, meta = b.get("targets") or {}, b.get("meta", {})
-        if not t:
-            continue
-        missed = [k for k, v in t.items() if not v["met"]]
-        speed = [k for k in t if k.endswith(("tokens_per_s_ratio", "time_ratio"))]
-        verdict = ("reproduced" if not missed else
-                   "partly reproduced" if not set(missed) & set(speed) else "not reproduced")
-        parts = [f"{k}: {v['measured']:.3f} ({v['op']} {v['target']}{'' if v['met'] else ', missed'})" for k, v in t.items()]
-        rows.append({"experiment": "bench", "scale": "gpu", "device": meta.get("device", "?"),
-                     "command": "bash scripts/device/bench.sh", "verdict": verdict,
-                     "verdict_text": f"fused / vanilla: {'; '.join(parts)}. Targets missed: {len(missed)} of {len(t)}. "
-                                     "(vanilla = the same layer with PyTorch RoPE; the fused arm also fuses K's RoPE.)",
-                     "_dir": "bench", "_readme": f"bench/{f.stem}.md"})
-    return rows
+from kvshift.experiments.base import VERDICTS
+from kvshift.experiments.registry import EXPERIMENTS
+from kvshift.utils.io import read_json
 
 
 def _load(results: Path) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     for f in sorted(results.glob("*/summary.json")):
-        try:
-            s = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not valid JSON ({e})") from e
+        s = read_json(f)
         name = s.get("experiment") or f.parent.name
         s["_dir"] = f.parent.name
         found.setdefault(name, []).append(s)
-    for row in _bench(results):
-        found.setdefault("bench", []).append(row)
+    for e in EXPERIMENTS.values():
+        if e.report_rows is not None:
+            found[e.name] = e.report_rows(results)
     return found
 
 
@@ -81,24 +41,30 @@ def render(results: Path) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     counts: dict[str, int] = {}
-    for ref, name, claim in CLAIMS:
-        runs = sorted(found.get(name, []), key=lambda s: (s.get("scale") != "gpu", s["_dir"]))
+    claims = [e for e in EXPERIMENTS.values() if e.claim]
+    for e in claims:
+        runs = sorted(found.get(e.name, []), key=lambda s: (s.get("scale") != "gpu", s["_dir"]))
         if not runs:
-            lines.append(f"| {ref} | {_cell(claim)} | not run yet | — | — | — | — |")
+            lines.append(f"| {e.ref} | {_cell(e.claim)} | not run yet | — | — | — | — |")
             counts["not run"] = counts.get("not run", 0) + 1
             continue
         for s in runs:
             v = s.get("verdict", "—")
             counts[v] = counts.get(v, 0) + 1
             ours = s.get("verdict_text", "") + (f" *Note: {s['note']}*" if s.get("note") else "")
-            lines.append(f"| {ref} | {_cell(claim)} | {_cell(ours)} | **{v}** | "
+            lines.append(f"| {e.ref} | {_cell(e.claim)} | {_cell(ours)} | **{v}** | "
                          f"{s.get('scale', '?')} · {_cell(s.get('device', '?'))} | `{_cell(s.get('command', ''))}` | "
                          f"[{s['_dir']}](../results/{s.get('_readme', s['_dir'] + '/README.md')}) |")
-    known = {n for _, n, _ in CLAIMS}
-    extra = sorted(set(found) - known)
+    extra = sorted(set(found) - {e.name for e in claims})
     if extra:
         lines += ["", "Other results: " + ", ".join(f"[{n}](../results/{found[n][0]['_dir']}/)" for n in extra)]
     lines += ["", "Totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), ""]
+    lines += ["## Verdict rules", "",
+              "Every row's verdict is one of " + ", ".join(f"*{v}*" for v in VERDICTS) + ". *Not reproduced* means "
+              "the run could have shown the effect and did not; *inconclusive* means it could not test the claim "
+              "(the row says what budget would). Each experiment decides by its own rule:", ""]
+    lines += [f"- **{e.name}** ({e.ref}): {e.rule}" for e in claims]
+    lines.append("")
     return "\n".join(lines)
 
 

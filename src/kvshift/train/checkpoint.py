@@ -137,7 +137,13 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    weights, seen = {}, set()
+    for k, v in model_state.items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        # tied weights (a tied output head is the embedding itself): safetensors stores each tensor on its own
+        weights[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
     blob = st_save(weights, metadata={"format": FORMAT, "step": str(step)})
     write_atomic(tmp / WEIGHTS, lambda f: f.write(blob))
     write_atomic(tmp / STATE, lambda f: torch.save({"step": step, **train_state}, f))

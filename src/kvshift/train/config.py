@@ -26,12 +26,15 @@ except ImportError:  # Python 3.10: the `tomli` backport (train extra)
 
 __all__ = ["RunConfig", "load_config", "parse_overrides", "apply_overrides", "shipped_configs"]
 
+DATA_KINDS = ("shards", "synthetic", "custom")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
 class DataConfig:
-    kind: str = "auto"  # "shards": kvshift.data.PackedLoader; "synthetic": SyntheticSource; "auto": shards iff shard_dir
+    # "shards": kvshift.data.PackedLoader; "synthetic": SyntheticSource; "auto": shards iff shard_dir;
+    # "custom": the caller of kvshift.train.trainer.train passes its own batch sources (the experiments' tasks)
+    kind: str = "auto"
     shard_dir: str = ""
     seq_len: int = 1024
     batch_size: int = 8  # rows per rank per micro-step
@@ -45,8 +48,8 @@ class DataConfig:
     def __post_init__(self):
         if self.kind == "auto":
             self.kind = "shards" if self.shard_dir else "synthetic"
-        if self.kind not in ("shards", "synthetic"):
-            raise ValueError(f"data.kind must be 'auto', 'shards' or 'synthetic', got {self.kind!r}")
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"data.kind must be 'auto' or one of {DATA_KINDS}, got {self.kind!r}")
         if self.kind == "shards" and not self.shard_dir:
             raise ValueError("data.shard_dir is required when data.kind = 'shards'")
         for f in ("seq_len", "batch_size", "grad_accum"):
@@ -101,14 +104,17 @@ class TrainSection:
     threads: int | None = None  # CPU intra-op threads (None: torch's default); 1 is fastest for tiny models
     log_every: int = 1  # metrics.jsonl cadence (steps)
     progress: bool = True  # tqdm bar (rank 0)
-    diverge_factor: float = 3.0  # diverged when loss > factor x running min (after diverge_after steps)
+    diverge_factor: float = 3.0  # diverged when loss > factor x running min (after diverge_after steps); 0: only
+    # a non-finite loss or gradient counts as divergence
     diverge_after: int | None = None  # None: optim.warmup
     peak_flops: float = 989e12  # per device, for MFU (H100/H200 dense bf16)
     shift_stats: bool = True  # shift-coefficient summaries in metrics.jsonl at eval steps
+    coefficients_every: int = 0  # every shift coefficient in metrics.jsonl every N steps (0: never)
+    eval_at_start: bool = False  # also evaluate before the first step (step 0)
 
     def __post_init__(self):
         _positive_int("train.steps", self.steps)
-        for f in ("eval_every", "ckpt_every", "keep_last", "eval_batches", "log_every"):
+        for f in ("eval_every", "ckpt_every", "keep_last", "eval_batches", "log_every", "coefficients_every"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"train.{f} must be a non-negative int, got {v!r}")
@@ -121,8 +127,8 @@ class TrainSection:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         self.diverge_factor, self.peak_flops = float(self.diverge_factor), float(self.peak_flops)
-        if self.diverge_factor <= 1:
-            raise ValueError(f"train.diverge_factor must be > 1, got {self.diverge_factor}")
+        if self.diverge_factor != 0 and not self.diverge_factor > 1:
+            raise ValueError(f"train.diverge_factor must be > 1 (or 0: off), got {self.diverge_factor}")
 
 
 def _positive_int(name: str, v: Any) -> None:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -14,7 +11,7 @@ import torch
 from kvshift.utils.io import finite, read_jsonl
 from kvshift.utils.provenance import environment
 
-__all__ = ["MetricsLog", "read_metrics", "environment", "shift_summary"]
+__all__ = ["MetricsLog", "read_metrics", "environment", "shift_summary", "coefficients_record"]
 
 read_metrics = read_jsonl  # the records of a metrics.jsonl
 
@@ -56,12 +53,6 @@ class MetricsLog:
             self._f = None
 
 
-
-
-
-
-
-
 def shift_summary(model) -> dict | None:
     """Mean current/previous-token coefficients of keys (alpha) and values (beta) over all layers and
     KV heads, and the fraction of heads with alpha_cur > alpha_prev / beta_cur > beta_prev (Table 4)."""
@@ -74,3 +65,10 @@ def shift_summary(model) -> dict | None:
             "beta_cur": b[:, 0].mean().item(), "beta_prev": b[:, 1].mean().item(),
             "frac_alpha_cur_gt_prev": (a[:, 0] > a[:, 1]).float().mean().item(),
             "frac_beta_cur_gt_prev": (b[:, 0] > b[:, 1]).float().mean().item()}
+
+
+def coefficients_record(model, every: int) -> dict:
+    """{"coefficients": per layer {"alpha", "beta"} (n_kv_heads, window+1) lists} when `every` asks for them."""
+    if not every or not getattr(model.config, "shifted", False):
+        return {}
+    return {"coefficients": [{"alpha": a.tolist(), "beta": b.tolist()} for a, b in model.shift_coefficients()]}

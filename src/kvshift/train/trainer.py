@@ -17,7 +17,7 @@ checkpoint was written: rerun with --resume.
 Determinism: the data batch of a step is a pure function of (data.seed, step); the model init a
 pure function of train.seed; the optimizer, schedule position, RNG states and divergence tracker are
 in the checkpoint. On CPU with a fixed thread count, a resumed run reproduces the uninterrupted
-run's losses bit for bit (tests/train/test_resume.py).
+run's losses bit for bit (tests/train/test_train.py::test_resume_is_bit_exact).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -38,44 +37,13 @@ from kvshift.train import distributed as D
 from kvshift.train.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,
                                       save_checkpoint, set_rng_state)
 from kvshift.train.config import RunConfig
-from kvshift.train.metrics import MetricsLog, environment, read_metrics, shift_summary
+from kvshift.train.metrics import MetricsLog, coefficients_record, environment, read_metrics, shift_summary
+from kvshift.train.signals import NoBar, StopFlag
 
 __all__ = ["train", "evaluate", "EXIT_OK", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
 
 EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 3, 75
 WARMUP_STEPS = 3  # per launch, left out of tokens/s and MFU (torch.compile, cuDNN/Triton autotuning)
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and stops after the current step. A second
-    SIGINT falls back to the default handler (KeyboardInterrupt)."""
-
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-
-    def install(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-class _NoBar:
-    def update(self, n=1): pass
-    def set_postfix(self, **kw): pass
-    def close(self): pass
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -137,10 +105,16 @@ def _grad_norm(model, clip: float) -> float:
 
 
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool = False,
-          command: str | None = None, log=None, on_step=None) -> dict:
+          command: str | None = None, log=None, on_step=None, sources: list | None = None,
+          evaluator=None) -> dict:
     """Trains (or resumes) one run into `out`; returns the summary dict (also in summary.json).
     summary["exit_code"] is one of EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED. `on_step(step, record)`
-    is called after every completed optimizer step (benchmarks, tests)."""
+    is called after every completed optimizer step (benchmarks, tests).
+
+    Every experiment trains through this function. With data.kind = "custom" the caller hands in
+    `sources` (one BatchSource per micro-step: batch(step) -> input_ids, labels (-100: no loss),
+    position_ids) instead of shards; `evaluator(model) -> dict` adds its metrics to every evaluation
+    (eval mode, no grad, the run's autocast), e.g. the accuracy of a synthetic task on held-out rows."""
     from kvshift.models import LM
     from kvshift.train.data import make_sources, make_validation
     from kvshift.train.flops import flops_per_token
@@ -173,9 +147,18 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     opt = build_optimizer(model, oc, d.device)
     autocast = _autocast(d.device, tc.dtype)
 
-    sources = make_sources(dc, mcfg.vocab_size, d.rank, d.world_size)
-    n_val = dc.val_windows or tc.eval_batches * dc.batch_size * d.world_size
-    val = make_validation(dc, mcfg.vocab_size, n_val, d.rank, d.world_size) if tc.eval_batches else None
+    if dc.kind == "custom":
+        if not sources or len(sources) != dc.grad_accum:
+            raise ValueError(f"data.kind = 'custom' needs the caller's batch sources, one per micro-step "
+                             f"(data.grad_accum = {dc.grad_accum})")
+        val = None
+    else:
+        if sources is not None:
+            raise ValueError(f"batch sources were passed but data.kind is {dc.kind!r}: set data.kind = 'custom'")
+        sources = make_sources(dc, mcfg.vocab_size, d.rank, d.world_size)
+        n_val = dc.val_windows or tc.eval_batches * dc.batch_size * d.world_size
+        val = make_validation(dc, mcfg.vocab_size, n_val, d.rank, d.world_size) if tc.eval_batches else None
+    evaluating = val is not None or evaluator is not None
     tokens_per_step = dc.batch_size * dc.seq_len * dc.grad_accum * d.world_size
     diverge_after = tc.diverge_after if tc.diverge_after is not None else oc.warmup
 
@@ -231,6 +214,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
         r = evaluate(eval_model, val, d.device, autocast, mcfg.vocab_size) if val is not None else {}
         if r and (best["val_loss"] is None or r["val_loss"] < best["val_loss"]):
             best = {"val_loss": r["val_loss"], "step": at}
+        if evaluator is not None:
+            eval_model.eval()
+            with torch.no_grad(), autocast():
+                r.update(evaluator(eval_model))
+            eval_model.train()
         if tc.shift_stats and d.mode != "fsdp":
             s = shift_summary(model)
             if s:
@@ -242,14 +230,17 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
 
         bar = tqdm(total=tc.steps, initial=step, dynamic_ncols=True, unit="step", mininterval=1.0, file=sys.stderr)
     else:  # no tqdm object at all: it allocates a multiprocessing lock
-        bar = _NoBar()
-    stop = _StopFlag().install()
+        bar = NoBar()
+    stop = StopFlag().install()
     status, diverged_step = "finished", None
     train_time = train_time_before
     # throughput excludes the first WARMUP_STEPS steps of every launch (compilation, autotuning)
     steady_time, steady_steps = steady_before
     launch_steps = 0
     model.train()
+    if evaluating and tc.eval_at_start and step == 0:
+        last_eval = do_eval(0)
+        metrics.write({"step": 0, "tokens": 0, **last_eval, **coefficients_record(model, tc.coefficients_every)})
     try:
         while step < tc.steps:
             t0 = time.time()
@@ -267,7 +258,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
             gnorm = _grad_norm(model, oc.clip)
             loss_v = float(D.all_reduce(loss_acc / dc.grad_accum, "mean"))
             bad = not math.isfinite(loss_v) or not math.isfinite(gnorm)
-            if not bad and step >= diverge_after and loss_v > tc.diverge_factor * running_min:
+            if not bad and tc.diverge_factor and step >= diverge_after and loss_v > tc.diverge_factor * running_min:
                 bad = True
             if bad:  # stop before the update: the last checkpoint stays the last good state
                 status, diverged_step = "diverged", step + 1
@@ -291,10 +282,14 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
             rec = {"step": step, "tokens": step * tokens_per_step, "loss": loss_v, "lr": lr, "grad_norm": gnorm,
                    "tokens_per_s": tokens_per_step / max(dt, 1e-9),
                    "epoch": sources[0].epochs(step) if hasattr(sources[0], "epochs") else None}
-            if val is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
+            evaluated = evaluating and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps)
+            if evaluated:
                 last_eval = do_eval(step)
                 rec.update(last_eval)
-            if step % max(tc.log_every, 1) == 0 or "val_loss" in rec or step == tc.steps:
+            coefs = tc.coefficients_every and (step % tc.coefficients_every == 0 or step == tc.steps)
+            if coefs:
+                rec.update(coefficients_record(model, tc.coefficients_every))
+            if step % max(tc.log_every, 1) == 0 or evaluated or coefs or step == tc.steps:
                 metrics.write(rec)
             last = rec
             bar.update(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -36,8 +37,8 @@ def git_commit() -> str | None:
 def command_line() -> str:
     """The command that is running, as a user would type it (`kvshift ...` for the console script)."""
     if sys.argv and sys.argv[0].endswith(("kvshift", "cli.py")):
-        return " ".join(["kvshift"] + sys.argv[1:])
-    return " ".join(sys.argv)
+        return shlex.join(["kvshift"] + sys.argv[1:])
+    return shlex.join(sys.argv)
 
 
 def device_name(device: torch.device | None = None) -> str:
