@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:  # `python -m kvshift.data.cli` 
     parser = argparse.ArgumentParser(prog="kvshift")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from kvshift.errors import command_name, run_command
+
+    return run_command(command_name(args), args.func, args)
 
 
 if __name__ == "__main__":
