@@ -35,10 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from kvshift.train import distributed as D
-from kvshift.train.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,
-                                      save_checkpoint, set_rng_state)
+from kvshift.errors import UserError
+from kvshift.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kvshift.train.config import RunConfig
 from kvshift.train.metrics import MetricsLog, environment, read_metrics, shift_summary
+from kvshift.train.resume import check_resumed_config, start_plan
+from kvshift.utils import io as uio
 
 __all__ = ["train", "evaluate", "EXIT_OK", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
 
@@ -158,11 +160,20 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     out = Path(out)
     ckpt_root = out / "checkpoints"
     mcfg = cfg.model_config()
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_config": mcfg.to_dict()}, indent=1) + "\n")
-        with open(out / "command.txt", "a") as f:
-            f.write((command or " ".join(sys.argv)) + "\n")
+    # where this launch starts (kvshift.train.resume): checked, checkpoint loaded and its config compared
+    # before anything in `out` is written; every rank refuses together
+    plan = D.broadcast_object(start_plan(out, cfg, resume=resume) if d.is_main else None)
+    if plan["error"]:
+        raise UserError(plan["error"])
+    for problem in plan["skipped"]:
+        log(f"[train] skipping checkpoint: {problem}")
+    ckpt = plan["ckpt"]
+    if ckpt is not None:
+        weights, st = load_checkpoint(ckpt, verify=False)  # start_plan verified it
+        check_resumed_config(ckpt, st, cfg, mcfg, d.world_size)
+        if oc.schedule == "cosine" and st.get("schedule", {}).get("steps", tc.steps) != tc.steps:
+            log(f"[train] note: train.steps {st['schedule']['steps']} -> {tc.steps} stretches the cosine schedule "
+                f"from step {st['step']} on")
     torch.manual_seed(tc.seed + d.rank)
 
     model = LM(mcfg, seed=tc.seed).to(d.device)  # identical shared init across arms (see LM.init_weights)
@@ -178,6 +189,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     val = make_validation(dc, mcfg.vocab_size, n_val, d.rank, d.world_size) if tc.eval_batches else None
     tokens_per_step = dc.batch_size * dc.seq_len * dc.grad_accum * d.world_size
     diverge_after = tc.diverge_after if tc.diverge_after is not None else oc.warmup
+    if d.is_main:  # every check passed: from here on the run directory is written
+        out.mkdir(parents=True, exist_ok=True)
+        uio.write_json_atomic(out / "config.json", {**cfg.to_dict(), "model_config": mcfg.to_dict()})
+        with open(out / "command.txt", "a") as f:
+            f.write((command or " ".join(sys.argv)) + "\n")
 
     # ---- state that a checkpoint restores ----
     step, running_min, best = 0, float("inf"), {"val_loss": None, "step": None}
@@ -185,15 +201,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     metrics = MetricsLog(out / "metrics.jsonl", enabled=d.is_main)
     last: dict = {}  # the latest step's record and the latest evaluation, for the summary
     last_eval: dict = {}
-    ckpt = None
-    if not resume and list_checkpoints(ckpt_root):
-        raise ValueError(f"{out} already holds checkpoints from an earlier run: pass --resume to continue it, "
-                         f"or choose another --out")
-    if resume:
-        ckpt = D.broadcast_object(str(latest_checkpoint(ckpt_root)) if d.is_main else None)
-        ckpt = None if ckpt == "None" else ckpt
     if ckpt is not None:
-        weights, st = load_checkpoint(ckpt, verify=False)  # latest_checkpoint verified it
         D.load_model_state(model, weights, d)
         D.load_optim_state(model, opt, st["optimizer"], d)
         rng = st["rng"][d.rank] if d.rank < len(st["rng"]) else st["rng"][0]
@@ -203,11 +211,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
         steady_before = tuple(st.get("steady", (0.0, 0)))
         metrics.truncate_after(step)
         last, last_eval = _restore_last(out / "metrics.jsonl", step)
+        del weights, st
         log(f"[train] resumed from {ckpt} at step {step}")
-    elif resume:
-        log(f"[train] --resume: no valid checkpoint in {ckpt_root}, starting from scratch")
-        metrics.truncate_after(0)
-    else:
+    else:  # no checkpoint; start_plan refused a metrics.jsonl with records past the first checkpoint
+        if resume:
+            log(f"[train] --resume: no checkpoint in {ckpt_root}, starting from scratch")
         metrics.truncate_after(0)
 
     def checkpoint(at: int) -> None:
