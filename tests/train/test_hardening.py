@@ -173,3 +173,15 @@ def test_bad_config_files_name_the_file(tmp_path, capsys, content, named):
     assert main(["train", str(p), "--out", str(tmp_path / "run")]) == 2
     err = _err(capsys)
     assert named in err and str(p) in err, err
+
+
+# ---- 5. a checkpoint manifest entry that is not a table --------------------------------------------------
+def test_malformed_manifest_entry_is_named(run, capsys):
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    man = json.loads((newest / "MANIFEST.json").read_text())
+    man["files"]["state.pt"] = "abc"
+    (newest / "MANIFEST.json").write_text(json.dumps(man))
+    lines = []
+    s = train(load_config("debug", SETS + ["train.steps=14"]), run, resume=True, log=lines.append)
+    assert s["resumed_from"].endswith("step_00000008")  # the newest is skipped, by name
+    assert any("step_00000012/MANIFEST.json: entry 'state.pt' must be a table" in x for x in lines)
