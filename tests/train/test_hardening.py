@@ -185,3 +185,32 @@ def test_malformed_manifest_entry_is_named(run, capsys):
     s = train(load_config("debug", SETS + ["train.steps=14"]), run, resume=True, log=lines.append)
     assert s["resumed_from"].endswith("step_00000008")  # the newest is skipped, by name
     assert any("step_00000012/MANIFEST.json: entry 'state.pt' must be a table" in x for x in lines)
+
+
+# ---- a full disk while checkpointing: one line, exit 2, and the run resumes bit for bit ----------------
+def test_disk_full_during_a_checkpoint(tmp_path, capsys, monkeypatch):
+    from kvshift.train import checkpoint as C
+    from kvshift.train.testing import losses
+
+    ref = tmp_path / "ref"
+    train(load_config("debug", SETS), ref, log=_quiet)
+    run = tmp_path / "run"
+    real = C.write_atomic
+    calls = {"n": 0}
+
+    def flaky(path, write):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 4 files per checkpoint: the weights of the second one (step 8)
+            raise OSError(28, "No space left on device", str(path))
+        real(path, write)
+
+    monkeypatch.setattr(C, "write_atomic", flaky)
+    argv = ["train", "debug", "--out", str(run)] + [a for s in SETS for a in ("--set", s)]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert "No space left on device" in err and "step_00000008.tmp" in err
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000004"]
+    monkeypatch.setattr(C, "write_atomic", real)
+    assert main(argv + ["--resume"]) == 0
+    assert losses(run) == losses(ref)
+    assert not list((run / "checkpoints").glob("*.tmp"))
