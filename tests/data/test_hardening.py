@@ -184,14 +184,23 @@ def test_pack_of_broken_shards_keeps_the_previous_pack(small, tmp_path, capsys):
     _no_leftovers(tmp_path)
 
 
-def test_unpack_of_a_corrupt_pack_keeps_the_previous_shards(small, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "member-missing"])
+def test_unpack_of_a_corrupt_pack_keeps_the_previous_shards(small, tmp_path, capsys, damage):
+    import tarfile
+
     _, _, _, sh, pk = small
     bad = tmp_path / "bad.tar.xz"
-    bad.write_bytes(pk.read_bytes()[: pk.stat().st_size // 2])
+    if damage == "truncated":
+        bad.write_bytes(pk.read_bytes()[: pk.stat().st_size // 2])
+    else:  # other shards whose val files are missing: the train files are extracted before that shows
+        other = write_tiny_shards(tmp_path / "other")
+        with tarfile.open(bad, "w:xz") as tar:
+            for name in ("meta.json", "train.tokens.bin", "train.offsets.bin", "train.domains.bin"):
+                tar.add(other / name, arcname=name)
     before = _snapshot(sh)
     capsys.readouterr()
     assert main(["data", "unpack", str(bad), "--out", str(sh)]) == 2
-    assert "corrupt or truncated pack" in _err(capsys, "unpack")
+    assert ("corrupt or truncated pack" if damage == "truncated" else "missing or unsafe") in _err(capsys, "unpack")
     assert _snapshot(sh) == before
     _no_leftovers(tmp_path)
 
