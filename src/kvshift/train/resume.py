@@ -25,7 +25,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from kvshift.errors import UserError
+from kvshift.errors import UserError, one_line
 from kvshift.train.checkpoint import CONFIG, CheckpointError, list_checkpoints, verify_checkpoint
 from kvshift.utils.io import read_jsonl
 
@@ -51,7 +51,11 @@ def _orphan_metrics(out: Path, cfg, resume: bool) -> str | None:
     path = out / "metrics.jsonl"
     if not path.is_file():
         return None
-    steps = [r["step"] for r in read_jsonl(path) if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    try:
+        recs = read_jsonl(path)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a metrics file (not UTF-8 JSON lines); move it away to start this run") from None
+    steps = [r["step"] for r in recs if isinstance(r, dict) and isinstance(r.get("step"), int)]
     if not steps:
         return None
     due = [min(cfg.train.ckpt_every or cfg.train.steps, cfg.train.steps)]
@@ -71,9 +75,15 @@ def _orphan_metrics(out: Path, cfg, resume: bool) -> str | None:
 
 def start_plan(out: str | Path, cfg, *, resume: bool) -> dict:
     """{"ckpt": checkpoint directory to resume from or None, "skipped": [problems of newer broken
-    checkpoints], "error": a refusal (one line) or None}. Reads only; call it on rank 0 and
-    broadcast the result, so every rank refuses together."""
-    out = Path(out)
+    checkpoints], "error": a refusal (one line) or None}. Reads only and never raises (an unreadable
+    file is an "error"): call it on rank 0 and broadcast the result, so every rank refuses together."""
+    try:
+        return _start_plan(Path(out), cfg, resume)
+    except (ValueError, OSError) as e:
+        return {"ckpt": None, "skipped": [], "error": one_line(e)}
+
+
+def _start_plan(out: Path, cfg, resume: bool) -> dict:
     root = out / "checkpoints"
     ckpts = list_checkpoints(root)
     plan: dict = {"ckpt": None, "skipped": [], "error": None}
