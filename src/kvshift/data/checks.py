@@ -30,12 +30,12 @@ def decode_text(data: bytes, where: str) -> str:
                         f"first, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
-def check_not_empty(records: list[dict], min_doc_chars: int) -> None:
+def check_not_empty(records: list[dict], seen: dict[str, int], min_doc_chars: int) -> None:
     """UserError when a corpus build kept no training document (a tokenizer and shards made from it
     would only fail at `kvshift train`)."""
     if sum(r["splits"]["train"]["documents"] for r in records):
         return
-    seen = ", ".join(f"{r['name']}: {r['seen']:,} read, {r['dropped_short']:,} shorter than {min_doc_chars} "
+    seen = ", ".join(f"{r['name']}: {seen.get(r['name'], 0):,} read, {r['dropped_short']:,} shorter than {min_doc_chars} "
                      f"characters, {r['dropped_duplicate_files']:,} duplicates, {r['splits']['val']['documents']:,} "
                      f"in val" for r in records)
     raise UserError(f"no training document kept ({seen}); the previous corpus, if any, is unchanged")

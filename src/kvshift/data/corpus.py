@@ -208,7 +208,7 @@ def build_corpus(
 
     para_dedup = ParagraphDedup(dedup_min_chars)
     seen_code: set[bytes] = set()
-    records = []
+    records, seen = [], {}
     for name, domain, kind, package, version, pkg_lic, text_lic, docs in plan:
         t0 = time.time()
         writers = {sp: _HashingWriter(out / sp / f"{name}.jsonl") for sp in SPLITS}
@@ -260,13 +260,11 @@ def build_corpus(
         log(f"[corpus] {name:22s} {domain:10s} docs={rec['documents']:>8,} bytes={rec['bytes']:>13,} "
             f"words={rec['words']:>12,} dup_paras={rec['dropped_paragraphs']:,} dup_files={dup_files:,} "
             f"({rec['seconds']:.1f}s)")
-        rec["seen"] = n_seen
+        seen[name] = n_seen
         if n_seen and not rec["documents"]:
             log(f"[corpus] WARNING {name}: none of its {n_seen:,} documents kept ({short:,} shorter than "
                 f"{min_doc_chars} characters after cleaning, {dup_files:,} duplicates)")
-    check_not_empty(records, min_doc_chars)
-    for r in records:
-        r.pop("seen")
+    check_not_empty(records, seen, min_doc_chars)
 
     manifest = {
         "format": "kvshift-corpus-v1",
