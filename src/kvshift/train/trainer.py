@@ -12,12 +12,14 @@ Run directory:
 
 Exit statuses (what `kvshift train` returns): 0 finished, 3 diverged (no checkpoint of the diverged
 state is written; the last good one stays), 75 (EX_TEMPFAIL) interrupted by SIGTERM/SIGINT after a
-checkpoint was written: rerun with --resume.
+checkpoint was written: rerun with --resume. A launch that kvshift.train.resume refuses (a changed
+config on --resume, no verifying checkpoint, orphaned metrics) raises UserError before anything in
+the run directory is written: exit 2 from the CLI. docs/reliability.md lists every case.
 
 Determinism: the data batch of a step is a pure function of (data.seed, step); the model init a
 pure function of train.seed; the optimizer, schedule position, RNG states and divergence tracker are
 in the checkpoint. On CPU with a fixed thread count, a resumed run reproduces the uninterrupted
-run's losses bit for bit (tests/train/test_resume.py).
+run's losses bit for bit (tests/train/test_train.py::test_resume_is_bit_exact, test_kill.py).
 """
 
 from __future__ import annotations
