@@ -13,7 +13,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; SH=${SHARDS:-$PWD/cache/lm-shards}; PY=${PYTHON:-python3}
 [ -f "$SH/meta.json" ] || { echo "no shards (meta.json) in $SH" >&2; exit 1; }
 sets=()
-for kv in "data.shard_dir=\"$SH\"" "train.steps=$STEPS" "train.eval_every=0" "train.eval_batches=2" \
+for kv in "data.kind=\"shards\"" "data.shard_dir=\"$SH\"" "train.steps=$STEPS" "train.eval_every=0" "train.eval_batches=2" \
           "train.ckpt_every=0" "train.log_every=5" "train.progress=false" "$@"; do sets+=(--set "$kv"); done
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 echo "== $CONFIG, $STEPS steps, ${ngpu:-0} GPU(s) visible"

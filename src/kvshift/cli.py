@@ -1,7 +1,9 @@
 """The `kvshift` console script: one entry point, subcommands registered by the modules that own them.
 
 A module that adds subcommands exposes `register(subparsers)`; it adds its parsers with
-`set_defaults(func=handler)`, and handler(args) returns an exit code (or None for 0).
+`set_defaults(func=handler)`, and handler(args) returns an exit code (or None for 0). Every handler
+runs through `kvshift.errors.run_command`: a user mistake (ValueError, OSError) is one line on
+stderr and exit status 2; a bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from kvshift.errors import command_name, run_command
 
 # modules that contribute subcommands; missing optional extras only hide their commands
 _COMMAND_MODULES = (
@@ -42,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    rc = args.func(args)
-    return int(rc or 0)
+    return run_command(command_name(args), args.func, args)
 
 
 if __name__ == "__main__":

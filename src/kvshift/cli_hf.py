@@ -1,8 +1,9 @@
-"""`kvshift export` and `kvshift convert-llama` (the `hf` extra; transformers is imported only when they run)."""
+"""`kvshift export` and `kvshift convert-llama` (the `hf` extra; transformers is imported only when they run).
+
+A ValueError (bad input) is printed as one line with exit status 2 by kvshift.errors.run_command,
+which kvshift.cli runs every verb through."""
 
 from __future__ import annotations
-
-import sys
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -13,18 +14,10 @@ def _dtype(name):
     return None if name is None else getattr(torch, name)
 
 
-def _fail(cmd: str, e: Exception) -> int:
-    sys.stderr.write(f"kvshift {cmd}: error: {e}\n")
-    return 2
-
-
 def cmd_export(args) -> int:
     from kvshift.hf.convert import export_checkpoint
 
-    try:
-        dst = export_checkpoint(args.src, args.dst, tokenizer=args.tokenizer, dtype=_dtype(args.dtype))
-    except ValueError as e:
-        return _fail("export", e)
+    dst = export_checkpoint(args.src, args.dst, tokenizer=args.tokenizer, dtype=_dtype(args.dtype))
     print(f"wrote {dst} (load with: import kvshift.hf; AutoModelForCausalLM.from_pretrained({str(dst)!r}))")
     return 0
 
@@ -32,10 +25,7 @@ def cmd_export(args) -> int:
 def cmd_convert_llama(args) -> int:
     from kvshift.hf.convert import convert_llama
 
-    try:
-        dst = convert_llama(args.src, args.dst, attention=args.attention, dtype=_dtype(args.dtype))
-    except ValueError as e:
-        return _fail("convert-llama", e)
+    dst = convert_llama(args.src, args.dst, attention=args.attention, dtype=_dtype(args.dtype))
     print(f"wrote {dst}: {args.attention} attention with the identity shift (logits equal the Llama model's)")
     return 0
 

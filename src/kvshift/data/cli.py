@@ -57,7 +57,9 @@ def cmd_train_tokenizer(args) -> int:
     t0 = time.time()
     tok = train_tokenizer(args.corpus, args.vocab_size, args.out, max_bytes=args.max_bytes or None,
                           min_frequency=args.min_frequency, seed=args.seed)
-    print(f"[tokenizer] vocab {tok.get_vocab_size():,} -> {args.out} ({time.time() - t0:.0f}s)")
+    n = tok.get_vocab_size()
+    short = f" (of {args.vocab_size:,} asked: the corpus has too little text for more merges)" if n < args.vocab_size else ""
+    print(f"[tokenizer] vocab {n:,}{short} -> {args.out} ({time.time() - t0:.0f}s)")
     return 0
 
 
@@ -173,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:  # `python -m kvshift.data.cli` 
     parser = argparse.ArgumentParser(prog="kvshift")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from kvshift.errors import command_name, run_command
+
+    return run_command(command_name(args), args.func, args)
 
 
 if __name__ == "__main__":

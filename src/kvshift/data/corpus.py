@@ -21,8 +21,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from kvshift.data.checks import check_not_empty, decode_text
 from kvshift.data.clean import ParagraphDedup, normalise
 from kvshift.data.sources import DOMAINS, FetchError, default_source_names, fetch, get_source
+from kvshift.utils.staging import staged_output
 
 __all__ = ["build_corpus", "split_of", "iter_documents", "read_manifest", "iter_user_files", "MANIFEST"]
 
@@ -82,8 +84,9 @@ def iter_user_files(patterns: Iterable[str], text_field: str = "text") -> Iterat
     for p in _expand(patterns):
         suffix = p.suffix.lower()
         if suffix in (".jsonl", ".ndjson"):
-            with open(p, encoding="utf-8") as f:
-                for i, line in enumerate(f):
+            with open(p, "rb") as f:
+                for i, raw in enumerate(f):
+                    line = decode_text(raw, f"{p}:{i + 1}")
                     if not line.strip():
                         continue
                     try:
@@ -105,7 +108,7 @@ def iter_user_files(patterns: Iterable[str], text_field: str = "text") -> Iterat
                 if isinstance(t, str):
                     yield f"{p.name}:{i}", t
         else:
-            yield p.name, p.read_bytes().decode("utf-8", "replace")
+            yield p.name, decode_text(p.read_bytes(), str(p))
 
 
 def _iter_hf(name: str, split: str, text_field: str, max_docs: int | None) -> Iterator[tuple[str, str]]:
@@ -145,6 +148,7 @@ def _select_sources(sources: list[str] | None, domains: list[str] | None, exclud
     return out
 
 
+@staged_output("out", marker=MANIFEST)  # written aside; the old corpus stays until this one is complete
 def build_corpus(
     out: str | Path,
     *,
@@ -176,10 +180,9 @@ def build_corpus(
         raise ValueError(f"files_domain {files_domain!r} not in {DOMAINS}")
     out = Path(out)
     selected = _select_sources(sources, domains, exclude_domains) if sources != [] else []
+    paths = [str(p) for p in _expand(files)] if files else []  # a typo fails before any fetching
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
-        for old in (out / split).glob("*.jsonl"):
-            old.unlink()
 
     # (name, domain, kind, package, version, package_licence, text licence, docs iterator factory)
     plan: list[tuple] = []
@@ -195,7 +198,6 @@ def build_corpus(
         log(f"[corpus] {s.name}: {s.kind} {s.package} {version} ready ({time.time() - t0:.1f}s)")
         plan.append((s.name, s.domain, s.kind, s.package, version, pkg_lic, s.license, lambda s=s, r=root: s.extract(r)))
     if files:
-        paths = [str(p) for p in _expand(files)]
         plan.append(("files", files_domain, "files", ",".join(paths)[:500], "", "user-provided", "user-provided",
                      lambda: iter_user_files(paths, text_field)))
     if hf_dataset:
@@ -206,7 +208,7 @@ def build_corpus(
 
     para_dedup = ParagraphDedup(dedup_min_chars)
     seen_code: set[bytes] = set()
-    records = []
+    records, seen = [], {}
     for name, domain, kind, package, version, pkg_lic, text_lic, docs in plan:
         t0 = time.time()
         writers = {sp: _HashingWriter(out / sp / f"{name}.jsonl") for sp in SPLITS}
@@ -258,6 +260,11 @@ def build_corpus(
         log(f"[corpus] {name:22s} {domain:10s} docs={rec['documents']:>8,} bytes={rec['bytes']:>13,} "
             f"words={rec['words']:>12,} dup_paras={rec['dropped_paragraphs']:,} dup_files={dup_files:,} "
             f"({rec['seconds']:.1f}s)")
+        seen[name] = n_seen
+        if n_seen and not rec["documents"]:
+            log(f"[corpus] WARNING {name}: none of its {n_seen:,} documents kept ({short:,} shorter than "
+                f"{min_doc_chars} characters after cleaning, {dup_files:,} duplicates)")
+    check_not_empty(records, seen, min_doc_chars)
 
     manifest = {
         "format": "kvshift-corpus-v1",

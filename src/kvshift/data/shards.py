@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kvshift.data.checks import check_shard_meta
 from kvshift.data.sources import DOMAINS
+from kvshift.utils.staging import staged_output
 
 __all__ = ["META", "tokenize_corpus", "Shards", "token_dtype", "subset_shards", "pack_shards", "unpack_shards"]
 
@@ -54,6 +56,7 @@ def _files(split: str) -> dict[str, str]:
 # writing
 
 
+@staged_output("out", marker=META, clear=("*.tokens.bin", "*.offsets.bin", "*.domains.bin"))
 def tokenize_corpus(corpus: str | Path, tokenizer: str | Path, out: str | Path, *, batch_docs: int = 1024,
                     batch_chars: int = 16_000_000, domains: list[str] | None = None,
                     log: Callable[[str], None] = print) -> dict:
@@ -127,6 +130,9 @@ def tokenize_corpus(corpus: str | Path, tokenizer: str | Path, out: str | Path, 
         meta["splits"][split] = {"tokens": n_tok, "documents": len(doms), "files": names,
                                  "tokens_by_domain": by_dom_tok, "documents_by_domain": by_dom_doc,
                                  "tokens_by_source": by_src_tok, "seconds": round(dt, 2)}
+        if split == "train" and not doms:
+            raise ValueError(f"{corpus}: no training document{f' in domains {domains}' if domains else ''}; "
+                             f"nothing to tokenize")
         log(f"[tokenize] {split}: {n_tok:,} tokens, {len(doms):,} documents in {dt:.1f}s "
             f"({n_tok / max(dt, 1e-9) / 1e6:.2f}M tokens/s)")
     (out / META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -155,8 +161,9 @@ class Shards:
             raise ValueError(f"{meta_path}: missing shard sidecar (run `kvshift data tokenize`)")
         try:
             self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{meta_path}: corrupt sidecar JSON ({e})") from None
+        check_shard_meta(self.meta, meta_path, FORMAT)  # every field, and file names inside the directory
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
         if split not in self.meta["splits"]:
@@ -230,6 +237,7 @@ def subset_shards(src: str | Path, dst: str | Path, *, max_train_tokens: int | N
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     meta = json.loads((src / META).read_text())
+    check_shard_meta(meta, src / META, FORMAT)
     for split in meta["splits"]:
         sh = Shards(src, split, check_ids=False)
         o = sh.offsets
@@ -270,6 +278,7 @@ def subset_shards(src: str | Path, dst: str | Path, *, max_train_tokens: int | N
     return meta
 
 
+@staged_output("out_file", file=True)
 def pack_shards(shard_dir: str | Path, out_file: str | Path, *, preset: int = 9) -> int:
     """Writes meta.json and all shard files into one .tar.xz (stdlib lzma); returns its size in bytes.
 
@@ -278,6 +287,9 @@ def pack_shards(shard_dir: str | Path, out_file: str | Path, *, preset: int = 9)
     """
     shard_dir = Path(shard_dir)
     meta = json.loads((shard_dir / META).read_text())
+    check_shard_meta(meta, shard_dir / META, FORMAT)
+    for split in meta["splits"]:  # sizes and offsets checked before anything is written
+        Shards(shard_dir, split, check_ids=False)
     filt = [{"id": lzma.FILTER_LZMA2, "preset": preset}]
     with lzma.open(out_file, "wb", format=lzma.FORMAT_XZ, filters=filt) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
         def add(name: str, data: bytes):
@@ -293,6 +305,7 @@ def pack_shards(shard_dir: str | Path, out_file: str | Path, *, preset: int = 9)
     return os.path.getsize(out_file)
 
 
+@staged_output("out", marker=META, clear=("*.tokens.bin", "*.offsets.bin", "*.domains.bin"))
 def unpack_shards(packed: str | Path, out: str | Path) -> dict:
     """Restores a `pack_shards` archive into `out` and validates every split; returns meta.json."""
     out = Path(out)
@@ -303,6 +316,7 @@ def unpack_shards(packed: str | Path, out: str | Path) -> dict:
             if META not in members:
                 raise ValueError(f"{packed}: no {META} inside; not a kvshift shard pack")
             meta = json.loads(tar.extractfile(members[META]).read())
+            check_shard_meta(meta, f"{packed}:{META}", FORMAT)
             for info in meta["splits"].values():
                 for name in info["files"].values():
                     if name not in members or "/" in name or name.startswith("."):

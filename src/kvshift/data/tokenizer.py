@@ -11,7 +11,9 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from kvshift.errors import UserError
 from kvshift.utils.io import file_sha256
+from kvshift.utils.staging import staged_output
 
 __all__ = ["EOS", "EOS_ID", "train_tokenizer", "load_tokenizer"]
 
@@ -35,6 +37,7 @@ def _sample_texts(corpus: Path, max_bytes: int | None, seed: int) -> Iterator[st
             yield doc["text"]
 
 
+@staged_output("out", file=True)
 def train_tokenizer(corpus: str | Path, vocab_size: int, out: str | Path, *, max_bytes: int | None = 300_000_000,
                     min_frequency: int = 2, seed: int = 0):
     """Trains a byte-level BPE on the corpus' train split and saves it to `out` (tokenizer.json)."""
@@ -54,6 +57,10 @@ def train_tokenizer(corpus: str | Path, vocab_size: int, out: str | Path, *, max
         show_progress=False,
     )
     tok.train_from_iterator(_sample_texts(Path(corpus), max_bytes, seed), trainer=trainer)
+    if tok.get_vocab_size() <= 257:  # the byte alphabet and <eos>: not one merge learned
+        raise UserError(f"{corpus}: its train split is too small to learn a tokenizer: BPE learned no merge "
+                        f"({tok.get_vocab_size()} tokens of the {vocab_size:,} asked, min_frequency {min_frequency}); "
+                        f"build the corpus from more text")
     if tok.token_to_id(EOS) != EOS_ID:
         raise AssertionError(f"{EOS} got id {tok.token_to_id(EOS)}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

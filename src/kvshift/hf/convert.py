@@ -22,8 +22,12 @@ from pathlib import Path
 
 import torch
 
+from kvshift.data.checks import check_tokenizer_made_shards
 from kvshift.layers.attention import identity_coefficients
 from kvshift.models.config import ModelConfig
+from kvshift.utils.io import read_json
+from kvshift.utils.paths import inside
+from kvshift.utils.staging import check_output_dir, staged
 
 from .configuration import KVShiftConfig
 from .modeling import KVShiftForCausalLM, load_lm_state
@@ -88,7 +92,7 @@ def load_training_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, t
     mc = _model_config_from_json(ckpt / "config.json") or _model_config_from_json(ckpt / "model_config.json")
     run_cfg = {}
     if run is not None and (run / "config.json").is_file():
-        run_cfg = json.loads((run / "config.json").read_text())
+        run_cfg = read_json(run / "config.json")  # a ValueError naming the file
         mc = mc or _model_config_from_json(run / "config.json")
     if mc is None:
         raise ValueError(f"{ckpt}: no model config found (looked for config.json or model_config.json there"
@@ -106,7 +110,9 @@ def load_training_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, t
     if tokenizer is None and tok_cfg and Path(tok_cfg).exists():
         tokenizer = Path(tok_cfg)
     step = int(ckpt.name.split("_")[1]) if ckpt.name.startswith("step_") and ckpt.name[5:].isdigit() else None
-    return mc, state, {"checkpoint": str(ckpt), "step": step, "tokenizer": str(tokenizer) if tokenizer else None}
+    shard_dir = (run_cfg.get("data") or {}).get("shard_dir") if isinstance(run_cfg, dict) else None
+    return mc, state, {"checkpoint": str(ckpt), "step": step, "tokenizer": str(tokenizer) if tokenizer else None,
+                       "shard_meta": str(Path(shard_dir) / "meta.json") if shard_dir else None}
 
 
 def load_tokenizer_for_export(path: str | Path):
@@ -148,7 +154,9 @@ def export_checkpoint(src: str | Path, dst: str | Path, *, tokenizer: str | Path
     """Write a training run/checkpoint as a KVShiftForCausalLM directory (safetensors), with the
     tokenizer when one is given or found next to the checkpoint."""
     mc, state, info = load_training_checkpoint(src)
+    check_output_dir(dst, src, info["checkpoint"], protect=_MANIFEST)
     tok_path = tokenizer or info["tokenizer"]
+    check_tokenizer_made_shards(tok_path, info["shard_meta"])
     tok = load_tokenizer_for_export(tok_path) if tok_path else None
     ids = _special_ids(tok) if tok is not None else {}
     if tok is not None and len(tok) > mc.vocab_size:
@@ -159,14 +167,21 @@ def export_checkpoint(src: str | Path, dst: str | Path, *, tokenizer: str | Path
         model = model.to(dtype)
     _set_generation_ids(model, ids)
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(dst))
-    if tok is not None:
-        tok.save_pretrained(str(dst))
-    (dst / "kvshift_export.json").write_text(json.dumps({
-        "source": info["checkpoint"], "step": info["step"], "tokenizer": str(tok_path) if tok_path else None,
-        "model_config": mc.to_dict()}, indent=1) + "\n")
+    with staged(dst, marker="config.json", clear=_HF_FILES) as stage:  # a previous export stays until this one is whole
+        model.save_pretrained(str(stage))
+        if tok is not None:
+            tok.save_pretrained(str(stage))
+        (stage / "kvshift_export.json").write_text(json.dumps({
+            "source": info["checkpoint"], "step": info["step"], "tokenizer": str(tok_path) if tok_path else None,
+            "model_config": mc.to_dict()}, indent=1) + "\n")
     return dst
+
+
+# what an export or conversion writes; replaced as a whole, so no file of an older export is left over
+_HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+             "kvshift_export.json")
 
 
 def _set_generation_ids(model, ids: dict) -> None:
@@ -225,10 +240,13 @@ def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
         return load_file(src / "model.safetensors")
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index}: not a safetensors index (a weight_map table of file names)") from None
         out = {}
-        for f in files:
-            out.update(load_file(src / f))
+        for f in files:  # names from the file: they must stay inside src
+            out.update(load_file(inside(src, f, f"{index}: weight_map")))
         return out
     if (src / "pytorch_model.bin").is_file():
         return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -280,8 +298,12 @@ def convert_llama(src: str | Path, dst: str | Path, *, attention: str = "kvshift
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise ValueError(f"{src}: no config.json (expected a saved LlamaForCausalLM directory)")
+    check_output_dir(dst, src)
     cfg = json.loads((src / "config.json").read_text())
-    mc = llama_model_config(cfg, attention=attention)
+    try:
+        mc = llama_model_config(cfg, attention=attention)
+    except (KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{src / 'config.json'}: not a Llama config ({type(e).__name__}: {e})") from None
     weights = _map_llama_weights(_load_hf_weights(src), mc)
     ids = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
     model = KVShiftForCausalLM(KVShiftConfig.from_model_config(mc, **ids))
@@ -299,10 +321,10 @@ def convert_llama(src: str | Path, dst: str | Path, *, attention: str = "kvshift
     src_dtype = weights["tok_embeddings.weight"].dtype
     model = model.to(dtype or src_dtype)
     _set_generation_ids(model, ids)
-    dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(dst))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    with staged(dst, marker="config.json", clear=_HF_FILES) as stage:
+        model.save_pretrained(str(stage))
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, stage / name)
     return dst

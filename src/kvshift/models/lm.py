@@ -270,12 +270,17 @@ class LM(nn.Module):
         Rows that emitted eos keep emitting eos. Returns (B, T + new)."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not temperature >= 0 or temperature == float("inf"):  # also NaN
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        if top_k is not None and (isinstance(top_k, bool) or not hasattr(top_k, "__index__") or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"generate needs a non-empty prompt of shape (B, T) with T >= 1, got shape "
+                             f"{tuple(input_ids.shape)}")
         B, T = input_ids.shape
         cache = self.new_cache(B, T + max_new_tokens)
         logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]

@@ -105,6 +105,12 @@ def verify_checkpoint(path: str | Path) -> dict:
         if name not in man["files"]:
             raise CheckpointError(f"{man_path}: does not list {name}")
     for name, info in man["files"].items():
+        if (not isinstance(info, dict) or not isinstance(info.get("sha256"), str)
+                or not isinstance(info.get("size"), int) or isinstance(info.get("size"), bool)):
+            raise CheckpointError(f"{man_path}: entry {name!r} must be a table with an integer size and a sha256 "
+                                  f"string, got {info!r}")
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+            raise CheckpointError(f"{man_path}: entry {name!r} is not a file name in the checkpoint directory")
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: file missing")

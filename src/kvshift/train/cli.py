@@ -6,7 +6,8 @@
     kvshift plot RUN [RUN ...] [--out PNG]
 
 CONFIG is a TOML path or the name of a shipped config (kvshift/configs/<name>.toml). `train` exits
-0 when finished, 3 when the run diverged, 75 when stopped by SIGTERM/SIGINT after a checkpoint.
+0 when finished, 2 for a user mistake (config, data, checkpoints, a refused --resume: one line on
+stderr), 3 when the run diverged, 75 when stopped by SIGTERM/SIGINT after a checkpoint.
 Only the standard library is imported here; torch is imported when a command runs.
 """
 
@@ -93,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:  # `python -m kvshift.train.cli 
     parser = argparse.ArgumentParser(prog="kvshift")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from kvshift.errors import command_name, run_command
+
+    return run_command(command_name(args), args.func, args)
 
 
 if __name__ == "__main__":

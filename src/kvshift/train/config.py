@@ -14,10 +14,16 @@ keys are a ValueError that lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kvshift.errors import UserError
 
 try:
     import tomllib
@@ -46,12 +52,16 @@ class DataConfig:
     tokenizer: str | None = None  # optional: check the shards were made with this tokenizer
 
     def __post_init__(self):
+        _check_types(self, "data")
         if self.kind == "auto":
             self.kind = "shards" if self.shard_dir else "synthetic"
         if self.kind not in DATA_KINDS:
             raise ValueError(f"data.kind must be 'auto' or one of {DATA_KINDS}, got {self.kind!r}")
         if self.kind == "shards" and not self.shard_dir:
             raise ValueError("data.shard_dir is required when data.kind = 'shards'")
+        if self.kind == "synthetic" and self.shard_dir:
+            raise UserError(f"data.shard_dir = {self.shard_dir!r} would be ignored: data.kind = 'synthetic' trains on "
+                            f"generated data; set data.kind = 'shards' to train on the shards, or drop data.shard_dir")
         for f in ("seq_len", "batch_size", "grad_accum"):
             _positive_int(f"data.{f}", getattr(self, f))
         if self.val_windows is not None:
@@ -71,6 +81,7 @@ class OptimConfig:
     fused: bool | None = None  # None: fused AdamW on CUDA
 
     def __post_init__(self):
+        _check_types(self, "optim")
         self.lr, self.eps, self.weight_decay, self.min_lr, self.clip = (
             float(self.lr), float(self.eps), float(self.weight_decay), float(self.min_lr), float(self.clip))
         if isinstance(self.betas, list):
@@ -113,6 +124,7 @@ class TrainSection:
     eval_at_start: bool = False  # also evaluate before the first step (step 0)
 
     def __post_init__(self):
+        _check_types(self, "train")
         _positive_int("train.steps", self.steps)
         for f in ("eval_every", "ckpt_every", "keep_last", "eval_batches", "log_every", "coefficients_every"):
             v = getattr(self, f)
@@ -139,6 +151,58 @@ def _positive_int(name: str, v: Any) -> None:
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainSection}
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(klass) -> dict:
+    return typing.get_type_hints(klass)
+
+
+def _describe(t) -> str:
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+            tuple: "a list", list: "a list", dict: "a table"}.get(typing.get_origin(t) or t, str(t))
+
+
+def check_value(name: str, value: Any, hint) -> None:
+    """UserError naming `name` unless `value` fits the annotation `hint` (bool, int, float, str,
+    tuple/list, dict, or a union of them with None); floats must be finite."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for a in args:
+        o = typing.get_origin(a) or a
+        if a is type(None) and value is None:
+            return
+        if o is bool and isinstance(value, bool):
+            return
+        if isinstance(value, bool):
+            continue
+        if o is int and isinstance(value, int):
+            return
+        if o is float and isinstance(value, (int, float)):
+            if math.isfinite(value):
+                return
+            raise UserError(f"{name} must be a finite number, got {value!r}")
+        if o is str and isinstance(value, str):
+            return
+        if o in (tuple, list) and isinstance(value, (tuple, list)):
+            return
+        if o is dict and isinstance(value, dict):
+            return
+    want = " or ".join(_describe(a) for a in args if a is not type(None))
+    raise UserError(f"{name} must be {want}, got {value!r}")
+
+
+def _check_types(obj, section: str) -> None:
+    for f in dataclasses.fields(obj):
+        check_value(f"{section}.{f.name}", getattr(obj, f.name), _hints(type(obj))[f.name])
+
+
+def _check_model_types(m: dict) -> None:
+    from kvshift.models import ModelConfig
+
+    hints = _hints(ModelConfig)
+    for k, v in m.items():
+        if k == "preset" or k in hints:  # an unknown key: ModelConfig names it
+            check_value(f"model.{k}", v, str if k == "preset" else hints[k])
+
+
 @dataclass
 class RunConfig:
     model: dict = field(default_factory=lambda: {"preset": "debug"})  # preset + ModelConfig overrides
@@ -147,7 +211,16 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self):
-        self.model_config()  # validate now, not at step 0
+        if not isinstance(self.model, dict):
+            raise UserError(f"[model] must be a table, got {self.model!r}")
+        _check_model_types(self.model)
+        try:
+            mcfg = self.model_config()  # validate now, not at step 0
+        except (ValueError, TypeError) as e:
+            raise UserError(f"[model]: {e}") from None
+        if self.data.seq_len > mcfg.max_seq_len:
+            raise UserError(f"data.seq_len = {self.data.seq_len} is longer than the model's max_seq_len = "
+                            f"{mcfg.max_seq_len}: lower data.seq_len or set model.max_seq_len")
 
     def model_config(self):
         from kvshift.models import ModelConfig
@@ -172,6 +245,8 @@ class RunConfig:
             raise ValueError(f"unknown config sections {unknown}; valid sections: {['model', *_SECTIONS]}")
         kw: dict[str, Any] = {}
         if "model" in d:
+            if not isinstance(d["model"], dict):
+                raise UserError(f"[model] must be a table, got {d['model']!r}")
             m = dict(d["model"])
             from kvshift.models import ModelConfig
 
@@ -257,10 +332,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ValueError(f"config file {path} not found (shipped configs: {sorted(shipped_configs())})")
         try:
-            d = tomllib.loads(p.read_text())
+            d = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{p}: not a UTF-8 text file, so not a TOML config (byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{p}: invalid TOML ({e})") from None
-    return RunConfig.from_dict(apply_overrides(d, parse_overrides(overrides)))
+            raise UserError(f"{p}: invalid TOML ({e})") from None
+    ov = parse_overrides(overrides)
+    try:
+        return RunConfig.from_dict(apply_overrides(d, ov))
+    except ValueError as e:
+        if path is None:
+            raise
+        raise UserError(f"config {p}{' with --set overrides' if ov else ''}: {e}") from None
 
 
 def shipped_configs() -> dict[str, Path]:

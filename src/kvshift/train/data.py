@@ -175,6 +175,9 @@ def make_validation(data, vocab_size: int, n_windows: int, rank: int, world_size
 
     vs = ValidationSet(data.shard_dir, data.seq_len, data.batch_size, split=data.val_split, max_windows=n_windows,
                        rank=rank, world_size=world_size, tokenizer=data.tokenizer)
+    if len(vs) == 0:  # the validation loss would read 0.0
+        raise ValueError(f"{vs.shards.token_file}: the {data.val_split!r} split has {len(vs.shards):,} tokens, too few "
+                         f"for one window of data.seq_len + 1 = {data.seq_len + 1}")
     info = vs.shards.meta["splits"][data.val_split]
     bpt = info["bytes"] / info["tokens"] if info.get("bytes") else None
     by_dom = {}

@@ -12,12 +12,14 @@ Run directory:
 
 Exit statuses (what `kvshift train` returns): 0 finished, 3 diverged (no checkpoint of the diverged
 state is written; the last good one stays), 75 (EX_TEMPFAIL) interrupted by SIGTERM/SIGINT after a
-checkpoint was written: rerun with --resume.
+checkpoint was written: rerun with --resume. A launch that kvshift.train.resume refuses (a changed
+config on --resume, no verifying checkpoint, orphaned metrics) raises UserError before anything in
+the run directory is written: exit 2 from the CLI. docs/reliability.md lists every case.
 
 Determinism: the data batch of a step is a pure function of (data.seed, step); the model init a
 pure function of train.seed; the optimizer, schedule position, RNG states and divergence tracker are
 in the checkpoint. On CPU with a fixed thread count, a resumed run reproduces the uninterrupted
-run's losses bit for bit (tests/train/test_train.py::test_resume_is_bit_exact).
+run's losses bit for bit (tests/train/test_train.py::test_resume_is_bit_exact, test_kill.py).
 """
 
 from __future__ import annotations
@@ -33,12 +35,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvshift.errors import UserError
+from kvshift.models import LM
 from kvshift.train import distributed as D
-from kvshift.train.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,
-                                      save_checkpoint, set_rng_state)
+from kvshift.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kvshift.train.config import RunConfig
+from kvshift.train.data import make_sources, make_validation
+from kvshift.train.flops import flops_per_token
 from kvshift.train.metrics import MetricsLog, coefficients_record, environment, read_metrics, shift_summary
+from kvshift.train.optim import build_optimizer, lr_at, set_lr
+from kvshift.train.resume import check_resumed_config, start_plan
 from kvshift.train.signals import NoBar, StopFlag
+from kvshift.utils import io as uio
 
 __all__ = ["train", "evaluate", "EXIT_OK", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
 
@@ -115,11 +123,6 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     `sources` (one BatchSource per micro-step: batch(step) -> input_ids, labels (-100: no loss),
     position_ids) instead of shards; `evaluator(model) -> dict` adds its metrics to every evaluation
     (eval mode, no grad, the run's autocast), e.g. the accuracy of a synthetic task on held-out rows."""
-    from kvshift.models import LM
-    from kvshift.train.data import make_sources, make_validation
-    from kvshift.train.flops import flops_per_token
-    from kvshift.train.optim import build_optimizer, lr_at, set_lr
-
     t_start = time.time()
     tc, oc, dc = cfg.train, cfg.optim, cfg.data
     if tc.deterministic:
@@ -132,11 +135,20 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     out = Path(out)
     ckpt_root = out / "checkpoints"
     mcfg = cfg.model_config()
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_config": mcfg.to_dict()}, indent=1) + "\n")
-        with open(out / "command.txt", "a") as f:
-            f.write((command or " ".join(sys.argv)) + "\n")
+    # where this launch starts (kvshift.train.resume): checked, checkpoint loaded and its config compared
+    # before anything in `out` is written; every rank refuses together
+    plan = D.broadcast_object(start_plan(out, cfg, resume=resume) if d.is_main else None)
+    if plan["error"]:
+        raise UserError(plan["error"])
+    for problem in plan["skipped"]:
+        log(f"[train] skipping checkpoint: {problem}")
+    ckpt = plan["ckpt"]
+    if ckpt is not None:
+        weights, st = load_checkpoint(ckpt, verify=False)  # start_plan verified it
+        check_resumed_config(ckpt, st, cfg, mcfg, d.world_size)
+        if oc.schedule == "cosine" and st.get("schedule", {}).get("steps", tc.steps) != tc.steps:
+            log(f"[train] note: train.steps {st['schedule']['steps']} -> {tc.steps} stretches the cosine schedule "
+                f"from step {st['step']} on")
     torch.manual_seed(tc.seed + d.rank)
 
     model = LM(mcfg, seed=tc.seed).to(d.device)  # identical shared init across arms (see LM.init_weights)
@@ -161,6 +173,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     evaluating = val is not None or evaluator is not None
     tokens_per_step = dc.batch_size * dc.seq_len * dc.grad_accum * d.world_size
     diverge_after = tc.diverge_after if tc.diverge_after is not None else oc.warmup
+    if d.is_main:  # every check passed: from here on the run directory is written
+        out.mkdir(parents=True, exist_ok=True)
+        uio.write_json_atomic(out / "config.json", {**cfg.to_dict(), "model_config": mcfg.to_dict()})
+        with open(out / "command.txt", "a") as f:
+            f.write((command or " ".join(sys.argv)) + "\n")
 
     # ---- state that a checkpoint restores ----
     step, running_min, best = 0, float("inf"), {"val_loss": None, "step": None}
@@ -168,15 +185,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     metrics = MetricsLog(out / "metrics.jsonl", enabled=d.is_main)
     last: dict = {}  # the latest step's record and the latest evaluation, for the summary
     last_eval: dict = {}
-    ckpt = None
-    if not resume and list_checkpoints(ckpt_root):
-        raise ValueError(f"{out} already holds checkpoints from an earlier run: pass --resume to continue it, "
-                         f"or choose another --out")
-    if resume:
-        ckpt = D.broadcast_object(str(latest_checkpoint(ckpt_root)) if d.is_main else None)
-        ckpt = None if ckpt == "None" else ckpt
     if ckpt is not None:
-        weights, st = load_checkpoint(ckpt, verify=False)  # latest_checkpoint verified it
         D.load_model_state(model, weights, d)
         D.load_optim_state(model, opt, st["optimizer"], d)
         rng = st["rng"][d.rank] if d.rank < len(st["rng"]) else st["rng"][0]
@@ -186,11 +195,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
         steady_before = tuple(st.get("steady", (0.0, 0)))
         metrics.truncate_after(step)
         last, last_eval = _restore_last(out / "metrics.jsonl", step)
+        del weights, st
         log(f"[train] resumed from {ckpt} at step {step}")
-    elif resume:
-        log(f"[train] --resume: no valid checkpoint in {ckpt_root}, starting from scratch")
-        metrics.truncate_after(0)
-    else:
+    else:  # no checkpoint; start_plan refused a metrics.jsonl with records past the first checkpoint
+        if resume:
+            log(f"[train] --resume: no checkpoint in {ckpt_root}, starting from scratch")
         metrics.truncate_after(0)
 
     def checkpoint(at: int) -> None:

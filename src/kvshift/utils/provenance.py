@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from kvshift import __version__
+
 __all__ = ["git_commit", "command_line", "device_name", "provenance", "environment"]
 
 GIT_COMMIT_ENV = "KVSHIFT_GIT_COMMIT"  # set by scripts/device/*.sh: device machines get the tree without .git
@@ -52,8 +54,6 @@ def device_name(device: torch.device | None = None) -> str:
 
 def provenance(device: torch.device | None = None) -> dict:
     """The provenance block of every summary.json the experiments write."""
-    from kvshift import __version__
-
     return {"command": command_line(), "git_commit": git_commit(), "kvshift": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "device": device_name(device),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -1,0 +1,99 @@
+"""Checks on what users feed the data pipeline: text encodings of their files, shard sidecars.
+
+Every failure is a UserError (a ValueError) whose message names the file and, for meta.json, the
+field; `kvshift data ...` prints it as one line (exit status 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvshift.errors import UserError
+from kvshift.utils.io import file_sha256
+from kvshift.utils.paths import plain_name
+
+__all__ = ["decode_text", "check_shard_meta", "check_not_empty", "check_tokenizer_made_shards"]
+
+SHARD_DTYPES = ("uint16", "uint32")
+
+
+def decode_text(data: bytes, where: str) -> str:
+    """UTF-8 text of a user's file (or line); UserError for binary data or another encoding, which
+    would otherwise become text full of replacement characters."""
+    if b"\x00" in data:
+        raise UserError(f"{where}: binary data (NUL bytes), not UTF-8 text; leave it out of --files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
+                        f"first, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def check_not_empty(records: list[dict], seen: dict[str, int], min_doc_chars: int) -> None:
+    """UserError when a corpus build kept no training document (a tokenizer and shards made from it
+    would only fail at `kvshift train`)."""
+    if sum(r["splits"]["train"]["documents"] for r in records):
+        return
+    seen = ", ".join(f"{r['name']}: {seen.get(r['name'], 0):,} read, {r['dropped_short']:,} shorter than {min_doc_chars} "
+                     f"characters, {r['dropped_duplicate_files']:,} duplicates, {r['splits']['val']['documents']:,} "
+                     f"in val" for r in records)
+    raise UserError(f"no training document kept ({seen}); the previous corpus, if any, is unchanged")
+
+
+def _need(cond: bool, path: Path, field: str, want: str, got) -> None:
+    if not cond:
+        raise UserError(f"{path}: {field} must be {want}, got {got!r}")
+
+
+def check_shard_meta(meta, path: Path, fmt: str) -> None:
+    """UserError naming meta.json and the field unless `meta` is a well-formed shard sidecar whose
+    shard file names are plain names inside the shard directory."""
+    _need(isinstance(meta, dict), path, "the sidecar", "a JSON object", type(meta).__name__)
+    _need(meta.get("format") == fmt, path, "format", repr(fmt), meta.get("format"))
+    for k in ("vocab_size", "eos_id"):
+        v = meta.get(k)
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, path, k, "a non-negative integer", v)
+    _need(meta["vocab_size"] > 0, path, "vocab_size", "positive", meta["vocab_size"])
+    _need(meta["eos_id"] < meta["vocab_size"], path, "eos_id", f"< vocab_size {meta['vocab_size']}", meta["eos_id"])
+    _need(meta.get("dtype") in SHARD_DTYPES, path, "dtype", " or ".join(SHARD_DTYPES), meta.get("dtype"))
+    _need(isinstance(meta.get("tokenizer_sha256"), str), path, "tokenizer_sha256", "a string",
+          meta.get("tokenizer_sha256"))
+    doms = meta.get("domains")
+    _need(isinstance(doms, list) and all(isinstance(d, str) for d in doms), path, "domains", "a list of names", doms)
+    splits = meta.get("splits")
+    _need(isinstance(splits, dict) and splits, path, "splits", "a table of splits", splits)
+    for name, info in splits.items():
+        f = f"splits.{name}"
+        _need(isinstance(info, dict), path, f, "a table", info)
+        for k in ("tokens", "documents"):
+            v = info.get(k)
+            _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, path, f"{f}.{k}",
+                  "a non-negative integer", v)
+        files = info.get("files")
+        _need(isinstance(files, dict) and {"tokens", "offsets", "domains"} <= set(files), path, f"{f}.files",
+              "a table with tokens, offsets and domains", files)
+        for k in ("tokens", "offsets", "domains"):
+            plain_name(files[k], f"{path}: {f}.files.{k}")
+
+
+def check_tokenizer_made_shards(tokenizer, shard_meta) -> None:
+    """UserError when `tokenizer` (a tokenizer.json) is not the file the training shards were made
+    with (their meta.json keeps its sha256). Skipped when the shards' meta.json is not found, for a
+    saved transformers tokenizer (re-serialised, so its bytes differ) and for shards without one."""
+    if tokenizer is None or shard_meta is None or not Path(shard_meta).is_file():
+        return
+    p = Path(tokenizer)
+    if p.is_dir():
+        if (p / "tokenizer_config.json").is_file():
+            return
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        return
+    try:
+        want = json.loads(Path(shard_meta).read_text()).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(want, str) and want.strip("0") and file_sha256(p) != want:
+        raise UserError(f"tokenizer {tokenizer} is not the one the training shards were made with ({shard_meta}: "
+                        f"tokenizer_sha256 {want[:12]}…, this file {file_sha256(p)[:12]}…); pass that tokenizer.json")
