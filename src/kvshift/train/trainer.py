@@ -344,9 +344,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     if d.mode == "fsdp":
         summary["params"] = mcfg.non_embedding_params() + mcfg.vocab_size * mcfg.dim * (1 if mcfg.tie_embeddings else 2)
     if d.is_main:
-        from kvshift.utils.io import write_json_atomic
-
-        write_json_atomic(out / "summary.json", summary)
+        uio.write_json_atomic(out / "summary.json", summary)
         vl = summary["final_val_loss"]
         log(f"[train] {status} at step {step}: loss {summary['final_loss']}, val loss "
             f"{'n/a' if vl is None else f'{vl:.4f}'}, {tokens:,} tokens in {wall:.0f}s -> {out}")
