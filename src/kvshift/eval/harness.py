@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from kvshift.eval.requests import REQUESTS_FORMAT, Requests, load_scores
 from kvshift.utils.provenance import git_commit
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
@@ -188,8 +189,6 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
             lm_kwargs["softmax_dtype"] = softmax_dtype
         table = None
         if record is not None or scores is not None:
-            from kvshift.eval.offload import Requests, load_scores, offload_lm
-
             if scores is not None:
                 req = Requests.load(requests)
                 table = load_scores(scores, req, requests)
@@ -215,10 +214,8 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
     if res is None:
         raise RuntimeError("lm-eval returned no results")
     if record is not None:
-        from kvshift.eval.offload import _FORMAT, Requests
-
         pairs = list(lm.recorded)
-        meta = {"format": _FORMAT, "tasks": names, "limit": limit, "max_length": lm.max_length,
+        meta = {"format": REQUESTS_FORMAT, "tasks": names, "limit": limit, "max_length": lm.max_length,
                 "add_bos": add_bos, "bos_prepended": bos_prepended, "n_requests": len(pairs),
                 "tokenizer_sha256": _tokenizer_sha256(tok), "shell": str(model), "versions": _versions(),
                 "git_commit": git_commit()}
@@ -251,3 +248,36 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return report
+
+
+# ---- offloaded evaluation (kvshift.eval.offload): lm-eval with recorded / replayed loglikelihoods ----------
+def offload_lm(base_cls, mode: str, table: dict | None = None):
+    """A subclass of lm-eval's HFLM (base_cls) whose loglikelihoods are recorded ("record": each request
+    lands in `recorded`, the answers are placeholders) or answered from `table` ("replay")."""
+
+    class OffloadLM(base_cls):
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            out = []
+            for _, ctx, cont in requests:
+                key = (tuple(ctx), tuple(cont))
+                if mode == "record":
+                    self.recorded.setdefault(key, None)
+                    out.append((0.0, False))
+                elif key not in table:
+                    raise ValueError("a request of this evaluation is not in the scores' requests file: record "
+                                     "with the same tasks, limit, tokenizer and max length")
+                else:
+                    out.append(table[key])
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise ValueError("offloaded evaluation supports loglikelihood (multiple-choice/lambada) tasks only")
+
+        def generate_until(self, requests, disable_tqdm=False):
+            raise ValueError("offloaded evaluation supports loglikelihood (multiple-choice/lambada) tasks only")
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            raise RuntimeError("the shell model of an offloaded evaluation is never run")
+
+    OffloadLM.recorded = {}
+    return OffloadLM
