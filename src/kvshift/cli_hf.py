@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from kvshift.layers.attention import IDENTITY_KINDS
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -53,7 +55,7 @@ def register(subparsers) -> None:
                                                     "with the identity shift (same logits)")
     c.add_argument("src", metavar="SRC", help="directory of a saved LlamaForCausalLM")
     c.add_argument("dst", metavar="DST", help="output directory")
-    c.add_argument("--attention", default="kvshift", choices=("kvshift", "kvshift_clamp", "kshift", "vshift", "vanilla"),
+    c.add_argument("--attention", default="kvshift", choices=IDENTITY_KINDS,
                    help="attention kind of the converted model (default kvshift)")
     c.add_argument("--dtype", choices=_DTYPES, help="store weights in this dtype (default: the source's)")
     c.set_defaults(func=cmd_convert_llama)

@@ -10,7 +10,7 @@ def collect() -> dict:
     import torch
 
     import kvshift
-    from kvshift.models.config import ATTENTION_KINDS, PRESETS
+    from kvshift.models.config import ATTENTION_KINDS, PRESETS, SHIFT_WINDOWS
     from kvshift.ops.shift import triton_available
 
     def version(mod):
@@ -30,7 +30,7 @@ def collect() -> dict:
         "cuda": torch.version.cuda if cuda else None,
         "gpus": torch.cuda.device_count() if cuda else 0,
         "attention_kinds": list(ATTENTION_KINDS),
-        "shift_windows": [1, 2, 3],
+        "shift_windows": list(SHIFT_WINDOWS),
         "fused_kernels": triton_available(),
         "presets": sorted(PRESETS),
     }

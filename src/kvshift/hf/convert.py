@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvshift.layers.attention import identity_coefficients
+from kvshift.layers.attention import IDENTITY_KINDS, identity_coefficients
 from kvshift.models.config import ModelConfig
 
 from .configuration import KVShiftConfig
@@ -107,9 +107,9 @@ def llama_model_config(cfg: dict, *, attention: str = "kvshift") -> ModelConfig:
     reproduce exactly."""
     if cfg.get("model_type") != "llama":
         raise ValueError(f"convert-llama takes a Llama checkpoint (model_type 'llama'), got {cfg.get('model_type')!r}")
-    if attention not in ("kvshift", "kvshift_clamp", "kshift", "vshift", "vanilla"):
-        raise ValueError(f"attention must be kvshift, kvshift_clamp, kshift, vshift or vanilla (kinds with an "
-                         f"exact identity shift), got {attention!r}")
+    if attention not in IDENTITY_KINDS:
+        raise ValueError(f"attention must be one of {IDENTITY_KINDS} (kinds with an exact identity shift), "
+                         f"got {attention!r}")
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     problems = []
     if cfg.get("hidden_act", "silu") != "silu":

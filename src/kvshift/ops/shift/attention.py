@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import naive
+from .impl import IMPLS, use_triton
 
 Tensor = torch.Tensor
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -270,12 +271,10 @@ def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tenso
     for name, w in (("w_k", w_k), ("w_v", w_v)):
         if w.dim() != 2 or w.shape[0] != k.shape[-2]:
             raise ValueError(f"{name} must be (H_kv, W) = ({k.shape[-2]}, W), got {tuple(w.shape)}")
-    if impl not in ("auto", "naive", "triton"):
-        raise ValueError(f"impl must be 'auto', 'naive' or 'triton', got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     chosen = attention_backend(q_rot, cu_seqlens, backend)  # validates backend / $KVSHIFT_ATTENTION first
-    from . import triton_available
-    fused = impl == "triton" or (impl == "auto" and q_rot.is_cuda and triton_available())
-    if not fused:
+    if not use_triton(impl, q_rot):
         return shift_attention_reference(q_rot, k, v, w_k, w_v, cos, sin, cu_seqlens=cu_seqlens)
     if not flash_supported(q_rot):
         raise ValueError(f"the fused path needs bf16/fp16 and a head dim that is a multiple of 8 (<= 256) on CUDA, "
