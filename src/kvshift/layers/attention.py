@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kvshift.ops.rope import apply_rope
 from kvshift.ops.shift import dispatch_shift, dispatch_shift_rope, use_triton
-from kvshift.ops.shift.attention import flash_supported, shift_attention
+from kvshift.ops.shift.attention import ATTENTION_BACKENDS, flash_supported, shift_attention
 
 # the attention kinds: which sides shift (keys, values), and how coefficients are parametrised
 SHIFT_KINDS: dict[str, tuple[bool, bool, str]] = {
@@ -252,8 +252,8 @@ def set_fused_attention(model: nn.Module, enabled: bool, backend: str = "auto") 
     training memory; the benchmark's "fused" arm) or off (separate Triton shift ops and SDPA, the
     benchmark's "fused-sdpa" arm). backend: its CUDA attention kernels, "auto" (cuDNN for dense batches,
     flash for packed ones), "cudnn" or "flash" (the benchmark's "fused-flash" arm)."""
-    if backend not in ("auto", "cudnn", "flash"):
-        raise ValueError(f"backend must be auto, cudnn or flash, got {backend!r}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     for m in model.modules():
         if isinstance(m, Attention):
             m.fuse_attention = bool(enabled)

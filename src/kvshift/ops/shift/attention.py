@@ -19,7 +19,7 @@ Backends ("triton"): the Triton shift kernels of `kvshift.ops.shift.triton`, the
 cuDNN's fused attention for dense batches (`aten::_scaled_dot_product_cudnn_attention` and its backward:
 the kernels SDPA itself picks on Hopper, GQA native) and PyTorch's flash-attention kernels
 (`aten::_flash_attention_forward/_backward`, varlen form) for packed documents or with
-KVSHIFT_ATTENTION=flash (`attention_backend` says which);
+backend="flash" (`attention_backend` says which);
 on the CPU (TRITON_INTERPRET=1, for tests) the attention part is an exact fp32 math implementation of
 the same forward/backward, so the recompute and gradient plumbing is tested without a GPU.
 "naive" is the reference: naive shift, naive RoPE and plain masked softmax attention, differentiated
@@ -143,21 +143,17 @@ def _cudnn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
 
 # read once: dynamo (torch 2.11) breaks the graph on torch.backends.cudnn.is_available() inside a trace
 _HAS_CUDNN = torch.backends.cudnn.is_available()
+# the CUDA attention kernels of the one op: "auto" = cuDNN for dense batches, flash for packed documents
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash")
 
 
 def attention_backend(q: Tensor, cu_seqlens: Optional[Tensor], choice: str = "auto") -> str:
     """"cudnn" (dense CUDA input: the kernels SDPA picks on Hopper), "flash" (packed documents, or asked
-    for) or "math" (CPU). choice: "auto" | "cudnn" | "flash"; "auto" defers to $KVSHIFT_ATTENTION (the
-    same values, default auto). cuDNN takes head dims up to 128 here; larger ones go to flash."""
-    import os
-
-    if choice == "auto":
-        choice = os.environ.get("KVSHIFT_ATTENTION", "auto")
-        where = "KVSHIFT_ATTENTION"
-    else:
-        where = "backend"
-    if choice not in ("auto", "cudnn", "flash"):
-        raise ValueError(f"{where} must be auto, cudnn or flash, got {choice!r}")
+    for) or "math" (CPU). choice: one of ATTENTION_BACKENDS, "auto" | "cudnn" | "flash" (the `backend=`
+    of `shift_attention` and `set_fused_attention`). cuDNN takes head dims up to 128 here; larger ones go
+    to flash."""
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {choice!r}")
     if not q.is_cuda:
         return "math"
     if cu_seqlens is None and choice != "flash" and _HAS_CUDNN and q.shape[-1] <= 128:
@@ -273,7 +269,7 @@ def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tenso
             raise ValueError(f"{name} must be (H_kv, W) = ({k.shape[-2]}, W), got {tuple(w.shape)}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    chosen = attention_backend(q_rot, cu_seqlens, backend)  # validates backend / $KVSHIFT_ATTENTION first
+    chosen = attention_backend(q_rot, cu_seqlens, backend)  # validates backend first
     if not use_triton(impl, q_rot):
         return shift_attention_reference(q_rot, k, v, w_k, w_v, cos, sin, cu_seqlens=cu_seqlens)
     if not flash_supported(q_rot):
@@ -288,4 +284,5 @@ def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tenso
     return out
 
 
-__all__ = ["shift_attention", "shift_attention_reference", "flash_supported", "attention_backend"]
+__all__ = ["shift_attention", "shift_attention_reference", "flash_supported", "attention_backend",
+           "ATTENTION_BACKENDS"]
