@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from kvshift.layers.attention import IDENTITY_KINDS
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _dtype(name):
-    import torch
-
     return None if name is None else getattr(torch, name)
 
 
@@ -21,7 +21,7 @@ def _fail(cmd: str, e: Exception) -> int:
 
 
 def cmd_export(args) -> int:
-    from kvshift.hf.convert import export_checkpoint
+    from kvshift.hf.convert import export_checkpoint  # kvshift.hf imports transformers (the hf extra)
 
     try:
         dst = export_checkpoint(args.src, args.dst, tokenizer=args.tokenizer, dtype=_dtype(args.dtype))
@@ -32,7 +32,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert_llama(args) -> int:
-    from kvshift.hf.convert import convert_llama
+    from kvshift.hf.convert import convert_llama  # kvshift.hf imports transformers (the hf extra)
 
     try:
         dst = convert_llama(args.src, args.dst, attention=args.attention, dtype=_dtype(args.dtype))

@@ -25,7 +25,7 @@ from kvshift.layers.attention import Attention, AttentionContext
 from kvshift.models.lm import LM
 from kvshift.ops.rope import apply_rope
 from kvshift.ops.shift import kv_shift
-from kvshift.utils.plot import save_figure
+from kvshift.utils.plot import pyplot, save_figure
 
 SCORES = ("prefix_matching", "previous_token", "duplicate_token")
 
@@ -158,11 +158,7 @@ def analyze(model, *, n: int = 64, batch: int = 8, seed: int = 0, prefix: int | 
 def plot(report: dict, path: str | Path, *, title: str | None = None) -> Path:
     """Heatmaps: prefix-matching and previous-token scores (layer x head), and the shift's
     current-token taps alpha1, beta1 (layer x KV head)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("prefix_matching", "prefix matching (induction)"), ("previous_token", "previous token")]
     mats = [(torch.tensor(report["scores"][k]), t, (0.0, 1.0)) for k, t in panels]
     alpha1 = torch.tensor([[row[0] for row in layer["alpha"]] for layer in report["shift"]])

@@ -19,7 +19,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from kvshift.data.tokenizer import EOS
 from kvshift.layers.attention import IDENTITY_KINDS, identity_coefficients
 from kvshift.models.config import ModelConfig
 
@@ -29,16 +31,11 @@ from .modeling import KVShiftForCausalLM, load_lm_state
 
 __all__ = ["export_checkpoint", "convert_llama", "load_tokenizer_for_export", "llama_model_config"]
 
-_EOS = "<|endoftext|>"  # kvshift.data.tokenizer's only special token
-
-
 # ---- training checkpoints -----------------------------------------------------------------------
 def load_tokenizer_for_export(path: str | Path):
     """A transformers tokenizer from a tokenizers `tokenizer.json` (kvshift.data.tokenizer's format:
     <|endoftext|> is EOS, BOS and pad, and encoding prepends it) or from a directory holding a saved
     transformers tokenizer (used as saved)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     p = Path(path)
     if p.is_dir() and (p / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(p))
@@ -50,12 +47,12 @@ def load_tokenizer_for_export(path: str | Path):
         tok = PreTrainedTokenizerFast(tokenizer_file=str(p), model_input_names=["input_ids", "attention_mask"])
     except Exception as e:  # tokenizers raises its own Exception type on a malformed file
         raise ValueError(f"{p}: not a tokenizers tokenizer.json ({e})") from None
-    if _EOS in tok.get_vocab():
+    if EOS in tok.get_vocab():
         # <|endoftext|> is EOS, pad and BOS, and encoding prepends it as the shards put it before every
         # training document: pipelines and lm-eval then feed the model what it was trained on
         # (add_special_tokens=False still gives the bare text)
         tok = PreTrainedTokenizerFast(tokenizer_file=str(p), model_input_names=["input_ids", "attention_mask"],
-                                      bos_token=_EOS, eos_token=_EOS, pad_token=_EOS, add_bos_token=True)
+                                      bos_token=EOS, eos_token=EOS, pad_token=EOS, add_bos_token=True)
         if tok("a").input_ids[:1] != [tok.bos_token_id]:
             raise ValueError(f"{p}: this transformers version does not honour add_bos_token for "
                              f"PreTrainedTokenizerFast; use transformers >= 5")
@@ -143,7 +140,7 @@ def llama_model_config(cfg: dict, *, attention: str = "kvshift") -> ModelConfig:
 
 
 def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # optional dependency (the hf extra)
 
     if (src / "model.safetensors").is_file():
         return load_file(src / "model.safetensors")

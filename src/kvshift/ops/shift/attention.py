@@ -168,8 +168,9 @@ def _flat(x: Tensor) -> Tensor:
 
 def _shifted(k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor,
              cu_seqlens: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    from .triton import _fwd_impl
-    return _fwd_impl(k, w_k, None, cu_seqlens, cos, sin), _fwd_impl(v, w_v, None, cu_seqlens, None, None)
+    from .triton import launch_shift_fwd  # triton is an optional dependency (the triton extra)
+    return (launch_shift_fwd(k, w_k, None, cu_seqlens, cos, sin),
+            launch_shift_fwd(v, w_v, None, cu_seqlens, None, None))
 
 
 @torch.library.custom_op("kvshift::shift_attn_fwd", mutates_args=())
@@ -199,7 +200,7 @@ def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w
                    sin: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Optional[Tensor], max_len: int,
                    scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dw_k, dw_v): recompute k̂, v̂, attention backward, then the shift backward."""
-    from .triton import _bwd_impl
+    from .triton import launch_shift_bwd  # triton is an optional dependency (the triton extra)
     k_hat, v_hat = _shifted(k, v, w_k, w_v, cos, sin, cu_seqlens)
     if backend == "cudnn":
         dq, dk_hat, dv_hat = _cudnn_bwd(dout, q, k_hat, v_hat, out, lse, scale)
@@ -208,8 +209,8 @@ def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w
         dq, dk_hat, dv_hat = _attn_bwd(_flat(dout), _flat(q).contiguous(), _flat(k_hat), _flat(v_hat),
                                        _flat(out), lse, cu, max_len, scale)
     del k_hat, v_hat
-    dk, dw_k, _ = _bwd_impl(dk_hat.view(k.shape), k, w_k, None, cu_seqlens, cos, sin)
-    dv, dw_v, _ = _bwd_impl(dv_hat.view(v.shape), v, w_v, None, cu_seqlens, None, None)
+    dk, dw_k, _ = launch_shift_bwd(dk_hat.view(k.shape), k, w_k, None, cu_seqlens, cos, sin)
+    dv, dw_v, _ = launch_shift_bwd(dv_hat.view(v.shape), v, w_v, None, cu_seqlens, None, None)
     return dq.reshape(q.shape).contiguous(), dk, dv, dw_k, dw_v
 
 
