@@ -1,4 +1,4 @@
-"""iGSM-style synthetic grade-school math (paper App. I; PAPER.md §3), written from the published
+"""iGSM-style synthetic grade-school math (paper App. I), written from the published
 description in Ye, Xu, Li & Allen-Zhu (2024), "Physics of Language Models: Part 2.1". No third-party
 generator is used; this is a simplified re-implementation, not a byte-compatible copy.
 
