@@ -43,7 +43,8 @@ importable from kvshift.tasks.igsm.
 
 from kvshift.tasks.igsm.checker import SolutionError, check_solution, parse_answer
 from kvshift.tasks.igsm.generator import FAMILIES, generate
-from kvshift.tasks.igsm.problem import MAX_OPERATIONS, MOD, Graph, Param, Problem, count_operations, evaluate, evaluate_all
+from kvshift.tasks.igsm.problem import (MAX_OPERATIONS, MOD, Graph, Param, Problem, count_operations, evaluate,
+                                        evaluate_all)
 from kvshift.tasks.igsm.tokenizer import IGSMTokenizer, sample_batch
 
 __all__ = [
