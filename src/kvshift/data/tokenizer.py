@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvshift.data.corpus import iter_documents, read_manifest
-from kvshift.utils.io import file_sha256
 
 __all__ = ["EOS", "EOS_ID", "train_tokenizer", "load_tokenizer"]
 

@@ -49,12 +49,15 @@ from kvshift.tasks.igsm.tokenizer import IGSMTokenizer, sample_batch
 
 __all__ = [
     "MOD",
+    "MAX_OPERATIONS",
+    "FAMILIES",
     "Param",
     "Graph",
     "Problem",
     "SolutionError",
     "generate",
     "evaluate",
+    "evaluate_all",
     "count_operations",
     "check_solution",
     "parse_answer",
