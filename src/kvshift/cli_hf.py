@@ -5,17 +5,19 @@ which kvshift.cli runs every verb through."""
 
 from __future__ import annotations
 
+import torch
+
+from kvshift.layers.attention import IDENTITY_KINDS
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _dtype(name):
-    import torch
-
     return None if name is None else getattr(torch, name)
 
 
 def cmd_export(args) -> int:
-    from kvshift.hf.convert import export_checkpoint
+    from kvshift.hf.convert import export_checkpoint  # kvshift.hf imports transformers (the hf extra)
 
     dst = export_checkpoint(args.src, args.dst, tokenizer=args.tokenizer, dtype=_dtype(args.dtype))
     print(f"wrote {dst} (load with: import kvshift.hf; AutoModelForCausalLM.from_pretrained({str(dst)!r}))")
@@ -23,7 +25,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert_llama(args) -> int:
-    from kvshift.hf.convert import convert_llama
+    from kvshift.hf.convert import convert_llama  # kvshift.hf imports transformers (the hf extra)
 
     dst = convert_llama(args.src, args.dst, attention=args.attention, dtype=_dtype(args.dtype))
     print(f"wrote {dst}: {args.attention} attention with the identity shift (logits equal the Llama model's)")
@@ -43,7 +45,7 @@ def register(subparsers) -> None:
                                                     "with the identity shift (same logits)")
     c.add_argument("src", metavar="SRC", help="directory of a saved LlamaForCausalLM")
     c.add_argument("dst", metavar="DST", help="output directory")
-    c.add_argument("--attention", default="kvshift", choices=("kvshift", "kvshift_clamp", "kshift", "vshift", "vanilla"),
+    c.add_argument("--attention", default="kvshift", choices=IDENTITY_KINDS,
                    help="attention kind of the converted model (default kvshift)")
     c.add_argument("--dtype", choices=_DTYPES, help="store weights in this dtype (default: the source's)")
     c.set_defaults(func=cmd_convert_llama)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import platform
 
+import torch
+
+from kvshift import __version__
+from kvshift.models.config import ATTENTION_KINDS, PRESETS, SHIFT_WINDOWS
+from kvshift.ops.shift import triton_available
+
 
 def collect() -> dict:
-    import torch
-
-    import kvshift
-    from kvshift.models.config import ATTENTION_KINDS, PRESETS
-    from kvshift.ops.shift import triton_available
-
     def version(mod):
         try:
             return __import__(mod).__version__
@@ -21,7 +21,7 @@ def collect() -> dict:
 
     cuda = torch.cuda.is_available()
     return {
-        "kvshift": kvshift.__version__,
+        "kvshift": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": version("triton"),
@@ -30,7 +30,7 @@ def collect() -> dict:
         "cuda": torch.version.cuda if cuda else None,
         "gpus": torch.cuda.device_count() if cuda else 0,
         "attention_kinds": list(ATTENTION_KINDS),
-        "shift_windows": [1, 2, 3],
+        "shift_windows": list(SHIFT_WINDOWS),
         "fused_kernels": triton_available(),
         "presets": sorted(PRESETS),
     }

@@ -1,7 +1,7 @@
 """Theorem 2 of the paper as code: one KV-shift attention layer with one head is an induction head.
 
-Construction (PAPER.md §2): D = d, identity projections, alpha1 = 0, alpha2 = 1 (the key of position s
-is x_{s-1}), beta1 = 1, beta2 = 0 (its value is x_s), a temperature 1/sigma on the query, and an ALiBi
+Construction (the paper's proof): D = d, identity projections, alpha1 = 0, alpha2 = 1 (the key of position
+s is x_{s-1}), beta1 = 1, beta2 = 0 (its value is x_s), a temperature 1/sigma on the query, and an ALiBi
 penalty m·|L - s| that prefers the most recent match. Reading the output at position L against the
 embedding table returns the token that followed the latest earlier occurrence of x_L.
 The same layer with vanilla attention (keys x_s) matches x_L with itself and copies x_L back.

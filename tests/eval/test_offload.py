@@ -10,7 +10,7 @@ pytest.importorskip("lm_eval")
 
 from kvshift.cli import main  # noqa: E402
 from kvshift.eval.harness import run_eval  # noqa: E402
-from kvshift.eval.offload import Requests  # noqa: E402
+from kvshift.eval.requests import Requests  # noqa: E402
 
 TASKS = "lambada,piqa,hellaswag"
 

@@ -4,7 +4,7 @@ On the CPU the Triton shift kernels run in the interpreter and the attention par
 math implementation, so what is tested here is the recompute-in-backward plumbing: outputs and the
 gradients of q, k, v and both coefficient sets, padded and packed, MHA and GQA, windows 1-3. On CUDA
 (the device tool) the same tests run in bf16 against the fp32 reference, dense batches through both
-cuDNN (the default) and the flash kernels (KVSHIFT_ATTENTION=flash), packed ones through flash.
+cuDNN (the default) and the flash kernels (backend="flash"), packed ones through flash.
 """
 
 import os
@@ -45,10 +45,10 @@ def _inputs(B, T, H, Hk, D, W, cu, seed=0):
                 cu=None if cu is None else dev(cu))
 
 
-def _run(inp, impl, dtype):
+def _run(inp, impl, dtype, backend="auto"):
     leaves = [inp[n].to(dtype).requires_grad_() for n in ("q", "k", "v")]
     ws = [inp[n].clone().requires_grad_() for n in ("w_k", "w_v")]
-    out = shift_attention(*leaves, *ws, inp["cos"], inp["sin"], cu_seqlens=inp["cu"], impl=impl)
+    out = shift_attention(*leaves, *ws, inp["cos"], inp["sin"], cu_seqlens=inp["cu"], impl=impl, backend=backend)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, leaves + ws, g)
     return [out] + list(grads)
@@ -78,13 +78,12 @@ BACKENDS = ["auto", "flash"] if CUDA else ["auto"]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,T,H,Hk,D,W,cu", CASES,
                          ids=[f"B{c[0]}T{c[1]}H{c[2]}kv{c[3]}D{c[4]}W{c[5]}{'-packed' if c[6] else ''}" for c in CASES])
-def test_fused_matches_reference(B, T, H, Hk, D, W, cu, backend, monkeypatch):
-    monkeypatch.setenv("KVSHIFT_ATTENTION", backend)
+def test_fused_matches_reference(B, T, H, Hk, D, W, cu, backend):
     inp = _inputs(B, T, H, Hk, D, W, cu)
     expect = "math" if not CUDA else "flash" if (cu is not None or backend == "flash") else "cudnn"
-    assert attention_backend(inp["q"], inp["cu"]) == expect
+    assert attention_backend(inp["q"], inp["cu"], backend) == expect
     ref = _run(inp, "naive", torch.float32)
-    got = _run(inp, "triton", DTYPE)
+    got = _run(inp, "triton", DTYPE, backend)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dw_k", "dw_v"), got, ref):
         _close(name, a, b)
 
@@ -142,12 +141,16 @@ def test_compile_fullgraph_keeps_the_op():
         _close(name, a, b)  # bf16 on CUDA: the attention backward may sum in another order
 
 
-def test_bad_arguments(monkeypatch):
-    inp = _inputs(1, 5, 4, 2, 8, 2, None)
+def test_backend_comes_from_the_argument_only(monkeypatch):
+    """No environment variable steers the kernels: the retired KVSHIFT_ATTENTION is ignored."""
     monkeypatch.setenv("KVSHIFT_ATTENTION", "sdpa")
-    with pytest.raises(ValueError, match="KVSHIFT_ATTENTION"):
-        shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"], impl="triton")
-    monkeypatch.delenv("KVSHIFT_ATTENTION")
+    inp = _inputs(1, 5, 4, 2, 8, 2, None)
+    assert attention_backend(inp["q"], None) == attention_backend(inp["q"], None, "auto")
+    shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"], impl="naive")
+
+
+def test_bad_arguments():
+    inp = _inputs(1, 5, 4, 2, 8, 2, None)
     with pytest.raises(ValueError, match="backend"):
         shift_attention(inp["q"], inp["k"], inp["v"], inp["w_k"], inp["w_v"], inp["cos"], inp["sin"], backend="sdpa")
     with pytest.raises(ValueError, match="w_k"):

@@ -1,4 +1,4 @@
-"""Theorem 3 loss (PAPER.md §2): hand values, gradients, minimiser and O(T) flattening."""
+"""Theorem 3 loss (paper Sec. 3.1 / App. C): hand values, gradients, minimiser and O(T) flattening."""
 
 import math
 

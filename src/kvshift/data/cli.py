@@ -13,6 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvshift.data.corpus import build_corpus
+from kvshift.data.shards import pack_shards, subset_shards, tokenize_corpus, unpack_shards
+from kvshift.data.sources import SOURCES
+from kvshift.data.tokenizer import train_tokenizer
+
 __all__ = ["register"]
 
 
@@ -30,8 +35,6 @@ def _list_arg(values: list[str] | None) -> list[str] | None:
 
 
 def cmd_build_corpus(args) -> int:
-    from kvshift.data.corpus import build_corpus
-
     t0 = time.time()
     sources = _list_arg(args.sources)
     if args.no_sources:
@@ -52,8 +55,6 @@ def cmd_build_corpus(args) -> int:
 
 
 def cmd_train_tokenizer(args) -> int:
-    from kvshift.data.tokenizer import train_tokenizer
-
     t0 = time.time()
     tok = train_tokenizer(args.corpus, args.vocab_size, args.out, max_bytes=args.max_bytes or None,
                           min_frequency=args.min_frequency, seed=args.seed)
@@ -64,8 +65,6 @@ def cmd_train_tokenizer(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from kvshift.data.shards import tokenize_corpus
-
     t0 = time.time()
     meta = tokenize_corpus(args.corpus, args.tokenizer, args.out, domains=_list_arg(args.domains))
     total = sum(s["tokens"] for s in meta["splits"].values())
@@ -75,8 +74,6 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    from kvshift.data.shards import pack_shards, subset_shards
-
     t0 = time.time()
     src = Path(args.shards)
     tmp = None
@@ -97,16 +94,12 @@ def cmd_pack(args) -> int:
 
 
 def cmd_unpack(args) -> int:
-    from kvshift.data.shards import unpack_shards
-
     meta = unpack_shards(args.packed, args.out)
     print(f"[unpack] {args.packed} -> {args.out}: " + ", ".join(f"{k}={v['tokens']:,} tokens" for k, v in meta["splits"].items()))
     return 0
 
 
 def cmd_sources(args) -> int:
-    from kvshift.data.sources import SOURCES
-
     for s in SOURCES.values():
         print(f"{s.name:22s} {s.domain:10s} {s.kind:10s} {s.spec:32s} {'default' if s.default else 'opt-in'}")
     return 0

@@ -31,14 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from kvshift.data.checks import check_shard_meta
+from kvshift.data.corpus import SPLITS, iter_documents, read_manifest
 from kvshift.data.sources import DOMAINS
+from kvshift.data.tokenizer import eos_id_of, load_tokenizer
+from kvshift.utils.io import file_sha256
 from kvshift.utils.staging import staged_output
 
 __all__ = ["META", "tokenize_corpus", "Shards", "token_dtype", "subset_shards", "pack_shards", "unpack_shards"]
 
 META = "meta.json"
 FORMAT = "kvshift-shards-v1"
-SPLITS = ("train", "val")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -61,10 +63,6 @@ def tokenize_corpus(corpus: str | Path, tokenizer: str | Path, out: str | Path, 
                     batch_chars: int = 16_000_000, domains: list[str] | None = None,
                     log: Callable[[str], None] = print) -> dict:
     """Tokenizes both splits of a built corpus into `out`; returns (and writes) the meta.json dict."""
-    from kvshift.data.corpus import SPLITS as CSPLITS, iter_documents, read_manifest
-    from kvshift.data.tokenizer import eos_id_of, load_tokenizer
-    from kvshift.utils.io import file_sha256
-
     tok = load_tokenizer(tokenizer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     eos = eos_id_of(tok)
@@ -85,7 +83,7 @@ def tokenize_corpus(corpus: str | Path, tokenizer: str | Path, out: str | Path, 
         "corpus_manifest": {"val_fraction": man["val_fraction"], "totals": man["totals"]},
         "splits": {},
     }
-    for split in CSPLITS:
+    for split in SPLITS:
         t0 = time.time()
         names = _files(split)
         n_tok, offsets, doms = 0, [], []
@@ -189,8 +187,6 @@ class Shards:
                                  f"{count:,} x {dt.name} = {count * dt.itemsize:,} bytes")
         self.token_file = files["tokens"]
         if tokenizer is not None:
-            from kvshift.utils.io import file_sha256
-
             sha = file_sha256(tokenizer)
             if sha != self.meta["tokenizer_sha256"]:
                 raise ValueError(f"{self.token_file}: made with another tokenizer (sha256 "

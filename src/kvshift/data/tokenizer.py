@@ -11,8 +11,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from kvshift.data.corpus import iter_documents, read_manifest
 from kvshift.errors import UserError
-from kvshift.utils.io import file_sha256
 from kvshift.utils.staging import staged_output
 
 __all__ = ["EOS", "EOS_ID", "train_tokenizer", "load_tokenizer"]
@@ -26,8 +26,6 @@ EOS_ID = 0
 def _sample_texts(corpus: Path, max_bytes: int | None, seed: int) -> Iterator[str]:
     """Train-split texts; above `max_bytes`, a seeded sample of documents spread over every source
     (each source contributes in proportion to its size)."""
-    from kvshift.data.corpus import iter_documents, read_manifest
-
     man = read_manifest(corpus)
     total = sum(r["splits"]["train"]["bytes"] for r in man["sources"])
     keep = 1.0 if not max_bytes or total <= max_bytes else max_bytes / total
@@ -41,7 +39,7 @@ def _sample_texts(corpus: Path, max_bytes: int | None, seed: int) -> Iterator[st
 def train_tokenizer(corpus: str | Path, vocab_size: int, out: str | Path, *, max_bytes: int | None = 300_000_000,
                     min_frequency: int = 2, seed: int = 0):
     """Trains a byte-level BPE on the corpus' train split and saves it to `out` (tokenizer.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # optional: train extra
 
     if vocab_size < 257 + 1:
         raise ValueError(f"vocab_size must be > 257 (256 bytes + {EOS}), got {vocab_size}")
@@ -69,7 +67,7 @@ def train_tokenizer(corpus: str | Path, vocab_size: int, out: str | Path, *, max
 
 
 def load_tokenizer(path: str | Path):
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # optional dependency (the train extra)
 
     p = Path(path)
     if not p.is_file():

@@ -25,7 +25,7 @@ from kvshift.layers.attention import Attention, AttentionContext
 from kvshift.models.lm import LM
 from kvshift.ops.rope import apply_rope
 from kvshift.ops.shift import kv_shift
-from kvshift.utils.plot import save_figure
+from kvshift.utils.plot import pyplot, save_figure
 
 SCORES = ("prefix_matching", "previous_token", "duplicate_token")
 
@@ -158,11 +158,7 @@ def analyze(model, *, n: int = 64, batch: int = 8, seed: int = 0, prefix: int | 
 def plot(report: dict, path: str | Path, *, title: str | None = None) -> Path:
     """Heatmaps: prefix-matching and previous-token scores (layer x head), and the shift's
     current-token taps alpha1, beta1 (layer x KV head)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("prefix_matching", "prefix matching (induction)"), ("previous_token", "previous token")]
     mats = [(torch.tensor(report["scores"][k]), t, (0.0, 1.0)) for k, t in panels]
     alpha1 = torch.tensor([[row[0] for row in layer["alpha"]] for layer in report["shift"]])
@@ -185,23 +181,20 @@ def plot(report: dict, path: str | Path, *, title: str | None = None) -> Path:
 
 def load_for_analysis(path: str | Path) -> LM:
     """kvshift.LM from a KVShiftForCausalLM directory or a training run/checkpoint directory."""
+    # transformers is optional (the hf extra); importing kvshift.hf registers KVShiftForCausalLM with it
+    from transformers import AutoModelForCausalLM
+
+    from kvshift.hf import load_training_checkpoint, resolve_model_dir
+    from kvshift.hf.modeling import load_lm_state
+
     path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{path}: not a directory")
-    cfg = path / "config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") is not None:
-        mt = json.loads(cfg.read_text())["model_type"]
+    kind, _ = resolve_model_dir(path)
+    if kind == "hf":
+        mt = json.loads((path / "config.json").read_text())["model_type"]
         if mt != "kvshift":
             raise ValueError(f"{path}: model_type {mt!r}; head analysis needs a kvshift model "
                              f"(convert a Llama first with `kvshift convert-llama`)")
-        from transformers import AutoModelForCausalLM
-
-        import kvshift.hf  # noqa: F401  (registers the Auto classes)
-
         return AutoModelForCausalLM.from_pretrained(str(path)).model.eval()
-    from kvshift.hf.convert import load_training_checkpoint
-    from kvshift.hf.modeling import load_lm_state
-
     mc, state, _ = load_training_checkpoint(path)
     lm = LM(mc, seed=None)
     load_lm_state(lm, state)

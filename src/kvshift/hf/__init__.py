@@ -1,6 +1,6 @@
 """transformers integration (the `hf` extra): KVShiftConfig / KVShiftForCausalLM, registered with
-AutoConfig and AutoModelForCausalLM on import (no trust_remote_code), checkpoint export and the
-Llama converter.
+AutoConfig and AutoModelForCausalLM on import (no trust_remote_code), checkpoint export, the
+Llama converter, and what a model directory is (`resolve_model_dir`: run, checkpoint or transformers).
 
     import kvshift.hf
     from transformers import AutoModelForCausalLM
@@ -20,7 +20,8 @@ from .modeling import KVShiftCache, KVShiftForCausalLM, KVShiftPreTrainedModel
 AutoConfig.register(MODEL_TYPE, KVShiftConfig, exist_ok=True)
 AutoModelForCausalLM.register(KVShiftConfig, KVShiftForCausalLM, exist_ok=True)
 
-from .convert import convert_llama, export_checkpoint, load_training_checkpoint  # noqa: E402
+from .convert import convert_llama, export_checkpoint  # noqa: E402
+from .model_dir import load_training_checkpoint, resolve_model_dir  # noqa: E402
 
 __all__ = ["KVShiftConfig", "KVShiftForCausalLM", "KVShiftPreTrainedModel", "KVShiftCache", "convert_llama",
-           "export_checkpoint", "load_training_checkpoint"]
+           "export_checkpoint", "load_training_checkpoint", "resolve_model_dir"]

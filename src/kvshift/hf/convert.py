@@ -5,9 +5,7 @@ Training checkpoints (kvshift.train.checkpoint):
     <run>/config.json                      resolved run config, with "model_config" (ModelConfig.to_dict())
     <run>/checkpoints/step_XXXXXXXX/       model.safetensors, state.pt, MANIFEST.json
 A run directory exports its newest verifying checkpoint; a checkpoint directory exports itself
-(verified when it has a manifest). The model config is looked up in the checkpoint directory
-(config.json holding ModelConfig fields or a "model_config" entry, or model_config.json), then in
-the run directory's config.json.
+(verified when it has a manifest). kvshift.hf.model_dir reads them (`load_training_checkpoint`).
 
 A Llama model becomes a KV-shift model with the identity shift (alpha1 = beta1 = 1, the other
 taps 0), so its logits are unchanged and fine-tuning can move the shift from there. Llama's
@@ -21,106 +19,27 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kvshift.data.checks import check_tokenizer_made_shards
-from kvshift.layers.attention import identity_coefficients
+from kvshift.data.tokenizer import EOS
+from kvshift.layers.attention import IDENTITY_KINDS, identity_coefficients
 from kvshift.models.config import ModelConfig
-from kvshift.utils.io import read_json
+from kvshift.train.checkpoint import MANIFEST
 from kvshift.utils.paths import inside
 from kvshift.utils.staging import check_output_dir, staged
 
 from .configuration import KVShiftConfig
+from .model_dir import load_training_checkpoint
 from .modeling import KVShiftForCausalLM, load_lm_state
 
-__all__ = ["load_training_checkpoint", "export_checkpoint", "convert_llama", "load_tokenizer_for_export",
-           "llama_model_config"]
-
-_WEIGHTS = "model.safetensors"
-_MANIFEST = "MANIFEST.json"
-_EOS = "<|endoftext|>"  # kvshift.data.tokenizer's only special token
-
+__all__ = ["export_checkpoint", "convert_llama", "load_tokenizer_for_export", "llama_model_config"]
 
 # ---- training checkpoints -----------------------------------------------------------------------
-def _model_config_from_json(path: Path) -> ModelConfig | None:
-    if not path.is_file():
-        return None
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if isinstance(d, dict) and isinstance(d.get("model_config"), dict):
-        return ModelConfig.from_dict(d["model_config"])
-    if isinstance(d, dict) and {"dim", "n_layers", "vocab_size"} <= set(d):
-        return ModelConfig.from_dict(d)
-    return None
-
-
-def _resolve_checkpoint(path: Path) -> Path:
-    if (path / "checkpoints").is_dir():
-        try:
-            from kvshift.train.checkpoint import latest_checkpoint
-        except ImportError:
-            latest_checkpoint = None
-        if latest_checkpoint is not None:
-            ckpt = latest_checkpoint(path / "checkpoints")
-        else:
-            found = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / _WEIGHTS).is_file())
-            ckpt = found[-1] if found else None
-        if ckpt is None:
-            raise ValueError(f"{path / 'checkpoints'}: no complete checkpoint to export")
-        return ckpt
-    if (path / _WEIGHTS).is_file():
-        return path
-    raise ValueError(f"{path}: neither a run directory (with checkpoints/) nor a checkpoint directory "
-                     f"(with {_WEIGHTS})")
-
-
-def load_training_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
-    """(model config, LM state dict, info) of a run or checkpoint directory; info has the checkpoint
-    path, its step (when known) and a tokenizer path found next to it (or None)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{path}: not a directory")
-    ckpt = _resolve_checkpoint(path)
-    if (ckpt / _MANIFEST).is_file():
-        from kvshift.train.checkpoint import verify_checkpoint
-
-        verify_checkpoint(ckpt)  # ValueError naming the bad file
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    mc = _model_config_from_json(ckpt / "config.json") or _model_config_from_json(ckpt / "model_config.json")
-    run_cfg = {}
-    if run is not None and (run / "config.json").is_file():
-        run_cfg = read_json(run / "config.json")  # a ValueError naming the file
-        mc = mc or _model_config_from_json(run / "config.json")
-    if mc is None:
-        raise ValueError(f"{ckpt}: no model config found (looked for config.json or model_config.json there"
-                         + (f" and {run / 'config.json'}" if run is not None else "") + ")")
-    try:
-        state = load_file(ckpt / _WEIGHTS)
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{ckpt / _WEIGHTS}: unreadable ({e})") from None
-    tokenizer = None
-    for cand in [ckpt / "tokenizer.json"] + ([run / "tokenizer.json"] if run is not None else []):
-        if cand.is_file():
-            tokenizer = cand
-            break
-    tok_cfg = (run_cfg.get("data") or {}).get("tokenizer") if isinstance(run_cfg, dict) else None
-    if tokenizer is None and tok_cfg and Path(tok_cfg).exists():
-        tokenizer = Path(tok_cfg)
-    step = int(ckpt.name.split("_")[1]) if ckpt.name.startswith("step_") and ckpt.name[5:].isdigit() else None
-    shard_dir = (run_cfg.get("data") or {}).get("shard_dir") if isinstance(run_cfg, dict) else None
-    return mc, state, {"checkpoint": str(ckpt), "step": step, "tokenizer": str(tokenizer) if tokenizer else None,
-                       "shard_meta": str(Path(shard_dir) / "meta.json") if shard_dir else None}
-
-
 def load_tokenizer_for_export(path: str | Path):
     """A transformers tokenizer from a tokenizers `tokenizer.json` (kvshift.data.tokenizer's format:
     <|endoftext|> is EOS, BOS and pad, and encoding prepends it) or from a directory holding a saved
     transformers tokenizer (used as saved)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     p = Path(path)
     if p.is_dir() and (p / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(p))
@@ -132,12 +51,12 @@ def load_tokenizer_for_export(path: str | Path):
         tok = PreTrainedTokenizerFast(tokenizer_file=str(p), model_input_names=["input_ids", "attention_mask"])
     except Exception as e:  # tokenizers raises its own Exception type on a malformed file
         raise ValueError(f"{p}: not a tokenizers tokenizer.json ({e})") from None
-    if _EOS in tok.get_vocab():
+    if EOS in tok.get_vocab():
         # <|endoftext|> is EOS, pad and BOS, and encoding prepends it as the shards put it before every
         # training document: pipelines and lm-eval then feed the model what it was trained on
         # (add_special_tokens=False still gives the bare text)
         tok = PreTrainedTokenizerFast(tokenizer_file=str(p), model_input_names=["input_ids", "attention_mask"],
-                                      bos_token=_EOS, eos_token=_EOS, pad_token=_EOS, add_bos_token=True)
+                                      bos_token=EOS, eos_token=EOS, pad_token=EOS, add_bos_token=True)
         if tok("a").input_ids[:1] != [tok.bos_token_id]:
             raise ValueError(f"{p}: this transformers version does not honour add_bos_token for "
                              f"PreTrainedTokenizerFast; use transformers >= 5")
@@ -154,7 +73,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, *, tokenizer: str | Path
     """Write a training run/checkpoint as a KVShiftForCausalLM directory (safetensors), with the
     tokenizer when one is given or found next to the checkpoint."""
     mc, state, info = load_training_checkpoint(src)
-    check_output_dir(dst, src, info["checkpoint"], protect=_MANIFEST)
+    check_output_dir(dst, src, info["checkpoint"], protect=MANIFEST)
     tok_path = tokenizer or info["tokenizer"]
     check_tokenizer_made_shards(tok_path, info["shard_meta"])
     tok = load_tokenizer_for_export(tok_path) if tok_path else None
@@ -198,9 +117,9 @@ def llama_model_config(cfg: dict, *, attention: str = "kvshift") -> ModelConfig:
     reproduce exactly."""
     if cfg.get("model_type") != "llama":
         raise ValueError(f"convert-llama takes a Llama checkpoint (model_type 'llama'), got {cfg.get('model_type')!r}")
-    if attention not in ("kvshift", "kvshift_clamp", "kshift", "vshift", "vanilla"):
-        raise ValueError(f"attention must be kvshift, kvshift_clamp, kshift, vshift or vanilla (kinds with an "
-                         f"exact identity shift), got {attention!r}")
+    if attention not in IDENTITY_KINDS:
+        raise ValueError(f"attention must be one of {IDENTITY_KINDS} (kinds with an exact identity shift), "
+                         f"got {attention!r}")
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     problems = []
     if cfg.get("hidden_act", "silu") != "silu":
@@ -234,7 +153,7 @@ def llama_model_config(cfg: dict, *, attention: str = "kvshift") -> ModelConfig:
 
 
 def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # optional dependency (the hf extra)
 
     if (src / "model.safetensors").is_file():
         return load_file(src / "model.safetensors")

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from kvshift.models import LM, ModelConfig
+
+from .convert import load_tokenizer_for_export
+from .modeling import KVShiftForCausalLM
+
 DEFAULT_TEXTS = ["the quick brown fox jumps over the lazy dog. " * 3,
                  "KV shifting attention mixes each key with the one before it.",
                  "Question: which answer is right?\nAnswer: yes",
@@ -10,8 +20,7 @@ DEFAULT_TEXTS = ["the quick brown fox jumps over the lazy dog. " * 3,
 
 def tiny_tokenizer(vocab_size: int = 300, texts: list[str] | None = None):
     """Byte-level BPE (any text encodes) as a transformers fast tokenizer; id 0 = <|endoftext|> = BOS/EOS/pad."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # optional (the hf extra)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -26,10 +35,6 @@ def tiny_tokenizer(vocab_size: int = 300, texts: list[str] | None = None):
 def tiny_lm(vocab_size: int, seed: int = 0, **kw):
     """A 2-layer, 32-wide kvshift.LM (GQA 4/2 heads) with its matrices scaled up 5x from the init, so its
     predictions are sharp rather than near-uniform (evaluation and analysis tests)."""
-    import torch
-
-    from kvshift import LM, ModelConfig
-
     cfg = ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                       max_seq_len=1024, **kw)
     lm = LM(cfg, seed=seed).eval()
@@ -43,11 +48,6 @@ def tiny_lm(vocab_size: int, seed: int = 0, **kw):
 def export_tiny(directory, seed: int = 0, **kw):
     """Saves tiny_lm (with tiny_tokenizer, BOS prepended as `kvshift export` does) as KVShiftForCausalLM in
     `directory`; returns (kvshift.LM, tokenizer)."""
-    from pathlib import Path
-
-    from kvshift.hf import KVShiftForCausalLM
-    from kvshift.hf.convert import load_tokenizer_for_export
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tiny_tokenizer().backend_tokenizer.save(str(d / "tokenizer.json"))

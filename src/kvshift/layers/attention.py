@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kvshift.ops.rope import apply_rope
-from kvshift.ops.shift import dispatch_shift, dispatch_shift_rope, triton_available
-from kvshift.ops.shift.attention import flash_supported, shift_attention
+from kvshift.ops.shift import dispatch_shift, dispatch_shift_rope, use_triton
+from kvshift.ops.shift.attention import ATTENTION_BACKENDS, flash_supported, shift_attention
 
-# which sides shift, and how coefficients are parametrised
+# the attention kinds: which sides shift (keys, values), and how coefficients are parametrised
 SHIFT_KINDS: dict[str, tuple[bool, bool, str]] = {
     "vanilla": (False, False, "free"),
     "kvshift": (True, True, "free"),
@@ -28,6 +28,9 @@ SHIFT_KINDS: dict[str, tuple[bool, bool, str]] = {
     "kshift": (True, False, "free"),
     "vshift": (False, True, "free"),
 }
+ATTENTION_KINDS = tuple(SHIFT_KINDS)
+# kinds whose coefficients hold the identity shift exactly (a gate's softmax would need an infinite logit)
+IDENTITY_KINDS = tuple(kind for kind, (_, _, param) in SHIFT_KINDS.items() if param != "gate")
 
 
 def paper_init(n_heads: int, window: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -64,8 +67,8 @@ class Attention(nn.Module):
                  shift_window: int = 1, position: str = "rope", shift_impl: str = "auto",
                  layer_idx: int = 0):
         super().__init__()
-        if attention not in SHIFT_KINDS:
-            raise ValueError(f"attention must be one of {tuple(SHIFT_KINDS)}, got {attention!r}")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
         self.dim, self.n_heads, self.n_kv_heads = dim, n_heads, n_kv_heads
@@ -200,16 +203,13 @@ class Attention(nn.Module):
             c = self._ident = identity_coefficients(self.n_kv_heads, width - 1).to(device)
         return c
 
-    def _fused_impl(self, x: torch.Tensor) -> bool:
-        return self.shift_impl == "triton" or (self.shift_impl == "auto" and x.is_cuda and triton_available())
-
     def _shift_attention_ok(self, x, q, ctx: "AttentionContext", coef_k, coef_v) -> bool:
         """The one-op path: both sides shifted, RoPE, training-style causal attention (plain or packed
         documents), no cache or padding, a fused backend and a dtype/head dim the flash kernels take."""
         return (self.fuse_attention and coef_k is not None and coef_v is not None and self.position == "rope"
                 and ctx.cache is None and ctx.token_valid is None and ctx.causal
                 and (ctx.mask is None or ctx.cu_seqlens is not None)
-                and self._fused_impl(x) and flash_supported(q))
+                and use_triton(self.shift_impl, x) and flash_supported(q))
 
     def _shift_attend(self, q, k, v, coef_k, coef_v, ctx: "AttentionContext", B: int, T: int) -> torch.Tensor:
         if ctx.cu_seqlens is None:
@@ -225,7 +225,7 @@ class Attention(nn.Module):
     def _fused_decode(self, x: torch.Tensor) -> bool:
         if self.position != "rope":
             return False
-        return self._fused_impl(x)
+        return use_triton(self.shift_impl, x)
 
     def _attend(self, q, k_hat, v_hat, ctx: "AttentionContext", B: int, T: int) -> torch.Tensor:
         hd = self.head_dim
@@ -252,8 +252,8 @@ def set_fused_attention(model: nn.Module, enabled: bool, backend: str = "auto") 
     training memory; the benchmark's "fused" arm) or off (separate Triton shift ops and SDPA, the
     benchmark's "fused-sdpa" arm). backend: its CUDA attention kernels, "auto" (cuDNN for dense batches,
     flash for packed ones), "cudnn" or "flash" (the benchmark's "fused-flash" arm)."""
-    if backend not in ("auto", "cudnn", "flash"):
-        raise ValueError(f"backend must be auto, cudnn or flash, got {backend!r}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     for m in model.modules():
         if isinstance(m, Attention):
             m.fuse_attention = bool(enabled)

@@ -71,7 +71,7 @@ class KVCache:
         cache append and the raw-state update in ONE Triton kernel; returns (RoPE(q), all cached K̂, V̂).
         Same result as `update` after the naive shift and RoPE. w_k/w_v: (H, window + 1), identity
         columns for an unshifted side (a vanilla layer: window 0, (H, 1) ones)."""
-        from kvshift.ops.shift.triton import shift_rope_decode
+        from kvshift.ops.shift.triton import shift_rope_decode  # triton is an optional dependency (the triton extra)
 
         pos = self.length
         dt = self.k[layer].dtype

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-ATTENTION_KINDS = ("vanilla", "kvshift", "kvshift_gate", "kvshift_clamp", "kshift", "vshift")
+from kvshift.layers.attention import ATTENTION_KINDS
+from kvshift.ops.shift import IMPLS
+
 POSITIONS = ("rope", "alibi", "none")
-SHIFT_IMPLS = ("auto", "naive", "triton")
+SHIFT_WINDOWS = (1, 2, 3)
 
 
 def _llama_ffn(dim: int, multiple_of: int = 64) -> int:
@@ -57,10 +59,10 @@ class ModelConfig:
             raise ValueError(f"position='rope' needs an even head_dim, got dim/n_heads = {self.head_dim}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
-        if self.shift_window not in (1, 2, 3):
-            raise ValueError(f"shift_window must be 1, 2 or 3, got {self.shift_window!r}")
-        if self.shift_impl not in SHIFT_IMPLS:
-            raise ValueError(f"shift_impl must be one of {SHIFT_IMPLS}, got {self.shift_impl!r}")
+        if self.shift_window not in SHIFT_WINDOWS:
+            raise ValueError(f"shift_window must be one of {SHIFT_WINDOWS}, got {self.shift_window!r}")
+        if self.shift_impl not in IMPLS:
+            raise ValueError(f"shift_impl must be one of {IMPLS}, got {self.shift_impl!r}")
         if self.rope_base <= 0:
             raise ValueError(f"rope_base must be positive, got {self.rope_base}")
         if self.norm_eps <= 0:

@@ -1,4 +1,5 @@
-"""Synthetic tasks of the paper's toy experiments, deterministic by seed / torch.Generator.
+"""Synthetic tasks of the paper's toy experiments (Xu et al., KV Shifting Attention, arXiv 2411.19574),
+deterministic by seed / torch.Generator.
 
 induction  App. D induction-head data (most-recent-occurrence rule; fixes the printed generator)
 ngram      Fig. 3 3-gram memory task

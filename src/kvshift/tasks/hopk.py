@@ -1,5 +1,5 @@
 """hop-k task of Sanford, Hsu & Telgarsky (2024), "Transformers, parallel computation, and
-logarithmic depth" (paper App. H; PAPER.md §3).
+logarithmic depth" (paper App. H).
 
 Definition (0-indexed). For a sequence x_0 .. x_{N-1} over a small alphabet:
 

@@ -1,4 +1,4 @@
-"""Induction-head data (paper App. D; PAPER.md §3), with the rule the paper states.
+"""Induction-head data (paper App. D), with the rule the paper states.
 
 Generation walks forward over each row. At every step a token ``x`` is drawn uniformly from the
 allowed ids ``[reserved, vocab_size)`` (ids below ``reserved`` are a reserved band, 0 is the pad;

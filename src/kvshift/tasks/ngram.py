@@ -1,4 +1,4 @@
-"""3-gram memory task (paper Fig. 3; PAPER.md §3).
+"""3-gram memory task (paper Fig. 3).
 
 A fixed table of ``n_pairs`` distinct random pairs ``(x1, x2)``, each with a random ``x3``, is drawn
 once from ``seed``. Sequences concatenate triples ``x1 x2 x3`` drawn uniformly (with replacement)

@@ -1,4 +1,4 @@
-"""Theorem 3 loss landscape (paper Sec. 3.1 / App. C; PAPER.md §2).
+"""Theorem 3 loss landscape (paper Sec. 3.1 / App. C).
 
 In the simplified setting of Theorem 3 (one KV-shifting layer, tied i.i.d. Gaussian embeddings,
 W = I, vocabulary T, length T + 1, one repeated token, loss on the last token, d -> inf), the loss of

@@ -12,14 +12,14 @@ from kvshift.eval import data
 
 
 def _dd(**splits):
-    from datasets import DatasetDict
+    from datasets import DatasetDict  # optional: comes with lm-eval (the eval extra)
 
     return DatasetDict(splits)
 
 
 # ---- custom_dataset loaders: called as f(**metadata, **dataset_kwargs) ----------------------------
 def load_lambada(**_):
-    from datasets import Dataset
+    from datasets import Dataset  # optional: comes with lm-eval (the eval extra)
 
     return _dd(test=Dataset.from_list(data.lambada_records()))
 

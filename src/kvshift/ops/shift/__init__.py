@@ -16,18 +16,9 @@ from __future__ import annotations
 import torch
 
 from . import naive
+from .impl import IMPLS, triton_available, use_triton
 
-IMPLS = ("auto", "naive", "triton")
 _FLOAT = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-def triton_available() -> bool:
-    """True when the fused Triton kernels can be imported (CUDA or TRITON_INTERPRET=1)."""
-    try:
-        from . import triton as _t  # noqa: F401
-    except Exception:
-        return False
-    return _t.is_available()
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int, *, name: str = "cu_seqlens") -> None:
@@ -96,8 +87,8 @@ def kv_shift(x: torch.Tensor, weight: torch.Tensor, *, cu_seqlens: torch.Tensor 
 def dispatch_shift(x, weight, cu_seqlens, prev, impl):
     """`kv_shift` without the argument checks, for callers that built valid inputs themselves (the
     model validates cu_seqlens once per forward, not once per layer)."""
-    if impl == "triton" or (impl == "auto" and x.is_cuda and triton_available()):
-        from . import triton as tk
+    if use_triton(impl, x):
+        from . import triton as tk  # triton is an optional dependency (the triton extra)
         return tk.kv_shift(x, weight, cu_seqlens=cu_seqlens, prev=prev)
     if cu_seqlens is None:
         return naive.shift_padded(x, weight, prev)
@@ -140,11 +131,11 @@ def shift_rope(k: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: to
 
 def dispatch_shift_rope(k, weight, cos, sin, cu_seqlens, prev, impl):
     """`shift_rope` without the argument checks (see `dispatch_shift`)."""
-    if impl == "triton" or (impl == "auto" and k.is_cuda and triton_available()):
-        from . import triton as tk
+    if use_triton(impl, k):
+        from . import triton as tk  # triton is an optional dependency (the triton extra)
         return tk.shift_rope(k, weight, cos, sin, cu_seqlens=cu_seqlens, prev=prev)
     return naive.shift_rope(k, weight, cos, sin, cu_seqlens=cu_seqlens, prev=prev)
 
 
 __all__ = ["kv_shift", "shift_rope", "dispatch_shift", "dispatch_shift_rope", "check_cu_seqlens", "triton_available",
-           "IMPLS", "naive"]
+           "use_triton", "IMPLS", "naive"]

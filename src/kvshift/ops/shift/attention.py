@@ -19,7 +19,7 @@ Backends ("triton"): the Triton shift kernels of `kvshift.ops.shift.triton`, the
 cuDNN's fused attention for dense batches (`aten::_scaled_dot_product_cudnn_attention` and its backward:
 the kernels SDPA itself picks on Hopper, GQA native) and PyTorch's flash-attention kernels
 (`aten::_flash_attention_forward/_backward`, varlen form) for packed documents or with
-KVSHIFT_ATTENTION=flash (`attention_backend` says which);
+backend="flash" (`attention_backend` says which);
 on the CPU (TRITON_INTERPRET=1, for tests) the attention part is an exact fp32 math implementation of
 the same forward/backward, so the recompute and gradient plumbing is tested without a GPU.
 "naive" is the reference: naive shift, naive RoPE and plain masked softmax attention, differentiated
@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import naive
+from .impl import IMPLS, use_triton
 
 Tensor = torch.Tensor
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -142,21 +143,17 @@ def _cudnn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
 
 # read once: dynamo (torch 2.11) breaks the graph on torch.backends.cudnn.is_available() inside a trace
 _HAS_CUDNN = torch.backends.cudnn.is_available()
+# the CUDA attention kernels of the one op: "auto" = cuDNN for dense batches, flash for packed documents
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash")
 
 
 def attention_backend(q: Tensor, cu_seqlens: Optional[Tensor], choice: str = "auto") -> str:
     """"cudnn" (dense CUDA input: the kernels SDPA picks on Hopper), "flash" (packed documents, or asked
-    for) or "math" (CPU). choice: "auto" | "cudnn" | "flash"; "auto" defers to $KVSHIFT_ATTENTION (the
-    same values, default auto). cuDNN takes head dims up to 128 here; larger ones go to flash."""
-    import os
-
-    if choice == "auto":
-        choice = os.environ.get("KVSHIFT_ATTENTION", "auto")
-        where = "KVSHIFT_ATTENTION"
-    else:
-        where = "backend"
-    if choice not in ("auto", "cudnn", "flash"):
-        raise ValueError(f"{where} must be auto, cudnn or flash, got {choice!r}")
+    for) or "math" (CPU). choice: one of ATTENTION_BACKENDS, "auto" | "cudnn" | "flash" (the `backend=`
+    of `shift_attention` and `set_fused_attention`). cuDNN takes head dims up to 128 here; larger ones go
+    to flash."""
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {choice!r}")
     if not q.is_cuda:
         return "math"
     if cu_seqlens is None and choice != "flash" and _HAS_CUDNN and q.shape[-1] <= 128:
@@ -171,8 +168,9 @@ def _flat(x: Tensor) -> Tensor:
 
 def _shifted(k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor,
              cu_seqlens: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    from .triton import _fwd_impl
-    return _fwd_impl(k, w_k, None, cu_seqlens, cos, sin), _fwd_impl(v, w_v, None, cu_seqlens, None, None)
+    from .triton import launch_shift_fwd  # triton is an optional dependency (the triton extra)
+    return (launch_shift_fwd(k, w_k, None, cu_seqlens, cos, sin),
+            launch_shift_fwd(v, w_v, None, cu_seqlens, None, None))
 
 
 @torch.library.custom_op("kvshift::shift_attn_fwd", mutates_args=())
@@ -202,7 +200,7 @@ def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w
                    sin: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Optional[Tensor], max_len: int,
                    scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dw_k, dw_v): recompute k̂, v̂, attention backward, then the shift backward."""
-    from .triton import _bwd_impl
+    from .triton import launch_shift_bwd  # triton is an optional dependency (the triton extra)
     k_hat, v_hat = _shifted(k, v, w_k, w_v, cos, sin, cu_seqlens)
     if backend == "cudnn":
         dq, dk_hat, dv_hat = _cudnn_bwd(dout, q, k_hat, v_hat, out, lse, scale)
@@ -211,8 +209,8 @@ def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w
         dq, dk_hat, dv_hat = _attn_bwd(_flat(dout), _flat(q).contiguous(), _flat(k_hat), _flat(v_hat),
                                        _flat(out), lse, cu, max_len, scale)
     del k_hat, v_hat
-    dk, dw_k, _ = _bwd_impl(dk_hat.view(k.shape), k, w_k, None, cu_seqlens, cos, sin)
-    dv, dw_v, _ = _bwd_impl(dv_hat.view(v.shape), v, w_v, None, cu_seqlens, None, None)
+    dk, dw_k, _ = launch_shift_bwd(dk_hat.view(k.shape), k, w_k, None, cu_seqlens, cos, sin)
+    dv, dw_v, _ = launch_shift_bwd(dv_hat.view(v.shape), v, w_v, None, cu_seqlens, None, None)
     return dq.reshape(q.shape).contiguous(), dk, dv, dw_k, dw_v
 
 
@@ -270,12 +268,10 @@ def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tenso
     for name, w in (("w_k", w_k), ("w_v", w_v)):
         if w.dim() != 2 or w.shape[0] != k.shape[-2]:
             raise ValueError(f"{name} must be (H_kv, W) = ({k.shape[-2]}, W), got {tuple(w.shape)}")
-    if impl not in ("auto", "naive", "triton"):
-        raise ValueError(f"impl must be 'auto', 'naive' or 'triton', got {impl!r}")
-    chosen = attention_backend(q_rot, cu_seqlens, backend)  # validates backend / $KVSHIFT_ATTENTION first
-    from . import triton_available
-    fused = impl == "triton" or (impl == "auto" and q_rot.is_cuda and triton_available())
-    if not fused:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    chosen = attention_backend(q_rot, cu_seqlens, backend)  # validates backend first
+    if not use_triton(impl, q_rot):
         return shift_attention_reference(q_rot, k, v, w_k, w_v, cos, sin, cu_seqlens=cu_seqlens)
     if not flash_supported(q_rot):
         raise ValueError(f"the fused path needs bf16/fp16 and a head dim that is a multiple of 8 (<= 256) on CUDA, "
@@ -289,4 +285,5 @@ def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tenso
     return out
 
 
-__all__ = ["shift_attention", "shift_attention_reference", "flash_supported", "attention_backend"]
+__all__ = ["shift_attention", "shift_attention_reference", "flash_supported", "attention_backend",
+           "ATTENTION_BACKENDS"]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvshift.ops.rope import apply_rope
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # half-precision inputs are mixed in fp32 and rounded once at the end
@@ -101,7 +103,5 @@ def shift_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor
 def shift_rope(k: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                cu_seqlens: torch.Tensor | None = None, prev: torch.Tensor | None = None) -> torch.Tensor:
     """Reference for the fused K path: RoPE applied to the shifted raw keys (the paper's order)."""
-    from kvshift.ops.rope import apply_rope
-
     shifted = shift_padded(k, weight, prev) if cu_seqlens is None else shift_varlen(k, weight, cu_seqlens, prev)
     return apply_rope(shifted, cos, sin)

@@ -20,8 +20,10 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from kvshift.ops.rope import apply_rope
+
 from . import naive
-from .triton_kernels import _decode_kernel, _shift_bwd_kernel, _shift_dprev_kernel, _shift_fwd_kernel
+from .triton_kernels import decode_kernel, shift_bwd_kernel, shift_dprev_kernel, shift_fwd_kernel
 
 Tensor = torch.Tensor
 
@@ -77,8 +79,9 @@ def _blocks(lay: _Layout, rope: bool):
     return block_t, block_d
 
 
-def _fwd_impl(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Optional[Tensor],
-              cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+def launch_shift_fwd(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                     cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+    """The forward kernel launch behind `shift_fwd` (callable inside another custom op)."""
     rope = cos is not None
     x = x.contiguous()
     w = weight.contiguous()
@@ -92,7 +95,7 @@ def _fwd_impl(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Opt
     cos, sin, scb, sct = _rope_strides(cos, sin, lay)
     block_t, block_d = _blocks(lay, rope)
     grid = (triton.cdiv(lay.N, block_t), lay.H)
-    _shift_fwd_kernel[grid](
+    shift_fwd_kernel[grid](
         x, w, prev_c, lay.pos if lay.varlen else x, lay.doc if lay.varlen else x,
         cos if rope else x, sin if rope else x, y,
         lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
@@ -101,8 +104,9 @@ def _fwd_impl(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Opt
     return y
 
 
-def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Optional[Tensor],
-              cos: Optional[Tensor], sin: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+def launch_shift_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                     cos: Optional[Tensor], sin: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backward kernel launches behind `shift_bwd` (callable inside another custom op)."""
     rope = cos is not None
     x = x.contiguous()
     dy = dy.contiguous()
@@ -117,7 +121,7 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_
     dx = torch.empty_like(x)
     dwp = torch.zeros(nblk, H, W, device=x.device, dtype=torch.float32)  # per-program partial sums
     if nblk > 0 and lay.D > 0 and H > 0:
-        _shift_bwd_kernel[(nblk, H)](
+        shift_bwd_kernel[(nblk, H)](
             x, w, prev_c, lay.pos if lay.varlen else x, lay.doc if lay.varlen else x,
             lay.cu if lay.varlen else x, cos if rope else x, sin if rope else x, dy, dx, dwp,
             lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
@@ -128,7 +132,7 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_
         return dx, dw, x.new_zeros(0)
     if has_prev and lay.B > 0 and lay.D > 0 and H > 0:
         dprev = torch.empty(prev.shape, device=prev.device, dtype=prev.dtype)
-        _shift_dprev_kernel[(lay.B, H)](
+        shift_dprev_kernel[(lay.B, H)](
             w, lay.cu if lay.varlen else x, cos if rope else x, sin if rope else x, dy, dprev,
             lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
             W=W, VARLEN=lay.varlen, ROPE=rope, BLOCK_D=block_d,
@@ -146,7 +150,7 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_
 def shift_fwd(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Optional[Tensor],
               cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
     """Shifted x (or RoPE(shifted x) when cos/sin are given); same shape and dtype as x."""
-    return _fwd_impl(x, weight, prev, cu_seqlens, cos, sin)
+    return launch_shift_fwd(x, weight, prev, cu_seqlens, cos, sin)
 
 
 @shift_fwd.register_fake
@@ -158,7 +162,7 @@ def _(x, weight, prev, cu_seqlens, cos, sin):
 def shift_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Optional[Tensor],
               cos: Optional[Tensor], sin: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dprev); dprev is an empty (0,) tensor when prev is None."""
-    return _bwd_impl(dy, x, weight, prev, cu_seqlens, cos, sin)
+    return launch_shift_bwd(dy, x, weight, prev, cu_seqlens, cos, sin)
 
 
 @shift_bwd.register_fake
@@ -199,7 +203,7 @@ def _shift_rope_decode_op(q: Tensor, k_new: Tensor, v_new: Tensor, w_k: Tensor, 
         raise ValueError("the raw states are advanced in place and must be contiguous")
     cos = cos.contiguous()
     sin = sin.contiguous()
-    _decode_kernel[(B, H)](
+    decode_kernel[(B, H)](
         q, q_rot, k_new.contiguous(), v_new.contiguous(), w_k.contiguous(), w_v.contiguous(),
         raw_k, raw_v, cos, sin, kc, vc,
         H, D, D // 2, (cos.stride(0) if cos.shape[0] > 1 else 0),
@@ -249,8 +253,6 @@ def shift_rope_decode_naive(q: Tensor, k_new: Tensor, v_new: Tensor, w_k: Tensor
                             raw_v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                             pos: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Reference decode step (see `shift_rope_decode`)."""
-    from kvshift.ops.rope import apply_rope
-
     k_hat = apply_rope(naive.shift_padded(k_new, w_k, raw_k), cos, sin)  # (B, 1, H, D)
     v_hat = naive.shift_padded(v_new, w_v, raw_v)
     k_cache[:, pos : pos + 1].copy_(k_hat)
@@ -279,4 +281,4 @@ def shift_rope_decode(q: Tensor, k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v:
 
 
 __all__ = ["is_available", "kv_shift", "shift_rope", "shift_rope_decode", "shift_rope_decode_naive",
-           "shift_fwd", "shift_bwd"]
+           "shift_fwd", "shift_bwd", "launch_shift_fwd", "launch_shift_bwd"]

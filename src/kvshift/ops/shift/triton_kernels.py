@@ -54,7 +54,7 @@ def _tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D,
 
 
 @triton.jit
-def _shift_fwd_kernel(X, WT, PREV, POS, DOC, COS, SIN, Y,
+def shift_fwd_kernel(X, WT, PREV, POS, DOC, COS, SIN, Y,
                       N, T, H, D, HALF, stride_cb, stride_ct,
                       W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
                       ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -107,7 +107,7 @@ def _grad_tile(DY, COS, SIN, r, q, b, h, cols, m_t, mask_d, H, D, HALF, stride_c
 
 
 @triton.jit
-def _shift_bwd_kernel(X, WT, PREV, POS, DOC, CU, COS, SIN, DY, DX, DWP,
+def shift_bwd_kernel(X, WT, PREV, POS, DOC, CU, COS, SIN, DY, DX, DWP,
                       N, T, H, D, HALF, stride_cb, stride_ct,
                       W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
                       ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -155,7 +155,7 @@ def _shift_bwd_kernel(X, WT, PREV, POS, DOC, CU, COS, SIN, DY, DX, DWP,
 
 
 @triton.jit
-def _shift_dprev_kernel(WT, CU, COS, SIN, DY, DPREV, T, H, D, HALF, stride_cb, stride_ct,
+def shift_dprev_kernel(WT, CU, COS, SIN, DY, DPREV, T, H, D, HALF, stride_cb, stride_ct,
                         W: tl.constexpr, VARLEN: tl.constexpr, ROPE: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     """dprev[b, i] = sum_j w[j] g[start_b + q], q = i - (W-1) + j in [0, L_b). One program per (b, h)."""
@@ -213,7 +213,7 @@ def _advance_raw(RAW, XN, b, h, dcols, md, H, D, W: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(Q, QO, KN, VN, WK, WV, RAWK, RAWV, COS, SIN, KC, VC, H, D, HALF, stride_cb,
+def decode_kernel(Q, QO, KN, VN, WK, WV, RAWK, RAWV, COS, SIN, KC, VC, H, D, HALF, stride_cb,
                    skb, skh, svb, svh,
                    REP: tl.constexpr, WKN: tl.constexpr, WVN: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr):
