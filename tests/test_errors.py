@@ -41,7 +41,7 @@ def test_data_verbs_missing_files_are_one_line(capsys, tmp_path, argv, needle):
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
-    import kvshift.train.trainer as T
+    import kvshift.train.cli as T
 
     def broken(*a, **k):
         raise AttributeError("'NoneType' object has no attribute 'step'")
@@ -53,10 +53,9 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
         run_command("x", lambda a: {}["missing"], None)
 
 
-def test_traceback_on_request(monkeypatch, tmp_path):
-    monkeypatch.setenv("KVSHIFT_TRACEBACK", "1")
+def test_traceback_on_request(tmp_path):
     with pytest.raises(ValueError, match="stepz"):
-        main(["train", "debug", "--out", str(tmp_path / "r"), "--set", "train.stepz=4"])
+        main(["--traceback", "train", "debug", "--out", str(tmp_path / "r"), "--set", "train.stepz=4"])
 
 
 def test_console_script_exit_status(tmp_path):

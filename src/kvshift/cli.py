@@ -28,6 +28,7 @@ _COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvshift", description="KV Shifting Attention: library, training and reproduction suite")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of a user error too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return run_command(command_name(args), args.func, args)
+    return run_command(command_name(args), args.func, args, traceback=args.traceback)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ disk). Every `kvshift` verb runs through `run_command`, which prints such an err
     kvshift train: error: /path/to/run.toml: optim.lr must be a finite number > 0, got 'fast'
 
 and returns exit status 2. Any other exception (AttributeError, TypeError, KeyError, RuntimeError,
-...) is a bug: it propagates with its traceback. `KVSHIFT_TRACEBACK=1` shows the traceback of a
+...) is a bug: it propagates with its traceback. `kvshift --traceback VERB ...` shows the traceback of a
 user error too.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
@@ -46,13 +45,13 @@ def command_name(args) -> str:
     return " ".join(str(x) for x in (getattr(args, "command", None), getattr(args, "data_command", None)) if x)
 
 
-def run_command(name: str, func: Callable, args) -> int:
+def run_command(name: str, func: Callable, args, *, traceback: bool = False) -> int:
     """Runs the handler of the verb `name` (e.g. "train", "data tokenize"): its exit code, or
     EXIT_USAGE after printing one line for a user error (see the module docstring)."""
     try:
         return int(func(args) or 0)
     except USER_ERRORS as e:
-        if os.environ.get("KVSHIFT_TRACEBACK"):
+        if traceback:
             raise
         sys.stderr.write(f"kvshift {name}: error: {one_line(e)}\n")
         sys.stderr.flush()

@@ -14,9 +14,15 @@ import time
 from pathlib import Path
 
 from kvshift.data.corpus import build_corpus
-from kvshift.data.shards import pack_shards, subset_shards, tokenize_corpus, unpack_shards
+from kvshift.data.shards import (
+    pack_shards,
+    subset_shards,
+    tokenize_corpus,
+    unpack_shards,
+)
 from kvshift.data.sources import SOURCES
 from kvshift.data.tokenizer import train_tokenizer
+from kvshift.errors import command_name, run_command
 
 __all__ = ["register"]
 
@@ -168,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:  # `python -m kvshift.data.cli` 
     parser = argparse.ArgumentParser(prog="kvshift")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
-    from kvshift.errors import command_name, run_command
 
     return run_command(command_name(args), args.func, args)
 

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 
-from kvshift.experiments.arms import EVAL_SEED, DataStream, StreamSource, TrainSpec, default_device, train_arm
+from kvshift.experiments.arms import (
+    EVAL_SEED,
+    DataStream,
+    StreamSource,
+    TrainSpec,
+    default_device,
+    train_arm,
+)
 from kvshift.experiments.base import Experiment, ResultsLog, RunOptions, write_summary
 from kvshift.models import ModelConfig
 from kvshift.tasks import hopk

@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvshift.experiments.arms import EVAL_SEED, DataStream, StreamSource, TrainSpec, default_device, train_arm
+from kvshift.experiments.arms import (
+    EVAL_SEED,
+    DataStream,
+    StreamSource,
+    TrainSpec,
+    default_device,
+    train_arm,
+)
 from kvshift.experiments.base import Experiment, ResultsLog, RunOptions, write_summary
 from kvshift.models import LM, ModelConfig
 from kvshift.tasks import igsm

@@ -10,7 +10,12 @@ import torch
 
 from kvshift.experiments.base import Experiment, ResultsLog, RunOptions, write_summary
 from kvshift.tasks.theorem3 import landscape_grid, loss
-from kvshift.theory import induction_head, induction_targets, random_embeddings, run_induction_head
+from kvshift.theory import (
+    induction_head,
+    induction_targets,
+    random_embeddings,
+    run_induction_head,
+)
 from kvshift.utils.plot import pyplot, save_figure
 from kvshift.utils.provenance import provenance
 

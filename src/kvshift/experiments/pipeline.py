@@ -172,6 +172,25 @@ def corpus(opts: RunOptions, out: Path) -> dict:
                 raise FileNotFoundError(f"--input {kind}={src[kind]}: no {name} there")
             done[dst] = json.loads(f.read_text())
             write_json_atomic(out / dst, done[dst])
+    prov = provenance()
+    lines = ["# The default offline corpus", "", f"Written by `{prov['command']}` (commit `{prov['git_commit']}`) from "
+             "the manifests of `kvshift data build-corpus` (manifest.json: per source the package, version, licences, "
+             "documents, bytes, words and the sha256 of each split file) and `kvshift data tokenize` "
+             "(shards-meta.json: the tokenizer's sha256, token and document counts per split and domain). The corpus "
+             "and the shards are not committed; these commands rebuild them:", "",
+             "    kvshift data build-corpus --out cache/corpus",
+             "    kvshift data train-tokenizer --corpus cache/corpus --vocab-size 16384 --out cache/tokenizer-16k.json",
+             "    kvshift data tokenize --corpus cache/corpus --tokenizer cache/tokenizer-16k.json --out cache/shards-16k",
+             ""]
+    if "manifest.json" in done:
+        t = done["manifest.json"]["totals"]
+        lines += [f"Corpus: {t['documents']:,} documents, {t['bytes']:,} bytes, {t['words']:,} words.", ""]
+    if "shards-meta.json" in done:
+        m = done["shards-meta.json"]
+        lines += [f"Shards: vocabulary {m['vocab_size']:,} (tokenizer sha256 `{m['tokenizer_sha256'][:16]}…`); "
+                  + "; ".join(f"{k}: {v['tokens']:,} tokens in {v['documents']:,} documents" for k, v in m["splits"].items())
+                  + ".", ""]
+    (out / "README.md").write_text("\n".join(lines))
     return done
 
 

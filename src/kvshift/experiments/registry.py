@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from kvshift.experiments import cost, downstream, hopk, igsm, landscape, lm, pipeline, toy
+from kvshift.experiments import (
+    cost,
+    downstream,
+    hopk,
+    igsm,
+    landscape,
+    lm,
+    pipeline,
+    toy,
+)
 from kvshift.experiments.base import Experiment
 
 _MODULES = (landscape, toy, hopk, igsm, lm, downstream, cost, pipeline)

@@ -10,8 +10,18 @@ from pathlib import Path
 
 import torch
 
-from kvshift.experiments.arms import (EVAL_SEED, THRESHOLDS, Arm, DataStream, StreamSource, TrainSpec, default_device,
-                                     steps_to, target_accuracy, train_arm)
+from kvshift.experiments.arms import (
+    EVAL_SEED,
+    THRESHOLDS,
+    Arm,
+    DataStream,
+    StreamSource,
+    TrainSpec,
+    default_device,
+    steps_to,
+    target_accuracy,
+    train_arm,
+)
 from kvshift.experiments.base import Experiment, ResultsLog, RunOptions, write_summary
 from kvshift.models import ModelConfig
 from kvshift.tasks import induction

@@ -17,6 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvshift.errors import command_name, run_command
+from kvshift.train import distributed as D
+from kvshift.train.compare import compare
+from kvshift.train.config import load_config
+from kvshift.train.plot import plot_runs
+from kvshift.train.trainer import train
+
 __all__ = ["register"]
 
 
@@ -25,9 +32,6 @@ def _default_out(config: str, prefix: str) -> Path:
 
 
 def cmd_train(args) -> int:
-    from kvshift.train import distributed as D
-    from kvshift.train.config import load_config
-    from kvshift.train.trainer import train
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else _default_out(args.config, "")
@@ -39,8 +43,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from kvshift.train import distributed as D
-    from kvshift.train.compare import compare
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     try:
@@ -56,7 +58,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from kvshift.train.plot import plot_runs
 
     out = plot_runs(args.runs, args.out)
     print(out)
@@ -94,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:  # `python -m kvshift.train.cli 
     parser = argparse.ArgumentParser(prog="kvshift")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    from kvshift.errors import command_name, run_command
 
     return run_command(command_name(args), args.func, args)
 

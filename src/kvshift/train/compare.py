@@ -20,7 +20,10 @@ import os
 import statistics
 from pathlib import Path
 
+from kvshift.layers.attention import ATTENTION_KINDS
+from kvshift.train.config import load_config
 from kvshift.train.plot import curves
+from kvshift.train.trainer import train
 from kvshift.utils.plot import pyplot, save_figure
 
 __all__ = ["compare", "tokens_to_reach", "summarize"]
@@ -129,9 +132,6 @@ def plot_compare(runs: dict[str, dict[int, Path]], out_png: Path) -> Path:
 
 def compare(config: str, arms: list[str], seeds: list[int], *, overrides: list[str] | None = None,
             out: str | Path, fsdp: bool = False, log=print) -> dict:
-    from kvshift.models.config import ATTENTION_KINDS
-    from kvshift.train.config import load_config
-    from kvshift.train.trainer import train
 
     if not arms:
         raise ValueError("arms must name at least one attention kind")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kvshift.errors import UserError
+from kvshift.models import ModelConfig
 
 try:
     import tomllib
@@ -148,7 +149,7 @@ def _positive_int(name: str, v: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
-_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainSection}
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainSection}
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,7 +196,6 @@ def _check_types(obj, section: str) -> None:
 
 
 def _check_model_types(m: dict) -> None:
-    from kvshift.models import ModelConfig
 
     hints = _hints(ModelConfig)
     for k, v in m.items():
@@ -223,7 +223,6 @@ class RunConfig:
                             f"{mcfg.max_seq_len}: lower data.seq_len or set model.max_seq_len")
 
     def model_config(self):
-        from kvshift.models import ModelConfig
 
         m = dict(self.model)
         preset = m.pop("preset", None)
@@ -240,22 +239,21 @@ class RunConfig:
     def from_dict(cls, d: dict) -> "RunConfig":
         if not isinstance(d, dict):
             raise ValueError(f"config must be a table, got {type(d).__name__}")
-        unknown = sorted(set(d) - {"model", *_SECTIONS})
+        unknown = sorted(set(d) - {"model", *SECTIONS})
         if unknown:
-            raise ValueError(f"unknown config sections {unknown}; valid sections: {['model', *_SECTIONS]}")
+            raise ValueError(f"unknown config sections {unknown}; valid sections: {['model', *SECTIONS]}")
         kw: dict[str, Any] = {}
         if "model" in d:
             if not isinstance(d["model"], dict):
                 raise UserError(f"[model] must be a table, got {d['model']!r}")
             m = dict(d["model"])
-            from kvshift.models import ModelConfig
 
             valid = {"preset"} | {f.name for f in dataclasses.fields(ModelConfig)}
             bad = sorted(set(m) - valid)
             if bad:
                 raise ValueError(f"unknown keys {bad} in [model]; valid keys: {sorted(valid)}")
             kw["model"] = m
-        for name, klass in _SECTIONS.items():
+        for name, klass in SECTIONS.items():
             if name in d:
                 sec = d[name]
                 if not isinstance(sec, dict):
@@ -296,12 +294,11 @@ def parse_overrides(items: list[str] | None) -> list[tuple[str, str, Any]]:
 def _coerce(section: str, key: str, value: Any) -> Any:
     """Match the type of the field's default where that is unambiguous (int -> float, "1" -> 1)."""
     if section == "model":
-        from kvshift.models import ModelConfig
 
         defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    elif section in _SECTIONS:
+    elif section in SECTIONS:
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
-                    for f in dataclasses.fields(_SECTIONS[section])}
+                    for f in dataclasses.fields(SECTIONS[section])}
     else:
         return value
     d = defaults.get(key)

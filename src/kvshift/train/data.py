@@ -18,6 +18,8 @@ from typing import Iterable, Protocol
 import numpy as np
 import torch
 
+from kvshift.data.loader import PackedLoader, ValidationSet
+
 __all__ = ["BatchSource", "SyntheticSource", "SyntheticValidation", "Validation", "make_sources", "make_validation"]
 
 
@@ -154,7 +156,6 @@ def make_sources(data, vocab_size: int, rank: int, world_size: int) -> list:
     if data.kind == "synthetic":
         return [SyntheticSource(vocab_size, data.seq_len, data.batch_size, seed=data.seed,
                                 rank=m * world_size + rank, world_size=ga * world_size) for m in range(ga)]
-    from kvshift.data.loader import PackedLoader
 
     out = [PackedLoader(data.shard_dir, "train", data.batch_size, data.seq_len, seed=data.seed,
                         rank=m * world_size + rank, world_size=ga * world_size, tokenizer=data.tokenizer,
@@ -171,7 +172,6 @@ def make_validation(data, vocab_size: int, n_windows: int, rank: int, world_size
                               world_size=world_size)
         v = SyntheticValidation(src, n_windows)
         return Validation(v, len(v), SYNTHETIC_DOMAINS if data.per_domain else None)
-    from kvshift.data.loader import ValidationSet
 
     vs = ValidationSet(data.shard_dir, data.seq_len, data.batch_size, split=data.val_split, max_windows=n_windows,
                        rank=rank, world_size=world_size, tokenizer=data.tokenizer)

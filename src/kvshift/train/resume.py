@@ -26,7 +26,13 @@ import json
 from pathlib import Path
 
 from kvshift.errors import UserError, one_line
-from kvshift.train.checkpoint import CONFIG, CheckpointError, list_checkpoints, verify_checkpoint
+from kvshift.train.checkpoint import (
+    CONFIG,
+    CheckpointError,
+    list_checkpoints,
+    verify_checkpoint,
+)
+from kvshift.train.config import SECTIONS, RunConfig
 from kvshift.utils.io import read_jsonl
 
 __all__ = ["MAY_CHANGE", "start_plan", "check_resumed_config", "config_changes"]
@@ -127,8 +133,6 @@ def _model_config_of(d: dict) -> dict | None:
     if isinstance(d.get("model_config"), dict):
         return d["model_config"]
     try:
-        from kvshift.train.config import RunConfig
-
         return RunConfig.from_dict({k: v for k, v in d.items() if k in ("model", "data", "optim", "train")}
                                    ).model_config().to_dict()
     except ValueError:
@@ -142,8 +146,6 @@ def _show(v) -> str:
 def config_changes(old: dict, new: dict, old_world: int, new_world: int) -> list[str]:
     """'section.key old -> new' for every difference outside MAY_CHANGE; `old`/`new` are
     RunConfig.to_dict() with "model_config"."""
-    from kvshift.train.config import _SECTIONS
-
     out = []
     om, nm = _model_config_of(old), new["model_config"]
     if om is None:  # compare what was written
@@ -151,7 +153,7 @@ def config_changes(old: dict, new: dict, old_world: int, new_world: int) -> list
     for k in sorted(set(om) | set(nm)):
         if k not in MAY_CHANGE["model"] and om.get(k) != nm.get(k):
             out.append(f"model.{k} {_show(om.get(k))} -> {_show(nm.get(k))}")
-    for sec, klass in _SECTIONS.items():
+    for sec, klass in SECTIONS.items():
         o, n = old.get(sec) or {}, new[sec]
         defaults = {f.name: f.default for f in dataclasses.fields(klass)}  # keys an older version lacked
         for k in n:

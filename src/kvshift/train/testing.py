@@ -18,6 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from kvshift.train import checkpoint as C
+from kvshift.train import distributed as D
+from kvshift.train.config import load_config
+from kvshift.train.data import zipf_cdf
+from kvshift.train.metrics import read_metrics
+from kvshift.train.trainer import train
+
 __all__ = ["fork_context", "write_tiny_shards", "free_port", "train_worker", "dist_worker", "losses"]
 
 _PRELOAD = ["kvshift.train.testing", "kvshift.train.trainer", "kvshift.train.checkpoint", "kvshift.train.data",
@@ -47,7 +54,6 @@ def write_tiny_shards(out: str | Path, *, vocab_size: int = 97, train_docs: int 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     eos = 0
-    from kvshift.train.data import zipf_cdf
 
     cdf = zipf_cdf(vocab_size)
     meta = {"format": "kvshift-shards-v1", "tokenizer_sha256": "0" * 64, "tokenizer_file": "none",
@@ -86,7 +92,6 @@ def write_tiny_shards(out: str | Path, *, vocab_size: int = 97, train_docs: int 
 
 
 def losses(run_dir: str | Path) -> list[float]:
-    from kvshift.train.metrics import read_metrics
 
     return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
 
@@ -98,9 +103,6 @@ def train_worker(config: str, overrides: list[str], out: str, resume: bool, log_
     import torch
 
     torch.set_num_threads(1)
-    from kvshift.train import checkpoint as C
-    from kvshift.train.config import load_config
-    from kvshift.train.trainer import train
 
     if ckpt_delay_s:
         orig = C.write_atomic
@@ -125,9 +127,6 @@ def dist_worker(rank: int, world_size: int, port: int, config: str, overrides: l
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from kvshift.train import distributed as D
-    from kvshift.train.config import load_config
-    from kvshift.train.trainer import train
 
     try:
         train(load_config(config, overrides), out, resume=resume, fsdp=fsdp, log=lambda s: None)

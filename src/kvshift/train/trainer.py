@@ -38,11 +38,22 @@ import torch.nn.functional as F
 from kvshift.errors import UserError
 from kvshift.models import LM
 from kvshift.train import distributed as D
-from kvshift.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kvshift.train.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from kvshift.train.config import RunConfig
 from kvshift.train.data import make_sources, make_validation
 from kvshift.train.flops import flops_per_token
-from kvshift.train.metrics import MetricsLog, coefficients_record, environment, read_metrics, shift_summary
+from kvshift.train.metrics import (
+    MetricsLog,
+    coefficients_record,
+    environment,
+    read_metrics,
+    shift_summary,
+)
 from kvshift.train.optim import build_optimizer, lr_at, set_lr
 from kvshift.train.resume import check_resumed_config, start_plan
 from kvshift.train.signals import NoBar, StopFlag

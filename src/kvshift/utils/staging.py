@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kvshift.errors import UserError
 from kvshift.utils.io import fsync_dir
 
 __all__ = ["staged", "staged_output", "check_output_dir"]
@@ -35,7 +36,6 @@ __all__ = ["staged", "staged_output", "check_output_dir"]
 def check_output_dir(dst: str | Path, *inputs, protect: str | None = None) -> None:
     """UserError when the output directory `dst` is one of the `inputs` (writing there would replace
     their own files), or holds the file `protect` (e.g. a training checkpoint's MANIFEST.json)."""
-    from kvshift.errors import UserError
 
     d = Path(dst).resolve()
     for src in inputs:

@@ -24,8 +24,13 @@ from kvshift.experiments.base import Experiment, RunOptions, write_summary
 from kvshift.experiments.lm.report import plot_coefficients, plot_parts, write_readme
 from kvshift.experiments.lm.runs import run_one
 from kvshift.experiments.lm.spec import LRS, parts, select, shard_dir
-from kvshift.experiments.lm.stats import (coefficient_table, coefficient_values, part_stats, published_runs,
-                                          summary_provenance)
+from kvshift.experiments.lm.stats import (
+    coefficient_table,
+    coefficient_values,
+    part_stats,
+    published_runs,
+    summary_provenance,
+)
 from kvshift.experiments.lm.verdicts import VERDICT_FNS
 
 PAPER = {
