@@ -15,7 +15,7 @@ from kvshift.experiments.base import VERDICTS, RunOptions
 from kvshift.experiments.cli import run_experiment
 from kvshift.experiments.lm.spec import GQA, PAIR, plan, parts, select, shard_dir
 from kvshift.experiments.lm.stats import below_fraction, coefficient_table, coefficient_values, fit_power_law
-from kvshift.experiments.lm.verdicts import lr_failures
+from kvshift.experiments.lm.verdicts import lr_failures, verdict_lr
 from kvshift.train.testing import write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,12 +113,35 @@ def test_lm_lr_records_divergence(shards, roots):
     assert "failed vanilla" in s["verdict_text"]
 
 
-def test_lr_failures_count_collapse():
-    run = lambda final, best, div=False: {"final_val_loss": final, "best_val_loss": best, "diverged": div}  # noqa: E731
-    st = {"runs": {"vanilla": {"0": run(7.0, 4.0), "1": run(None, 4.0, True), "2": run(4.1, 4.0)},
-                   "kvshift": {"0": run(3.9, 3.9), "1": run(4.0, 3.95), "2": run(3.8, 3.8)}}}
-    assert lr_failures(st) == {"vanilla": {"0": True, "1": True, "2": False},
-                                  "kvshift": {"0": False, "1": False, "2": False}}
+def test_lr_failures_are_measured_against_the_same_arm_at_lr_1e3():
+    run = lambda final, div=False: {"final_val_loss": final, "best_val_loss": final, "diverged": div}  # noqa: E731
+    st = {"runs": {"vanilla": {"0": run(4.5), "1": run(None, True), "2": run(4.1)},
+                   "kvshift": {"0": run(3.9), "1": run(4.0), "2": run(3.8)}}}
+    ref = {"vanilla": 3.2, "kvshift": 3.1}  # final losses at lr 1e-3
+    assert lr_failures(st, ref) == {"vanilla": {"0": True, "1": True, "2": False},
+                                    "kvshift": {"0": False, "1": False, "2": False}}
+    # below the reference rate a high loss is slow learning: only a divergence fails
+    assert lr_failures(st, ref, above_ref=False) == {"vanilla": {"0": False, "1": True, "2": False},
+                                                     "kvshift": {"0": False, "1": False, "2": False}}
+
+
+def test_lr_verdict_needs_the_reference_and_reads_the_unclipped_part():
+    def part(vloss, kloss, vdiv=False):
+        runs = {"vanilla": {str(i): {"final_val_loss": v, "diverged": vdiv, "best_val_loss": v} for i, v in enumerate(vloss)},
+                "kvshift": {str(i): {"final_val_loss": k, "diverged": False, "best_val_loss": k} for i, k in enumerate(kloss)}}
+        agg = {a: {"final_val_loss": {"mean": sum(x for x in (r["final_val_loss"] for r in runs[a].values()) if x) /
+                                      len(runs[a])}, "diverged": sum(r["diverged"] for r in runs[a].values())}
+               for a in runs}
+        per_seed = {str(i): {"kvshift": {"diff": k - v if v else None}} for i, (v, k) in enumerate(zip(vloss, kloss))}
+        return {"runs": runs, "aggregate": agg, "per_seed": per_seed}
+
+    stats = {"lr=0.0001": part([3.5], [3.2]), "lr=0.0002": part([2.8], [2.6]), "lr=0.001": part([2.3], [2.2]),
+             "lr=0.01": part([2.4, 2.5], [2.3, 2.3]),
+             "lr=0.01-noclip": part([5.0, 6.0, 4.0], [2.5, 2.6, 2.4])}
+    v, text, extra = verdict_lr(stats, "gpu")
+    assert v == "reproduced" and extra["top_lr_claim"] == {"lr=0.01": False, "lr=0.01-noclip": True}
+    assert "lr=0.01-noclip yes" in text
+    assert verdict_lr({"lr=0.01-noclip": stats["lr=0.01-noclip"]}, "gpu")[0] == "inconclusive"  # no reference rate
 
 
 def test_reuses_identical_runs_across_experiments(shards, roots):

@@ -29,9 +29,9 @@ def _check_common(out, summ, name):
 
 @pytest.fixture
 def tiny_hopk(monkeypatch):
-    s = dict(hopk_exp.HOPK["cpu"], depths=(1, 2), seq=24, dim=16, heads=2, ffn=32, batch=8, steps=6, warmup=2,
+    s = dict(hopk_exp.HOPK["iid"]["cpu"], depths=(1, 2), seq=24, dim=16, heads=2, ffn=32, batch=8, steps=6, warmup=2,
              eval_every=4, n_eval=4)
-    monkeypatch.setitem(hopk_exp.HOPK, "cpu", s)
+    monkeypatch.setitem(hopk_exp.HOPK["iid"], "cpu", s)
     return s
 
 
@@ -50,6 +50,25 @@ def test_hopk_end_to_end(tmp_path, tiny_hopk):
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("eval") and r["step"] == 4 for r in recs)  # the mid-training eval
     assert {r["arm"] for r in recs} == {"vanilla-1L", "kvshift-1L", "vanilla-2L", "kvshift-2L"}
+
+
+def test_hopk_jobs_split_by_depth_and_seed_merge(tmp_path, tiny_hopk, monkeypatch):
+    """Runs published by separate jobs (--only DEPTH, --seeds) are summarised together; the paper's variant
+    (no adjacent repeats, GPT-2-style blocks) runs through the same code."""
+    monkeypatch.setitem(hopk_exp.HOPK["norepeat"], "cpu", dict(hopk_exp.HOPK["norepeat"]["cpu"], **{
+        k: v for k, v in tiny_hopk.items() if k not in ("model", "no_adjacent_repeats")}))
+    opts = lambda **kw: RunOptions(out=tmp_path, runs=tmp_path / "runs", log=lambda m: None, **kw)  # noqa: E731
+    run_experiment("hopk-norepeat", opts(only=["1"], seeds=[0]))
+    run_experiment("hopk-norepeat", opts(only=["2"], seeds=[1], arms=["kvshift"]))
+    s = run_experiment("hopk-norepeat", opts(only=["2"], seeds=[1], arms=["vanilla"]))
+    assert s["depths"] == [1, 2] and s["seeds"] == 2 and len(s["runs"]) == 4
+    assert s["error_by_depth"]["2"]["kvshift"]["hops_solved_per_seed"].keys() == {"1"}
+    assert s["task"]["no_adjacent_repeats"] and s["model"] == {"position": "learned", "mlp": "gelu"}
+    assert all(r["model"]["position"] == "learned" and r["model"]["mlp"] == "gelu" for r in s["runs"])
+    assert s == run_experiment("hopk-norepeat", opts(summarize_only=True)) | {"summarized_by": s["summarized_by"],
+                                                                             "time_utc": s["time_utc"]}
+    with pytest.raises(ValueError, match="--only"):
+        run_experiment("hopk-norepeat", opts(only=["7"]))
 
 
 def test_hopk_arms_share_init_and_data(tiny_hopk):

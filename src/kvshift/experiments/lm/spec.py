@@ -87,6 +87,8 @@ class Part:
     model: dict = field(default_factory=dict)  # model overrides beyond the size and the arm
     coefficients: str | None = None  # arm whose checkpoints' shift coefficients are recorded
     optional: bool = False  # run only when named in --only
+    overrides: tuple = ()  # run-config overrides of this part (`section.key=value`)
+    trajectory: bool = False  # every shift coefficient at step 0 and at every evaluation, in metrics.jsonl
 
 
 def parts(name: str, scale: str, lrs=LRS) -> list[Part]:
@@ -97,14 +99,21 @@ def parts(name: str, scale: str, lrs=LRS) -> list[Part]:
     if name == "lm-seeds":
         return [Part("10m", "10m", 1200 if g else 40, seeds=(0, 1, 2))]
     if name == "lm-lr":
-        return [Part(f"lr={lr:g}", "10m", 1200 if g else 40, lr=lr, seeds=(0, 1, 2) if lr == max(lrs) else (0,))
-                for lr in lrs]
+        top = max(lrs)
+        return [Part(f"lr={lr:g}", "10m", 1200 if g else 40, lr=lr, seeds=(0, 1, 2) if lr == top else (0,))
+                for lr in lrs] + [
+            # the paper's setting at the largest rate: no gradient clipping, 5 seeds
+            Part(f"lr={top:g}-noclip", "10m", 1200 if g else 40, lr=top, seeds=(0, 1, 2, 3, 4),
+                 overrides=("optim.clip=0.0",), optional=True)]
     if name == "lm-scaling":
         return [Part(s, s, 600 if g else 40, optional=s == "85m") for s in ("3m", "10m", "25m", "50m", "85m")]
     if name == "lm-variants":
         return [Part("10m", "10m", 1200 if g else 40, arms=tuple(ARMS))]
     if name == "shift-coefficients":  # lm-main's larger KV-shift run: the same run key, so trained once
         return [Part("50m", "50m", 2800 if g else 60, arms=("kvshift",), coefficients="kvshift")]
+    if name == "shift-coupling":  # Table 4 at ~10M: the paper's init, and every head on the quadrant boundary
+        return [Part(init, "10m", 1200 if g else 40, arms=("kvshift",), seeds=(0, 1, 2), model={"shift_init": init},
+                     trajectory=True) for init in ("uniform", "half")]
     if name == "lm-gqa":
         return [Part("50m-gqa", "50m", 2800 if g else 60, model=GQA[scale])]
     raise ValueError(f"no runs for experiment {name!r}")
@@ -128,7 +137,9 @@ def run_config(scale: str, part: Part, arm: str, seed: int, shards: Path, steps:
           f"train.steps={steps}", f"train.eval_every={max(1, steps // sc.evals)}",
           f"train.eval_batches={sc.eval_batches}", f"train.ckpt_every={ckpt}", "train.keep_last=2",
           f"train.seed={seed}", f"train.log_every={sc.log_every}", "train.progress=false", *sc.extra,
-          *(overrides or [])]
+          *part.overrides, *(overrides or [])]
+    if part.trajectory:
+        ov += ["train.eval_at_start=true", f"train.coefficients_every={max(1, steps // sc.evals)}"]
     return load_config(sc.base, ov)
 
 
