@@ -229,6 +229,9 @@ def test_compile_fullgraph_and_training_reduces_loss(options):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3
     assert model.layers[0].attention.shift_k.grad is not None
+    pos = torch.cat([torch.arange(12), torch.arange(20)]).expand(4, 32)  # packed documents, fullgraph too
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x[:, :-1], position_ids=pos), model(x[:, :-1], position_ids=pos))
 
 
 def test_compile_inductor_matches_eager():
