@@ -48,8 +48,11 @@ def test_export_run_directory(lm_factory, tokenizer, tmp_path):
     assert json.loads((dst / "kvshift_export.json").read_text())["step"] == 20
 
 
-def test_export_checkpoint_dir_with_model_config_json(lm_factory, tmp_path):
-    lm = lm_factory(seed=8, attention="kvshift_gate", tie_embeddings=True)
+@pytest.mark.parametrize("options", [dict(attention="kvshift_gate"),
+                                     dict(position="learned", mlp="gelu", shift_init="half")],
+                         ids=["gate", "learned-gelu-half"])
+def test_export_checkpoint_dir_with_model_config_json(options, lm_factory, tmp_path):
+    lm = lm_factory(seed=8, tie_embeddings=True, **options)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     sd = {k: v.contiguous() for k, v in lm.state_dict().items() if k != "output.weight"}  # tied head omitted
@@ -58,6 +61,7 @@ def test_export_checkpoint_dir_with_model_config_json(lm_factory, tmp_path):
     dst = tmp_path / "hf"
     assert main(["export", str(ckpt), str(dst)]) == 0
     model = AutoModelForCausalLM.from_pretrained(dst).eval()
+    assert model.config.to_model_config() == lm.config
     x = torch.randint(0, 97, (1, 11))
     assert (_logits(model, x) - _logits(lm, x)).abs().max().item() <= 1e-6
 

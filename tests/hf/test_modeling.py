@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, pipeline
 
+from kvshift import ModelConfig
 from kvshift.hf import KVShiftCache, KVShiftConfig, KVShiftForCausalLM
 
 VARIANTS = {
@@ -15,7 +16,10 @@ VARIANTS = {
     "kvshift-alibi": dict(attention="kvshift", position="alibi"),
     "gate-w2-tied": dict(attention="kvshift_gate", shift_window=2, tie_embeddings=True),
     "vanilla": dict(attention="vanilla"),
+    "learned-gelu-half": dict(attention="kvshift", position="learned", mlp="gelu", shift_init="half"),
 }
+# the models generate() runs on: the default options and GPT-2's (learned positions, GELU MLP)
+GENERATE_VARIANTS = {"default": {}, "learned-gelu": dict(position="learned", mlp="gelu")}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
@@ -42,9 +46,33 @@ def test_config_validates_and_aliases():
         KVShiftConfig(attention="nope")
     with pytest.raises(ValueError, match="divisible"):
         KVShiftConfig(dim=64, n_heads=4, n_kv_heads=3)
+    for field, bad in [("position", "rotary"), ("mlp", "relu"), ("shift_init", "zeros")]:
+        with pytest.raises(ValueError, match=f"{field} must be one of"):
+            KVShiftConfig(**{field: bad})
     cfg = KVShiftConfig(dim=96, n_heads=6, n_layers=3, max_seq_len=300)
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.max_position_embeddings) == (96, 6, 3, 300)
     assert cfg.n_kv_heads == 6 and cfg.ffn_dim == 256  # resolved like ModelConfig
+    assert (cfg.position, cfg.mlp, cfg.shift_init) == ("rope", "swiglu", "uniform")
+    cfg = KVShiftConfig(dim=96, n_heads=6, mlp="gelu", position="learned", shift_init="half")
+    assert cfg.intermediate_size == 384 and cfg.to_model_config() == ModelConfig(dim=96, n_heads=6, mlp="gelu",
+                                                                                  position="learned", shift_init="half")
+    assert KVShiftConfig.from_model_config(cfg.to_model_config()).to_dict() == cfg.to_dict()
+
+
+def test_fresh_model_follows_the_config_init():
+    """A KVShiftForCausalLM built from a config (not loaded) starts as kvshift.LM does: the shift init
+    of shift_init, normal(init_std) position embeddings."""
+    cfg = KVShiftConfig(vocab_size=97, dim=48, n_heads=4, n_kv_heads=2, max_seq_len=64, position="learned",
+                        mlp="gelu", shift_init="half", shift_window=2)
+    model = KVShiftForCausalLM(cfg)
+    for layer in model.model.layers:
+        for c in layer.attention.shift_coefficients():
+            torch.testing.assert_close(c, torch.full((2, 3), 1 / 3))
+    w = model.model.pos_embeddings.weight
+    assert w.shape == (64, 48) and abs(w.std().item() / cfg.init_std - 1) < 0.05
+    uniform = KVShiftForCausalLM(KVShiftConfig(vocab_size=97, dim=48, n_heads=4)).model.layers[0].attention
+    assert not torch.equal(uniform.shift_k[:, 0], torch.full((4,), 0.5))  # the paper's U(0,1) draw
+    torch.testing.assert_close(uniform.shift_k.sum(1), torch.ones(4))
 
 
 def test_labels_give_next_token_loss(lm_factory):
@@ -61,9 +89,9 @@ def test_labels_give_next_token_loss(lm_factory):
         model(x, foo=1)
 
 
-@pytest.fixture
-def hf_model(lm_factory):
-    lm = lm_factory(seed=5)
+@pytest.fixture(params=list(GENERATE_VARIANTS))
+def hf_model(request, lm_factory):
+    lm = lm_factory(seed=5, **GENERATE_VARIANTS[request.param])
     return lm, KVShiftForCausalLM.from_lm(lm).eval()
 
 

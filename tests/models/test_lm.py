@@ -29,11 +29,12 @@ def chunks_of(T, g):
     return [(0, a), (a, b)] + [(i, i + 1) for i in range(b, T)]
 
 
+@pytest.mark.parametrize("position", ["rope", "learned"])
 @pytest.mark.parametrize("window", [1, 2, 3], ids=["w1", "w2", "w3"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cached_decoding_equals_full_forward(kind, window):
+def test_cached_decoding_equals_full_forward(kind, window, position):
     g = torch.Generator().manual_seed(hash((kind, window)) % 1000)
-    model = make(kind, window)
+    model = make(kind, window, position)
     x = torch.randint(0, 97, (3, 21), generator=g)
     full = model(x)
     for trial in range(2):
@@ -42,7 +43,7 @@ def test_cached_decoding_equals_full_forward(kind, window):
         assert (out - full).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("position", ["rope", "alibi", "none"])
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned", "none"])
 @pytest.mark.parametrize("kind", ["vanilla", "kvshift", "kvshift_gate", "vshift"])
 def test_left_padded_batch_equals_rows_alone(kind, position):
     g = torch.Generator().manual_seed(7)
@@ -81,11 +82,12 @@ def test_pads_never_leak_into_real_rows():
     assert torch.equal(a[0, 2:], b[0, 2:])
 
 
+@pytest.mark.parametrize("position", ["rope", "learned"])
 @pytest.mark.parametrize("kind", ["vanilla", "kvshift", "kshift"])
 @pytest.mark.parametrize("window", [1, 3], ids=["w1", "w3"])
-def test_packed_equals_separate_documents(kind, window):
+def test_packed_equals_separate_documents(kind, window, position):
     g = torch.Generator().manual_seed(11)
-    model = make(kind, window)
+    model = make(kind, window, position)
     lengths = [5, 1, 9, 3]
     docs = [torch.randint(0, 97, (n,), generator=g) for n in lengths]
     cu = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
@@ -131,12 +133,21 @@ def test_identity_coefficients_give_vanilla_logits():
             torch.testing.assert_close(m(x), van(x), rtol=0, atol=1e-6)
 
 
-def test_shared_weights_identical_across_arms():
-    a, b = LM(ModelConfig.from_name("debug", attention="vanilla"), seed=5), LM(ModelConfig.from_name("debug"), seed=5)
-    sa, sb = a.state_dict(), b.state_dict()
-    for k, v in sa.items():
-        assert torch.equal(v, sb[k]), k
-    assert set(sb) - set(sa) == {f"layers.{i}.attention.shift_{s}" for i in range(2) for s in "kv"}
+@pytest.mark.parametrize("options", [{}, {"position": "learned"}, {"mlp": "gelu"}, {"position": "alibi"}],
+                         ids=["default", "learned", "gelu", "alibi"])
+def test_shared_weights_identical_across_arms(options):
+    """Every attention kind and shift_init builds the same shared weights from the same seed."""
+    a = LM(ModelConfig.from_name("debug", attention="vanilla", **options), seed=5)
+    sa = a.state_dict()
+    for kind in ["kvshift", "kvshift_gate", "kshift"]:
+        for shift_init in ["uniform", "half"]:
+            b = LM(ModelConfig.from_name("debug", attention=kind, shift_init=shift_init, **options), seed=5)
+            sb = b.state_dict()
+            for k, v in sa.items():
+                assert torch.equal(v, sb[k]), (kind, shift_init, k)
+            assert all("shift_" in k for k in set(sb) - set(sa))
+    b = LM(ModelConfig.from_name("debug", **options), seed=5)
+    assert set(b.state_dict()) - set(sa) == {f"layers.{i}.attention.shift_{s}" for i in range(2) for s in "kv"}
 
 
 def test_paper_init_and_coefficient_layout():
@@ -200,9 +211,11 @@ def test_generate_left_padded_rows_equal_unpadded():
     assert torch.equal(out[1, 7:], model.generate(b, 6, temperature=0)[0, 3:])
 
 
-def test_compile_fullgraph_and_training_reduces_loss():
+@pytest.mark.parametrize("options", [{}, {"position": "learned", "mlp": "gelu", "shift_init": "half"}],
+                         ids=["default", "learned-gelu-half"])
+def test_compile_fullgraph_and_training_reduces_loss(options):
     torch.manual_seed(0)
-    model = LM(ModelConfig.from_name("debug", attention="kvshift", shift_impl="naive"), seed=0)
+    model = LM(ModelConfig.from_name("debug", attention="kvshift", shift_impl="naive", **options), seed=0)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-3, betas=(0.9, 0.95))
     x = torch.randint(0, 97, (4, 33))
@@ -216,6 +229,9 @@ def test_compile_fullgraph_and_training_reduces_loss():
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3
     assert model.layers[0].attention.shift_k.grad is not None
+    pos = torch.cat([torch.arange(12), torch.arange(20)]).expand(4, 32)  # packed documents, fullgraph too
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x[:, :-1], position_ids=pos), model(x[:, :-1], position_ids=pos))
 
 
 def test_compile_inductor_matches_eager():
@@ -229,7 +245,9 @@ BAD_CONFIG = {
     "attention": ({"attention": "kvshift2"}, "attention must be one of"),
     "gqa": ({"n_heads": 4, "n_kv_heads": 3}, "divisible by n_kv_heads"),
     "window": ({"shift_window": 4}, "shift_window"),
-    "position": ({"position": "rotary"}, "position must be"),
+    "position": ({"position": "rotary"}, r"position must be one of \('rope', 'alibi', 'learned', 'none'\)"),
+    "mlp": ({"mlp": "relu"}, r"mlp must be one of \('swiglu', 'gelu'\)"),
+    "shift_init": ({"shift_init": "zeros"}, r"shift_init must be one of \('uniform', 'half'\)"),
     "dim": ({"dim": 50}, "dim .* divisible by n_heads"),
     "vocab": ({"vocab_size": 0}, "vocab_size"),
 }
@@ -260,8 +278,9 @@ def test_bad_model_input():
 
 def test_presets_sizes():
     assert abs(ModelConfig.from_name("lm-25m").non_embedding_params() / 25.7e6 - 1) < 0.02
-    m = LM(ModelConfig.from_name("debug"), seed=0)
-    assert m.num_params() == m.config.non_embedding_params()
+    for options in [{}, {"mlp": "gelu"}, {"position": "learned"}, {"position": "learned", "mlp": "gelu"}]:
+        m = LM(ModelConfig.from_name("debug", **options), seed=0)
+        assert m.num_params() == m.config.non_embedding_params(), options
     for name in kvshift.PRESETS:
         ModelConfig.from_name(name)
 

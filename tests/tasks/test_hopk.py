@@ -7,6 +7,25 @@ from kvshift.tasks import hopk
 from kvshift.tasks.hopk import HopKVocab
 
 
+def plain_find(x, i):
+    """find(i) = 1 + max{j < i : x_j = x_i}, None without an earlier occurrence."""
+    earlier = [j for j in range(i) if x[j] == x[i]]
+    return earlier[-1] + 1 if earlier else None
+
+
+def plain_hop_k(x, k):
+    """hop_k(i) = x[find^k(i)], None where any step of the chain is undefined."""
+    out = []
+    for i in range(len(x)):
+        p = i
+        for _ in range(k):
+            p = plain_find(x, p)
+            if p is None:
+                break
+        out.append(None if p is None else x[p])
+    return out
+
+
 def test_bruteforce_by_hand():
     #        0  1  2  3  4  5  6
     seq = [0, 1, 0, 2, 0, 1, 2]
@@ -31,10 +50,11 @@ def test_vectorised_matches_bruteforce(A, N):
         assert y[b].tolist() == [undef if r is None else r for r in ref]
 
 
-def test_sample_layout_against_bruteforce():
+@pytest.mark.parametrize("no_adjacent_repeats", [False, True], ids=["iid", "no-repeats"])
+def test_sample_layout_against_bruteforce(no_adjacent_repeats):
     A, H = 4, 16
     voc = HopKVocab(A, H)
-    tokens, targets, hops = hopk.sample(32, 97, alphabet_size=A, max_hops=H,
+    tokens, targets, hops = hopk.sample(32, 97, alphabet_size=A, max_hops=H, no_adjacent_repeats=no_adjacent_repeats,
                                         generator=torch.Generator().manual_seed(0))
     assert tokens.shape == targets.shape == (32, 97) and hops.shape == (32,)
     assert torch.equal(tokens[:, 0], A + hops)
@@ -42,9 +62,43 @@ def test_sample_layout_against_bruteforce():
     assert (targets[:, 0] == hopk.IGNORE_INDEX).all()
     assert len(set(hops.tolist())) > 5  # k is drawn per row
     for b in range(32):
-        ref = hopk.hop_k_bruteforce(tokens[b, 1:].tolist(), int(hops[b]))
+        ref = plain_hop_k(tokens[b, 1:].tolist(), int(hops[b]))
         assert targets[b, 1:].tolist() == [voc.undefined_id if r is None else r for r in ref]
     assert voc.vocab_size == A + H + 2 and voc.hop_id(H) == voc.undefined_id - 1
+
+
+@pytest.mark.parametrize("A", [2, 3, 4, 8])
+def test_no_adjacent_repeats(A):
+    tokens, _, _ = hopk.sample(400, 129, alphabet_size=A, no_adjacent_repeats=True,
+                               generator=torch.Generator().manual_seed(A))
+    x = tokens[:, 1:]
+    assert int(x.min()) >= 0 and int(x.max()) < A
+    assert not (x[:, 1:] == x[:, :-1]).any()
+    for b in range(8):  # so the nearest earlier occurrence is never the token just before: find(i) != i
+        row = x[b].tolist()
+        assert all(plain_find(row, i) != i for i in range(len(row)))
+    # the first character uniform; each next one uniform over the other A - 1
+    first = torch.bincount(x[:, 0], minlength=A).float()
+    assert (first / first.sum() - 1 / A).abs().max() < 0.08
+    pairs = torch.zeros(A, A)
+    pairs.index_put_((x[:, :-1].flatten(), x[:, 1:].flatten()), torch.ones(x[:, 1:].numel()), accumulate=True)
+    cond = pairs / pairs.sum(1, keepdim=True)
+    off = ~torch.eye(A, dtype=torch.bool)
+    assert (cond[off] - 1 / (A - 1)).abs().max() < 0.03
+    # the i.i.d. draw (the default) does repeat
+    iid, _, _ = hopk.sample(400, 129, alphabet_size=A, generator=torch.Generator().manual_seed(A))
+    assert (iid[:, 2:] == iid[:, 1:-1]).any()
+
+
+def test_default_draws_unchanged():
+    """The default is the i.i.d. generator: k, then the characters, drawn from the generator as before."""
+    a = hopk.sample(6, 40, max_hops=5, generator=torch.Generator().manual_seed(9))
+    b = hopk.sample(6, 40, max_hops=5, no_adjacent_repeats=False, generator=torch.Generator().manual_seed(9))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    g = torch.Generator().manual_seed(9)
+    k = torch.randint(0, 6, (6,), generator=g)
+    x = torch.randint(0, 4, (6, 39), generator=g)
+    assert torch.equal(a[2], k) and torch.equal(a[0][:, 1:], x)
 
 
 def test_defaults_mostly_defined_at_k16():
@@ -73,6 +127,7 @@ def test_error_rate_helper():
 @pytest.mark.parametrize("kw,name", [
     (dict(alphabet_size=1), "alphabet_size"), (dict(max_hops=-1), "max_hops"),
     (dict(hops=17), "hops"), (dict(seq_len=1), "seq_len"), (dict(batch_size=0), "batch_size"),
+    (dict(no_adjacent_repeats="yes"), "no_adjacent_repeats"), (dict(no_adjacent_repeats=1), "no_adjacent_repeats"),
 ])
 def test_argument_validation(kw, name):
     args = dict(batch_size=2, seq_len=16, generator=torch.Generator())

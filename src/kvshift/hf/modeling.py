@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from kvshift.layers.attention import Attention, alibi_slopes, paper_init
+from kvshift.layers.attention import Attention, alibi_slopes, initial_coefficients
 from kvshift.models.cache import KVCache
 from kvshift.models.lm import LM
 
@@ -93,8 +93,9 @@ class KVShiftPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """kvshift.LM's scheme (normal(init_std), residual outputs scaled by 1/sqrt(2·n_layers), unit
-        norms, the paper's U(0,1) shift init) for fresh models and missing weights. transformers'
+        """kvshift.LM's scheme (normal(init_std) for matrices and the token and position embeddings, residual
+        outputs scaled by 1/sqrt(2·n_layers), unit norms, the shift init of config.shift_init) for fresh
+        models and missing weights. transformers'
         guarded torch.nn.init calls skip loaded parameters; the shift is guarded by hand."""
         cfg = self.config
         std = cfg.init_std
@@ -110,12 +111,7 @@ class KVShiftPreTrainedModel(PreTrainedModel):
                 p = getattr(module, name, None)
                 if p is None or getattr(p, "_is_hf_initialized", False) or p.is_meta:
                     continue
-                c = paper_init(module.n_kv_heads, module.window)
-                if module.param == "gate":
-                    c = c.clamp_min(1e-3)
-                    c = c / c.sum(dim=1, keepdim=True)
-                    c = torch.log(c[:, :-1] / c[:, -1:])
-                p.copy_(c)
+                p.copy_(initial_coefficients(module.n_kv_heads, module.window, module.shift_init, module.param))
             _restore_buffers(module)
         elif isinstance(module, LM):
             _restore_buffers(module)

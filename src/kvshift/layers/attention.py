@@ -41,6 +41,31 @@ def paper_init(n_heads: int, window: int, generator: torch.Generator | None = No
     return torch.cat([first, last], dim=1)
 
 
+SHIFT_INITS = ("uniform", "half")
+
+
+def initial_coefficients(n_heads: int, window: int, shift_init: str = "uniform", param: str = "free",
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """The stored initial value of one side's shift parameter for a kind parametrised by `param`.
+
+    shift_init "uniform": the paper's draw (`paper_init`, from `generator`); "half": every tap 1/(window+1),
+    so alpha = (0.5, 0.5) for window 1 (the generator is not used). "free" and "clamp" store the
+    coefficients, (n_heads, window+1); "gate" stores the logits a_0 .. a_{W-2} of softmax([a, 0]),
+    (n_heads, window): log-ratios of the coefficients, with the paper draw clipped at 1e-3 first (softmax
+    coefficients are positive)."""
+    if shift_init not in SHIFT_INITS:
+        raise ValueError(f"shift_init must be one of {SHIFT_INITS}, got {shift_init!r}")
+    if shift_init == "uniform":
+        c = paper_init(n_heads, window, generator)
+    else:
+        c = torch.full((n_heads, window + 1), 1.0 / (window + 1))
+    if param != "gate":
+        return c
+    c = c.clamp_min(1e-3)
+    c = c / c.sum(dim=1, keepdim=True)
+    return torch.log(c[:, :-1] / c[:, -1:])
+
+
 def identity_coefficients(n_heads: int, window: int) -> torch.Tensor:
     c = torch.zeros(n_heads, window + 1)
     c[:, 0] = 1.0
@@ -61,11 +86,16 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query causal attention with an optional KV shift."""
+    """Multi-head / grouped-query causal attention with an optional KV shift.
+
+    position: "rope" rotates q and k here, "alibi" biases the scores here; "learned" and "none" do
+    nothing here (learned absolute position embeddings are added to the model's input, not in attention).
+    shift_init: the initial coefficients, "uniform" (the paper's draw) or "half" (see
+    `initial_coefficients`)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, *, attention: str = "kvshift",
                  shift_window: int = 1, position: str = "rope", shift_impl: str = "auto",
-                 layer_idx: int = 0):
+                 layer_idx: int = 0, shift_init: str = "uniform"):
         super().__init__()
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
@@ -75,6 +105,9 @@ class Attention(nn.Module):
         self.head_dim = dim // n_heads
         self.kind, self.window, self.position, self.shift_impl = attention, shift_window, position, shift_impl
         self.layer_idx = layer_idx
+        if shift_init not in SHIFT_INITS:
+            raise ValueError(f"shift_init must be one of {SHIFT_INITS}, got {shift_init!r}")
+        self.shift_init = shift_init
         # with the Triton backend, training uses one op for shift + RoPE(K) + attention that saves only raw
         # k, v and recomputes k̂, v̂ in the backward (default: vanilla's memory, 1.2-3.5% below its speed
         # on the H200), or with set_fused_attention(model, False) separate Triton shift ops + SDPA (closer
@@ -106,19 +139,12 @@ class Attention(nn.Module):
     # ---- shift coefficients -------------------------------------------------------------------
     @torch.no_grad()
     def reset_shift(self, generator: torch.Generator | None) -> None:
-        """Paper init from `generator` (its own stream, so shared weights stay equal across arms)."""
+        """The initial coefficients of `self.shift_init` ("uniform": the paper's draw from `generator`, its
+        own stream, so shared weights stay equal across arms; "half": every tap 1/(window+1))."""
         for name in ("shift_k", "shift_v", "shift_k_gate", "shift_v_gate"):
             p = getattr(self, name, None)
-            if p is None:
-                continue
-            c = paper_init(self.n_kv_heads, self.window, generator)
-            if self.param == "gate":
-                # softmax needs positive coefficients: log-ratios of the (clipped) paper draw
-                c = c.clamp_min(1e-3)
-                c = c / c.sum(dim=1, keepdim=True)
-                p.copy_(torch.log(c[:, :-1] / c[:, -1:]))
-            else:
-                p.copy_(c)
+            if p is not None:
+                p.copy_(initial_coefficients(self.n_kv_heads, self.window, self.shift_init, self.param, generator))
 
     def _coefficients(self, side: str) -> torch.Tensor | None:
         if self.param == "gate":
@@ -264,10 +290,10 @@ def set_fused_attention(model: nn.Module, enabled: bool, backend: str = "auto") 
 class AttentionContext:
     """What every layer of one forward call shares: positions, masks, packing and the cache."""
 
-    __slots__ = ("cos", "sin", "mask", "distance", "token_valid", "cu_seqlens", "cache", "causal")
+    __slots__ = ("cos", "sin", "mask", "distance", "token_valid", "cu_seqlens", "cache", "causal", "positions")
 
     def __init__(self, *, cos=None, sin=None, mask=None, distance=None, token_valid=None,
-                 cu_seqlens=None, cache=None, causal=True):
+                 cu_seqlens=None, cache=None, causal=True, positions=None):
         self.cos, self.sin = cos, sin  # (B, T, D/2) fp32 for RoPE
         self.mask = mask  # None (plain causal) or bool (B, 1, T, S): True = may attend
         self.distance = distance  # (B, T, S) fp32 query-key distance for ALiBi
@@ -275,3 +301,4 @@ class AttentionContext:
         self.cu_seqlens = cu_seqlens  # int32 (docs+1,) over the flattened B*T tokens when packed
         self.cache = cache
         self.causal = causal  # with mask None: causal (T == S) or every query sees every key (one decode token)
+        self.positions = positions  # (B or 1, T) long positions of the new tokens (learned position embeddings)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from kvshift.layers.attention import ATTENTION_KINDS
+from kvshift.layers.attention import ATTENTION_KINDS, SHIFT_INITS
+from kvshift.layers.mlp import MLPS
 from kvshift.ops.shift import IMPLS
 
-POSITIONS = ("rope", "alibi", "none")
+POSITIONS = ("rope", "alibi", "learned", "none")
 SHIFT_WINDOWS = (1, 2, 3)
 
 
@@ -19,12 +20,24 @@ def _llama_ffn(dim: int, multiple_of: int = 64) -> int:
 
 @dataclass
 class ModelConfig:
+    """A decoder's shape and options.
+
+    position: "rope" (rotary, the default), "alibi" (Press et al.'s linear biases), "learned" (GPT-2's
+    absolute position embeddings, one vector per position 0..max_seq_len-1 added to the token embeddings
+    before the first block) or "none".
+    mlp: "swiglu" (Llama's gated MLP, the default) or "gelu" (GPT-2's Linear -> GELU(tanh) -> Linear); the
+    model has no biases anywhere, so neither MLP has any. ffn_dim None: Llama's 8/3·dim rounded up to a
+    multiple of 64 for "swiglu", 4·dim for "gelu".
+    shift_init: "uniform" (the paper's draw: the first taps ~ U(0,1), the last one 1 - their sum, the
+    default) or "half" (every tap of every head 1/(window+1): alpha = beta = (0.5, 0.5) for window 1).
+    """
+
     vocab_size: int = 256
     dim: int = 64
     n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: = n_heads (MHA)
-    ffn_dim: int | None = None  # None: Llama's 8/3·dim rounded to 64
+    ffn_dim: int | None = None  # None: Llama's 8/3·dim rounded to 64 (mlp "swiglu"), 4·dim (mlp "gelu")
     max_seq_len: int = 512
     position: str = "rope"
     rope_base: float = 100_000.0
@@ -34,6 +47,8 @@ class ModelConfig:
     shift_window: int = 1
     shift_impl: str = "auto"
     init_std: float = 0.02
+    mlp: str = "swiglu"
+    shift_init: str = "uniform"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -49,8 +64,12 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.mlp not in MLPS:
+            raise ValueError(f"mlp must be one of {MLPS}, got {self.mlp!r}")
+        if self.shift_init not in SHIFT_INITS:
+            raise ValueError(f"shift_init must be one of {SHIFT_INITS}, got {self.shift_init!r}")
         if self.ffn_dim is None:
-            self.ffn_dim = _llama_ffn(self.dim)
+            self.ffn_dim = _llama_ffn(self.dim) if self.mlp == "swiglu" else 4 * self.dim
         if not isinstance(self.ffn_dim, int) or self.ffn_dim <= 0:
             raise ValueError(f"ffn_dim must be a positive int, got {self.ffn_dim!r}")
         if self.position not in POSITIONS:
@@ -77,10 +96,11 @@ class ModelConfig:
         return self.attention != "vanilla"
 
     def non_embedding_params(self) -> int:
-        """Parameters outside the token embedding and the output head (the paper's size measure)."""
+        """Parameters outside the embeddings and the output head (the paper's size measure). The learned
+        position embeddings of position="learned" count with the embeddings, so they are not in here."""
         hd = self.head_dim
         attn = self.dim * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
-        mlp = 3 * self.dim * self.ffn_dim
+        mlp = (3 if self.mlp == "swiglu" else 2) * self.dim * self.ffn_dim
         shift = 0 if not self.shifted else 2 * self.n_kv_heads * (self.shift_window + 1)
         return self.n_layers * (attn + mlp + 2 * self.dim + shift) + self.dim
 

@@ -1,4 +1,5 @@
-"""Llama-style decoder (RMSNorm, SwiGLU, RoPE/ALiBi/none, GQA) with a KV-shift attention kind."""
+"""Llama-style decoder (RMSNorm, SwiGLU or GELU MLP, RoPE/ALiBi/learned/no positions, GQA) with a KV-shift
+attention kind."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kvshift.layers.attention import Attention, AttentionContext
+from kvshift.layers.mlp import make_mlp
 from kvshift.models.cache import KVCache
 from kvshift.models.config import ModelConfig
 from kvshift.ops.rope import rope_cos_sin
@@ -28,26 +29,15 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, attention=cfg.attention,
                                    shift_window=cfg.shift_window, position=cfg.position,
-                                   shift_impl=cfg.shift_impl, layer_idx=layer_idx)
+                                   shift_impl=cfg.shift_impl, layer_idx=layer_idx, shift_init=cfg.shift_init)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.feed_forward = make_mlp(cfg.mlp, cfg.dim, cfg.ffn_dim)
 
     def forward(self, x, ctx: AttentionContext):
         x = x + self.attention(self.attention_norm(x), ctx)
@@ -61,6 +51,8 @@ class LM(nn.Module):
             raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        if config.position == "learned":  # GPT-2's absolute positions, added to the token embeddings
+            self.pos_embeddings = nn.Embedding(config.max_seq_len, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -79,14 +71,15 @@ class LM(nn.Module):
     # ---- initialisation -----------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Deterministic init that does not depend on the attention kind: every shared weight of a
-        vanilla and a KV-shift model built with the same seed is identical; the shift coefficients
-        come from their own generator (seed + SHIFT_SEED_OFFSET)."""
+        """Deterministic init that depends on neither the attention kind nor shift_init: every shared weight
+        of a vanilla and a KV-shift model built with the same seed is identical; the shift coefficients
+        come from their own generator (seed + SHIFT_SEED_OFFSET). Learned position embeddings are drawn
+        last, so the other weights also equal those of a model with another position scheme."""
         g = torch.Generator().manual_seed(seed)
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if "shift_" in name:
+            if "shift_" in name or name == "pos_embeddings.weight":
                 continue
             if name.endswith("norm.weight") or ".attention_norm." in name or ".ffn_norm." in name:
                 p.fill_(1.0)
@@ -94,6 +87,9 @@ class LM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * out_std)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+        if self.config.position == "learned":
+            p = self.pos_embeddings.weight
+            p.copy_(torch.randn(p.shape, generator=g) * std)
         gs = torch.Generator().manual_seed(seed + SHIFT_SEED_OFFSET)
         for layer in self.layers:
             layer.attention.reset_shift(gs)
@@ -110,9 +106,13 @@ class LM(nn.Module):
         return [layer.attention.shift_coefficients() for layer in self.layers]
 
     def num_params(self, non_embedding: bool = True) -> int:
+        """All parameters, or (non_embedding) those outside the token and position embeddings and the
+        output head: `ModelConfig.non_embedding_params()`."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_embeddings.weight.numel()
+            if self.config.position == "learned":
+                n -= self.pos_embeddings.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.output.weight.numel()
         return n
@@ -234,7 +234,27 @@ class LM(nn.Module):
             if ctx.mask is None:
                 S = kpos.shape[1]
                 ctx.mask = torch.ones(T, S, dtype=torch.bool, device=dev).tril(S - T).view(1, 1, T, S)
+        elif cfg.position == "learned":
+            self._check_positions(qpos, pos_bound, plain)
+            ctx.positions = None if plain else qpos  # plain: 0..T-1, a slice of the table
         return ctx
+
+    def _check_positions(self, pos: torch.Tensor, bound: int | None, plain: bool) -> None:
+        """Learned position embeddings exist for positions 0..max_seq_len-1 only: ValueError otherwise.
+        `bound` is a host-side upper bound on pos (None if unknown); only when it does not settle the
+        question are the positions read back (skipped inside a compiled graph)."""
+        n = self.config.max_seq_len
+        if bound is not None and bound < n:
+            return
+        if plain:  # positions 0..T-1: bound = T - 1 is exact
+            raise ValueError(f"position='learned' embeds positions below max_seq_len={n}; a sequence of "
+                             f"{bound + 1} tokens is longer")
+        if torch.compiler.is_compiling() or not pos.numel():
+            return
+        lo, hi = torch.stack(torch.aminmax(pos)).tolist()
+        if lo < 0 or hi >= n:
+            raise ValueError(f"position='learned' embeds positions in [0, max_seq_len={n}), got positions in "
+                             f"[{lo}, {hi}] (a sequence or document longer than max_seq_len, or bad position_ids)")
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
@@ -254,6 +274,9 @@ class LM(nn.Module):
                                  f"got values in [{lo}, {hi}]")
         ctx = self._context(input_ids, cache, attention_mask, cu_seqlens, position_ids)
         h = self.tok_embeddings(input_ids)
+        if self.config.position == "learned":
+            h = h + (self.pos_embeddings.weight[: input_ids.shape[1]].unsqueeze(0) if ctx.positions is None
+                     else self.pos_embeddings(ctx.positions))
         for layer in self.layers:
             h = layer(h, ctx)
         if cache is not None:

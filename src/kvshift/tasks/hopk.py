@@ -12,7 +12,9 @@ and hop_k chains that lookup k times, following positions. hop_0(i) = x_i (copy 
 Each hop_k(i) depends only on x_0..x_i, so the task is a causal sequence-to-sequence labelling.
 
 Sample layout (B, T): position 0 holds the hop-count token for k, positions 1..T-1 hold x_0..x_{T-2}
-drawn i.i.d. uniformly from the alphabet. ``targets[b, 1 + i] = hop_k(i)`` (an alphabet id or
+drawn i.i.d. uniformly from the alphabet, or with ``no_adjacent_repeats`` as in Sanford, Hsu &
+Telgarsky's generator: x_0 uniform, each next x_i uniform over the alphabet minus x_{i-1}, so no
+character equals the one before it and find(i) != i. ``targets[b, 1 + i] = hop_k(i)`` (an alphabet id or
 UNDEFINED); ``targets[b, 0] = IGNORE_INDEX`` (-100, the cross-entropy default), since the model's
 output at the hop-count token is not scored. Unlike the other tasks here, the target at position p
 is read from the output AT p (not p + 1).
@@ -99,26 +101,43 @@ def sample(
     max_hops: int = 16,
     generator: torch.Generator,
     hops: int | None = None,
+    no_adjacent_repeats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns tokens (B, T), targets (B, T) int64 and hops (B,).
 
     k is drawn uniformly from 0..max_hops per row unless ``hops`` fixes it (for error-vs-k curves).
+    no_adjacent_repeats: draw each character uniformly from the alphabet minus the previous one (the
+    first one uniformly) instead of i.i.d.; False (the default) keeps the i.i.d. draws, and with them
+    every earlier sample, unchanged.
     """
     batch_size = check_int("batch_size", batch_size, lo=1)
     seq_len = check_int("seq_len", seq_len, lo=2)
     alphabet_size = check_int("alphabet_size", alphabet_size, lo=2)
     max_hops = check_int("max_hops", max_hops, lo=0)
     check_generator(generator)
+    if not isinstance(no_adjacent_repeats, bool):
+        raise ValueError(f"no_adjacent_repeats must be a bool, got {type(no_adjacent_repeats).__name__}")
     vocab = HopKVocab(alphabet_size, max_hops)
     if hops is None:
         k = torch.randint(0, max_hops + 1, (batch_size,), generator=generator)
     else:
         k = torch.full((batch_size,), check_int("hops", hops, lo=0, hi=max_hops), dtype=torch.int64)
-    x = torch.randint(0, alphabet_size, (batch_size, seq_len - 1), generator=generator)  # (B, N)
+    if no_adjacent_repeats:
+        x = _no_adjacent_repeats(batch_size, seq_len - 1, alphabet_size, generator)
+    else:
+        x = torch.randint(0, alphabet_size, (batch_size, seq_len - 1), generator=generator)  # (B, N)
     y = hop_k(x, k, alphabet_size, vocab.undefined_id)
     tokens = torch.cat([(alphabet_size + k).unsqueeze(1), x], dim=1)
     targets = torch.cat([torch.full((batch_size, 1), IGNORE_INDEX, dtype=torch.int64), y], dim=1)
     return tokens, targets, k
+
+
+def _no_adjacent_repeats(batch_size: int, n: int, alphabet_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, n) characters: x_0 uniform, x_i = (x_{i-1} + d_i) mod A with d_i uniform on 1..A-1, i.e. uniform
+    over the alphabet minus x_{i-1}."""
+    first = torch.randint(0, alphabet_size, (batch_size, 1), generator=generator)
+    steps = torch.randint(1, alphabet_size, (batch_size, n - 1), generator=generator)
+    return (first + torch.cat([torch.zeros_like(first), steps], dim=1).cumsum(dim=1)) % alphabet_size
 
 
 def error_rate(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
