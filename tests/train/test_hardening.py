@@ -214,3 +214,19 @@ def test_disk_full_during_a_checkpoint(tmp_path, capsys, monkeypatch):
     assert main(argv + ["--resume"]) == 0
     assert losses(run) == losses(ref)
     assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_resume_of_a_run_written_before_new_model_fields():
+    """A checkpoint's model config without the fields a later version added (mlp, shift_init) means their
+    defaults: resuming it is no config change."""
+    from kvshift.train.config import load_config
+    from kvshift.train.resume import config_changes
+
+    new = load_config("debug")
+    d = {**new.to_dict(), "model_config": new.model_config().to_dict()}
+    old = json.loads(json.dumps(d))
+    for k in ("mlp", "shift_init"):
+        old["model_config"].pop(k)
+    assert config_changes(old, d, 1, 1) == []
+    old["model_config"]["mlp"] = "gelu"
+    assert config_changes(old, d, 1, 1) == ["model.mlp 'gelu' -> 'swiglu'"]

@@ -237,6 +237,8 @@ def plot_hopk(out: str, summ: dict) -> None:
     for j, L in enumerate(depths):
         ax = axes[0][j]
         for i, att in enumerate(ARMS):
+            if att not in summ["error_by_depth"][str(L)]:
+                continue
             e = summ["error_by_depth"][str(L)][att]
             ax.plot(ks, e["error_by_k"], "o-", color=f"C{i}", label=att)
             ax.plot(ks, e["error_by_k_defined"], ":", color=f"C{i}", alpha=0.7, label=f"{att} (defined only)")
@@ -260,7 +262,9 @@ def write_hopk_readme(out: str, s: dict) -> None:
     rows = [head, "|" + "---|" * (len(s["defined_fraction_by_k"]) + 4)]
     for L in s["depths"]:
         for att in ARMS:
-            e = s["error_by_depth"][str(L)][att]
+            e = s["error_by_depth"][str(L)].get(att)
+            if e is None:
+                continue
             rows.append(f"| {L} | {att} | " + " | ".join(f"{v:.2f}" for v in e["error_by_k"])
                         + f" | {e['mean_error_k_ge_8']:.3f} | {e['hops_solved']} |")
     times = ", ".join(f"{r['arm']}-{r['depth']}L {r['train_seconds']:.0f} s" for r in s["runs"] if r["seed"] == 0)
@@ -273,7 +277,8 @@ Commit: `{s['git_commit']}` · device: {s['device']} · torch {s['torch']} · wa
 
 **Task:** Sanford, Hsu & Telgarsky's hop-k over an alphabet of {s['task']['alphabet']}: position 0 holds the
 hop-count token k (uniform in 0..{s['task']['max_hops']} per training row), positions 1..{s['task']['seq'] - 1} the
-i.i.d. input; the target at position 1 + i is hop_k(i) or the UNDEFINED class, read from the model's output AT that
+input ({'no character equal to the one before it, as in the paper' if s['task'].get('no_adjacent_repeats') else 'characters drawn i.i.d.'});
+model options {s.get('model') or 'Llama blocks (RoPE, SwiGLU)'}; the target at position 1 + i is hop_k(i) or the UNDEFINED class, read from the model's output AT that
 position (cross-entropy over all positions but the hop-count token). Evaluation: {s['n_eval_per_k']} held-out
 sequences per fixed k; the error rate counts every scored position (UNDEFINED included); the dotted lines count
 defined positions only. Share of defined targets by k: {', '.join(f'{v:.2f}' for v in s['defined_fraction_by_k'])}.

@@ -32,6 +32,7 @@ from kvshift.train.checkpoint import (
     list_checkpoints,
     verify_checkpoint,
 )
+from kvshift.models import ModelConfig
 from kvshift.train.config import SECTIONS, RunConfig
 from kvshift.utils.io import read_jsonl
 
@@ -130,9 +131,10 @@ def _stored_config(ckpt: Path, state: dict) -> dict:
 
 
 def _model_config_of(d: dict) -> dict | None:
-    if isinstance(d.get("model_config"), dict):
-        return d["model_config"]
+    """The stored model config with today's defaults for fields an older version did not write."""
     try:
+        if isinstance(d.get("model_config"), dict):
+            return ModelConfig.from_dict(d["model_config"]).to_dict()
         return RunConfig.from_dict({k: v for k, v in d.items() if k in ("model", "data", "optim", "train")}
                                    ).model_config().to_dict()
     except ValueError:

@@ -353,7 +353,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
         "resumed_from": ckpt, **env, "config": cfg.to_dict(), "model_config": mcfg.to_dict(),
     }
     if d.mode == "fsdp":
-        summary["params"] = mcfg.non_embedding_params() + mcfg.vocab_size * mcfg.dim * (1 if mcfg.tie_embeddings else 2)
+        summary["params"] = (mcfg.non_embedding_params() + mcfg.vocab_size * mcfg.dim * (1 if mcfg.tie_embeddings else 2)
+                             + (mcfg.max_seq_len * mcfg.dim if mcfg.position == "learned" else 0))
     if d.is_main:
         uio.write_json_atomic(out / "summary.json", summary)
         vl = summary["final_val_loss"]
