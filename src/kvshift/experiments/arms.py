@@ -28,7 +28,7 @@ from kvshift.train.config import DataConfig, OptimConfig, RunConfig, TrainSectio
 from kvshift.train.metrics import read_metrics
 from kvshift.train.trainer import train
 
-__all__ = ["Arm", "target_accuracy", "masked_accuracy", "DataStream", "StreamSource", "TrainSpec", "next_token_batch", "train_arm", "THRESHOLDS", "steps_to",
+__all__ = ["ArmInterrupted", "Arm", "target_accuracy", "masked_accuracy", "DataStream", "StreamSource", "TrainSpec", "next_token_batch", "train_arm", "THRESHOLDS", "steps_to",
            "EVAL_SEED", "default_device"]
 
 THRESHOLDS = (0.5, 0.9, 0.99)
@@ -178,6 +178,10 @@ def steps_to(evals: list[dict], key: str = "accuracy") -> dict[str, int | None]:
     return out
 
 
+class ArmInterrupted(RuntimeError):
+    """An arm's training was stopped by a signal before its last step."""
+
+
 def train_arm(name: str, model: ModelConfig, source, spec: TrainSpec, *, seq_len: int, seed: int, evaluator,
               run_dir: Path, device: torch.device, keep_model: bool = False, log=print) -> dict:
     """Trains one arm through the trainer in `run_dir` (replaced if present) and returns its records:
@@ -192,7 +196,9 @@ def train_arm(name: str, model: ModelConfig, source, spec: TrainSpec, *, seq_len
                   command=f"arm {name} seed {seed}", log=lambda m: None)
     finally:
         torch.set_num_threads(threads)  # train.threads sets the process-wide count
+    log(f"[{name}] seed {seed}: {s['status']} after {s['steps']} steps in {time.time() - t0:.0f} s")
+    if s["status"] == "interrupted":  # a SIGTERM (a time limit): nothing of this arm may be published
+        raise ArmInterrupted(f"{name} seed {seed} was interrupted at step {s['steps']}; its run stays in {run_dir}")
     if not keep_model:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    log(f"[{name}] seed {seed}: {s['status']} after {s['steps']} steps in {time.time() - t0:.0f} s")
     return {"summary": s, "records": read_metrics(run_dir / "metrics.jsonl")}
