@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Experiments on the GPU machine (device tool), from the repository root:
 #   bash scripts/device/experiment.sh "NAME [options]" ["NAME [options]" ...]
-# Each job is `kvshift experiment NAME --scale gpu [options]` (e.g. "lm-main --only 10m", "hopk --seeds 3",
+# Each job is `kvshift experiment NAME --scale gpu [options]` (e.g. "lm-main --only 10m", "hopk --n-seeds 3",
 # "induction-depth --steps 2000"); results go to results/NAME-gpu/ as always. With several GPUs, job i
 # runs on GPU i mod n (each GPU's jobs in order; CUDA_VISIBLE_DEVICES, when set, lists the GPUs). A job
 # starts only with more than 60 s left of BUDGET (default 540 s) and gets SIGTERM at the deadline (the

@@ -16,12 +16,16 @@ def _csv(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
-def _seeds(text: str | None) -> int | list[int] | None:
-    if text is None:
-        return None
-    if "," in text:
-        return [int(s) for s in text.split(",") if s.strip()]
-    return int(text)
+def _seeds(seeds: str | None, n_seeds: int | None) -> int | list[int] | None:
+    """--seeds 0,2,4 (which seeds) or --n-seeds 3 (seeds 0..2); not both."""
+    if seeds is not None and n_seeds is not None:
+        raise ValueError("give --seeds (a list) or --n-seeds (a count), not both")
+    if seeds is not None:
+        try:
+            return [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds takes comma-separated seed numbers (e.g. 0,1,2), got {seeds!r}") from None
+    return n_seeds
 
 
 def results_dir(name: str, opts: RunOptions) -> Path:
@@ -48,7 +52,7 @@ def run_experiment(name: str, opts: RunOptions) -> dict:
 
 
 def _options(a) -> RunOptions:
-    return RunOptions(scale=a.scale, out=Path(a.out) if a.out else None, runs=Path(a.runs), seeds=_seeds(a.seeds),
+    return RunOptions(scale=a.scale, out=Path(a.out) if a.out else None, runs=Path(a.runs), seeds=_seeds(a.seeds, a.n_seeds),
                       steps=a.steps, only=_csv(a.only), arms=_csv(a.arms), shards=Path(a.shards) if a.shards else None,
                       inputs=list(a.input), overrides=list(a.set), keep_checkpoints=a.keep_checkpoints,
                       summarize_only=a.summarize, tag=a.tag, note=a.note)
@@ -97,7 +101,8 @@ def register(sub) -> None:
     p = sub.add_parser("experiment", help="run a named experiment (see `kvshift experiment list`)")
     p.add_argument("name", help="experiment name, or 'list'")
     p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--seeds", default=None, help="a count (3) or a list (0,1,2); default: the experiment's own")
+    p.add_argument("--seeds", default=None, help="which seeds, comma-separated (0,1,2); default: the experiment's own")
+    p.add_argument("--n-seeds", type=int, default=None, help="seeds 0..N-1 (instead of --seeds)")
     p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     p.add_argument("--out", default=None, help="results directory (default results/<name>-<scale>)")
     p.add_argument("--runs", default="runs", help="scratch directory for run directories and checkpoints")
