@@ -176,7 +176,9 @@ def summarize(variant: str, opts: RunOptions, out: Path) -> dict:
                                      "mean_error_k_ge_8_per_seed": {str(r["seed"]): sum(r["final"]["error_by_k"][8:]) / 9
                                                                     for r in rows}}
     first = runs[0]
-    summ = {"experiment": NAMES[variant], "scale": opts.scale, "paper": PAPER, **first["provenance"],
+    prov = {**first["provenance"], **{k: "; ".join(dict.fromkeys(str(r["provenance"][k]) for r in runs))
+                                      for k in ("git_commit", "device", "torch", "command")}}
+    summ = {"experiment": NAMES[variant], "scale": opts.scale, "paper": PAPER, **prov,
             "summarized_by": command_line(), "variant": variant, "train": first["train"],
             "task": {k: s[k] for k in ("alphabet", "max_hops", "seq", "no_adjacent_repeats")},
             "model": s["model"], "depths": [int(L) for L in by_depth],
