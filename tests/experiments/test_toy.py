@@ -96,3 +96,40 @@ def test_report_rows_from_bench_targets(tmp_path):
     assert len(rows) == 2
     assert "**partly reproduced**" in rows[0] and "GPU-A" in rows[0] and "peak_mem_ratio: 1.070 (<= 1.02, missed)" in rows[0]
     assert "**not reproduced**" in rows[1] and "(../results/bench/gpu-b.md)" in rows[1]
+
+
+def _arm(final, best=None, s50=None, s90=None):
+    return {"final_accuracy": final, "best_accuracy": best if best is not None else final,
+            "steps_to": {"0.5": {"median_step": s50}, "0.9": {"median_step": s90}, "0.99": {"median_step": None}}}
+
+
+def test_depth_verdict_is_inconclusive_while_vanilla_2l_never_learns():
+    summ = {"train": {"steps": 1500, "batch_size": 64},
+            "arms": {"kvshift-1L": _arm(0.98, s50=200, s90=300), "vanilla-1L": _arm(0.01), "vanilla-2L": _arm(0.02)}}
+    v, text = toy.depth_verdict(summ)
+    assert v == "inconclusive" and "96,000 sequences" in text
+    summ["arms"]["vanilla-2L"] = _arm(0.97, s50=900, s90=1200)
+    assert toy.depth_verdict(summ)[0] == "reproduced"
+    summ["arms"]["vanilla-2L"] = _arm(0.97, s50=100, s90=200)  # vanilla 2L faster: only part of the claim
+    assert toy.depth_verdict(summ)[0] == "partly reproduced"
+    summ["arms"]["kvshift-1L"] = _arm(0.3)
+    assert toy.depth_verdict(summ)[0] == "not reproduced"
+
+
+def test_width_verdict_needs_a_setup_that_learns():
+    summ = {"arms": {"kvshift-1L": _arm(0.012), "vanilla-2L": _arm(0.004)}}
+    assert toy.width_verdict(summ)[0] == "inconclusive"
+    summ["arms"]["kvshift-1L"] = _arm(0.7)
+    assert toy.width_verdict(summ)[0] == "reproduced"
+
+
+def test_igsm_verdict_needs_both_arms_to_learn_in_distribution():
+    from kvshift.experiments.igsm import igsm_verdict
+
+    def arm(test, ind):
+        return {"test_answer_accuracy": test, "in_distribution_answer_accuracy": ind, "test_solution_token_accuracy": 0.5}
+
+    res = {"Tr12-Te15": {"vanilla": arm(0.2, 0.13), "kvshift": arm(0.5, 0.16)}}
+    assert igsm_verdict(res, 512)[0] == "inconclusive"
+    res = {"Tr12-Te15": {"vanilla": arm(0.2, 0.85), "kvshift": arm(0.5, 0.9)}}
+    assert igsm_verdict(res, 512)[0] == "reproduced"

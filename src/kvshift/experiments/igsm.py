@@ -32,7 +32,7 @@ from kvshift.experiments.base import Experiment, ResultsLog, RunOptions, write_s
 from kvshift.models import LM, ModelConfig
 from kvshift.tasks import igsm
 from kvshift.train.checkpoint import latest_checkpoint, load_checkpoint
-from kvshift.utils.io import read_jsonl
+from kvshift.utils.io import read_json, read_jsonl
 from kvshift.utils.plot import pyplot, save_figure
 from kvshift.utils.provenance import provenance
 
@@ -249,10 +249,14 @@ def igsm_experiment(opts: RunOptions, out: Path) -> dict:
     return summ
 
 
+ID_LEARNED = 0.8  # in-distribution answer accuracy both arms need before out-of-distribution accuracy means anything
+
+
 def igsm_verdict(results: dict, n: int) -> tuple[str, str]:
-    """KV shift must beat vanilla on held-out final answers by more than two binomial standard errors
-    of the difference, above chance; 'reproduced' only in one of the paper's own settings."""
-    parts, wins, paper_setting = [], [], False
+    """KV shift must beat vanilla on held-out final answers by more than two binomial standard errors of the
+    difference, above chance; 'reproduced' only in one of the paper's own settings. A setting in which either
+    arm stays below ID_LEARNED in distribution has not learned the task: it cannot test the claim."""
+    parts, wins, learned, paper_setting = [], [], [], False
     for key, r in results.items():
         kv, va = r["kvshift"]["test_answer_accuracy"], r["vanilla"]["test_answer_accuracy"]
         se = math.sqrt(max(kv * (1 - kv) + va * (1 - va), 1e-9) / n)
@@ -261,13 +265,28 @@ def igsm_verdict(results: dict, n: int) -> tuple[str, str]:
                      f"{r['kvshift']['in_distribution_answer_accuracy']:.3f}; test solution-token accuracy "
                      f"{r['vanilla']['test_solution_token_accuracy']:.3f} → {r['kvshift']['test_solution_token_accuracy']:.3f})")
         wins.append(kv - va > 2 * se and kv > 2 / igsm.MOD)
+        learned.append(min(r[a]["in_distribution_answer_accuracy"] for a in ARMS) >= ID_LEARNED)
         paper_setting |= key in ("Tr12-Te15", "Tr21-Te24")
     text = "; ".join(parts) + "."
+    if not any(learned):
+        return "inconclusive", text + (f" Neither arm reached {ID_LEARNED:.0%} in-distribution answer accuracy: the "
+                                       "models did not learn the task, so out-of-distribution accuracy tests nothing; "
+                                       "a longer training budget (or a smaller split) that reaches it is needed.")
+    wins = [w for w, ok in zip(wins, learned) if ok]
     if all(wins):
         return ("reproduced" if paper_setting else "partly reproduced"), text
     if any(wins):
         return "partly reproduced", text
     return "not reproduced", text
+
+
+def summarize(opts: RunOptions, out: Path) -> dict:
+    """The verdict again from the experiment's own summary.json (the runs' numbers are in it)."""
+    s = read_json(out / "summary.json")
+    s["verdict"], s["verdict_text"] = igsm_verdict(s["results"], s["n_test"] * s["seeds"])
+    write_summary(out, s)
+    write_igsm_readme(out, s)
+    return s
 
 
 def plot_igsm(out: str, summ: dict) -> None:
@@ -351,8 +370,9 @@ shared weights; seeds: {s['seeds']}. Time (seed 0): {times}.
 EXPERIMENTS = [
     Experiment(
         "igsm", "App. I", "iGSM accuracy: 0.8154 → 0.8909 (train ≤ 12 ops, test 15); 0.8711 → 0.9062 (≤ 21 → 24).",
-        "reproduced: in one of the paper's settings KV shift beats vanilla on held-out final answers by more than "
-        "two binomial standard errors, above chance; partly: the same in another setting or some settings; not "
-        "reproduced otherwise.",
-        "App. I: iGSM math, train on <= N operations, test on more; vanilla vs KV shift", igsm_experiment),
+        "inconclusive unless both arms reach 80% in-distribution answer accuracy; then reproduced: in one of the "
+        "paper's settings KV shift beats vanilla on held-out final answers by more than two binomial standard "
+        "errors, above chance; partly: the same in another setting or some settings; not reproduced otherwise.",
+        "App. I: iGSM math, train on <= N operations, test on more; vanilla vs KV shift", igsm_experiment,
+        summarize=summarize),
 ]
