@@ -190,6 +190,8 @@ def corpus(opts: RunOptions, out: Path) -> dict:
         lines += [f"Shards: vocabulary {m['vocab_size']:,} (tokenizer sha256 `{m['tokenizer_sha256'][:16]}…`); "
                   + "; ".join(f"{k}: {v['tokens']:,} tokens in {v['documents']:,} documents" for k, v in m["splits"].items())
                   + ".", ""]
+    if opts.note:
+        lines += [f"*Note:* {opts.note}", ""]
     (out / "README.md").write_text("\n".join(lines))
     return done
 
@@ -197,7 +199,7 @@ def corpus(opts: RunOptions, out: Path) -> dict:
 EXPERIMENTS = [
     Experiment("corpus", "data", None, None,
                "The default offline corpus and its token shards: manifests (sources, licences, sha256, token counts)",
-               corpus, options=("inputs",), results_dir=lambda opts: Path("results/corpus")),
+               corpus, options=("inputs", "note"), results_dir=lambda opts: Path("results/corpus")),
     Experiment("pipeline", "beyond the paper", None, None,
                "Training pipeline on the GPU: tokens/s, MFU, loss curves by size; 1 vs 2 GPU scaling (DDP, FSDP2)",
                run, scales=("gpu", "cpu"), options=("inputs", "only")),

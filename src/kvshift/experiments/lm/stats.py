@@ -105,6 +105,14 @@ def summary_provenance(all_runs: list[Path]) -> dict:
     if infos:
         p.update({k: uniq(i["provenance"][k] for i in infos) for k in ("git_commit", "device", "torch")},
                  command=uniq(i["command"] for i in infos), time_utc=max(i["provenance"]["time_utc"] for i in infos))
+        toks = {}  # tokenizer build -> parts/arms that used it
+        for d, i in zip([d for d in all_runs if (d / "run.json").is_file()], infos):
+            sha = ((i.get("key") or {}).get("data") or {}).get("tokenizer_sha256")
+            toks.setdefault(str(sha)[:16], []).append(f"{d.parent.name}/{d.name}")
+        if len(toks) > 1:  # the corpus was rebuilt between runs: say so wherever the summary is read
+            p["note"] = ("These runs used " + str(len(toks)) + " builds of the corpus and tokenizer (the data was "
+                         "rebuilt between them; results/corpus says what changed): " + "; ".join(
+                             f"tokenizer {k}… for {', '.join(v)}" for k, v in toks.items()) + ".")
     p["summarized_by"] = command_line()
     return p
 
