@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
 from kvshift.utils.io import file_sha256, fsync_dir, write_atomic
 
@@ -128,8 +130,6 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     An existing checkpoint of the same step that verifies is kept, not overwritten. `config` (e.g.
     {"model_config": ...}) goes into config.json inside the checkpoint, so the directory stands alone
     (kvshift export reads it)."""
-    from safetensors.torch import save as st_save
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, step)
@@ -200,8 +200,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state dict on CPU, train state) of a checkpoint directory; ValueError naming the file
     when it is incomplete or corrupt."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")

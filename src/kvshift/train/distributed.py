@@ -6,6 +6,9 @@ slice. Models are wrapped with DDP, or with FSDP2 (`fully_shard` per block, then
 `fsdp=True`. Checkpoints always hold the FULL state: model weights gathered on rank 0 (keyed like
 an unwrapped `LM.state_dict()`), optimizer state keyed by parameter name, so a checkpoint written by
 N ranks loads in one process and vice versa.
+
+torch.distributed's submodules (DDP, FSDP2, the state-dict helpers) are imported where they are used: some
+torch builds ship without distributed support, and a single-process run never needs them.
 """
 
 from __future__ import annotations

@@ -26,13 +26,13 @@ import json
 from pathlib import Path
 
 from kvshift.errors import UserError, one_line
+from kvshift.models import ModelConfig
 from kvshift.train.checkpoint import (
     CONFIG,
     CheckpointError,
     list_checkpoints,
     verify_checkpoint,
 )
-from kvshift.models import ModelConfig
 from kvshift.train.config import SECTIONS, RunConfig
 from kvshift.utils.io import read_jsonl
 

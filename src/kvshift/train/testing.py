@@ -10,6 +10,7 @@ forkserver can find them.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import socket
 import sys
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kvshift.train import checkpoint as C
 from kvshift.train import distributed as D
@@ -33,8 +35,6 @@ _PRELOAD = ["kvshift.train.testing", "kvshift.train.trainer", "kvshift.train.che
 
 
 def fork_context():
-    import multiprocessing as mp
-
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
@@ -100,8 +100,6 @@ def train_worker(config: str, overrides: list[str], out: str, resume: bool, log_
                  ckpt_delay_s: float = 0.0) -> None:
     """Child process: one training launch, log lines to `log_file`. `ckpt_delay_s` stretches every
     checkpoint file write (so a random SIGKILL often lands mid-write)."""
-    import torch
-
     torch.set_num_threads(1)
 
     if ckpt_delay_s:
@@ -122,8 +120,6 @@ def train_worker(config: str, overrides: list[str], out: str, resume: bool, log_
 def dist_worker(rank: int, world_size: int, port: int, config: str, overrides: list[str], out: str,
                 fsdp: bool, resume: bool = False) -> None:
     """Child process: rank `rank` of a gloo process group on 127.0.0.1 (what torchrun would set up)."""
-    import torch
-
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
