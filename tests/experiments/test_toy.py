@@ -133,3 +133,10 @@ def test_igsm_verdict_needs_both_arms_to_learn_in_distribution():
     assert igsm_verdict(res, 512)[0] == "inconclusive"
     res = {"Tr12-Te15": {"vanilla": arm(0.2, 0.85), "kvshift": arm(0.5, 0.9)}}
     assert igsm_verdict(res, 512)[0] == "reproduced"
+
+
+def test_an_option_the_experiment_does_not_read_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="induction-depth does not use --only, --shards"):
+        run_experiment("induction-depth", RunOptions(out=tmp_path, only=["10m"], shards=tmp_path))
+    with pytest.raises(ValueError, match="runs at scale gpu"):
+        run_experiment("bench", RunOptions(out=tmp_path))

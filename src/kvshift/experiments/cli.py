@@ -28,6 +28,10 @@ def _seeds(seeds: str | None, n_seeds: int | None) -> int | list[int] | None:
     return n_seeds
 
 
+# RunOptions fields an experiment reads only when its record lists them (the rest every experiment reads)
+_OPTIONAL = {"only": None, "arms": None, "shards": None, "inputs": [], "overrides": [], "tag": None, "note": None}
+
+
 def results_dir(name: str, opts: RunOptions) -> Path:
     e = get(name)
     if opts.out is not None:
@@ -42,6 +46,9 @@ def run_experiment(name: str, opts: RunOptions) -> dict:
     e = get(name)
     if opts.scale not in e.scales:
         raise ValueError(f"{name} runs at scale {' or '.join(e.scales)}, not {opts.scale!r}")
+    unused = [f for f, default in _OPTIONAL.items() if getattr(opts, f) != default and f not in e.options]
+    if unused:
+        raise ValueError(f"{name} does not use --{', --'.join(f.replace('_', '-') for f in unused)}")
     out = results_dir(name, opts)
     out.mkdir(parents=True, exist_ok=True)
     if opts.summarize_only:

@@ -43,5 +43,5 @@ EXPERIMENTS = [
         "reproduced: every target of `kvshift bench` met (tokens/s, time and memory ratios vs vanilla in one "
         "process); partly: only memory or MFU targets missed; not reproduced: a speed target missed.",
         "Cost: vanilla vs KV shift (naive, fused) block, training step and decode in one process", run,
-        report_rows=rows, results_dir=lambda opts: Path("results/bench")),
+        report_rows=rows, results_dir=lambda opts: Path("results/bench"), scales=("gpu",)),
 ]
