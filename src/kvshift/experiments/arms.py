@@ -28,8 +28,8 @@ from kvshift.train.config import DataConfig, OptimConfig, RunConfig, TrainSectio
 from kvshift.train.metrics import read_metrics
 from kvshift.train.trainer import train
 
-__all__ = ["ArmInterrupted", "Arm", "target_accuracy", "masked_accuracy", "DataStream", "StreamSource", "TrainSpec", "next_token_batch", "train_arm", "THRESHOLDS", "steps_to",
-           "EVAL_SEED", "default_device"]
+__all__ = ["ArmInterrupted", "Arm", "target_accuracy", "masked_accuracy", "DataStream", "StreamSource", "TrainSpec",
+           "next_token_batch", "train_arm", "THRESHOLDS", "steps_to", "EVAL_SEED", "default_device"]
 
 THRESHOLDS = (0.5, 0.9, 0.99)
 EVAL_SEED = 999_983  # held-out rows: a seed no training stream uses
