@@ -21,7 +21,7 @@ GIT_COMMIT_ENV = "KVSHIFT_GIT_COMMIT"  # set by scripts/device/*.sh: device mach
 
 def git_commit() -> str | None:
     """$KVSHIFT_GIT_COMMIT when set, else `git rev-parse HEAD` of the checkout holding this package, with
-    "+dirty" when tracked files differ; None outside git."""
+    "+dirty" when tracked files outside results/ and docs/ differ; None outside git."""
     if os.environ.get(GIT_COMMIT_ENV):
         return os.environ[GIT_COMMIT_ENV]
     here = Path(__file__).resolve().parent
@@ -29,8 +29,12 @@ def git_commit() -> str | None:
         sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        # dirty means the code differs from the commit: results/ and docs/ being rewritten by the command itself
+        # (kvshift reproduce writes both) do not count
+        top = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", top or str(here), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!results", ":!docs"], capture_output=True, text=True, timeout=10).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
