@@ -111,3 +111,13 @@ def test_report_is_up_to_date():
     """docs/REPRODUCTION.md is exactly what `kvshift report` makes of the committed results."""
     assert (REPO / "docs" / "REPRODUCTION.md").read_text() == render(REPO / "results"), \
         "docs/REPRODUCTION.md is stale: run `kvshift report`"
+
+
+def test_every_doc_the_code_names_exists():
+    import re
+
+    named = set()
+    for p in list(SRC.rglob("*.py")) + list((REPO / "scripts").rglob("*.sh")) + [REPO / "README.md"]:
+        named |= set(re.findall(r"docs/[A-Za-z_]+\.md", p.read_text()))
+    missing = sorted(n for n in named if not (REPO / n).is_file())
+    assert not missing, missing
