@@ -92,9 +92,10 @@ def test_gradcheck(per_channel, packed):
     g = torch.Generator().manual_seed(5)
     x, w, cu_t, p, m = _make(g, per_channel=per_channel, W=2, D=3, T=4, cu=(0, 1, 4) if packed else None,
                              prev=True, mask="hd")
-    for residual, mask in ((False, None), (True, m)):
-        fn = lambda a, b, c: causal_mix(a, b, cu_seqlens=cu_t, prev=c, residual=residual,  # noqa: E731
-                                        channel_mask=mask, impl="naive")
+    for residual, mask in ((False, None), (True, None), (False, m), (True, m)):
+        def fn(a, b, c, residual=residual, mask=mask):
+            return causal_mix(a, b, cu_seqlens=cu_t, prev=c, residual=residual, channel_mask=mask, impl="naive")
+
         args = tuple(t.detach().clone().requires_grad_(True) for t in (x, w, p))
         assert torch.autograd.gradcheck(fn, args)
 
