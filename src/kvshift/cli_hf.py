@@ -1,4 +1,5 @@
-"""`kvshift export` and `kvshift convert-llama` (the `hf` extra; transformers is imported only when they run).
+"""`kvshift export` and `kvshift convert-llama` (the `hf` extra, plus the `gguf` extra for a .gguf SRC;
+transformers is imported only when they run).
 
 A ValueError (bad input) is printed as one line with exit status 2 by kvshift.errors.run_command,
 which kvshift.cli runs every verb through."""
@@ -41,11 +42,14 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=_DTYPES, help="store weights in this dtype (default: as trained)")
     p.set_defaults(func=cmd_export)
 
-    c = subparsers.add_parser("convert-llama", help="local LlamaForCausalLM directory -> KVShiftForCausalLM "
-                                                    "with the identity shift (same logits)")
-    c.add_argument("src", metavar="SRC", help="directory of a saved LlamaForCausalLM")
+    c = subparsers.add_parser("convert-llama", help="local LlamaForCausalLM directory or Llama GGUF file -> "
+                                                    "KVShiftForCausalLM with the identity shift (same logits)")
+    c.add_argument("src", metavar="SRC", help="directory of a saved LlamaForCausalLM, or a Llama .gguf file "
+                                              "(dequantized to float32, tokenizer included; needs "
+                                              "`pip install gguf accelerate`)")
     c.add_argument("dst", metavar="DST", help="output directory")
     c.add_argument("--attention", default="kvshift", choices=IDENTITY_KINDS,
                    help="attention kind of the converted model (default kvshift)")
-    c.add_argument("--dtype", choices=_DTYPES, help="store weights in this dtype (default: the source's)")
+    c.add_argument("--dtype", choices=_DTYPES, help="store weights in this dtype (default: the source's; "
+                                                    "float32 for a GGUF)")
     c.set_defaults(func=cmd_convert_llama)

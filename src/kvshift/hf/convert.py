@@ -1,5 +1,5 @@
 """Into the transformers format: training checkpoints (`kvshift export`) and Llama models
-(`kvshift convert-llama`).
+(`kvshift convert-llama`: a saved LlamaForCausalLM directory or a Llama GGUF file, see kvshift.hf.gguf).
 
 Training checkpoints (kvshift.train.checkpoint):
     <run>/config.json                      resolved run config, with "model_config" (ModelConfig.to_dict())
@@ -30,6 +30,7 @@ from kvshift.utils.paths import inside
 from kvshift.utils.staging import check_output_dir, staged
 
 from .configuration import KVShiftConfig
+from .gguf import is_gguf_file, load_gguf_llama
 from .model_dir import load_training_checkpoint
 from .modeling import KVShiftForCausalLM, load_lm_state
 
@@ -213,17 +214,49 @@ def _map_llama_weights(w: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str,
 
 def convert_llama(src: str | Path, dst: str | Path, *, attention: str = "kvshift",
                   dtype: torch.dtype | None = None) -> Path:
-    """LlamaForCausalLM directory -> KVShiftForCausalLM directory with the identity shift."""
+    """LlamaForCausalLM directory, or a Llama GGUF file (weights dequantized to float32, tokenizer
+    from the file: kvshift.hf.gguf), -> KVShiftForCausalLM directory with the identity shift."""
     src, dst = Path(src), Path(dst)
+    if src.is_file():
+        if not is_gguf_file(src):
+            raise ValueError(f"{src}: not a GGUF file (it does not start with the bytes 'GGUF'); convert-llama "
+                             f"takes a saved LlamaForCausalLM directory or a Llama .gguf file")
+        check_output_dir(dst, src)
+        llama, tok = load_gguf_llama(src)
+        cfg = llama.config.to_dict()
+        try:
+            mc = llama_model_config(cfg, attention=attention)
+        except (KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"{src}: not a Llama config ({type(e).__name__}: {e})") from None
+        weights = {k: v.detach() for k, v in llama.state_dict().items()}
+        del llama
+        return _write_converted(mc, cfg, weights, dst, dtype, tok.save_pretrained)
     if not (src / "config.json").is_file():
-        raise ValueError(f"{src}: no config.json (expected a saved LlamaForCausalLM directory)")
+        raise ValueError(f"{src}: no config.json (expected a saved LlamaForCausalLM directory or a Llama .gguf file)")
     check_output_dir(dst, src)
     cfg = json.loads((src / "config.json").read_text())
     try:
         mc = llama_model_config(cfg, attention=attention)
     except (KeyError, AttributeError, TypeError) as e:
         raise ValueError(f"{src / 'config.json'}: not a Llama config ({type(e).__name__}: {e})") from None
-    weights = _map_llama_weights(_load_hf_weights(src), mc)
+
+    def copy_tokenizer(stage: str) -> None:
+        for name in _TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, Path(stage) / name)
+
+    return _write_converted(mc, cfg, _load_hf_weights(src), dst, dtype, copy_tokenizer)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def _write_converted(mc: ModelConfig, cfg: dict, llama_weights: dict[str, torch.Tensor], dst: Path,
+                     dtype: torch.dtype | None, write_tokenizer) -> Path:
+    """Map Llama weights onto a KVShiftForCausalLM with the identity shift and save it (with the
+    tokenizer, which write_tokenizer(directory) writes) into `dst` as a whole."""
+    weights = _map_llama_weights(llama_weights, mc)
     ids = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
     model = KVShiftForCausalLM(KVShiftConfig.from_model_config(mc, **ids))
     sd = model.model.state_dict()
@@ -242,8 +275,5 @@ def convert_llama(src: str | Path, dst: str | Path, *, attention: str = "kvshift
     _set_generation_ids(model, ids)
     with staged(dst, marker="config.json", clear=_HF_FILES) as stage:
         model.save_pretrained(str(stage))
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, stage / name)
+        write_tokenizer(str(stage))
     return dst
