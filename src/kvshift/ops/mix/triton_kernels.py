@@ -15,16 +15,7 @@ Everything accumulates in fp32. The weight gradient is written as per-program pa
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _pos_doc(row, mask_t, POS, DOC, T, VARLEN: tl.constexpr):
-    if VARLEN:
-        p = tl.load(POS + row, mask=mask_t, other=0)
-        b = tl.load(DOC + row, mask=mask_t, other=0)
-    else:
-        p = row % T
-        b = row // T
-    return p, b
+from kvshift.ops.shift.triton_kernels import pos_doc  # (position, document) of a row: one definition
 
 
 @triton.jit
@@ -57,7 +48,7 @@ def mix_fwd_kernel(X, WT, PREV, POS, DOC, Y, N, T, H, D,
     h = tl.program_id(1)
     row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = row < N
-    p, b = _pos_doc(row, mask_t, POS, DOC, T, VARLEN)
+    p, b = pos_doc(row, mask_t, POS, DOC, T, VARLEN)
     cols = tl.arange(0, BLOCK_D)
     mask_d = cols < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -85,7 +76,7 @@ def mix_bwd_kernel(X, WT, PREV, POS, DOC, CU, DY, DX, DWP, N, T, H, D, ITERS,
     while it < ITERS:  # a while loop: the interpreter cannot index range() with a scalar argument
         row = (pid * ITERS + it) * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = row < N
-        p, b = _pos_doc(row, mask_t, POS, DOC, T, VARLEN)
+        p, b = pos_doc(row, mask_t, POS, DOC, T, VARLEN)
         if VARLEN:
             end = tl.load(CU + b + 1, mask=mask_t, other=0)  # exclusive end row of the document
         else:

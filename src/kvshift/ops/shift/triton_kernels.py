@@ -17,7 +17,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _pos_doc(row, mask_t, POS, DOC, T, VARLEN: tl.constexpr):
+def pos_doc(row, mask_t, POS, DOC, T, VARLEN: tl.constexpr):
     if VARLEN:
         p = tl.load(POS + row, mask=mask_t, other=0)
         b = tl.load(DOC + row, mask=mask_t, other=0)
@@ -62,7 +62,7 @@ def shift_fwd_kernel(X, WT, PREV, POS, DOC, COS, SIN, Y,
     h = tl.program_id(1)
     row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = row < N
-    p, b = _pos_doc(row, mask_t, POS, DOC, T, VARLEN)
+    p, b = pos_doc(row, mask_t, POS, DOC, T, VARLEN)
     cols = tl.arange(0, BLOCK_D)
     ncol = HALF if ROPE else D  # width of the first column block
     mask_d = cols < ncol
@@ -116,7 +116,7 @@ def shift_bwd_kernel(X, WT, PREV, POS, DOC, CU, COS, SIN, DY, DX, DWP,
     h = tl.program_id(1)
     row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = row < N
-    p, b = _pos_doc(row, mask_t, POS, DOC, T, VARLEN)
+    p, b = pos_doc(row, mask_t, POS, DOC, T, VARLEN)
     if VARLEN:
         end = tl.load(CU + b + 1, mask=mask_t, other=0)  # exclusive end row of the document
     else:
