@@ -16,7 +16,6 @@ run directory's config.json.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -33,10 +32,7 @@ MODEL_DIR_KINDS = ("run", "hf", "checkpoint", "weights")
 def _is_hf_config(cfg: Path) -> bool:
     if not cfg.is_file():
         return False
-    try:
-        d = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+    d = read_json(cfg)
     return isinstance(d, dict) and d.get("model_type") is not None
 
 
@@ -62,10 +58,7 @@ def resolve_model_dir(path: str | Path) -> tuple[str, Path]:
 def _model_config_from_json(path: Path) -> ModelConfig | None:
     if not path.is_file():
         return None
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    d = read_json(path)
     if isinstance(d, dict) and isinstance(d.get("model_config"), dict):
         return ModelConfig.from_dict(d["model_config"])
     if isinstance(d, dict) and {"dim", "n_layers", "vocab_size"} <= set(d):

@@ -15,23 +15,7 @@ Everything accumulates in fp32. The weight gradient is written as per-program pa
 import triton
 import triton.language as tl
 
-from kvshift.ops.shift.triton_kernels import pos_doc  # (position, document) of a row: one definition
-
-
-@triton.jit
-def _load_tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D,
-              j: tl.constexpr, W: tl.constexpr, HAS_PREV: tl.constexpr):
-    """fp32 tile [BLOCK_T, BLOCK_D] of x[t - j]: zero before the document start, or prev's slots."""
-    src = (row - j).to(tl.int64)
-    m = (mask_t & (p >= j))[:, None] & mask_d[None, :]
-    v = tl.load(X + ((src * H + h) * D)[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    if HAS_PREV:
-        if j > 0:
-            slot = (W + p - j).to(tl.int64)  # prev[b] holds positions -W .. -1, oldest first
-            mp = (mask_t & (p < j))[:, None] & mask_d[None, :]
-            poff = ((b.to(tl.int64) * W + slot) * H + h) * D
-            v += tl.load(PREV + poff[:, None] + cols[None, :], mask=mp, other=0.0).to(tl.float32)
-    return v
+from kvshift.ops.shift.triton_kernels import pos_doc, tap  # a row's (position, document) and a tap: one definition
 
 
 @triton.jit
@@ -54,7 +38,7 @@ def mix_fwd_kernel(X, WT, PREV, POS, DOC, Y, N, T, H, D,
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for j in tl.static_range(W + 1):
         wj = _load_weight(WT, h, cols, mask_d, D, j, W + 1)
-        acc += wj[None, :] * _load_tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W, HAS_PREV)
+        acc += wj[None, :] * tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W + 1, HAS_PREV)
     yoff = ((row.to(tl.int64) * H + h) * D)[:, None] + cols[None, :]
     tl.store(Y + yoff, acc.to(Y.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
 
@@ -87,7 +71,7 @@ def mix_bwd_kernel(X, WT, PREV, POS, DOC, CU, DY, DX, DWP, N, T, H, D, ITERS,
         dx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(W + 1):
             wj = _load_weight(WT, h, cols, mask_d, D, j, W + 1)
-            part = tl.sum(g * _load_tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W, HAS_PREV), 0)
+            part = tl.sum(g * tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W + 1, HAS_PREV), 0)
             dw += tl.where(kk[None, :] == j, part[:, None], 0.0)
             if j == 0:
                 dx += wj[None, :] * g

@@ -38,9 +38,10 @@ def _cs_offset(row, p, b, stride_cb, stride_ct, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D,
+def tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D,
          j: tl.constexpr, W: tl.constexpr, HAS_PREV: tl.constexpr):
-    """fp32 tile [BLOCK_T, BLOCK_D] of x[t - j] (zero before the document start, or prev)."""
+    """fp32 tile [BLOCK_T, BLOCK_D] of x[t - j] (zero before the document start, or prev). W is the number of
+    taps including the current token: prev holds the W - 1 tokens before a stream, oldest first."""
     src = (row - j).to(tl.int64)
     m = (mask_t & (p >= j))[:, None] & mask_d[None, :]
     v = tl.load(X + ((src * H + h) * D)[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -72,9 +73,9 @@ def shift_fwd_kernel(X, WT, PREV, POS, DOC, COS, SIN, Y,
     acc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for j in tl.static_range(W):
         wj = tl.load(WT + h * W + j).to(tl.float32)
-        acc1 += wj * _tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W, HAS_PREV)
+        acc1 += wj * tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W, HAS_PREV)
         if ROPE:
-            acc2 += wj * _tap(X, PREV, row, p, b, h, cols + HALF, mask_t, mask_d, H, D, j, W, HAS_PREV)
+            acc2 += wj * tap(X, PREV, row, p, b, h, cols + HALF, mask_t, mask_d, H, D, j, W, HAS_PREV)
     if ROPE:
         coff = _cs_offset(row, p, b, stride_cb, stride_ct, VARLEN)[:, None] + cols[None, :]
         c = tl.load(COS + coff, mask=m, other=0.0).to(tl.float32)
@@ -133,10 +134,10 @@ def shift_bwd_kernel(X, WT, PREV, POS, DOC, CU, COS, SIN, DY, DX, DWP,
     for j in tl.static_range(W):
         wj = tl.load(WT + h * W + j).to(tl.float32)
         # weight grad: the block's rows t against their taps x[t - j]
-        part = tl.sum(tl.sum(g1 * _tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W, HAS_PREV), 1), 0)
+        part = tl.sum(tl.sum(g1 * tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W, HAS_PREV), 1), 0)
         if ROPE:
             part += tl.sum(tl.sum(
-                g2 * _tap(X, PREV, row, p, b, h, cols + HALF, mask_t, mask_d, H, D, j, W, HAS_PREV), 1), 0)
+                g2 * tap(X, PREV, row, p, b, h, cols + HALF, mask_t, mask_d, H, D, j, W, HAS_PREV), 1), 0)
         tl.store(DWP + (pid * H + h) * W + j, part)
         # input grad: rows s feed the later rows s + j of the same document
         if j == 0:
