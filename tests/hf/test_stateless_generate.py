@@ -170,3 +170,14 @@ def test_bad_cache_and_mask_name_the_argument():
         model(x, cache=cache, use_cache=True)
     with pytest.raises(ValueError, match="attention_mask"):
         model(x, attention_mask=torch.ones(1, 6), cache=cache, use_cache=True)
+
+
+def test_static_cache_with_a_compiled_forward():
+    """torch.compile traces the forward on a static cache (dynamo, eager backend to stay quick on CPU;
+    inductor gives the same tokens but compiles for minutes here)."""
+    _, model = hf(**VARIANTS["kvshift-w3"])
+    ids, mask = left_padded([6, 4], torch.Generator().manual_seed(7))
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=False, **GREEDY)
+    model.forward = torch.compile(model.forward, backend="eager")
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=5, cache_implementation="static", **GREEDY)
+    assert torch.equal(got, want)
