@@ -181,3 +181,15 @@ def test_static_cache_with_a_compiled_forward():
     model.forward = torch.compile(model.forward, backend="eager")
     got = model.generate(ids, attention_mask=mask, max_new_tokens=5, cache_implementation="static", **GREEDY)
     assert torch.equal(got, want)
+
+
+def test_our_own_kvshift_cache_still_generates_but_refuses_rollback():
+    from kvshift.hf import KVShiftCache
+
+    _, model = hf(**VARIANTS["kvshift-w1"])
+    x = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(8))
+    for extra in ({}, dict(num_beams=2)):
+        want = model.generate(x, max_new_tokens=5, use_cache=False, **GREEDY, **extra)
+        assert torch.equal(model.generate(x, max_new_tokens=5, cache=KVShiftCache(), **GREEDY, **extra), want)
+    with pytest.raises(ValueError, match="cannot be rolled back"):
+        model.generate(x[:1], max_new_tokens=5, cache=KVShiftCache(), prompt_lookup_num_tokens=2, **GREEDY)

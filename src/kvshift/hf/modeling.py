@@ -48,7 +48,8 @@ class KVShiftCache:
     forward and grown by doubling (generate does not tell the model its final length)."""
 
     is_compileable = False  # read by transformers' auto-compile check
-    is_croppable = False  # no rollback: assisted decoding is refused (_is_stateful)
+    is_croppable = False  # no rollback: assisted decoding and prompt lookup need a transformers cache
+    is_linear = (False,)  # read by generate's prefill: an attention cache, slice the inputs by its length
 
     def __init__(self):
         self.kv: KVCache | None = None
@@ -68,6 +69,12 @@ class KVShiftCache:
         elif need > self.kv.max_seq_len:
             self.kv = _grown(lm, self.kv, max(need, 2 * self.kv.max_seq_len))
         return self.kv
+
+    def crop(self, tokens_to_remove: int = 0) -> None:
+        raise ValueError("a KVShiftCache cannot be rolled back (it holds shifted keys and the last raw k/v); "
+                         "use transformers' DynamicCache, the default, for assisted generation and prompt lookup")
+
+    activate_past_recording = crop  # generate() asks for it before any rollback: the same refusal
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.kv is not None:
