@@ -65,10 +65,11 @@ def test_raw_cache_chunked_equals_full_forward(kind, window, position):
 
 
 @pytest.mark.parametrize("position", ["rope", "alibi"])
-@pytest.mark.parametrize("kind", ["kvshift", "kvshift_gate", "kshift", "vshift"])
-def test_left_padded_raw_cache_equals_rows_alone(kind, position):
+@pytest.mark.parametrize("window", [1, 2, 3], ids=["w1", "w2", "w3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_left_padded_raw_cache_equals_rows_alone(kind, window, position):
     g = torch.Generator().manual_seed(5)
-    model = make(kind, 2, position)
+    model = make(kind, window, position)
     lengths = [14, 9, 11]
     T = max(lengths)
     rows = [torch.randint(0, 97, (n,), generator=g) for n in lengths]
@@ -161,3 +162,18 @@ def test_bad_input_names_the_argument():
         slot_positions(torch.ones(1, 4, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="batch_size"):
         RawKVCache(1, 0, 8, 2, 8)
+
+
+@pytest.mark.parametrize("kind", ["kvshift", "vanilla"])
+def test_lm_generate_stateless_equals_default(kind):
+    model = make(kind, 2).float()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 97, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for kw in (dict(temperature=0), dict(temperature=0, attention_mask=mask)):
+        want = model.generate(ids, 9, **kw)
+        assert torch.equal(model.generate(ids, 9, stateless=True, **kw), want)
+    sampled = [model.generate(ids, 9, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3),
+                              stateless=s) for s in (False, True)]
+    assert torch.equal(*sampled)
