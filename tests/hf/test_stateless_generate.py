@@ -193,3 +193,14 @@ def test_our_own_kvshift_cache_still_generates_but_refuses_rollback():
         assert torch.equal(model.generate(x, max_new_tokens=5, cache=KVShiftCache(), **GREEDY, **extra), want)
     with pytest.raises(ValueError, match="cannot be rolled back"):
         model.generate(x[:1], max_new_tokens=5, cache=KVShiftCache(), prompt_lookup_num_tokens=2, **GREEDY)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_chunked_prefill(static):
+    """generate(prefill_chunk_size=...) splits the prompt anywhere: the cache holds raw rows, no carried state."""
+    _, model = hf(**VARIANTS["kvshift-w3"])
+    ids, mask = left_padded([11, 6], torch.Generator().manual_seed(9))
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False, **GREEDY)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, prefill_chunk_size=4,
+                         cache_implementation="static" if static else None, **GREEDY)
+    assert torch.equal(got, want)
