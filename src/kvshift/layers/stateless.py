@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from kvshift.ops.rope import apply_rope
+
 _FLOAT = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -129,8 +131,6 @@ def stateless_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tokens (pads already zeroed). Rotates q and k (RoPE), appends (c, v) to the cache, reads every
     cached slot back shifted and attends. The cache provides `update(layer, c, v) -> (C, V)` over
     (B, H_kv, S, D), `slot_positions() -> (B, S)` and `rotation(W, device)` (cos, sin of R_0..R_{W-1})."""
-    from kvshift.ops.rope import apply_rope
-
     B, T = q.shape[:2]
     cache = ctx.cache
     if attn.position == "rope":
