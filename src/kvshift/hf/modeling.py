@@ -1,13 +1,15 @@
 """`KVShiftForCausalLM`: a thin transformers adapter around `kvshift.LM`.
 
-The decoding state stays ours. transformers' Cache classes change between releases (5.17 passes
-`past_key_values`, later 5.x `cache`), so the model declines transformers' default cache
-(`_supports_default_dynamic_cache() -> False`, the route transformers keeps for models with their
-own state) and builds its own in `prepare_inputs_for_generation`: a `KVShiftCache` holding a
-`kvshift.KVCache` (shifted K̂/V̂ plus the last raw k/v of every row). The adapter only needs three
-public hooks of GenerationMixin: `prepare_inputs_for_generation`, the cache coming back in the
-model output (under whichever field name the installed transformers uses), and `_reorder_cache`
-for beam search.
+generate() runs on transformers' own caches (DynamicCache by default, StaticCache with
+`cache_implementation="static"`, anything with the standard `update(key_states, value_states,
+layer_idx)`): per layer they hold what they hold for a Llama, rotated raw keys and raw values, and
+the KV shift is applied when attention reads them (`kvshift.layers.stateless`, through
+`kvshift.hf.cache_view.TransformersCacheView`). So the caches crop, reorder and preallocate as for any
+model: assisted generation (a draft model), prompt-lookup decoding, beam search and static caches work.
+
+`KVShiftCache`, a wrapper of our own `kvshift.KVCache` (shifted K̂/V̂ plus the last raw k/v of every
+row, with a fused Triton decode kernel), is still accepted when passed explicitly (`cache=KVShiftCache()`
+or `past_key_values=`), but it cannot be rolled back; `kvshift.LM.generate` keeps using `KVCache`.
 
 Positions come from the attention mask (left padding), never from transformers' position_ids; the
 KV shift of a row's first real token sees zeros, as in `kvshift.LM`.
@@ -22,12 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvshift.layers.attention import Attention, alibi_slopes, initial_coefficients
 from kvshift.models.cache import KVCache
 from kvshift.models.lm import LM
 
+from .cache_view import TransformersCacheView
 from .configuration import KVShiftConfig
 
 # the output field generate() reads the cache from: `past_key_values` (5.17) or `cache` (later 5.x)
@@ -40,11 +44,12 @@ _IGNORED_KWARGS = frozenset({"token_type_ids", "cache_position", "logits_to_keep
 
 
 class KVShiftCache:
-    """generate()'s handle on a `kvshift.KVCache`, allocated on the first forward and grown by
-    doubling (generate does not tell the model its final length)."""
+    """A handle on our own `kvshift.KVCache` (opt-in: pass it as the cache), allocated on the first
+    forward and grown by doubling (generate does not tell the model its final length)."""
 
     is_compileable = False  # read by transformers' auto-compile check
-    is_croppable = False  # no rollback: assisted decoding is refused (_is_stateful)
+    is_croppable = False  # no rollback: assisted decoding and prompt lookup need a transformers cache
+    is_linear = (False,)  # read by generate's prefill: an attention cache, slice the inputs by its length
 
     def __init__(self):
         self.kv: KVCache | None = None
@@ -64,6 +69,12 @@ class KVShiftCache:
         elif need > self.kv.max_seq_len:
             self.kv = _grown(lm, self.kv, max(need, 2 * self.kv.max_seq_len))
         return self.kv
+
+    def crop(self, tokens_to_remove: int = 0) -> None:
+        raise ValueError("a KVShiftCache cannot be rolled back (it holds shifted keys and the last raw k/v); "
+                         "use transformers' DynamicCache, the default, for assisted generation and prompt lookup")
+
+    activate_past_recording = crop  # generate() asks for it before any rollback: the same refusal
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.kv is not None:
@@ -89,7 +100,7 @@ class KVShiftPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
-    _is_stateful = True  # our cache cannot be rolled back: no assisted decoding
+    _is_stateful = False  # transformers' caches, shifted on read: they can be cropped (assisted decoding)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -159,44 +170,25 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.model.output = value
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # we build our own cache in prepare_inputs_for_generation
-
     def _reorder_cache(self, cache, beam_idx):
-        if isinstance(cache, KVShiftCache):
+        if isinstance(cache, (KVShiftCache, Cache)):
             cache.reorder_cache(beam_idx)
             return cache
-        raise ValueError(f"KVShiftForCausalLM cannot reorder a {type(cache).__name__}; it uses its own KVShiftCache")
+        raise ValueError(f"KVShiftForCausalLM cannot reorder a {type(cache).__name__}")
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=None, **kwargs):
-        if inputs_embeds is not None:
-            raise ValueError("KVShiftForCausalLM.generate takes input_ids, not inputs_embeds")
-        state = kwargs.pop("cache", None)
-        state = state if state is not None else past_key_values
-        if use_cache is None:
-            use_cache = self.config.use_cache
-        if use_cache:
-            if not isinstance(state, KVShiftCache):
-                state = _own_cache(state)
-            input_ids = input_ids[:, state.get_seq_length():]
-        else:
-            state = None
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache,
-                  "past_key_values": state}
-        for k in ("output_attentions", "output_hidden_states"):
-            if k in kwargs:
-                inputs[k] = kwargs[k]
-        return inputs
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """generate() would turn the 2-D mask into a 4-D one for static caches; the model builds its own
+        masks (and the KV shift's first-token information) from the 2-D mask, so it stays as it is."""
+        return attention_mask
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, output_attentions: bool | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
-        """Logits of kvshift.LM. `past_key_values` (or `cache`): a KVShiftCache to extend; a new one is
-        made when use_cache=True. attention_mask: (B, past+T) or (B, T), left padding only.
+        """Logits of kvshift.LM. `cache` (or `past_key_values`): a transformers Cache (rotated raw k and
+        raw v per layer, shifted on read) or a KVShiftCache to extend; a DynamicCache is made when
+        use_cache=True. attention_mask: (B, past+T) or (B, T), left padding only.
         position_ids are honoured only without mask and cache, as packed-document positions
         (restarting at 0 at each document start)."""
         state = kwargs.pop("cache", None)
@@ -212,12 +204,22 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
             raise ValueError("KVShiftForCausalLM does not return attentions or hidden states; "
                              "see kvshift.eval.analysis.attention_probs for attention maps")
         if use_cache and state is None:
-            state = KVShiftCache()
-        elif state is not None and not isinstance(state, KVShiftCache):
-            state = _own_cache(state)
+            state = DynamicCache()
+        elif state is not None and not isinstance(state, (KVShiftCache, Cache)):
+            raise ValueError(f"the cache must be a transformers Cache or a KVShiftCache, got {type(state).__name__}")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         B, T = input_ids.shape
+        if isinstance(state, Cache):  # a standard cache of rotated raw k and raw v, shifted on read
+            if attention_mask is not None and attention_mask.dim() != 2:
+                raise ValueError(f"attention_mask must be 2-D (batch, length), got shape {tuple(attention_mask.shape)}")
+            cfg = self.config
+            view = TransformersCacheView(state, B, T, attention_mask, head_dim=cfg.dim // cfg.n_heads,
+                                         rope_base=cfg.rope_base, device=input_ids.device)
+            new = None if attention_mask is None else attention_mask[:, -T:]
+            logits = self.model(input_ids, cache=view, attention_mask=None if new is None or bool(new.bool().all())
+                                else view.valid)
+            return self._output(logits, labels, state, return_dict)
 
         mask = attention_mask
         if mask is not None:
@@ -235,6 +237,9 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
                 pos = pos.unsqueeze(0).expand(B, T)
             logits = self.model(input_ids, attention_mask=mask, position_ids=pos)
 
+        return self._output(logits, labels, state, return_dict)
+
+    def _output(self, logits, labels, state, return_dict):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
@@ -244,17 +249,6 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
             out = (logits,) + ((state,) if state is not None else ())
             return ((loss,) + out) if loss is not None else out
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: state})
-
-
-def _own_cache(state) -> KVShiftCache:
-    """Accept an empty foreign cache (e.g. a transformers DynamicCache made by a caller) by
-    replacing it; refuse a filled one, whose contents this model cannot read."""
-    if state is None:
-        return KVShiftCache()
-    length = state.get_seq_length() if hasattr(state, "get_seq_length") else None
-    if length == 0:
-        return KVShiftCache()
-    raise ValueError(f"KVShiftForCausalLM keeps its own KVShiftCache; got a filled {type(state).__name__}")
 
 
 def load_lm_state(lm: LM, state: dict[str, torch.Tensor]) -> None:

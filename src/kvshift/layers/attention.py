@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kvshift.layers.stateless import stateless_attention
 from kvshift.ops.rope import apply_rope
 from kvshift.ops.shift import dispatch_shift, dispatch_shift_rope, use_triton
 from kvshift.ops.shift.attention import ATTENTION_BACKENDS, flash_supported, shift_attention
@@ -197,6 +198,8 @@ class Attention(nn.Module):
             keep = ctx.token_valid.view(B, T, 1, 1).to(k.dtype)
             k, v = k * keep, v * keep
         cache = ctx.cache
+        if getattr(cache, "stateless", False):  # a standard cache, shifted on read (kvshift.layers.stateless)
+            return stateless_attention(self, q, k, v, ctx)
         prev_k = prev_v = None
         if cache is not None and self.kind != "vanilla":
             prev_k, prev_v = cache.raw(self.layer_idx)

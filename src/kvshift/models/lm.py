@@ -288,9 +288,11 @@ class LM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 stateless: bool = False) -> torch.Tensor:
         """Prefill once, then decode token by token with the cache. temperature 0 = greedy.
-        Rows that emitted eos keep emitting eos. Returns (B, T + new)."""
+        Rows that emitted eos keep emitting eos. Returns (B, T + new). stateless: decode on a standard
+        cache of rotated raw k / raw v, shifted on read (`RawKVCache`) instead of `KVCache`."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if not temperature >= 0 or temperature == float("inf"):  # also NaN
@@ -305,7 +307,11 @@ class LM(nn.Module):
             raise ValueError(f"generate needs a non-empty prompt of shape (B, T) with T >= 1, got shape "
                              f"{tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        cache = self.new_cache(B, T + max_new_tokens)
+        if stateless:
+            from kvshift.models.raw_cache import RawKVCache
+            cache = RawKVCache.for_model(self, B, T + max_new_tokens)
+        else:
+            cache = self.new_cache(B, T + max_new_tokens)
         logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

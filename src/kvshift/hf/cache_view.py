@@ -1,0 +1,80 @@
+"""A transformers `Cache` (DynamicCache, StaticCache, ...) seen by `kvshift.LM` as a stateless cache.
+
+Per layer the transformers cache stores what it stores for any Llama-style model: rotated raw keys
+and raw values, (B, H_kv, S, D), appended with `cache.update(key_states, value_states, layer_idx)`.
+The KV shift is applied on read (`kvshift.layers.stateless`), so transformers can crop the cache
+(assisted generation, prompt lookup), reorder it (beam search) and allocate it statically.
+
+A view lives for one forward call. Which slots hold real tokens comes from generate()'s 2-D
+attention mask (B, past + T): left padding, so each row's positions are counted over its real
+tokens and its first real token sees zeros before it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvshift.layers.stateless import rotation_tables, slot_positions
+
+_ROTATIONS: dict = {}
+
+
+def cache_length(cache) -> int:
+    """Slots already in a transformers cache (StaticCache keeps the count as a tensor)."""
+    n = cache.get_seq_length()
+    return int(n.item()) if isinstance(n, torch.Tensor) else int(n)
+
+
+class TransformersCacheView:
+    stateless = True  # Attention.forward reads this cache through kvshift.layers.stateless
+
+    def __init__(self, cache, batch_size: int, n_new: int, attention_mask: torch.Tensor | None, *,
+                 head_dim: int, rope_base: float, device: torch.device):
+        self.cache = cache
+        past = cache_length(cache)
+        total = past + n_new
+        max_len = min((m for m in (layer.get_max_length() for layer in getattr(cache, "layers", ())
+                                   if hasattr(layer, "get_max_length")) if m > 0), default=-1)
+        if max_len > 0 and total > max_len:
+            raise ValueError(f"sequence length {total} exceeds the cache's max_cache_len {max_len}")
+        if attention_mask is None:
+            valid = torch.ones(batch_size, total, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
+                raise ValueError(f"attention_mask must be 2-D (batch={batch_size}, length), got shape "
+                                 f"{tuple(attention_mask.shape)}")
+            valid = attention_mask.to(device=device, dtype=torch.bool)
+            if valid.shape[1] == n_new and past:
+                valid = torch.cat([valid.new_ones(batch_size, past), valid], 1)  # no pads remembered: all real
+            elif valid.shape[1] != total:
+                raise ValueError(f"attention_mask must cover the cached and the new tokens, (B, {total}) or "
+                                 f"(B, {n_new}), got shape {tuple(attention_mask.shape)}")
+        self.valid = valid
+        self.length = past
+        self.seen = valid[:, :past].sum(1)
+        self.padded = bool((~valid[:, :past]).any()) if past else False
+        self.batch_size, self.head_dim, self.rope_base = batch_size, head_dim, rope_base
+        self._pos = slot_positions(valid)
+
+    # the interface LM.forward uses
+    def begin(self, n_new: int, token_valid: torch.Tensor) -> None:
+        if token_valid.shape != (self.batch_size, n_new):
+            raise ValueError(f"the new tokens have shape {tuple(token_valid.shape)}, expected {(self.batch_size, n_new)}")
+
+    def end(self, token_valid: torch.Tensor) -> None:
+        pass  # the transformers cache counts its own slots
+
+    # the interface of the stateless read
+    def update(self, layer: int, c_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.update(c_new.contiguous(), v_new.contiguous(), layer)
+        S = self.valid.shape[1]
+        return keys[:, :, :S], values[:, :, :S]  # a static cache returns its whole allocation
+
+    def slot_positions(self) -> torch.Tensor:
+        return self._pos
+
+    def rotation(self, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (width, self.head_dim, self.rope_base, str(device))
+        if key not in _ROTATIONS:
+            _ROTATIONS[key] = rotation_tables(width - 1, self.head_dim, self.rope_base, device=device)
+        return _ROTATIONS[key]

@@ -1,0 +1,183 @@
+"""Flash-decoding over a paged standard KV cache, with the KV shift applied on read (Triton).
+
+One query token per sequence (the decode step). The cache is a vanilla one: per physical block,
+rotated raw keys c_s = R_s k_s and raw values v_s, layout (n_blocks, block_size, H_kv, D) (vLLM's),
+addressed through a block table. For each tile (one cache block) the kernel reads the block's rows and,
+for taps j = 1..W-1, the rows j slots earlier (the last rows of the previous logical block, looked
+up through the same block table, at the tile's start), and forms in registers
+
+    k̂_s = Σ_j α_j [s-j ≥ start] R_j c_{s-j}        v̂_s = Σ_j β_j [s-j ≥ start] v_{s-j}
+
+(R_j: RoPE rotation by j positions, half-split; identity tables for no RoPE), then runs the usual
+online softmax. The keys are split over `num_splits` programs per (sequence, query head) (split-K
+"flash decoding"); their partial results are merged with a log-sum-exp in PyTorch.
+
+`start[b]`: the slot of row b's first real token (0 for a plain sequence, the pad count for a
+left-padded dense cache): slots before it are masked out of attention, and the shift's taps never
+reach before it. `seq_lens[b]`: slots in use, the new token's (already written) row included.
+
+Tested against `kvshift.layers.stateless.read_shifted` under TRITON_INTERPRET=1 (tests/ops/
+test_paged_decode.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tap_rows(POOL, TABLE, b, s, start, seq_len, hk, cols, mask_c, stride_tb, stride_pb, stride_ps, stride_ph,
+              BS: tl.constexpr, j: tl.constexpr):
+    """fp32 [BS, len(cols)] of the rows s - j (zero where s - j < start or s >= seq_len)."""
+    src = s - j
+    ok = (src >= start) & (s < seq_len)
+    src_c = tl.where(ok, src, 0)
+    blk = tl.load(TABLE + b * stride_tb + src_c // BS, mask=ok, other=0).to(tl.int64)
+    off = blk * stride_pb + (src_c % BS).to(tl.int64) * stride_ps + hk * stride_ph
+    return tl.load(POOL + off[:, None] + cols[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def paged_shift_decode_kernel(Q, KP, VP, TABLE, SEQ, START, CK, CV, COS, SIN, M_OUT, L_OUT, ACC_OUT,
+                              scale, Hq, GROUP, D, HALF, blocks_per_split,
+                              stride_qb, stride_qh, stride_tb, stride_pb, stride_ps, stride_ph,
+                              BS: tl.constexpr, W: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                              BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    sp = tl.program_id(2)
+    hk = hq // GROUP
+    seq_len = tl.load(SEQ + b)
+    start = tl.load(START + b)
+    half = tl.arange(0, BLOCK_HALF)
+    mask_h = half < HALF
+    dcols = tl.arange(0, BLOCK_D)
+    mask_d = dcols < D
+    q_off = b * stride_qb + hq * stride_qh
+    q1 = tl.load(Q + q_off + half, mask=mask_h, other=0.0).to(tl.float32)
+    q2 = tl.load(Q + q_off + HALF + half, mask=mask_h, other=0.0).to(tl.float32)
+    m_i = tl.full([], -float("inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    rows = tl.arange(0, BS)
+    first = sp * blocks_per_split
+    it = 0
+    while it < blocks_per_split:  # a while loop: the interpreter cannot range() over a runtime int
+        s = (first + it) * BS + rows
+        k1 = tl.zeros([BS, BLOCK_HALF], dtype=tl.float32)
+        k2 = tl.zeros([BS, BLOCK_HALF], dtype=tl.float32)
+        v = tl.zeros([BS, BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(W):
+            a = tl.load(CK + hk * W + j)
+            bb = tl.load(CV + hk * W + j)
+            x1 = _tap_rows(KP, TABLE, b, s, start, seq_len, hk, half, mask_h, stride_tb, stride_pb, stride_ps,
+                           stride_ph, BS, j)
+            x2 = _tap_rows(KP, TABLE, b, s, start, seq_len, hk, HALF + half, mask_h, stride_tb, stride_pb,
+                           stride_ps, stride_ph, BS, j)
+            c = tl.load(COS + j * HALF + half, mask=mask_h, other=1.0)[None, :]
+            sn = tl.load(SIN + j * HALF + half, mask=mask_h, other=0.0)[None, :]
+            k1 += a * (x1 * c - x2 * sn)
+            k2 += a * (x2 * c + x1 * sn)
+            v += bb * _tap_rows(VP, TABLE, b, s, start, seq_len, hk, dcols, mask_d, stride_tb, stride_pb,
+                                stride_ps, stride_ph, BS, j)
+        live = (s >= start) & (s < seq_len)
+        score = (tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1)) * scale
+        score = tl.where(live, score, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(score, axis=0))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        p = tl.where(live, tl.exp(score - m_safe), 0.0)
+        alpha = tl.where(m_i == -float("inf"), 0.0, tl.exp(m_i - m_safe))
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+        it += 1
+    out = (b * Hq + hq) * NUM_SPLITS + sp
+    tl.store(M_OUT + out, m_i)
+    tl.store(L_OUT + out, l_i)
+    tl.store(ACC_OUT + out * D + dcols, acc, mask=mask_d)
+
+
+def _check(q, k_pool, v_pool, block_table, seq_lens, coef_k, coef_v, cos, sin, start, num_splits):
+    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor")
+    if q.dim() != 3:
+        raise ValueError(f"q must be (B, H_q, D), got shape {tuple(q.shape)}")
+    if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"k_pool and v_pool must both be (n_blocks, block_size, H_kv, D), got "
+                         f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+    B, Hq, D = q.shape
+    bs, Hkv = k_pool.shape[1], k_pool.shape[2]
+    if k_pool.shape[3] != D or D % 2:
+        raise ValueError(f"k_pool's head dim must equal q's and be even, got {k_pool.shape[3]} and {D}")
+    if bs & (bs - 1) or bs < 1:
+        raise ValueError(f"block_size must be a power of two, got {bs}")
+    if Hq % Hkv:
+        raise ValueError(f"q's {Hq} heads must be a multiple of the cache's {Hkv} KV heads")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != B \
+            or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table must be an int (B={B}, max_blocks) tensor, got "
+                         f"{tuple(getattr(block_table, 'shape', ()))}")
+    for name, t in (("seq_lens", seq_lens), ("start", start)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,)):
+            raise ValueError(f"{name} must be an int tensor of shape ({B},), got {tuple(getattr(t, 'shape', ()))}")
+    W = coef_k.shape[1] if isinstance(coef_k, torch.Tensor) and coef_k.dim() == 2 else -1
+    for name, c in (("coef_k", coef_k), ("coef_v", coef_v)):
+        if not isinstance(c, torch.Tensor) or tuple(c.shape) != (Hkv, W) or not 1 <= W <= 4:
+            raise ValueError(f"{name} must be (H_kv={Hkv}, W) with 1 <= W <= 4 and both sides of the same W, "
+                             f"got {tuple(getattr(c, 'shape', ()))}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] < W or t.shape[1] != D // 2:
+            raise ValueError(f"{name} must be (W={W}, D/2={D // 2}), got {tuple(getattr(t, 'shape', ()))}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+
+
+def paged_shift_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                       seq_lens: torch.Tensor, coef_k: torch.Tensor, coef_v: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, *, start: torch.Tensor | None = None, scale: float | None = None,
+                       num_splits: int = 1) -> torch.Tensor:
+    """Attention of one rotated query per sequence over a paged standard cache, shifted on read.
+
+    q (B, H_q, D): RoPE'd queries. k_pool / v_pool (n_blocks, block_size, H_kv, D): rotated raw keys and raw
+    values (block_size a power of two). block_table (B, max_blocks) int: physical block of each logical one.
+    seq_lens (B,) int: cached slots of each sequence, the current token's included. coef_k / coef_v (H_kv, W):
+    current-first coefficients (identity columns [1, 0, ...] for an unshifted side). cos / sin (W, D/2):
+    R_0 .. R_{W-1} (`kvshift.layers.stateless.rotation_tables`; cos 1 / sin 0 without RoPE). start (B,) int:
+    slot of each row's first real token (default 0). Returns (B, H_q, D) in q's dtype (fp32 accumulation)."""
+    _check(q, k_pool, v_pool, block_table, seq_lens, coef_k, coef_v, cos, sin, start, num_splits)
+    B, Hq, D = q.shape
+    bs, Hkv = k_pool.shape[1], k_pool.shape[2]
+    W = coef_k.shape[1]
+    dev = q.device
+    q = q.contiguous()
+    k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
+    table = block_table.to(device=dev, dtype=torch.int32).contiguous()
+    seq = seq_lens.to(device=dev, dtype=torch.int32).contiguous()
+    st = torch.zeros(B, dtype=torch.int32, device=dev) if start is None else start.to(device=dev, dtype=torch.int32)
+    f32 = dict(device=dev, dtype=torch.float32)
+    ck, cv = coef_k.to(**f32).contiguous(), coef_v.to(**f32).contiguous()
+    cs, sn = cos[:W].to(**f32).contiguous(), sin[:W].to(**f32).contiguous()
+    n_blocks = max(1, -(-int(seq.max().item()) // bs)) if B else 1
+    per_split = -(-n_blocks // num_splits)
+    m = torch.empty(B, Hq, num_splits, **f32)
+    lse = torch.empty(B, Hq, num_splits, **f32)
+    acc = torch.empty(B, Hq, num_splits, D, **f32)
+    half = D // 2
+    grid = (B, Hq, num_splits)
+    paged_shift_decode_kernel[grid](
+        q, k_pool, v_pool, table, seq, st, ck, cv, cs, sn, m, lse, acc,
+        scale if scale is not None else 1.0 / math.sqrt(D), Hq, Hq // Hkv, D, half, per_split,
+        q.stride(0), q.stride(1), table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        BS=bs, W=W, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(D),
+        NUM_SPLITS=num_splits)
+    # merge the splits: log-sum-exp over the partial maxima (an empty split has m = -inf, l = 0)
+    m_all = m.amax(dim=2, keepdim=True)
+    m_all = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
+    w = torch.where(torch.isinf(m), torch.zeros_like(m), torch.exp(m - m_all))
+    out = (acc * w.unsqueeze(-1)).sum(2) / (lse * w).sum(2, keepdim=True).clamp_min(1e-30)
+    return out.to(q.dtype)

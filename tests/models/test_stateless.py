@@ -1,0 +1,179 @@
+"""Stateless KV shifting: a standard cache of rotated raw k and raw v, shifted on read, gives the
+logits of the full forward (every attention kind, windows 1-3, every position scheme, GQA, random
+prefill chunkings, left padding, packed documents, crop and reorder)."""
+
+import pytest
+import torch
+
+import kvshift
+from kvshift import LM, ModelConfig
+from kvshift.layers.stateless import read_shifted, rotation_tables, slot_positions
+from kvshift.models import RawKVCache
+from kvshift.ops.rope import apply_rope, rope_cos_sin
+from kvshift.ops.shift import naive
+
+KINDS = list(kvshift.ATTENTION_KINDS)
+TOL = 1e-6  # fp64 models; RoPE itself rounds through fp32 (kvshift.ops.rope), in both paths
+
+
+def make(kind="kvshift", window=1, position="rope", seed=0, **kw):
+    cfg = ModelConfig.from_name("debug", attention=kind, shift_window=window, position=position, **kw)
+    model = LM(cfg, seed=seed).eval()
+    with torch.no_grad():  # coefficients off the paper init, matrices scaled up: every tap matters
+        for name, p in model.named_parameters():
+            if "shift_" in name:
+                p.add_(torch.randn(p.shape) * 0.3)
+            elif p.dim() == 2:
+                p.mul_(3.0)
+    return model.double()
+
+
+def chunks_of(T, g):
+    """Random chunking: a prefill, maybe a continuation chunk, then single tokens and small chunks."""
+    a = int(torch.randint(1, T - 4, (1,), generator=g))
+    b = int(torch.randint(a + 1, T - 2, (1,), generator=g))
+    out, i = [(0, a), (a, b)], b
+    while i < T:
+        n = min(int(torch.randint(1, 4, (1,), generator=g)), T - i)
+        out.append((i, i + n))
+        i += n
+    return out
+
+
+def run_chunks(model, x, chunks, mask=None, cache=None):
+    cache = cache or RawKVCache.for_model(model, x.shape[0], x.shape[1] + 4)
+    outs = []
+    with torch.no_grad():
+        for s, e in chunks:
+            outs.append(model(x[:, s:e], cache=cache, attention_mask=None if mask is None else mask[:, :e]))
+    return torch.cat(outs, 1), cache
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned", "none"])
+@pytest.mark.parametrize("window", [1, 2, 3], ids=["w1", "w2", "w3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_raw_cache_chunked_equals_full_forward(kind, window, position):
+    g = torch.Generator().manual_seed(17 * window + KINDS.index(kind))
+    model = make(kind, window, position)
+    x = torch.randint(0, 97, (3, 19), generator=g)
+    with torch.no_grad():
+        full = model(x)
+    for _ in range(2):
+        got, cache = run_chunks(model, x, chunks_of(19, g))
+        assert (got - full).abs().max().item() <= TOL
+        assert cache.length == 19 and cache.k[0].shape[1] == model.config.n_kv_heads  # GQA: 2 KV heads
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+@pytest.mark.parametrize("window", [1, 2, 3], ids=["w1", "w2", "w3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_left_padded_raw_cache_equals_rows_alone(kind, window, position):
+    g = torch.Generator().manual_seed(5)
+    model = make(kind, window, position)
+    lengths = [14, 9, 11]
+    T = max(lengths)
+    rows = [torch.randint(0, 97, (n,), generator=g) for n in lengths]
+    x = torch.stack([torch.cat([torch.zeros(T - n, dtype=torch.long), r]) for n, r in zip(lengths, rows)])
+    mask = torch.stack([torch.cat([torch.zeros(T - n), torch.ones(n)]) for n in lengths]).long()
+    x = torch.cat([x, torch.randint(0, 97, (3, 4), generator=g)], 1)  # 4 decoded tokens after the prompt
+    mask = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1)
+    got, _ = run_chunks(model, x, [(0, 6), (6, T), (T, T + 1), (T + 1, T + 4)], mask)
+    with torch.no_grad():
+        for i, n in enumerate(lengths):
+            alone = model(x[i:i + 1, T - n:])
+            assert (got[i:i + 1, T - n:] - alone).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_crop_and_reorder(window):
+    """Roll back rejected speculative tokens, then take other ones; reorder rows like beam search."""
+    g = torch.Generator().manual_seed(window)
+    model = make("kvshift", window)
+    x = torch.randint(0, 97, (2, 16), generator=g)
+    _, cache = run_chunks(model, x, [(0, 10), (10, 16)])
+    cache.crop(-4)  # 12 slots left
+    assert cache.length == 12 and cache.get_seq_length() == 12
+    alt = torch.randint(0, 97, (2, 5), generator=g)
+    with torch.no_grad():
+        got = model(alt, cache=cache)
+        full = model(torch.cat([x[:, :12], alt], 1))[:, 12:]
+    assert (got - full).abs().max().item() <= TOL
+    cache.crop(7)
+    cache.reorder(torch.tensor([1, 1]))
+    with torch.no_grad():
+        got = model(alt[1:, :2].expand(2, -1), cache=cache)
+        full = model(torch.cat([x[1:, :7], alt[1:, :2]], 1))[:, 7:]
+    assert (got - full.expand(2, -1, -1)).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="length"):
+        cache.crop(100)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_read_shifted_equals_shift_then_rope_on_packed_documents(window):
+    """The read over rotated raw keys equals RoPE(shift(k)) with positions restarting per document."""
+    g = torch.Generator().manual_seed(window)
+    H, D = 3, 8
+    cu = torch.tensor([0, 5, 6, 13, 20], dtype=torch.int32)
+    N = int(cu[-1])
+    k = torch.randn(N, H, D, generator=g, dtype=torch.float64)
+    v = torch.randn(N, H, D, generator=g, dtype=torch.float64)
+    wk = torch.randn(H, window + 1, generator=g, dtype=torch.float64)
+    wv = torch.randn(H, window + 1, generator=g, dtype=torch.float64)
+    starts = torch.zeros(1, N, dtype=torch.bool)
+    starts[0, cu[:-1].long()] = True
+    valid = torch.ones(1, N, dtype=torch.bool)
+    pos = slot_positions(valid, starts)
+    assert pos[0, :7].tolist() == [0, 1, 2, 3, 4, 0, 0]
+    cos, sin = (t.double() for t in rope_cos_sin(pos[0], D, 10_000.0))
+    rot = lambda t: torch.cat([t[..., :D // 2] * cos[:, None] - t[..., D // 2:] * sin[:, None],  # noqa: E731
+                               t[..., D // 2:] * cos[:, None] + t[..., :D // 2] * sin[:, None]], -1)
+    want_k = rot(naive.shift_varlen(k, wk, cu))
+    want_v = naive.shift_varlen(v, wv, cu)
+    cj, sj = rotation_tables(window, D, 10_000.0)
+    got_k, got_v = read_shifted(rot(k).permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], wk, wv, pos, cj, sj)
+    torch.testing.assert_close(got_k[0].permute(1, 0, 2), want_k, atol=1e-6, rtol=0)  # fp32 RoPE angles
+    torch.testing.assert_close(got_v[0].permute(1, 0, 2), want_v, atol=1e-12, rtol=0)
+
+
+def test_rotations_compose():
+    D = 16
+    x = torch.randn(5, D, dtype=torch.float64)
+    cj, sj = rotation_tables(3, D, 100_000.0)
+    c7, s7 = rope_cos_sin(torch.tensor([7]), D)
+    c9, s9 = rope_cos_sin(torch.tensor([9]), D)
+    two_then_seven = apply_rope(apply_rope(x.view(1, 5, 1, D).float(), c7[None], s7[None]).double(),
+                                cj[2:3].float()[None], sj[2:3].float()[None])
+    torch.testing.assert_close(two_then_seven, apply_rope(x.view(1, 5, 1, D).float(), c9[None], s9[None]).double(),
+                               atol=1e-5, rtol=0)
+
+
+def test_bad_input_names_the_argument():
+    C = torch.zeros(1, 2, 4, 8)
+    pos = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="C must be"):
+        read_shifted(C[0], C, None, None, pos)
+    with pytest.raises(ValueError, match="pos must"):
+        read_shifted(C, C, None, None, pos[:, :3])
+    with pytest.raises(ValueError, match="coef_k"):
+        read_shifted(C, C, torch.ones(3, 2), None, pos)
+    with pytest.raises(ValueError, match="cos"):
+        read_shifted(C, C, torch.ones(2, 2), None, pos, torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="doc_start"):
+        slot_positions(torch.ones(1, 4, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="batch_size"):
+        RawKVCache(1, 0, 8, 2, 8)
+
+
+@pytest.mark.parametrize("kind", ["kvshift", "vanilla"])
+def test_lm_generate_stateless_equals_default(kind):
+    model = make(kind, 2).float()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 97, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for kw in (dict(temperature=0), dict(temperature=0, attention_mask=mask)):
+        want = model.generate(ids, 9, **kw)
+        assert torch.equal(model.generate(ids, 9, stateless=True, **kw), want)
+    sampled = [model.generate(ids, 9, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3),
+                              stateless=s) for s in (False, True)]
+    assert torch.equal(*sampled)
