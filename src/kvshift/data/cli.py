@@ -146,7 +146,8 @@ def register(subparsers) -> None:
 
     k = sub.add_parser("tokenize", help="tokenize a corpus into memmap shards")
     k.add_argument("--corpus", required=True)
-    k.add_argument("--tokenizer", required=True, help="any tokenizers tokenizer.json")
+    k.add_argument("--tokenizer", required=True, help="a tokenizers tokenizer.json, a model directory holding one "
+                   "(e.g. `kvshift convert-llama` output), or a GGUF file (its tokenizer is written into --out)")
     k.add_argument("--out", required=True, help="shard directory")
     k.add_argument("--domains", nargs="*", help="tokenize only these domains")
     k.set_defaults(func=cmd_tokenize)
