@@ -110,6 +110,7 @@ def evaluate(model, val, device, autocast, vocab_size: int) -> dict:
         n = s[2 + nd + i]
         if n > 0:
             out[f"val_loss/{name}"] = s[2 + i] / n
+            out[f"val_tokens/{name}"] = int(n)
             bpt = val.bytes_per_token_by_domain.get(name)
             if bpt:
                 out[f"val_bpb/{name}"] = out[f"val_loss/{name}"] / math.log(2) / bpt
