@@ -140,3 +140,28 @@ def test_bad_inputs(setup, tmp_path):
     (tmp_path / "m" / "tokenizer.json").write_text(json.dumps({"other": 1}))
     with pytest.raises(ValueError, match="another tokenizer"):
         run_experiment("upcycle", _opts(tmp_path, shards, tmp_path / "m", out=tmp_path / "o"))
+
+
+def test_device_script_reassembles_or_refuses(tmp_path):
+    """scripts/device/upcycle.sh joins the carried parts only when every part matches its sha256."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from kvshift.data.parts import split_file
+
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "src").symlink_to(repo / "src")
+    (tmp_path / "scripts").symlink_to(repo / "scripts")
+    g = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    g.write_bytes(b"GGUF" + os.urandom(3000))
+    split_file(g, tmp_path / "cache/upcycle/gguf", part_bytes=2000)
+    (tmp_path / "cache/upcycle/gguf" / f"{g.name}.part1").unlink()  # call 2 has not arrived
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": os.sys.executable}
+    r = subprocess.run(["bash", "scripts/device/upcycle.sh", "stage"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "part0" in r.stdout
+    r = subprocess.run(["bash", "scripts/device/upcycle.sh", "run"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "part missing" in r.stderr and "incomplete" in r.stderr
+    assert not (tmp_path / "cache/upcycle" / g.name).exists()

@@ -129,7 +129,7 @@ def model_fields(model: Path) -> dict:
     from kvshift.hf.configuration import KVShiftConfig
 
     mc = KVShiftConfig.from_pretrained(str(model)).to_model_config()
-    return {k: v for k, v in mc.to_dict().items() if k not in ("attention", "name")}
+    return {k: v for k, v in mc.to_dict().items() if k not in ("attention", "name") and v is not None}
 
 
 def check_match(model: Path, shards: Path, fields: dict) -> None:
