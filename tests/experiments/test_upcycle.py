@@ -165,3 +165,18 @@ def test_device_script_reassembles_or_refuses(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 1 and "part missing" in r.stderr and "incomplete" in r.stderr
     assert not (tmp_path / "cache/upcycle" / g.name).exists()
+
+
+def test_gpu_scale_config_for_smollm2(tmp_path):
+    """The gpu runs: SmolLM2-135M's shape, seq 2048, 59M tokens per arm, coefficients at 10x the rate."""
+    fields = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, max_seq_len=8192,
+                  rope_base=100000.0, norm_eps=1e-5, tie_embeddings=True, shift_window=1)
+    shards = write_tiny_shards(tmp_path / "s", vocab_size=49152, train_docs=5, val_docs=2)
+    cfgs = {a: U.run_config("gpu", tmp_path / "m", fields, a, 0, shards) for a in U.ARMS}
+    c = cfgs["kvshift"]
+    assert c.data.seq_len * c.data.batch_size * c.train.steps == 1800 * 32768
+    assert c.optim.shift_lr_mult == 10 and c.optim.schedule == "cosine" and c.train.dtype == "auto"
+    assert c.train.init_from == str(tmp_path / "m") and c.train.ckpt_every == 600
+    mc = c.model_config()
+    assert (mc.n_layers, mc.n_kv_heads, mc.tie_embeddings, mc.attention) == (30, 3, True, "kvshift")
+    assert cfgs["vanilla"].model_config().non_embedding_params() == mc.non_embedding_params() - 30 * 2 * 3 * 2

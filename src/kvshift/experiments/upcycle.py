@@ -45,7 +45,7 @@ DEFAULT_SHARDS = ("cache/shards-smollm2", "cache/upcycle-shards")
 # scale -> settings. gpu: SmolLM2-135M, bf16, compiled; 32,768 tokens a step, 1,800 steps = 59M tokens per arm
 # (about 5 min at 200k tokens/s, under 8 at 130k: one arm per 10-minute device command with compilation)
 SCALES = {
-    "gpu": dict(seq_len=2048, batch=16, steps=1800, lr=1e-4, warmup=100, evals=6, val_windows=256, ckpt_every=600,
+    "gpu": dict(seq_len=2048, batch=16, steps=1800, lr=1e-4, warmup=100, evals=6, val_windows=512, ckpt_every=600,
                 seeds=(0, 1), extra=()),
     "cpu": dict(seq_len=32, batch=4, steps=12, lr=3e-3, warmup=2, evals=3, val_windows=16, ckpt_every=0,
                 seeds=(0, 1), extra=('train.device="cpu"', "train.compile=false", 'train.dtype="fp32"',
