@@ -1,4 +1,4 @@
-"""`kvshift data ...`: build-corpus, train-tokenizer, tokenize, pack, unpack, sources.
+"""`kvshift data ...`: build-corpus, train-tokenizer, tokenize, pack, unpack, split, join, sources.
 
 Registered by kvshift.cli through `register(subparsers)`; each handler takes the argparse
 namespace and returns an exit code.
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from kvshift.data.corpus import build_corpus
+from kvshift.data.parts import MANIFEST_SUFFIX, join_file, split_file
 from kvshift.data.shards import (
     pack_shards,
     subset_shards,
@@ -105,6 +106,19 @@ def cmd_unpack(args) -> int:
     return 0
 
 
+def cmd_split(args) -> int:
+    man = split_file(args.file, args.out, part_bytes=int(args.part_mib * 2**20))
+    print(f"[split] {args.file} ({man['bytes']:,} bytes, sha256 {man['sha256'][:12]}…) -> {len(man['parts'])} parts "
+          f"in {args.out}: " + ", ".join(p["name"] for p in man["parts"]) + f"; manifest {man['file']}{MANIFEST_SUFFIX}")
+    return 0
+
+
+def cmd_join(args) -> int:
+    man = join_file(args.manifest, args.out)
+    print(f"[join] {args.out}: {man['bytes']:,} bytes, sha256 {man['sha256']} (checked, {len(man['parts'])} parts)")
+    return 0
+
+
 def cmd_sources(args) -> int:
     for s in SOURCES.values():
         print(f"{s.name:22s} {s.domain:10s} {s.kind:10s} {s.spec:32s} {'default' if s.default else 'opt-in'}")
@@ -146,7 +160,8 @@ def register(subparsers) -> None:
 
     k = sub.add_parser("tokenize", help="tokenize a corpus into memmap shards")
     k.add_argument("--corpus", required=True)
-    k.add_argument("--tokenizer", required=True, help="any tokenizers tokenizer.json")
+    k.add_argument("--tokenizer", required=True, help="a tokenizers tokenizer.json, a model directory holding one "
+                   "(e.g. `kvshift convert-llama` output), or a GGUF file (its tokenizer is written into --out)")
     k.add_argument("--out", required=True, help="shard directory")
     k.add_argument("--domains", nargs="*", help="tokenize only these domains")
     k.set_defaults(func=cmd_tokenize)
@@ -165,6 +180,17 @@ def register(subparsers) -> None:
     u.add_argument("packed")
     u.add_argument("--out", required=True)
     u.set_defaults(func=cmd_unpack)
+
+    sp = sub.add_parser("split", help="cut a file into parts with a sha256 manifest (carry a large file bit for bit)")
+    sp.add_argument("file")
+    sp.add_argument("--out", required=True, help="directory for the parts and FILE.parts.json")
+    sp.add_argument("--part-mib", type=float, default=46.0, help="largest part in MiB (default 46)")
+    sp.set_defaults(func=cmd_split)
+
+    j = sub.add_parser("join", help="reassemble a `data split` file, checking every part's and the whole's sha256")
+    j.add_argument("manifest", help="FILE.parts.json (the parts lie beside it)")
+    j.add_argument("--out", required=True, help="the reassembled file")
+    j.set_defaults(func=cmd_join)
 
     s = sub.add_parser("sources", help="list the known corpus sources")
     s.set_defaults(func=cmd_sources)

@@ -33,7 +33,7 @@ import numpy as np
 from kvshift.data.checks import check_shard_meta
 from kvshift.data.corpus import SPLITS, iter_documents, read_manifest
 from kvshift.data.sources import DOMAINS
-from kvshift.data.tokenizer import eos_id_of, load_tokenizer
+from kvshift.data.tokenizer import eos_id_of, is_gguf, load_tokenizer, resolve_tokenizer
 from kvshift.utils.io import file_sha256
 from kvshift.utils.staging import staged_output
 
@@ -58,11 +58,15 @@ def _files(split: str) -> dict[str, str]:
 # writing
 
 
-@staged_output("out", marker=META, clear=("*.tokens.bin", "*.offsets.bin", "*.domains.bin"))
+@staged_output("out", marker=META, clear=("*.tokens.bin", "*.offsets.bin", "*.domains.bin", "tokenizer.json"))
 def tokenize_corpus(corpus: str | Path, tokenizer: str | Path, out: str | Path, *, batch_docs: int = 1024,
                     batch_chars: int = 16_000_000, domains: list[str] | None = None,
                     log: Callable[[str], None] = print) -> dict:
-    """Tokenizes both splits of a built corpus into `out`; returns (and writes) the meta.json dict."""
+    """Tokenizes both splits of a built corpus into `out`; returns (and writes) the meta.json dict.
+    `tokenizer`: a tokenizer.json, a model directory holding one, or a GGUF file (its tokenizer is
+    written into `out` as tokenizer.json; kvshift.data.tokenizer.resolve_tokenizer)."""
+    out = Path(out)
+    tokenizer, tok_source = resolve_tokenizer(tokenizer, out)
     tok = load_tokenizer(tokenizer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     eos = eos_id_of(tok)
@@ -75,6 +79,7 @@ def tokenize_corpus(corpus: str | Path, tokenizer: str | Path, out: str | Path, 
         "format": FORMAT,
         "tokenizer_sha256": file_sha256(tokenizer),
         "tokenizer_file": Path(tokenizer).name,
+        **({"tokenizer_source": tok_source} if tok_source else {}),
         "vocab_size": vocab,
         "eos_id": eos,
         "dtype": dtype.name,
@@ -186,6 +191,13 @@ class Shards:
                 raise ValueError(f"{p}: truncated or corrupt shard: {size:,} bytes, but {META} expects "
                                  f"{count:,} x {dt.name} = {count * dt.itemsize:,} bytes")
         self.token_file = files["tokens"]
+        if tokenizer is not None:
+            tp = Path(tokenizer)
+            if tp.is_dir() and (tp / "tokenizer.json").is_file():  # a model directory
+                tokenizer = tp / "tokenizer.json"
+            src = self.meta.get("tokenizer_source") or {}
+            if is_gguf(tokenizer) and src.get("sha256") == file_sha256(tokenizer):
+                tokenizer = None  # the GGUF these shards' tokenizer came from
         if tokenizer is not None:
             sha = file_sha256(tokenizer)
             if sha != self.meta["tokenizer_sha256"]:

@@ -1,5 +1,10 @@
 """Byte-level BPE tokenizer trained with the `tokenizers` library.
 
+`kvshift data tokenize --tokenizer` also takes a pretrained model's tokenizer (`resolve_tokenizer`): a
+model directory holding tokenizer.json (`kvshift convert-llama` writes one) or a GGUF file, whose
+tokenizer transformers rebuilds (the `gguf` extra; the tokenizer.json it writes is byte-identical to the
+one convert-llama writes from the same file). SmolLM2's `<|endoftext|>` is id 0 as here.
+
 The saved tokenizer.json loads with `tokenizers.Tokenizer.from_file` and with
 `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`. The only special token is
 `<|endoftext|>` at id 0; it separates (and serves as beginning of) documents in the shards.
@@ -15,7 +20,7 @@ from kvshift.data.corpus import iter_documents, read_manifest
 from kvshift.errors import UserError
 from kvshift.utils.staging import staged_output
 
-__all__ = ["EOS", "EOS_ID", "train_tokenizer", "load_tokenizer"]
+__all__ = ["EOS", "EOS_ID", "train_tokenizer", "load_tokenizer", "resolve_tokenizer", "is_gguf"]
 
 EOS = "<|endoftext|>"
 EOS_ID = 0
@@ -85,3 +90,47 @@ def eos_id_of(tok) -> int:
         if i is not None:
             return i
     raise ValueError(f"tokenizer has none of {EOS}, </s>, <eos>, <|end_of_text|>; cannot separate documents")
+
+
+def is_gguf(path: str | Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with p.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def resolve_tokenizer(path: str | Path, workdir: str | Path) -> tuple[Path, dict | None]:
+    """(tokenizer.json path, source record or None) of `path`: a tokenizer.json file as is; a model
+    directory -> its tokenizer.json; a GGUF file -> its tokenizer, written to `workdir`/tokenizer.json
+    (source record: the GGUF's name and sha256). ValueError naming the path otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer {p}: a directory without tokenizer.json (give a tokenizer.json, a model "
+                             f"directory such as `kvshift convert-llama` writes, or a GGUF file)")
+        return p / "tokenizer.json", None
+    if not p.is_file():
+        raise ValueError(f"tokenizer file {p} does not exist")
+    if not is_gguf(p):
+        return p, None
+    from kvshift.utils.io import file_sha256
+
+    try:
+        from transformers import AutoTokenizer  # optional: the hf + gguf extras
+    except ImportError:
+        raise ValueError(f"{p}: reading a GGUF's tokenizer needs transformers and gguf "
+                         f"(pip install transformers gguf)") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except ImportError as e:
+        raise ValueError(f"{p}: transformers needs another package to read GGUF files ({e}): pip install gguf") from None
+    except Exception as e:  # transformers/gguf raise many types on a damaged file
+        raise ValueError(f"{p}: could not read the GGUF's tokenizer ({type(e).__name__}: {e})") from None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{p}: the GGUF's tokenizer has no fast (tokenizers) form to tokenize with")
+    out = Path(workdir) / "tokenizer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    backend.save(str(out))
+    return out, {"kind": "gguf", "file": p.name, "sha256": file_sha256(p)}

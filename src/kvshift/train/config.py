@@ -7,8 +7,10 @@ keys are a ValueError that lists the valid ones.
     [model]  preset = "lm-10m", then any ModelConfig field as an override (attention = "vanilla", ...)
     [data]   kind ("shards" | "synthetic"), shard_dir, seq_len, batch_size (rows per rank per micro-step),
              grad_accum, seed, val_split, val_windows (None: eval_batches * batch_size * world)
-    [optim]  lr, betas, eps, weight_decay, warmup, schedule ("constant" | "cosine"), min_lr, clip, fused
-    [train]  steps, eval_every, eval_batches, ckpt_every, keep_last, seed, compile, dtype, deterministic, ...
+    [optim]  lr, betas, eps, weight_decay, warmup, schedule ("constant" | "cosine"), min_lr, clip, fused,
+             shift_lr_mult
+    [train]  steps, eval_every, eval_batches, ckpt_every, keep_last, seed, compile, dtype, deterministic,
+             init_from, ...
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class OptimConfig:
     min_lr: float = 0.0  # cosine floor
     clip: float = 1.0  # max global grad norm; 0 disables
     fused: bool | None = None  # None: fused AdamW on CUDA
+    shift_lr_mult: float = 1.0  # the KV-shift coefficients' learning rate = lr x this (their own param group)
 
     def __post_init__(self):
         _check_types(self, "optim")
@@ -97,6 +100,9 @@ class OptimConfig:
             raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"optim.warmup must be a non-negative int, got {self.warmup!r}")
+        self.shift_lr_mult = float(self.shift_lr_mult)
+        if not self.shift_lr_mult > 0:
+            raise ValueError(f"optim.shift_lr_mult must be positive, got {self.shift_lr_mult}")
         if self.clip < 0 or self.weight_decay < 0 or self.min_lr < 0:
             raise ValueError("optim.clip, optim.weight_decay and optim.min_lr must be >= 0")
 
@@ -123,6 +129,8 @@ class TrainSection:
     shift_stats: bool = True  # shift-coefficient summaries in metrics.jsonl at eval steps
     coefficients_every: int = 0  # every shift coefficient in metrics.jsonl every N steps (0: never)
     eval_at_start: bool = False  # also evaluate before the first step (step 0)
+    init_from: str | None = None  # start from these weights (kvshift.train.init): a converted/exported model
+    # directory, a run or a checkpoint; read on a fresh start only (a resume restores its checkpoint)
 
     def __post_init__(self):
         _check_types(self, "train")

@@ -5,7 +5,9 @@ Weight decay (the LM anchors and the paper: AdamW β = (0.9, 0.95), wd 0.1) goes
 embedding / output head (they are matrices too; nanoGPT/llama-recipes decay them as well). Never
 decayed: RMSNorm gains (a scale whose natural value is 1; decay would shrink every activation) and
 the KV-shift coefficients (a few scalars per head whose natural scale is 1; decay would pull them
-toward "no key/value input" and bias the comparison against the shifted arm).
+toward "no key/value input" and bias the comparison against the shifted arm). With
+optim.shift_lr_mult != 1 the coefficients get a group of their own whose learning rate is the schedule's
+times that factor (e.g. 10 when continuing a pretrained model, whose other weights need a small rate).
 
 The schedule is a pure function of the step (`lr_at`), so resuming needs only the step; the
 "scheduler state" in a checkpoint is that step plus the schedule's parameters for checking.
@@ -24,6 +26,13 @@ __all__ = ["build_optimizer", "lr_at", "set_lr"]
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     groups = model.param_groups(cfg.weight_decay)
+    if cfg.shift_lr_mult != 1.0:  # the shift coefficients in a group of their own (lr x shift_lr_mult)
+        shift = {id(p) for n, p in model.named_parameters() if "shift_" in n and p.requires_grad}
+        if shift:
+            rest = [{**g, "params": [p for p in g["params"] if id(p) not in shift]} for g in groups]
+            groups = [g for g in rest if g["params"]] + [{
+                "params": [p for g in groups for p in g["params"] if id(p) in shift], "weight_decay": 0.0,
+                "lr_mult": cfg.shift_lr_mult}]
     fused = cfg.fused
     if fused is None:
         fused = device.type == "cuda"
@@ -45,4 +54,4 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)

@@ -47,6 +47,7 @@ from kvshift.train.checkpoint import (
 from kvshift.train.config import RunConfig
 from kvshift.train.data import make_sources, make_validation
 from kvshift.train.flops import flops_per_token
+from kvshift.train.init import init_from
 from kvshift.train.metrics import (
     MetricsLog,
     coefficients_record,
@@ -109,6 +110,7 @@ def evaluate(model, val, device, autocast, vocab_size: int) -> dict:
         n = s[2 + nd + i]
         if n > 0:
             out[f"val_loss/{name}"] = s[2 + i] / n
+            out[f"val_tokens/{name}"] = int(n)
             bpt = val.bytes_per_token_by_domain.get(name)
             if bpt:
                 out[f"val_bpb/{name}"] = out[f"val_loss/{name}"] / math.log(2) / bpt
@@ -162,7 +164,13 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
                 f"from step {st['step']} on")
     torch.manual_seed(tc.seed + d.rank)
 
-    model = LM(mcfg, seed=tc.seed).to(d.device)  # identical shared init across arms (see LM.init_weights)
+    model = LM(mcfg, seed=tc.seed)  # identical shared init across arms (see LM.init_weights)
+    init_info = {"path": tc.init_from, "restored_from_checkpoint": str(ckpt)} if tc.init_from else None
+    if tc.init_from and ckpt is None:  # a resume restores its checkpoint instead
+        init_info = init_from(model, tc.init_from)
+        log(f"[train] initialised from {tc.init_from} ({init_info['identity_filled']} shift coefficients set "
+            f"to the identity, {init_info['identity_dropped']} identity ones dropped)")
+    model = model.to(d.device)
     wrapped = D.wrap_model(model, d)
     eval_model = model  # DDP: the inner module (no sync needed); FSDP: the sharded root
     compile_on = tc.compile if tc.compile is not None else d.device.type == "cuda"
@@ -350,7 +358,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
         "mfu": (tps * fpt / (tc.peak_flops * d.world_size)) if (tps and d.device.type == "cuda") else None,
         "params": sum(p.numel() for p in model.parameters()) if d.mode != "fsdp" else None,
         "non_embedding_params": mcfg.non_embedding_params(),
-        "resumed_from": ckpt, **env, "config": cfg.to_dict(), "model_config": mcfg.to_dict(),
+        "resumed_from": ckpt, "init_from": init_info, **env, "config": cfg.to_dict(), "model_config": mcfg.to_dict(),
     }
     if d.mode == "fsdp":
         summary["params"] = (mcfg.non_embedding_params() + mcfg.vocab_size * mcfg.dim * (1 if mcfg.tie_embeddings else 2)

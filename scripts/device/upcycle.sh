@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The upcycle experiment (continued pretraining of SmolLM2-135M: vanilla vs KV shift vs K shift from the
+# identity) on the GPU machine (device tool), from the repository root. The GGUF (98 MB) is larger than
+# one call carries (64 MiB), so it travels as `kvshift data split` parts in successive calls (the machine
+# keeps ignored files while it stays warm, 30 s after a call) and is reassembled here, checked by sha256:
+#   call 1  carry G.part0, G.parts.json, cache/upcycle/site     bash scripts/device/upcycle.sh stage
+#   call 2  carry G.part1                                       bash scripts/device/upcycle.sh stage
+#   call 3  carry cache/upcycle/shards.tar.xz                   bash scripts/device/upcycle.sh run
+#   (more)  nothing new to carry                                ARMS=... SEEDS=... bash scripts/device/upcycle.sh run
+# with G = cache/upcycle/gguf/SmolLM2-135M-Instruct.Q4_1.gguf; docs/gpu.md says how to make them here.
+# `stage` only reports what has arrived. `run` joins the GGUF (refusing a missing or different part),
+# converts it once (`kvshift convert-llama`, identity shift; cache/upcycle/smollm2-kvshift), unpacks the
+# SmolLM2-tokenized shards once (cache/upcycle-shards), then runs one job per arm and seed through
+# scripts/device/experiment.sh (job i on GPU i mod n, within BUDGET): seed by seed vanilla and kvshift
+# first (what the verdict needs), then kshift. Runs resume in runs/upcycle/ while the machine stays warm.
+# cache/upcycle/site holds the pure-Python `gguf` package (not in the device image; transformers needs it
+# to read a GGUF): copied from the local environment with its dist-info.
+# Environment: OUT, BUDGET (s, default 540), ARMS (default "vanilla kvshift kshift"), SEEDS (default "0 1"),
+# STEPS (optional: fewer steps, a smoke test), PYTHON, KVSHIFT_GIT_COMMIT.
+set -u
+MODE=${1:-run}
+G=SmolLM2-135M-Instruct.Q4_1.gguf
+DIR=cache/upcycle; MODEL=$DIR/smollm2-kvshift; SHARDS=cache/upcycle-shards; PACK=$DIR/shards.tar.xz
+OUT=${OUT:-/tmp/upcycle-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src:$PWD/$DIR/site PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+start=$(date +%s)
+
+echo "== carried so far:"; ls -l "$DIR" "$DIR/gguf" 2>/dev/null | grep -v '^total'
+if [ "$MODE" = stage ]; then exit 0; fi
+[ "$MODE" = run ] || { echo "usage: bash scripts/device/upcycle.sh stage|run" >&2; exit 2; }
+
+if [ ! -f "$MODEL/config.json" ]; then
+  "$PY" -m kvshift.cli data join "$DIR/gguf/$G.parts.json" --out "$DIR/$G" || {
+    echo "== the GGUF is incomplete: carry its parts (calls 1 and 2) again; a fresh machine needs all three calls" >&2; exit 1; }
+  t0=$(date +%s)
+  "$PY" -m kvshift.cli convert-llama "$DIR/$G" "$MODEL" || exit 1
+  echo "== converted in $(( $(date +%s) - t0 ))s"
+fi
+if [ ! -f "$SHARDS/meta.json" ]; then
+  [ -f "$PACK" ] || { echo "no $PACK: carry it (call 3)" >&2; exit 1; }
+  "$PY" -m kvshift.cli data unpack "$PACK" --out "$SHARDS" | tail -n 1 || exit 1
+fi
+
+jobs=()
+common="--input model=$MODEL --shards $SHARDS${STEPS:+ --steps $STEPS}"
+for s in ${SEEDS:-0 1}; do
+  for a in ${ARMS:-vanilla kvshift kshift}; do [ "$a" = kshift ] || jobs+=("upcycle --arms $a --seeds $s $common"); done
+done
+for s in ${SEEDS:-0 1}; do
+  for a in ${ARMS:-vanilla kvshift kshift}; do [ "$a" = kshift ] && jobs+=("upcycle --arms $a --seeds $s $common"); done
+done
+left=$(( ${BUDGET:-540} - ($(date +%s) - start) ))
+BUDGET=$left bash scripts/device/experiment.sh "${jobs[@]}"
+echo "== upcycle total $(( $(date +%s) - start ))s"

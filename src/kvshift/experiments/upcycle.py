@@ -1,0 +1,355 @@
+"""Upcycling: does KV shifting help a PRETRAINED model under continued training? (beyond the paper)
+
+One converted Llama (`kvshift convert-llama`, identity shift: the Llama's logits exactly) starts every arm:
+    vanilla   the Llama as is (attention "vanilla": no shift coefficient at all)
+    kvshift   keys and values shifted, coefficients learnable from the identity (alpha1 = beta1 = 1)
+    kshift    keys only, from the identity: the key shift is what lets one layer form an induction head
+              (Theorem 2), so this arm tells whether the value shift matters once the model is pretrained
+Arms share everything else: data order (seed = data.seed), optimizer (AdamW, lr LR with warm-up, cosine
+to LR/10), steps, evaluation windows. The shift coefficients get their own learning rate: SHIFT_LR_MULT x
+the base rate (a pretrained model needs a small base rate, at which the coefficients would barely move).
+
+Inputs: `--input model=DIR` (a converted model directory) or `--input gguf=FILE` (converted once into
+--runs/upcycle/), token shards made with the model's tokenizer (`--shards`, default cache/shards-smollm2,
+then cache/upcycle-shards). At `--scale cpu` without an input, a tiny random Llama (2 layers, 32 wide) is
+made and converted, for tests. Held-out loss per domain: every corpus domain but code counts as prose.
+
+Coefficient movement, per KV head at the end: the previous token's share of keys
+s_k = |alpha2| / (|alpha1| + |alpha2|) (values: beta); a head "uses the shift" when s >= MOVED_SHARE (0.1).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+
+from kvshift.experiments.base import Experiment, RunOptions, fmt, write_summary
+from kvshift.experiments.lm.runs import RUN_FILES, _publish, _status, key_hash, read_coefficients, run_key
+from kvshift.experiments.lm.spec import data_identity
+from kvshift.train.checkpoint import list_checkpoints
+from kvshift.train.config import load_config
+from kvshift.train.metrics import read_metrics
+from kvshift.train.trainer import train
+from kvshift.utils.io import file_sha256, write_text_atomic
+from kvshift.utils.provenance import command_line, provenance
+
+ARMS = {"vanilla": "vanilla", "kvshift": "kvshift", "kshift": "kshift"}
+BASELINE = "vanilla"
+SHIFT_LR_MULT = 10.0
+MOVED_SHARE = 0.1
+DEFAULT_SHARDS = ("cache/shards-smollm2", "cache/upcycle-shards")
+# scale -> settings. gpu: SmolLM2-135M, bf16, compiled; 32,768 tokens a step, 1,800 steps = 59M tokens per arm
+# (about 5 min at 200k tokens/s, under 8 at 130k: one arm per 10-minute device command with compilation)
+SCALES = {
+    "gpu": dict(seq_len=2048, batch=16, steps=1800, lr=1e-4, warmup=100, evals=6, val_windows=512, ckpt_every=600,
+                seeds=(0, 1), extra=()),
+    "cpu": dict(seq_len=32, batch=4, steps=12, lr=3e-3, warmup=2, evals=3, val_windows=16, ckpt_every=0,
+                seeds=(0, 1), extra=('train.device="cpu"', "train.compile=false", 'train.dtype="fp32"',
+                                     "train.threads=1", "train.deterministic=true")),
+}
+RULE = ("per seed d = kvshift's final held-out loss (all domains) − vanilla's; spread = the larger of the two "
+        "arms' standard deviations over seeds. Reproduced: d < −spread in every seed (≥ 2 seeds); partly: "
+        "mean d < 0; not reproduced: mean d ≥ 0; inconclusive: fewer than 2 seeds with both arms finished.")
+
+
+def _inputs(opts: RunOptions) -> dict[str, str]:
+    out = {}
+    for item in opts.inputs:
+        key, sep, val = item.partition("=")
+        if not sep or key not in ("model", "gguf") or not val:
+            raise ValueError(f"--input {item!r}: upcycle takes --input model=DIR (a converted model) or "
+                             f"--input gguf=FILE (a Llama GGUF)")
+        out[key] = val
+    if len(out) > 1:
+        raise ValueError("upcycle takes one of --input model=DIR and --input gguf=FILE, not both")
+    return out
+
+
+def tiny_llama(dst: Path, vocab_size: int, seed: int = 0) -> Path:
+    """A tiny random Llama (2 layers, 32 wide, GQA 4/2, tied embeddings) converted to a KV-shift model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvshift.hf.convert import convert_llama
+
+    if (dst / "config.json").is_file():
+        return dst
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    llama = LlamaForCausalLM(cfg)
+    src = dst.with_name(dst.name + "-llama")
+    llama.save_pretrained(src)
+    convert_llama(src, dst)
+    shutil.rmtree(src, ignore_errors=True)
+    return dst
+
+
+def model_dir(opts: RunOptions, vocab_size: int) -> Path:
+    """The converted model every arm starts from (see the module docstring)."""
+    inp = _inputs(opts)
+    if "model" in inp:
+        d = Path(inp["model"])
+        if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+            raise ValueError(f"--input model={d}: not a converted model directory (config.json and "
+                             f"model.safetensors; make one with `kvshift convert-llama FILE.gguf DIR`)")
+        return d
+    if "gguf" in inp:
+        from kvshift.hf.convert import convert_llama
+
+        src = Path(inp["gguf"])
+        if not src.is_file():
+            raise ValueError(f"--input gguf={src}: no such file")
+        dst = opts.runs / "upcycle" / f"model-{file_sha256(src)[:12]}"
+        if not (dst / "config.json").is_file():
+            opts.log(f"[upcycle] converting {src} -> {dst}")
+            convert_llama(src, dst)
+        return dst
+    if opts.scale == "gpu":
+        raise ValueError("upcycle --scale gpu needs the pretrained model: --input gguf=FILE or --input model=DIR")
+    return tiny_llama(opts.runs / "upcycle" / f"tiny-llama-v{vocab_size}", vocab_size)
+
+
+def shard_dir(opts: RunOptions) -> Path:
+    cands = [opts.shards] if opts.shards else [Path(c) for c in DEFAULT_SHARDS]
+    for c in cands:
+        if (Path(c) / "meta.json").is_file():
+            return Path(c)
+    raise ValueError(f"no token shards in {', '.join(map(str, cands))}: tokenize the corpus with the model's tokenizer "
+                     f"(`kvshift data tokenize --corpus cache/corpus --tokenizer FILE.gguf --out cache/shards-smollm2`)"
+                     f" or pass --shards")
+
+
+def model_fields(model: Path) -> dict:
+    """ModelConfig fields of a converted model directory (its config.json)."""
+    from kvshift.hf.configuration import KVShiftConfig
+
+    mc = KVShiftConfig.from_pretrained(str(model)).to_model_config()
+    return {k: v for k, v in mc.to_dict().items() if k not in ("attention", "name") and v is not None}
+
+
+def check_match(model: Path, shards: Path, fields: dict) -> None:
+    meta = json.loads((shards / "meta.json").read_text())
+    if meta["vocab_size"] != fields["vocab_size"]:
+        raise ValueError(f"{shards}: shards of vocabulary {meta['vocab_size']:,}, but the model {model} has "
+                         f"{fields['vocab_size']:,}; tokenize with the model's tokenizer")
+    tok = model / "tokenizer.json"
+    if tok.is_file() and file_sha256(tok) != meta["tokenizer_sha256"]:
+        raise ValueError(f"{shards}: made with another tokenizer than {tok} (sha256 differs); tokenize with "
+                         f"`--tokenizer {model}`")
+
+
+def run_config(scale: str, model: Path, fields: dict, arm: str, seed: int, shards: Path,
+               steps: int | None = None, overrides: list[str] | None = None):
+    sc = SCALES[scale]
+    steps = steps or sc["steps"]
+    m = {**fields, "attention": ARMS[arm], "max_seq_len": max(fields["max_seq_len"], sc["seq_len"]),
+         "name": f"upcycle-{arm}"}
+    ev = max(1, steps // sc["evals"])
+    ov = [*(f"model.{k}={json.dumps(v)}" for k, v in m.items()),
+          'data.kind="shards"', f"data.shard_dir={json.dumps(str(shards))}", f"data.seq_len={sc['seq_len']}",
+          f"data.batch_size={sc['batch']}", "data.grad_accum=1", f"data.seed={seed}",
+          f"data.val_windows={sc['val_windows']}", f"optim.lr={sc['lr']}", f"optim.min_lr={sc['lr'] / 10}",
+          f"optim.warmup={sc['warmup']}", 'optim.schedule="cosine"', f"optim.shift_lr_mult={SHIFT_LR_MULT}",
+          f"train.steps={steps}", f"train.eval_every={ev}", "train.eval_at_start=true",
+          f"train.ckpt_every={sc['ckpt_every']}", "train.keep_last=1", "train.seed=0",
+          f"train.init_from={json.dumps(str(model))}", "train.log_every=10", "train.progress=false",
+          *sc["extra"], *(overrides or [])]
+    return load_config(None, ov)
+
+
+def run_one(opts: RunOptions, model: Path, ident: dict, fields: dict, arm: str, seed: int, out: Path,
+            shards: Path) -> str:
+    """Trains one arm/seed (or finds it done) and publishes it to out/runs/<arm>-s<seed>."""
+    cfg = run_config(opts.scale, model, fields, arm, seed, shards, opts.steps, opts.overrides)
+    key = run_key(cfg, ident)
+    res = out / "runs" / f"{arm}-s{seed}"
+    if st := _status(res, key):
+        opts.log(f"[upcycle] {arm} s{seed}: already in {res} ({st})")
+        return st
+    rd = opts.runs / "upcycle" / key_hash(key)
+    rd.mkdir(parents=True, exist_ok=True)
+    if not (rd / "run.json").exists():
+        prov = {k: v for k, v in provenance().items() if k != "command"}
+        (rd / "run.json").write_text(json.dumps({"experiment": "upcycle", "scale": opts.scale, "arm": arm, "seed": seed,
+                                                 "command": command_line(), "provenance": prov, "key": key},
+                                                indent=1) + "\n")
+    st = _status(rd, key)
+    if st is None:
+        threads = torch.get_num_threads()
+        opts.log(f"[upcycle] {arm} s{seed}: training {cfg.train.steps} steps from {model} -> {rd}")
+        try:
+            s = train(cfg, rd, resume=True, command=command_line())
+        finally:
+            torch.set_num_threads(threads)
+        st = s["status"]
+        if st == "interrupted":
+            return st
+        ck = list_checkpoints(rd / "checkpoints")
+        if ck and (ck[-1] / "model.safetensors").is_file():
+            layers = read_coefficients(ck[-1] / "model.safetensors", cfg.model_config())
+            (rd / "coefficients.jsonl").write_text(json.dumps({"step": s["steps"], "layers": layers}) + "\n")
+        opts.log(f"[upcycle] {arm} s{seed}: {st}, val loss {s['final_val_loss']}, "
+                 f"{s['tokens_per_s'] or 0:,.0f} tokens/s")
+    if not opts.keep_checkpoints:
+        shutil.rmtree(rd / "checkpoints", ignore_errors=True)
+    _publish(rd, res)
+    return st
+
+
+def run(opts: RunOptions, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    if opts.summarize_only:
+        return summarize(opts, out)
+    arms = opts.arms or list(ARMS)
+    bad = sorted(set(arms) - set(ARMS))
+    if bad:
+        raise ValueError(f"--arms: unknown arms {bad}; arms: {list(ARMS)}")
+    shards = shard_dir(opts)
+    vocab = json.loads((shards / "meta.json").read_text())["vocab_size"]
+    model = model_dir(opts, vocab)
+    fields = model_fields(model)
+    check_match(model, shards, fields)
+    ident = {**data_identity(shards), "init_sha256": file_sha256(model / "model.safetensors")}
+    for seed in opts.seed_list(SCALES[opts.scale]["seeds"]):
+        for arm in arms:
+            if run_one(opts, model, ident, fields, arm, seed, out, shards) == "interrupted":
+                opts.log("[upcycle] interrupted: rerun the same command to continue")
+                break
+    return summarize(opts, out)
+
+
+# ---- summary ------------------------------------------------------------------------------------
+def domain_losses(rec: dict) -> dict:
+    """{"all", "prose", "code"} held-out losses of an evaluation record: prose = every domain but code,
+    weighted by its evaluated tokens."""
+    out = {"all": rec.get("val_loss")}
+    pairs = [(k[len("val_loss/"):], v) for k, v in rec.items() if k.startswith("val_loss/")]
+    prose = [(v, rec.get(f"val_tokens/{d}", 0)) for d, v in pairs if d != "code"]
+    n = sum(w for _, w in prose)
+    out["prose"] = sum(v * w for v, w in prose) / n if n else None
+    out["code"] = dict(pairs).get("code")
+    return out
+
+
+def coefficient_movement(layers: list[dict]) -> dict:
+    """Per layer, KV heads whose previous-token share (|c2| / (|c1| + |c2|)) is >= MOVED_SHARE, for keys (alpha)
+    and values (beta), and the largest distance of any coefficient from the identity."""
+    per, dmax = [], 0.0
+    for L in layers:
+        row = {}
+        for key, side in (("alpha", "k"), ("beta", "v")):
+            heads = L[key]
+            shares = [abs(h[1]) / max(abs(h[0]) + abs(h[1]), 1e-12) for h in heads]
+            row[f"{side}_heads_moved"] = sum(s >= MOVED_SHARE for s in shares)
+            row[f"{side}_max_share"] = max(shares)
+            dmax = max(dmax, max(abs(h[0] - 1) for h in heads), max(abs(x) for h in heads for x in h[1:]))
+        per.append(row)
+    return {"per_layer": per, "k_heads_moved": sum(r["k_heads_moved"] for r in per),
+            "v_heads_moved": sum(r["v_heads_moved"] for r in per), "heads": sum(len(L["alpha"]) for L in layers),
+            "max_abs_change": dmax}
+
+
+def run_stats(d: Path) -> dict:
+    s = json.loads((d / "summary.json").read_text())
+    recs = read_metrics(d / "metrics.jsonl")
+    evals = [r for r in recs if "val_loss" in r]
+    st = {"status": s["status"], "tokens": s["tokens"], "tokens_per_s": s["tokens_per_s"],
+          "start": domain_losses(evals[0]) if evals else None, "final": domain_losses(evals[-1]) if evals else None,
+          "curve": [{"tokens": r["tokens"], **domain_losses(r)} for r in evals]}
+    if (d / "coefficients.jsonl").is_file():
+        st["coefficients"] = coefficient_movement(json.loads((d / "coefficients.jsonl").read_text().splitlines()[-1])["layers"])
+    return st
+
+
+def verdict(runs: dict) -> tuple[str, str, dict]:
+    seeds = sorted({s for a in runs.values() for s in a})
+    both = [s for s in seeds if all(runs.get(a, {}).get(s, {}).get("status") == "finished" for a in (BASELINE, "kvshift"))]
+    if len(both) < 2:
+        return "inconclusive", f"{len(both)} seed(s) with both vanilla and kvshift finished; the rule needs ≥ 2", {}
+    fin = {a: [runs[a][s]["final"]["all"] for s in both] for a in (BASELINE, "kvshift")}
+    d = [k - v for k, v in zip(fin["kvshift"], fin[BASELINE])]
+    spread = max(statistics.stdev(x) for x in fin.values())
+    mean = statistics.mean(d)
+    v = "reproduced" if all(x < -spread for x in d) else "partly reproduced" if mean < 0 else "not reproduced"
+    by_dom = {dom: statistics.mean(runs["kvshift"][s]["final"][dom] - runs[BASELINE][s]["final"][dom] for s in both)
+              for dom in ("prose", "code") if all(runs[a][s]["final"].get(dom) is not None
+                                                   for a in (BASELINE, "kvshift") for s in both)}
+    text = (f"kvshift − vanilla final held-out loss {mean:+.4f} (per seed {', '.join(f'{x:+.4f}' for x in d)}; "
+            f"seed spread {spread:.4f}; n={len(both)})" + "".join(f"; {k} {x:+.4f}" for k, x in by_dom.items()))
+    return v, text, {"diff": d, "mean_diff": mean, "spread": spread, "diff_by_domain": by_dom, "seeds": both}
+
+
+def summarize(opts: RunOptions, out: Path) -> dict:
+    runs: dict = {}
+    for d in sorted((out / "runs").glob("*-s*")) if (out / "runs").is_dir() else []:
+        arm, _, seed = d.name.rpartition("-s")
+        if arm in ARMS and (d / "summary.json").is_file():
+            runs.setdefault(arm, {})[int(seed)] = run_stats(d)
+    if not runs:
+        raise ValueError(f"{out}: no finished upcycle runs yet (run `kvshift experiment upcycle --scale {opts.scale}`)")
+    v, text, extra = verdict(runs)
+    starts = [r["start"]["all"] for a in runs.values() for r in a.values() if r["start"]]
+    same_start = bool(starts) and max(starts) - min(starts) < 1e-3
+    prov = provenance()
+    infos = [json.loads((d / "run.json").read_text()) for d in (out / "runs").glob("*-s*") if (d / "run.json").is_file()]
+    if infos:
+        prov["git_commit"] = "; ".join(dict.fromkeys(str(i["provenance"].get("git_commit")) for i in infos))
+    s = {"experiment": "upcycle", "scale": opts.scale, "verdict": v, "verdict_text": text + (
+        "" if same_start else "; WARNING: the arms' step-0 held-out losses differ"), **prov,
+         "shift_lr_mult": SHIFT_LR_MULT, "moved_share": MOVED_SHARE, "identical_start": same_start, **extra,
+         "runs": {a: {str(k): {x: y for x, y in r.items() if x != "curve"} for k, r in sorted(runs[a].items())}
+                  for a in ARMS if a in runs}}
+    write_summary(out, s)
+    _plot(out, runs)
+    _readme(out, s)
+    return s
+
+
+def _plot(out: Path, runs: dict) -> None:
+    from kvshift.utils.plot import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, dom in zip(axes, ("all", "prose", "code")):
+        for arm, by in runs.items():
+            for i, (seed, r) in enumerate(sorted(by.items())):
+                pts = [(c["tokens"], c[dom]) for c in r["curve"] if c.get(dom) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker=".", color={"vanilla": "C0", "kvshift": "C3", "kshift": "C2"}[arm],
+                            alpha=0.9 if i == 0 else 0.5, label=arm if i == 0 else None)
+        ax.set_title(f"held-out loss: {dom}")
+        ax.set_xlabel("tokens")
+    axes[0].set_ylabel("nats/token")
+    axes[0].legend()
+    save_figure(fig, out / "plot.png")
+
+
+def _readme(out: Path, s: dict) -> None:
+    lines = [f"# upcycle ({s['scale']})", "", f"**{s['verdict']}** — {s['verdict_text']}", "",
+             f"Rule: {RULE}", "", f"Shift coefficients: learning rate × {SHIFT_LR_MULT:g}; a head uses the shift "
+             f"when the previous token's share |c2|/(|c1|+|c2|) ≥ {MOVED_SHARE}. Arms start identical: "
+             f"{s['identical_start']}.", "",
+             "| arm | seed | start | final (all) | prose | code | tokens | tokens/s | K heads moved | V heads moved |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, by in s["runs"].items():
+        for seed, r in by.items():
+            c = r.get("coefficients") or {}
+            f = r["final"] or {}
+            lines.append(f"| {arm} | {seed} | {fmt((r['start'] or {}).get('all'))} | {fmt(f.get('all'))} | "
+                         f"{fmt(f.get('prose'))} | {fmt(f.get('code'))} | {r['tokens']:,} | {fmt(r['tokens_per_s'], ',.0f')} | "
+                         f"{c.get('k_heads_moved', '—')}/{c.get('heads', '—')} | {c.get('v_heads_moved', '—')}/{c.get('heads', '—')} |")
+    write_text_atomic(out / "README.md", "\n".join(lines) + "\n")
+
+
+EXPERIMENTS = [
+    Experiment("upcycle", "beyond the paper", "KV shifting helps a pretrained model under continued training.", RULE,
+               "continued pretraining of a converted Llama (SmolLM2-135M at gpu scale): vanilla vs KV shift vs K "
+               "shift from the identity", run=run, summarize=summarize,
+               options=("arms", "shards", "runs", "inputs", "overrides", "keep_checkpoints", "summarize_only")),
+]
+assert set(RUN_FILES) >= {"summary.json", "metrics.jsonl", "coefficients.jsonl"}
