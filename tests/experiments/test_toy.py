@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from kvshift.experiments import toy
+from kvshift.experiments import toy, toy_runs
 from kvshift.experiments.arms import DataStream
 from kvshift.experiments.base import VERDICTS, RunOptions
 from kvshift.experiments.cli import run_experiment
@@ -20,6 +20,8 @@ FILES = ("metrics.jsonl", "summary.json", "plot.png", "README.md")
 @pytest.fixture
 def tiny(monkeypatch):
     monkeypatch.setitem(toy.INDUCTION, "cpu", dict(TINY))
+    monkeypatch.setitem(toy.WIDTH, "cpu", dict(dim=8, heads=1, ffn=16, init_std=8 ** -0.5, batch=4, steps=6, lr=1e-3,
+                                              warmup=2, eval_every=3, compile=False))
     monkeypatch.setitem(toy.NGRAM_SIZES, "cpu", [("tiny-1L", 1, 8, 2, 16)])
 
 
@@ -50,6 +52,36 @@ def test_toy_experiment_writes_every_file(tiny, tmp_path, name):
         assert any("coefficients" in r for r in recs)
         assert len(s["heads"]) == TINY["heads"]
     assert summary["verdict"] == s["verdict"]
+
+
+def test_jobs_split_by_seed_and_arm_merge_into_one_summary(tiny, tmp_path):
+    out, quiet = tmp_path / "depth", lambda m: None
+    run_experiment("induction-depth", RunOptions(out=out, runs=tmp_path / "runs", seeds=[0], log=quiet))
+    run_experiment("induction-depth", RunOptions(out=out, runs=tmp_path / "runs", seeds=[1],
+                                                 arms=["kvshift-1L", "vanilla-2L"], log=quiet))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["seeds"] == 2 and s["arms"]["kvshift-1L"]["seeds"] == [0, 1] and s["arms"]["vanilla-1L"]["seeds"] == [0]
+    assert s["arms"]["vanilla-2L"]["steps_to"]["0.5"]["per_seed"].keys() == {"0", "1"}
+    assert {(r["arm"], r["seed"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())} == {
+        ("kvshift-1L", 0), ("vanilla-1L", 0), ("vanilla-2L", 0), ("vanilla-2L-learned", 0),
+        ("kvshift-1L", 1), ("vanilla-2L", 1)}
+    again = run_experiment("induction-depth", RunOptions(out=out, summarize_only=True, log=quiet))
+    assert again["arms"] == s["arms"]
+    # a run of another setting in the same directory is refused by name, not averaged in
+    with pytest.raises(ValueError, match="vanilla-1L-s1 was trained with"):
+        run_experiment("induction-depth", RunOptions(out=out, runs=tmp_path / "runs", seeds=[1], steps=3,
+                                                     arms=["vanilla-1L"], log=quiet))
+    with pytest.raises(ValueError, match="--arms: induction-depth has arms"):
+        run_experiment("induction-depth", RunOptions(out=out, arms=["nope"], log=quiet))
+
+
+def test_crossing_ratios_per_seed():
+    def arm(**steps):
+        return {"steps_to": {"0.5": {"per_seed": steps}}}
+    arms = {"v": arm(**{"0": 900, "1": None, "2": 600}), "k": arm(**{"0": 300, "1": 200, "2": 300})}
+    r = toy_runs.crossing_ratios(arms, "v", "k", "0.5")
+    assert r["per_seed"] == {"0": 3.0, "2": 2.0} and r["n"] == 2 and (r["min"], r["max"]) == (2.0, 3.0)
+    assert toy_runs.crossing_ratios({"v": arm(**{"0": None}), "k": arm(**{"0": 300})}, "v", "k", "0.5") is None
 
 
 def test_arms_share_the_data_stream(tiny):

@@ -5,14 +5,13 @@
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 
 import torch
 
+from kvshift.experiments import toy_runs
 from kvshift.experiments.arms import (
     EVAL_SEED,
-    THRESHOLDS,
     Arm,
     DataStream,
     StreamSource,
@@ -22,7 +21,7 @@ from kvshift.experiments.arms import (
     target_accuracy,
     train_arm,
 )
-from kvshift.experiments.base import Experiment, ResultsLog, RunOptions, write_summary
+from kvshift.experiments.base import Experiment, RunOptions, write_summary
 from kvshift.experiments.toy_report import (
     heads_table,
     plot_accuracy,
@@ -33,17 +32,29 @@ from kvshift.models import ModelConfig
 from kvshift.tasks import induction
 from kvshift.tasks.ngram import NGramTask
 from kvshift.utils.io import read_json
-from kvshift.utils.provenance import provenance
+from kvshift.utils.provenance import command_line, provenance
 
 # ---- scales -------------------------------------------------------------------------------------
-# gpu: the paper's model (hidden 1024, vocab 8000, length 512) with a batch that fits one 10-minute
-# command; the paper's lr 2e-4 / 1000 warm-up is for batch 4096, so every arm uses lr 1e-3 with 200
-# warm-up steps at batch 64 (the same for all arms). cpu: a reduced copy that runs on 2 cores.
+# gpu: the paper's task (vocab 8000, length 512) at width 256 / 4 heads with batch 256, so that three seeds
+# of every arm fit one 10-minute command (width 1024 at batch 64 left vanilla 2L on its plateau, and a
+# probe at width 256 / batch 1024 too: the plateau is a matter of sequences seen, and a narrower model sees
+# more per second). The paper's lr 2e-4 / 1000 warm-up is for batch 4096; every arm uses lr 1e-3 with 200
+# warm-up steps. cpu: a reduced copy that runs on 2 cores.
 INDUCTION = {
-    "gpu": dict(vocab=8000, seq=512, pool=512, dim=1024, heads=16, ffn=2816, batch=64, steps=3000, lr=1e-3,
-                warmup=200, eval_every=100, n_eval=512, compile=False, bf16=True),
+    "gpu": dict(vocab=8000, seq=512, pool=512, dim=256, heads=4, ffn=704, batch=256, steps=2000, lr=1e-3,
+                warmup=200, eval_every=50, n_eval=512, compile=False, bf16=True),
     "cpu": dict(vocab=512, seq=128, pool=128, dim=128, heads=4, ffn=352, batch=16, steps=400, lr=1e-3, warmup=100,
-                eval_every=50, n_eval=64, compile=False, bf16=False, width_steps=3000, width_eval_every=200),
+                eval_every=50, n_eval=64, compile=False, bf16=False),
+}
+# Fig. 1b at hidden size 8. Our first setup (2 heads of dim 4, init std 0.02, batch 64) learned nothing in
+# either arm: with 0.02 the tied logits are ~0.16 in size, and RoPE leaves 2 content dimensions per head.
+# Here: 1 head of dim 8, every weight drawn with std 1/sqrt(8) (the fan-in scale of width 8, so embeddings and
+# logits start at order 1), batch 256 and a 3x larger learning rate, the same for both arms.
+WIDTH = {
+    "gpu": dict(dim=8, heads=1, ffn=32, init_std=8 ** -0.5, batch=256, steps=4000, lr=3e-3, warmup=200,
+                eval_every=200, compile=False),
+    "cpu": dict(dim=8, heads=1, ffn=32, init_std=8 ** -0.5, batch=16, steps=3000, lr=3e-3, warmup=100,
+                eval_every=200, compile=False),
 }
 
 
@@ -66,34 +77,45 @@ def _spec(s: dict, steps: int | None, **kw) -> TrainSpec:
 
 def run_arms(name: str, arms: list[Arm], sampler, spec: TrainSpec, n_eval: int, *, opts: RunOptions, out: Path,
              paper: str, extra: dict | None = None) -> dict:
-    """Train every arm on the same stream for each seed (init seed s, data seed 1000 + s)."""
+    """Train every selected arm (--arms) on the same stream for each seed (init seed s, data seed 1000 + s),
+    publish each run into out/runs/, then summarise every run published there (`toy_runs`)."""
     device = default_device()
-    rd = ResultsLog(out)
+    if opts.arms:
+        unknown = sorted(set(opts.arms) - {a.name for a in arms})
+        if unknown:
+            raise ValueError(f"--arms: {name} has arms {[a.name for a in arms]}, got {unknown}")
     g = torch.Generator().manual_seed(EVAL_SEED)
     ev_tokens, ev_mask = sampler(n_eval, g)
     evaluator = functools.partial(target_accuracy, ev_tokens, ev_mask, device)
-    t0 = time.time()
-    per_seed = []
     seeds = opts.seed_list()
     for seed in seeds:
         stream = DataStream(sampler, spec.batch_size, spec.steps, seed=1000 + seed)
         seq_len = stream.tokens.shape[-1] - 1
-        arms_out = {}
-        for arm in arms:
+        for order, arm in enumerate(arms):
+            if opts.arms and arm.name not in opts.arms:
+                continue
             r = train_arm(arm.name, arm.config, StreamSource(stream), spec, seq_len=seq_len, seed=seed,
                           evaluator=evaluator, run_dir=opts.runs / f"{name}-{opts.scale}" / f"{arm.name}-s{seed}",
                           device=device, keep_model=opts.keep_checkpoints and seed == seeds[0], log=opts.log)
-            for rec in r["records"]:
-                rd.log({**rec, "arm": arm.name, "seed": seed, "eval": "accuracy" in rec})
-            arms_out[arm.name] = arm_summary(arm, r)
-        per_seed.append({"seed": seed, "data_generation_seconds": stream.gen_seconds, "arms": arms_out})
-    rd.close()
-    summary = {
-        "experiment": name, "scale": opts.scale, "paper": paper, **provenance(device),
-        "train": spec.to_dict(), "n_eval_sequences": n_eval, "seeds": len(seeds),
-        "arms": aggregate(per_seed), "per_seed": per_seed, "wall_seconds": time.time() - t0, **(extra or {}),
+            toy_runs.publish(out, arm.name, seed, {
+                "order": order, "result": arm_summary(arm, r), "train": spec.to_dict(), "model": arm.config.to_dict(),
+                "n_eval_sequences": n_eval, "data_generation_seconds": stream.gen_seconds,
+                "provenance": provenance(device)}, r["records"])
+    return summarize_runs(name, opts, out, paper, extra)
+
+
+def summarize_runs(name: str, opts: RunOptions, out: Path, paper: str, extra: dict | None = None) -> dict:
+    per_seed, arms = toy_runs.collect(out)
+    runs = toy_runs.published(out)
+    first = runs[0]
+    prov = {**first["provenance"], **{k: "; ".join(dict.fromkeys(str(r["provenance"][k]) for r in runs))
+                                      for k in ("git_commit", "device", "torch", "command")}}
+    return {
+        "experiment": name, "scale": opts.scale, "paper": paper, **prov, "summarized_by": command_line(),
+        "train": first["train"], "n_eval_sequences": first["n_eval_sequences"], "seeds": len(per_seed),
+        "arms": arms, "per_seed": per_seed, "wall_seconds": sum(r["result"]["wall_seconds"] for r in runs),
+        **(extra or {}),
     }
-    return summary
 
 
 def arm_summary(arm: Arm, run: dict) -> dict:
@@ -110,35 +132,13 @@ def arm_summary(arm: Arm, run: dict) -> dict:
     return out
 
 
-def aggregate(per_seed: list[dict]) -> dict:
-    """Per arm across seeds: mean final/best accuracy, and each threshold's steps (median of reached)."""
-    names = list(per_seed[0]["arms"])
-    out = {}
-    for n in names:
-        rows = [s["arms"][n] for s in per_seed]
-        steps = {}
-        for th in THRESHOLDS:
-            vals = [r["steps_to"][str(th)] for r in rows]
-            got = sorted(v for v in vals if v is not None)
-            steps[str(th)] = {"reached": f"{len(got)}/{len(vals)}", "median_step": got[len(got) // 2] if got else None}
-        out[n] = {
-            "final_accuracy": sum(r["final_accuracy"] for r in rows) / len(rows),
-            "final_accuracy_per_seed": [r["final_accuracy"] for r in rows],
-            "best_accuracy": sum(r["best_accuracy"] for r in rows) / len(rows),
-            "steps_to": steps,
-            "non_embedding_params": rows[0]["non_embedding_params"],
-            "wall_seconds": sum(r["wall_seconds"] for r in rows),
-        }
-    return out
-
-
 def _cfg(s: dict, attention: str, n_layers: int, dim: int | None = None, heads: int | None = None,
-         ffn: int | None = None) -> ModelConfig:
+         ffn: int | None = None, **options) -> ModelConfig:
     # tied embeddings for every arm: with 8000 ids an untied head must first learn an 8000-way copy map
     # from rare tokens, which stalled induction for 1000+ steps in our early runs (docs/experiments.md)
     return ModelConfig(vocab_size=s["vocab"], dim=dim or s["dim"], n_layers=n_layers, n_heads=heads or s["heads"],
                        ffn_dim=ffn or s["ffn"], max_seq_len=s["seq"] + 1, attention=attention, tie_embeddings=True,
-                       name=f"{attention}-{n_layers}L")
+                       name=f"{attention}-{n_layers}L", **options)
 
 
 # ---- experiments --------------------------------------------------------------------------------
@@ -146,33 +146,55 @@ def _final(summary, arm):
     return summary["arms"][arm]["final_accuracy"]
 
 
-def induction_depth(opts: RunOptions, out: Path) -> dict:
-    scale, steps = opts.scale, opts.steps
+DEPTH_PAPER = ("vanilla 1-layer cannot learn induction; vanilla 2-layer and KV-shift 1-layer reach ~100%; KV shift "
+               "converges much faster than vanilla 2-layer; vanilla 4-layer is not faster than 2-layer.")
+WIDTH_PAPER = "at hidden size 8, vanilla 2-layer learns induction very poorly while KV shift 1-layer still learns."
+
+
+def depth_arms(scale: str) -> list[Arm]:
     s = INDUCTION[scale]
     arms = [Arm("kvshift-1L", _cfg(s, "kvshift", 1)), Arm("vanilla-1L", _cfg(s, "vanilla", 1)),
             Arm("vanilla-2L", _cfg(s, "vanilla", 2))]
     if scale == "gpu":  # the 4-layer arm costs as much as the other three together: gpu scale only
         arms.append(Arm("vanilla-4L", _cfg(s, "vanilla", 4)))
-    paper = ("vanilla 1-layer cannot learn induction; vanilla 2-layer and KV-shift 1-layer reach ~100%; KV shift "
-             "converges much faster than vanilla 2-layer; vanilla 4-layer is not faster than 2-layer.")
-    spec = _spec(s, steps)
-    summ = run_arms("induction-depth", arms, _induction_sampler(s), spec, s["n_eval"],
-                    opts=opts, out=out, paper=paper)
-    plot_accuracy(out, f"Induction, depth ({scale} scale)", [a.name for a in arms])
+    # an extra arm, labelled as such: learned absolute positions (GPT-2's) are known to shorten the plateau
+    # before a vanilla model forms induction heads; not the paper's Llama setting
+    arms.append(Arm("vanilla-2L-learned", _cfg(s, "vanilla", 2, position="learned"), extra={"extra_arm": True}))
+    return arms
+
+
+def induction_depth(opts: RunOptions, out: Path) -> dict:
+    s = INDUCTION[opts.scale]
+    arms = depth_arms(opts.scale)
+    summ = run_arms("induction-depth", arms, _induction_sampler(s), _spec(s, opts.steps), s["n_eval"],
+                    opts=opts, out=out, paper=DEPTH_PAPER)
     return _finish_depth(summ, out)
 
 
 def _finish_depth(summ: dict, out: Path) -> dict:
+    for name in ("vanilla-2L", "vanilla-2L-learned"):
+        summ.setdefault("crossing_ratio", {})[name] = {
+            t: toy_runs.crossing_ratios(summ["arms"], name, "kvshift-1L", t) for t in ("0.5", "0.9")}
     summ["verdict"], summ["verdict_text"] = depth_verdict(summ)
     write_summary(out, summ)
+    plot_accuracy(out, f"Induction, depth ({summ['scale']} scale)", list(summ["arms"]), log_x=True)
     write_readme(out, summ, "Induction depth (paper Fig. 1a)", f"**{summ['verdict']}** — {summ['verdict_text']}",
-                 "Targets follow the most-recent-occurrence rule the paper states (not its printed generator).")
+                 "Targets follow the most-recent-occurrence rule the paper states (not its printed generator). "
+                 "vanilla-2L-learned (learned absolute positions) is an extra arm, not the paper's setting.")
     return summ
+
+
+def _ratio_text(r: dict | None, what: str) -> str:
+    if r is None:
+        return ""
+    return (f" {what}: {r['median']:.1f}× (median over {r['n']} seed{'s' if r['n'] > 1 else ''}, range "
+            f"{r['min']:.1f}–{r['max']:.1f}).")
 
 
 def depth_verdict(summ: dict) -> tuple[str, str]:
     """The speed claim needs vanilla 2-layer to learn: while it stays below 50% the run cannot compare the two
-    (inconclusive, with the budget reached); the paper's runs used 4,096 sequences per step."""
+    (inconclusive, with the budget reached); the paper's runs used 4,096 sequences per step. Where it learns,
+    the row gives the ratio of crossing steps (vanilla 2L / KV shift 1L) per seed."""
     kv, v1, v2 = (_final(summ, n) for n in ("kvshift-1L", "vanilla-1L", "vanilla-2L"))
     st = lambda n, t="0.9": summ["arms"][n]["steps_to"][t]["median_step"]  # noqa: E731
     steps, batch = summ["train"]["steps"], summ["train"]["batch_size"]
@@ -180,38 +202,42 @@ def depth_verdict(summ: dict) -> tuple[str, str]:
              f"vanilla 1-layer {v1:.1%}", f"vanilla 2-layer {v2:.1%}"]
     if "vanilla-4L" in summ["arms"]:
         parts.append(f"vanilla 4-layer {_final(summ, 'vanilla-4L'):.1%}")
-    parts.append(f"after {steps} steps of batch {batch}")
+    if "vanilla-2L-learned" in summ["arms"]:
+        parts.append(f"vanilla 2-layer with learned absolute positions (extra arm) {_final(summ, 'vanilla-2L-learned'):.1%}")
+    parts.append(f"after {steps} steps of batch {batch}, {summ.get('seeds', 1)} seed(s)")
     text = "; ".join(parts) + "."
+    ratios = summ.get("crossing_ratio", {})
+    for name, label in (("vanilla-2L", "vanilla 2-layer"), ("vanilla-2L-learned", "vanilla 2-layer, learned positions")):
+        for t in ("0.5", "0.9"):
+            text += _ratio_text((ratios.get(name) or {}).get(t), f"Steps to {float(t):.0%}, {label} / KV shift 1-layer")
     if kv < 0.9 or v1 >= 0.2:
         return "not reproduced", text
     if st("vanilla-2L", "0.5") is None:
-        return "inconclusive", text + (f" Vanilla 2-layer never reached 50% within {steps * batch:,} sequences (the "
-                                       "paper's runs see 4,096 per step): the run cannot say how much faster KV shift "
-                                       "learns; that needs a budget in which vanilla 2-layer forms induction heads.")
+        return "inconclusive", text + (f" Vanilla 2-layer (RoPE, the paper's setting) never reached 50% within "
+                                       f"{steps * batch:,} sequences (the paper's runs see 4,096 per step): the run "
+                                       "cannot say how much faster KV shift learns in that setting.")
     if v2 >= 0.9 and (st("vanilla-2L") is None or (st("kvshift-1L") is not None and st("kvshift-1L") < st("vanilla-2L"))):
         return "reproduced", text
     return "partly reproduced", text
 
 
+def width_arms(scale: str) -> tuple[dict, list[Arm]]:
+    s = {**INDUCTION[scale], **WIDTH[scale]}
+    kw = dict(dim=s["dim"], heads=s["heads"], ffn=s["ffn"], init_std=s["init_std"])
+    return s, [Arm("kvshift-1L", _cfg(s, "kvshift", 1, **kw)), Arm("vanilla-2L", _cfg(s, "vanilla", 2, **kw))]
+
+
 def induction_width(opts: RunOptions, out: Path) -> dict:
-    scale, steps = opts.scale, opts.steps
-    s = dict(INDUCTION[scale])
-    arms = [Arm("kvshift-1L", _cfg(s, "kvshift", 1, dim=8, heads=2, ffn=32)),
-            Arm("vanilla-2L", _cfg(s, "vanilla", 2, dim=8, heads=2, ffn=32))]
-    s["compile"] = False  # a hidden size of 8 gains nothing from compilation
-    # hidden size 8 is cheap: the scale may give both arms a longer budget
-    s["steps"], s["eval_every"] = s.get("width_steps", s["steps"]), s.get("width_eval_every", s["eval_every"])
-    spec = _spec(s, steps)
-    paper = "at hidden size 8, vanilla 2-layer learns induction very poorly while KV shift 1-layer still learns."
-    summ = run_arms("induction-width", arms, _induction_sampler(s), spec, s["n_eval"],
-                    opts=opts, out=out, paper=paper)
-    plot_accuracy(out, f"Induction, hidden size 8 ({scale} scale)", [a.name for a in arms])
+    s, arms = width_arms(opts.scale)
+    summ = run_arms("induction-width", arms, _induction_sampler(s), _spec(s, opts.steps), s["n_eval"],
+                    opts=opts, out=out, paper=WIDTH_PAPER)
     return _finish_width(summ, out)
 
 
 def _finish_width(summ: dict, out: Path) -> dict:
     summ["verdict"], summ["verdict_text"] = width_verdict(summ)
     write_summary(out, summ)
+    plot_accuracy(out, f"Induction, hidden size 8 ({summ['scale']} scale)", list(summ["arms"]), log_x=True)
     write_readme(out, summ, "Induction width (paper Fig. 1b)", f"**{summ['verdict']}** — {summ['verdict_text']}")
     return summ
 
@@ -299,8 +325,11 @@ def classify_heads(coef: dict) -> list[dict]:
     return out
 
 
-def _resummarize(finish):
+def _resummarize(finish, name: str | None = None, paper: str = ""):
+    """--summarize: from the published runs where there are any (`name` given), else the summary itself."""
     def summarize(opts: RunOptions, out: Path) -> dict:
+        if name is not None and toy_runs.has_runs(out):
+            return finish(summarize_runs(name, opts, out, paper), out)
         return finish(read_json(out / "summary.json"), out)
     return summarize
 
@@ -314,14 +343,14 @@ EXPERIMENTS = [
         "(the speed claim cannot be tested; the row names the budget reached); partly: vanilla 2L learns but the "
         "rest does not hold; not reproduced: KV shift 1L does not reach 90% or vanilla 1L does.",
         "Fig. 1a: vanilla 1/2/4 layers vs KV shift 1 layer on induction", induction_depth,
-        summarize=_resummarize(_finish_depth)),
+        options=("arms",), summarize=_resummarize(_finish_depth, "induction-depth", DEPTH_PAPER)),
     Experiment(
         "induction-width", "Fig. 1b",
         "At hidden size 8, KV shift 1 layer still learns induction; vanilla 2 layers learns very poorly.",
         "reproduced: KV shift 1L ≥ 50% and 20 points above vanilla 2L; partly: ≥ 10% and 5 points above; "
         "inconclusive: neither arm learns anything (below 5%); not reproduced otherwise.",
         "Fig. 1b: hidden size 8, vanilla 2 layers vs KV shift 1 layer", induction_width,
-        summarize=_resummarize(_finish_width)),
+        options=("arms",), summarize=_resummarize(_finish_width, "induction-width", WIDTH_PAPER)),
     Experiment(
         "ngram", "Fig. 3", "On 3-gram memorisation KV shift neither helps nor hurts.",
         "reproduced: |KV shift − vanilla| final accuracy ≤ 0.05 at every size; partly: ≤ 0.15; not reproduced "

@@ -8,21 +8,32 @@ from kvshift.utils.io import read_jsonl
 from kvshift.utils.plot import pyplot, save_figure
 
 
-def plot_accuracy(out: str, title: str, arms: list[str]) -> None:
+def plot_accuracy(out: str, title: str, arms: list[str], log_x: bool = False) -> None:
+    """Accuracy and target loss vs step per arm: the mean over seeds, with the band from the lowest to the
+    highest seed where there are several."""
     plt = pyplot()
     recs = [r for r in read_jsonl(Path(out) / "metrics.jsonl") if r.get("eval")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for arm in arms:
-        for seed in sorted({r["seed"] for r in recs}):
-            rs = [r for r in recs if r["arm"] == arm and r["seed"] == seed]
-            kw = dict(label=arm if seed == 0 else None, alpha=1.0 if seed == 0 else 0.5)
-            line, = axes[0].plot([r["step"] for r in rs], [r["accuracy"] for r in rs], **kw)
-            axes[1].plot([r["step"] for r in rs], [r["target_loss"] for r in rs], color=line.get_color(), **kw)
-    axes[0].set(xlabel="step", ylabel="accuracy on targets", title=title, ylim=(-0.02, 1.02))
+        by_step: dict[int, list[dict]] = {}
+        for r in recs:
+            if r["arm"] == arm and (r["step"] > 0 or not log_x):
+                by_step.setdefault(r["step"], []).append(r)
+        steps = sorted(by_step)
+        for ax, key in zip(axes, ("accuracy", "target_loss")):
+            vals = [[r[key] for r in by_step[s]] for s in steps]
+            line, = ax.plot(steps, [sum(v) / len(v) for v in vals], label=arm if key == "accuracy" else None)
+            if any(len(v) > 1 for v in vals):
+                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.2)
+    n_seeds = len({r["seed"] for r in recs})
+    axes[0].set(xlabel="step", ylabel="accuracy on targets", ylim=(-0.02, 1.02),
+                title=title + (f" — mean of {n_seeds} seeds, band: min–max" if n_seeds > 1 else ""))
     axes[1].set(xlabel="step", ylabel="loss on targets (nats)", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if log_x:
+            ax.set_xscale("log")
     axes[0].legend()
-    axes[0].grid(alpha=0.3)
-    axes[1].grid(alpha=0.3)
     save_figure(fig, f"{out}/plot.png", dpi=110)
 
 

@@ -1,0 +1,110 @@
+"""Published runs of the toy experiments: each (arm, seed) writes out/runs/<arm>-s<seed>.json (+ its records),
+and the summary is built from every run published there. Jobs split by --seeds or --arms (one per GPU, or one
+per device call) therefore merge by copying their results into one tree, and `--summarize` rebuilds the
+summary without training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvshift.experiments.arms import THRESHOLDS
+from kvshift.experiments.base import ResultsLog
+from kvshift.utils.io import read_json, read_jsonl, write_json_atomic, write_text_atomic
+
+RUNS = "runs"
+
+
+def publish(out: Path, arm: str, seed: int, record: dict, records: list[dict]) -> None:
+    """One finished arm of one seed: its summary row and its training/evaluation records."""
+    rd = out / RUNS
+    rd.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(rd / f"{arm}-s{seed}.json", {**record, "arm": arm, "seed": seed})
+    write_text_atomic(rd / f"{arm}-s{seed}.metrics.jsonl",
+                      "".join(json.dumps({**r, "arm": arm, "seed": seed, "eval": "accuracy" in r}) + "\n"
+                              for r in records))
+
+
+def published(out: Path) -> list[dict]:
+    """Every published run, ordered by seed then in the order the arms were defined (their `order`)."""
+    runs = [read_json(f) for f in sorted((out / RUNS).glob("*-s*.json"))]
+    return sorted(runs, key=lambda r: (r["seed"], r.get("order", 0)))
+
+
+def check_same_setting(runs: list[dict], out: Path) -> None:
+    """Runs of one summary must share the training setting, and every run of an arm its model: a run left from
+    another setting is refused by name instead of being averaged in."""
+    first = runs[0]
+    models = {}
+    for r in runs:
+        if r["train"] != first["train"]:
+            raise ValueError(f"{out / RUNS}: {r['arm']}-s{r['seed']} was trained with {r['train']}, but "
+                             f"{first['arm']}-s{first['seed']} with {first['train']}; move the older runs away")
+        m = models.setdefault(r["arm"], r["model"])
+        if r["model"] != m:
+            raise ValueError(f"{out / RUNS}: the runs of arm {r['arm']} have different models; move the older "
+                             "runs away")
+
+
+def collect(out: Path) -> tuple[list[dict], dict]:
+    """(per_seed, arms) from the published runs, in the layout the toy summaries use; also rewrites
+    out/metrics.jsonl from the runs' records (for the plots)."""
+    runs = published(out)
+    if not runs:
+        raise ValueError(f"{out}: no published runs yet")
+    check_same_setting(runs, out)
+    per_seed: dict[int, dict] = {}
+    for r in runs:
+        s = per_seed.setdefault(r["seed"], {"seed": r["seed"], "data_generation_seconds": r["data_generation_seconds"],
+                                            "arms": {}})
+        s["arms"][r["arm"]] = r["result"]
+    log = ResultsLog(out)
+    for r in runs:
+        for x in read_jsonl(out / RUNS / f"{r['arm']}-s{r['seed']}.metrics.jsonl"):
+            log.log(x)
+    log.close()
+    per_seed_list = [per_seed[k] for k in sorted(per_seed)]
+    return per_seed_list, aggregate(per_seed_list)
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Per arm across the seeds that ran it: mean final/best accuracy, and each threshold's crossing steps
+    (all seeds' values, and the median of those reached)."""
+    names = list(dict.fromkeys(n for s in per_seed for n in s["arms"]))
+    out = {}
+    for n in names:
+        rows = [s["arms"][n] for s in per_seed if n in s["arms"]]
+        seeds = [s["seed"] for s in per_seed if n in s["arms"]]
+        steps = {}
+        for th in THRESHOLDS:
+            vals = [r["steps_to"][str(th)] for r in rows]
+            got = sorted(v for v in vals if v is not None)
+            steps[str(th)] = {"reached": f"{len(got)}/{len(vals)}", "median_step": got[len(got) // 2] if got else None,
+                              "per_seed": dict(zip(map(str, seeds), vals))}
+        out[n] = {
+            "final_accuracy": sum(r["final_accuracy"] for r in rows) / len(rows),
+            "final_accuracy_per_seed": [r["final_accuracy"] for r in rows],
+            "seeds": seeds,
+            "best_accuracy": sum(r["best_accuracy"] for r in rows) / len(rows),
+            "steps_to": steps,
+            "non_embedding_params": rows[0]["non_embedding_params"],
+            "wall_seconds": sum(r["wall_seconds"] for r in rows),
+        }
+    return out
+
+
+def crossing_ratios(arms: dict, slow: str, fast: str, threshold: str) -> dict | None:
+    """Per seed where both arms crossed `threshold`: steps(slow) / steps(fast); None when no seed has both."""
+    a, b = arms.get(slow), arms.get(fast)
+    if a is None or b is None:
+        return None
+    sa, sb = a["steps_to"][threshold]["per_seed"], b["steps_to"][threshold]["per_seed"]
+    per = {s: sa[s] / sb[s] for s in sa if s in sb and sa[s] is not None and sb[s]}
+    if not per:
+        return None
+    v = sorted(per.values())
+    return {"per_seed": per, "median": v[len(v) // 2], "min": v[0], "max": v[-1], "n": len(v)}
+
+
+def has_runs(out: Path) -> bool:
+    return any(Path(out, RUNS).glob("*-s*.json"))
