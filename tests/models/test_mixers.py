@@ -278,3 +278,29 @@ def test_config_round_trips_through_a_dict():
     d = cfg.to_dict()
     d["keyoffset_layers"] = list(d["keyoffset_layers"])  # as JSON/TOML give it back
     assert ModelConfig.from_dict(d) == cfg
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_every_canon_position_acts_where_documented(mlp):
+    """Each position's taps change the logits; A mixes the normed attention input, B q/k/v, C the MLP
+    block's (dim-wide) input, D the MLP's (ffn_dim-wide) pre-activations: 2 of them for SwiGLU, 1 for GELU."""
+    model = LM(ModelConfig.from_name("debug", mixer="canon", mlp=mlp), seed=0).double().eval()
+    block, cfg = model.layers[0], model.config
+    x = torch.randint(0, 97, (1, 7))
+    mods = {"A": block.mixer_a, "B": block.attention.qkv_mixer, "C": block.mixer_c, "D": block.feed_forward.mixer}
+    widths = {"A": [cfg.dim], "B": [cfg.dim, cfg.dim // 2, cfg.dim // 2], "C": [cfg.dim],
+              "D": [cfg.ffn_dim] * (2 if mlp == "swiglu" else 1)}
+    with torch.no_grad():
+        base = model(x)
+        for pos, mod in mods.items():
+            seen = []
+            hook = mod.register_forward_pre_hook(lambda m, args: seen.append(args[1:]))
+            for p in mod.parameters():
+                p[:, 1] = 0.5  # h_t <- h_t + 0.5 h_{t-1}
+            assert (model(x) - base).abs().max().item() > 1e-3, pos
+            hook.remove()
+            for p in mod.parameters():
+                p.zero_()
+            assert [t.shape[2] * t.shape[3] if t.dim() == 4 else t.shape[-1] for t in seen[0]] == widths[pos], pos
+            if pos == "A":
+                torch.testing.assert_close(seen[0][0], block.attention_norm(model.tok_embeddings(x)))
