@@ -304,3 +304,44 @@ def test_every_canon_position_acts_where_documented(mlp):
             assert [t.shape[2] * t.shape[3] if t.dim() == 4 else t.shape[-1] for t in seen[0]] == widths[pos], pos
             if pos == "A":
                 torch.testing.assert_close(seen[0][0], block.attention_norm(model.tok_embeddings(x)))
+
+
+def test_smear_is_the_gated_previous_embedding():
+    """The first block's input is e_t + lambda * sigmoid(g . e_t) * e_{t-1}, with e_{-1} = 0 at a row's
+    (and, packed, a document's) start."""
+    model = make("smear")
+    sm = model.embed_mixer
+    x = torch.randint(0, 97, (2, 8))
+    seen = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(x)
+        model(x[:1], cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32))
+    hook.remove()
+    e = model.tok_embeddings(x).detach()
+    prev = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], 1)
+    expect = e + sm.scale * torch.sigmoid(e @ sm.gate).unsqueeze(-1) * prev
+    torch.testing.assert_close(seen[0], expect.detach(), rtol=0, atol=1e-12)
+    prev[0, 3] = 0  # the second document's first token
+    expect = e + sm.scale * torch.sigmoid(e @ sm.gate).unsqueeze(-1) * prev
+    torch.testing.assert_close(seen[1], expect[:1].detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mixer,window,residual", [("dconv", 2, False), ("canon", 3, True)])
+def test_qkv_conv_is_the_documented_depthwise_conv(mixer, window, residual):
+    """dconv: y_t = sum_{j<=2} w_j * x_{t-j}; Canon B: y_t = x_t + sum_{j<=3} w_j * x_{t-j}; per channel."""
+    model = make(mixer)
+    conv = model.layers[1].attention.qkv_mixer
+    seen = []
+    hook = conv.register_forward_hook(lambda m, args, out: seen.append((args[1:], out)))
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 9)))
+    hook.remove()
+    (ins, outs), = seen
+    for name, x, y in zip("qkv", ins, outs):
+        w = getattr(conv, name).view(x.shape[2], x.shape[3], window + 1)
+        expect = x.clone() if residual else torch.zeros_like(x)
+        for j in range(window + 1):
+            xj = torch.cat([torch.zeros_like(x[:, :j]), x[:, :x.shape[1] - j]], 1)
+            expect = expect + w[..., j] * xj
+        torch.testing.assert_close(y, expect, rtol=0, atol=1e-12)
