@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kvshift import LM, ModelConfig
-from kvshift.hf import KVShiftConfig, KVShiftForCausalLM
+from kvshift.hf import KVShiftCache, KVShiftConfig, KVShiftForCausalLM
 from kvshift.hf.modeling import load_lm_state
 
 VARIANTS = {
@@ -51,7 +51,14 @@ def test_mixer_round_trip_and_generate(variant, lm_factory, tmp_path):
         back = LM(cfg.to_model_config(), seed=None).eval()  # and back into our LM
         load_lm_state(back, model.model.state_dict())
         assert torch.equal(back(x), ref)
-    # greedy: 61 + 8 tokens outgrow the first 64-slot cache, whose mixer history must come along
+    # the cache outgrows its first 64 slots: the mixer history comes along
+    cache = KVShiftCache()
+    with torch.no_grad():
+        y = torch.cat([x, x[:, :9]], 1)
+        first = model(y[:, :60], past_key_values=cache, use_cache=True).logits
+        rest = model(y[:, 60:], past_key_values=cache, use_cache=True).logits
+    assert cache.kv.max_seq_len > 64 and (torch.cat([first, rest], 1) - lm(y)).abs().max().item() <= 1e-5
+    # greedy: 61 + 8 tokens outgrow the first cache too
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     got = model.generate(x, max_new_tokens=8, **kw)
     assert torch.equal(got, model.generate(x, max_new_tokens=8, use_cache=False, **kw))
@@ -63,7 +70,7 @@ def test_mixer_round_trip_and_generate(variant, lm_factory, tmp_path):
                                              use_cache=False, **kw))
 
 
-def test_fresh_model_starts_from_the_mixer_init():
+def test_fresh_model_starts_from_the_mixer_init(tmp_path):
     base = dict(vocab_size=97, dim=48, n_heads=4, n_kv_heads=2, max_seq_len=64)
     dconv = KVShiftForCausalLM(KVShiftConfig(mixer="dconv", **base)).model.layers[0].attention.qkv_mixer
     assert torch.equal(dconv.k, torch.tensor([1.0, 0.0, 0.0]).expand(24, 3))
@@ -78,3 +85,11 @@ def test_fresh_model_starts_from_the_mixer_init():
     cfg = KVShiftConfig(mixer="keyoffset", keyoffset_layers=[1, 0], **base)
     assert cfg.to_model_config() == ModelConfig(mixer="keyoffset", keyoffset_layers=(0, 1), **base)
     assert KVShiftConfig.from_model_config(cfg.to_model_config()).to_dict() == cfg.to_dict()
+    # a checkpoint without the mixer loads into a dconv model: the missing taps take their identity init
+    lm = LM(ModelConfig.from_name("debug"), seed=0).eval()
+    KVShiftForCausalLM.from_lm(lm).save_pretrained(tmp_path)
+    mc = ModelConfig.from_name("debug", mixer="dconv")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, config=KVShiftConfig.from_model_config(mc)).eval()
+    x = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert (model(x).logits - lm(x)).abs().max().item() <= 1e-6
