@@ -132,7 +132,7 @@ class KeyOffset(nn.Module):
 
     def forward(self, ctx, q, k, v):
         H, D = k.shape[-2:]
-        w = torch.tensor([0.0, 1.0], dtype=k.dtype, device=k.device).expand(H, 2)
+        w = torch.arange(2, dtype=k.dtype, device=k.device).expand(H, 2)  # [0, 1]: the previous token
         mask = keyoffset_channels(D, k.device)
         return q, mix_in_context(k, w, ctx, self.key, channel_mask=mask, impl=self.impl), v
 
@@ -155,7 +155,7 @@ class Smear(nn.Module):
     def forward(self, ctx, e: torch.Tensor) -> torch.Tensor:
         B, T, C = e.shape
         h, d = channel_layout(C)
-        w = torch.tensor([0.0, 1.0], dtype=e.dtype, device=e.device).expand(h, 2)
+        w = torch.arange(2, dtype=e.dtype, device=e.device).expand(h, 2)  # [0, 1]: the previous token
         before = mix_in_context(e.view(B, T, h, d), w, ctx, "smear", impl=self.impl).view(B, T, C)
         g = torch.sigmoid(e @ self.gate.to(e.dtype)).unsqueeze(-1)  # (B, T, 1)
         return e + self.scale.to(e.dtype) * g * before
