@@ -5,7 +5,6 @@ their cache state, compile, gradients, init, parameter counts and config checks.
 import pytest
 import torch
 
-import kvshift
 from kvshift import LM, ModelConfig
 from kvshift.layers.mixers import ChannelConv, KeyOffset, Smear, keyoffset_channels
 
@@ -294,7 +293,7 @@ def test_every_canon_position_acts_where_documented(mlp):
         base = model(x)
         for pos, mod in mods.items():
             seen = []
-            hook = mod.register_forward_pre_hook(lambda m, args: seen.append(args[1:]))
+            hook = mod.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[1:]))
             for p in mod.parameters():
                 p[:, 1] = 0.5  # h_t <- h_t + 0.5 h_{t-1}
             assert (model(x) - base).abs().max().item() > 1e-3, pos
