@@ -19,6 +19,9 @@ VARIANTS = {
     "gate-w2": dict(attention="kvshift_gate", shift_window=2),
     "vshift": dict(attention="vshift"),
     "vanilla-nopos": dict(attention="vanilla", position="none"),
+    "dconv": dict(attention="kvshift", mixer="dconv"),
+    "keyoffset": dict(attention="vanilla", mixer="keyoffset"),
+    "canon": dict(attention="kvshift", mixer="canon"),
 }
 
 
@@ -60,6 +63,8 @@ def test_recomputed_probs_reproduce_each_layer_output(variant, padded):
         h, ctx = inputs[i]
         B, T, _ = h.shape
         v = att.wv(h).view(B, T, att.n_kv_heads, att.head_dim)
+        if att.qkv_mixer is not None:
+            v = att.qkv_mixer(ctx, v.new_zeros(B, T, att.n_heads, att.head_dim), v, v)[2]
         if ctx.token_valid is not None:
             v = v * ctx.token_valid.view(B, T, 1, 1)
         coef = att._coefficients("v")

@@ -39,6 +39,8 @@ def layer_attention_probs(layer: Attention, x: torch.Tensor, ctx: AttentionConte
     H, Hkv, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
     q = layer.wq(x).view(B, T, H, D)
     k = layer.wk(x).view(B, T, Hkv, D)
+    if layer.qkv_mixer is not None:  # ModelConfig.mixer's q/k/v mixer (kvshift.layers.mixers), as the layer does
+        q, k, _ = layer.qkv_mixer(ctx, q, k, layer.wv(x).view(B, T, Hkv, D))
     if ctx.token_valid is not None:
         k = k * ctx.token_valid.view(B, T, 1, 1).to(k.dtype)  # pads are zero raw keys
     coef = layer._coefficients("k")

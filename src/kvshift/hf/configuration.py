@@ -40,12 +40,15 @@ class KVShiftConfig(PretrainedConfig):
                  position: str = "rope", rope_base: float = 100_000.0, norm_eps: float = 1e-5,
                  tie_embeddings: bool = False, attention: str = "kvshift", shift_window: int = 1,
                  shift_impl: str = "auto", init_std: float = 0.02, mlp: str = "swiglu",
-                 shift_init: str = "uniform", name: str = "custom", use_cache: bool = True, **kwargs):
+                 shift_init: str = "uniform", mixer: str = "none", canon_positions: str = "ABCD",
+                 keyoffset_layers: str | list[int] | tuple[int, ...] = "all", name: str = "custom",
+                 use_cache: bool = True, **kwargs):
         mc = ModelConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
                          n_kv_heads=n_kv_heads, ffn_dim=ffn_dim, max_seq_len=max_seq_len, position=position,
                          rope_base=float(rope_base), norm_eps=float(norm_eps), tie_embeddings=bool(tie_embeddings),
                          attention=attention, shift_window=shift_window, shift_impl=shift_impl,
-                         init_std=float(init_std), mlp=mlp, shift_init=shift_init, name=name)
+                         init_std=float(init_std), mlp=mlp, shift_init=shift_init, mixer=mixer,
+                         canon_positions=canon_positions, keyoffset_layers=keyoffset_layers, name=name)
         for k, v in mc.to_dict().items():
             setattr(self, k, v)
         self.use_cache = use_cache

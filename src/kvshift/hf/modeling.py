@@ -89,6 +89,7 @@ def _grown(lm: LM, kv: KVCache, capacity: int) -> KVCache:
         for i, t in enumerate(src):
             dst[i][:, :n] = t[:, :n]
     new.raw_k, new.raw_v = list(kv.raw_k), list(kv.raw_v)
+    new.mixer = dict(kv.mixer)  # the short causal mixers' history (kvshift.layers.mixers)
     new.valid[:, :n] = kv.valid[:, :n]
     new.seen = kv.seen.clone()
     new.length = n
@@ -124,6 +125,9 @@ class KVShiftPreTrainedModel(PreTrainedModel):
                     continue
                 p.copy_(initial_coefficients(module.n_kv_heads, module.window, module.shift_init, module.param))
             _restore_buffers(module)
+        elif hasattr(module, "reset_mixer"):  # kvshift.layers.mixers: their fixed init, unless loaded
+            if not any(getattr(p, "_is_hf_initialized", False) or p.is_meta for p in module.parameters()):
+                module.reset_mixer()
         elif isinstance(module, LM):
             _restore_buffers(module)
 

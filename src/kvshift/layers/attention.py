@@ -117,6 +117,7 @@ class Attention(nn.Module):
         self.attention_backend = "auto"  # of the one-op path: auto | cudnn | flash (set_fused_attention)
         self._ident: torch.Tensor | None = None  # identity coefficients for the decode kernel (see _identity)
         self.shift_keys, self.shift_values, self.param = SHIFT_KINDS[attention]
+        self.qkv_mixer: nn.Module | None = None  # set by the model: a mixer of q, k, v (kvshift.layers.mixers)
         hd = self.head_dim
         self.wq = nn.Linear(dim, n_heads * hd, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * hd, bias=False)
@@ -193,6 +194,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, hd)  # raw keys   (B, T, Hkv, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, hd)  # raw values (B, T, Hkv, D)
+        if self.qkv_mixer is not None:  # before the shift and RoPE
+            q, k, v = self.qkv_mixer(ctx, q, k, v)
         if ctx.token_valid is not None:
             # pads are zero raw tokens, so a row's first real token sees zeros before it
             keep = ctx.token_valid.view(B, T, 1, 1).to(k.dtype)

@@ -4,7 +4,9 @@ Per layer it holds the already-shifted (and rotated) K̂, V̂ that attention rea
 `window` RAW k and v tokens of every row: the new token's k̂ = Σ_j α_j · k_{t-j} needs raw
 predecessors, not shifted ones (storing shifted ones is the bug of the paper's appendix code).
 Rows share one slot index (left padding keeps them aligned); `valid` marks real (non-pad) slots and
-`seen` counts each row's real tokens, which gives RoPE positions.
+`seen` counts each row's real tokens, which gives RoPE positions. `mixer` holds the short causal
+mixers' history (kvshift.layers.mixers): per key (layer, position, stream) the last W raw inputs of
+every row, (B, W, H, D), oldest first; filled by the first forward that uses the cache.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class KVCache:
         self.batch_size, self.max_seq_len, self.window = batch_size, max_seq_len, window
         self._pending = 0  # slots being appended by the forward in progress
         self.padded = False  # set once any call passed an attention_mask: slots may hold pads
+        self.mixer: dict[str, torch.Tensor] = {}  # the mixers' raw history per key (kvshift.layers.mixers)
 
     # called once per model forward, before the layers
     def begin(self, n_new: int, token_valid: torch.Tensor) -> None:
@@ -85,6 +88,8 @@ class KVCache:
         for lst in (self.k, self.v, self.raw_k, self.raw_v):
             for i, t in enumerate(lst):
                 lst[i] = t.index_select(0, index)
+        for key, t in self.mixer.items():
+            self.mixer[key] = t.index_select(0, index.to(t.device))
         self.valid = self.valid.index_select(0, index)
         self.seen = self.seen.index_select(0, index)
         self.batch_size = int(index.numel())

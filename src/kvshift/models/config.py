@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from kvshift.layers.attention import ATTENTION_KINDS, SHIFT_INITS
+from kvshift.layers.mixers import CANON_POSITIONS, MIXERS, mixer_param_count
 from kvshift.layers.mlp import MLPS
 from kvshift.ops.shift import IMPLS
 
@@ -30,6 +31,15 @@ class ModelConfig:
     multiple of 64 for "swiglu", 4·dim for "gelu".
     shift_init: "uniform" (the paper's draw: the first taps ~ U(0,1), the last one 1 - their sum, the
     default) or "half" (every tap of every head 1/(window+1): alpha = beta = (0.5, 0.5) for window 1).
+    mixer: a short causal mixer beside any attention kind (kvshift.layers.mixers has the details, inits
+    and cache state): "none" (the default); "dconv" (Primer's width-3 per-channel conv on q, k, v, identity
+    init); "canon" (Canon layers, residual width-4 per-channel convs, zero init, at the positions of
+    canon_positions: A attention input, B q/k/v, C MLP input, D MLP pre-activations); "keyoffset" (half
+    of each key head's channels, the slowest-rotating RoPE pairs, from the previous token, in the layers of
+    keyoffset_layers: "all" or layer indices; needs head_dim divisible by 4); "smear" (gated smearing of
+    the previous token's embedding into the first block's input, zero init).
+    canon_positions: a non-empty subset of "ABCD" (stored in that order). keyoffset_layers: "all" or a
+    non-empty sequence of layer indices (stored as a sorted tuple). Both are validated for every mixer.
     """
 
     vocab_size: int = 256
@@ -49,6 +59,9 @@ class ModelConfig:
     init_std: float = 0.02
     mlp: str = "swiglu"
     shift_init: str = "uniform"
+    mixer: str = "none"
+    canon_positions: str = "ABCD"
+    keyoffset_layers: str | tuple[int, ...] = "all"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -86,6 +99,30 @@ class ModelConfig:
             raise ValueError(f"rope_base must be positive, got {self.rope_base}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        self._check_mixer()
+
+    def _check_mixer(self) -> None:
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        cp = self.canon_positions
+        if (not isinstance(cp, str) or not cp or len(set(cp)) != len(cp)
+                or not set(cp) <= set(CANON_POSITIONS)):
+            raise ValueError(f"canon_positions must be a non-empty subset of {CANON_POSITIONS!r} without "
+                             f"repeats, got {cp!r}")
+        self.canon_positions = "".join(p for p in CANON_POSITIONS if p in cp)
+        layers = self.keyoffset_layers
+        if layers != "all":
+            ok = not isinstance(layers, (str, bytes)) and hasattr(layers, "__iter__")
+            layers = tuple(layers) if ok else ()
+            ok = ok and bool(layers) and len(set(layers)) == len(layers) and all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in layers)
+            if not ok:
+                raise ValueError(f"keyoffset_layers must be 'all' or a non-empty sequence of distinct layer "
+                                 f"indices in [0, n_layers={self.n_layers}), got {self.keyoffset_layers!r}")
+            self.keyoffset_layers = tuple(sorted(layers))
+        if self.mixer == "keyoffset" and self.head_dim % 4:
+            raise ValueError(f"mixer='keyoffset' needs a head_dim divisible by 4 (half of each head's key "
+                             f"channels, whole RoPE pairs), got dim/n_heads = {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -97,12 +134,13 @@ class ModelConfig:
 
     def non_embedding_params(self) -> int:
         """Parameters outside the embeddings and the output head (the paper's size measure). The learned
-        position embeddings of position="learned" count with the embeddings, so they are not in here."""
+        position embeddings of position="learned" count with the embeddings, so they are not in here; the
+        mixer's parameters (smear's too) are in here."""
         hd = self.head_dim
         attn = self.dim * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
         mlp = (3 if self.mlp == "swiglu" else 2) * self.dim * self.ffn_dim
         shift = 0 if not self.shifted else 2 * self.n_kv_heads * (self.shift_window + 1)
-        return self.n_layers * (attn + mlp + 2 * self.dim + shift) + self.dim
+        return self.n_layers * (attn + mlp + 2 * self.dim + shift) + self.dim + mixer_param_count(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from kvshift.layers.attention import Attention, AttentionContext
+from kvshift.layers.mixers import Smear, block_mixers
 from kvshift.layers.mlp import make_mlp
 from kvshift.models.cache import KVCache
 from kvshift.models.config import ModelConfig
@@ -38,10 +39,19 @@ class Block(nn.Module):
                                    shift_impl=cfg.shift_impl, layer_idx=layer_idx, shift_init=cfg.shift_init)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = make_mlp(cfg.mlp, cfg.dim, cfg.ffn_dim)
+        mixers = block_mixers(cfg, layer_idx)  # cfg.mixer's modules (kvshift.layers.mixers), None if unused
+        self.attention.qkv_mixer, self.feed_forward.mixer = mixers["qkv"], mixers["D"]
+        self.mixer_a, self.mixer_c = mixers["A"], mixers["C"]
 
     def forward(self, x, ctx: AttentionContext):
-        x = x + self.attention(self.attention_norm(x), ctx)
-        return x + self.feed_forward(self.ffn_norm(x))
+        h = self.attention_norm(x)
+        if self.mixer_a is not None:
+            (h,) = self.mixer_a(ctx, h)
+        x = x + self.attention(h, ctx)
+        h = self.ffn_norm(x)
+        if self.mixer_c is not None:
+            (h,) = self.mixer_c(ctx, h)
+        return x + self.feed_forward(h, ctx)
 
 
 class LM(nn.Module):
@@ -53,6 +63,7 @@ class LM(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         if config.position == "learned":  # GPT-2's absolute positions, added to the token embeddings
             self.pos_embeddings = nn.Embedding(config.max_seq_len, config.dim)
+        self.embed_mixer = Smear(config.dim, config.shift_impl) if config.mixer == "smear" else None
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -74,12 +85,14 @@ class LM(nn.Module):
         """Deterministic init that depends on neither the attention kind nor shift_init: every shared weight
         of a vanilla and a KV-shift model built with the same seed is identical; the shift coefficients
         come from their own generator (seed + SHIFT_SEED_OFFSET). Learned position embeddings are drawn
-        last, so the other weights also equal those of a model with another position scheme."""
+        last, so the other weights also equal those of a model with another position scheme. Mixer
+        parameters take their fixed init (kvshift.layers.mixers) and draw nothing, so the other weights
+        equal those of the model without the mixer."""
         g = torch.Generator().manual_seed(seed)
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if "shift_" in name or name == "pos_embeddings.weight":
+            if "shift_" in name or "mixer" in name or name == "pos_embeddings.weight":
                 continue
             if name.endswith("norm.weight") or ".attention_norm." in name or ".ffn_norm." in name:
                 p.fill_(1.0)
@@ -93,6 +106,9 @@ class LM(nn.Module):
         gs = torch.Generator().manual_seed(seed + SHIFT_SEED_OFFSET)
         for layer in self.layers:
             layer.attention.reset_shift(gs)
+        for m in self.modules():
+            if hasattr(m, "reset_mixer"):
+                m.reset_mixer()
 
     # ---- helpers ------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, *, dtype=None, device=None) -> KVCache:
@@ -120,12 +136,12 @@ class LM(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Decay only the matrices of linear layers and the embedding; never norms or the shift
         coefficients (a handful of scalars per head whose natural scale is 1: decay would pull them
-        toward 'no attention input')."""
+        toward 'no attention input') or the mixers' (kvshift.layers.mixers: per-channel taps and gates)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (decay if p.dim() >= 2 and "shift_" not in name else no_decay).append(p)
+            (decay if p.dim() >= 2 and "shift_" not in name and "mixer" not in name else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # ---- forward ------------------------------------------------------------------------------
@@ -277,6 +293,8 @@ class LM(nn.Module):
         if self.config.position == "learned":
             h = h + (self.pos_embeddings.weight[: input_ids.shape[1]].unsqueeze(0) if ctx.positions is None
                      else self.pos_embeddings(ctx.positions))
+        if self.embed_mixer is not None:
+            h = self.embed_mixer(ctx, h)
         for layer in self.layers:
             h = layer(h, ctx)
         if cache is not None:
