@@ -93,3 +93,18 @@ def test_fresh_model_starts_from_the_mixer_init(tmp_path):
     x = torch.randint(0, 97, (1, 9))
     with torch.no_grad():
         assert (model(x).logits - lm(x)).abs().max().item() <= 1e-6
+
+
+def test_mixer_models_refuse_the_caches_they_cannot_use(lm_factory):
+    """generate() swaps its empty DynamicCache for our own cache; what needs rollback or a standard cache is
+    refused with the reason, never silently wrong."""
+    lm = mixed_lm(lm_factory, mixer="dconv")
+    model = KVShiftForCausalLM.from_lm(lm).eval()
+    x = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=4)
+    with pytest.raises(ValueError, match="cropped|rolled back"):
+        model.generate(x, prompt_lookup_num_tokens=2, **kw)
+    with pytest.raises(ValueError, match="mixer='dconv'.*StaticCache"):
+        model.generate(x, cache_implementation="static", **kw)
+    with pytest.raises(ValueError, match="stateless=True: a model with mixer='dconv'"):
+        lm.generate(x, 4, temperature=0, stateless=True)

@@ -357,11 +357,12 @@ def test_triton_mix_matches_naive_in_the_model(mixer, monkeypatch):
     import kvshift.ops.mix.triton as tm
     calls, mix = [], tm.causal_mix
     monkeypatch.setattr(tm, "causal_mix", lambda *a, **k: (calls.append(1), mix(*a, **k))[1])
-    ref = make(mixer, "vanilla", dtype=torch.float32, shift_impl="naive")
-    fused = LM(ref.config.replace(shift_impl="triton"), seed=None).eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the real kernels on a GPU, the interpreter here
+    ref = make(mixer, "vanilla", dtype=torch.float32, shift_impl="naive").to(dev)
+    fused = LM(ref.config.replace(shift_impl="triton"), seed=None).to(dev).eval()
     fused.load_state_dict(ref.state_dict())
-    x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
-    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0)).to(dev)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=dev)
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused(x[:1], cu_seqlens=cu), ref(x[:1], cu_seqlens=cu), rtol=1e-5, atol=1e-5)
     with torch.no_grad():

@@ -214,6 +214,8 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         B, T = input_ids.shape
+        if isinstance(state, Cache) and self.model.config.mixer != "none":
+            state = _mixer_cache(state, self.model.config.mixer)
         if isinstance(state, Cache):  # a standard cache of rotated raw k and raw v, shifted on read
             if attention_mask is not None and attention_mask.dim() != 2:
                 raise ValueError(f"attention_mask must be 2-D (batch, length), got shape {tuple(attention_mask.shape)}")
@@ -253,6 +255,18 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
             out = (logits,) + ((state,) if state is not None else ())
             return ((loss,) + out) if loss is not None else out
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: state})
+
+
+def _mixer_cache(state: Cache, mixer: str) -> KVShiftCache:
+    """A model with a short-mixer option (dconv, canon, keyoffset, smear) keeps the mixer's last raw inputs
+    beside the keys and values, which a standard transformers cache has no room for: an empty DynamicCache
+    (what generate makes) is swapped for our own cache, which generate then carries. It cannot be rolled
+    back, so assisted generation and prompt lookup are refused (KVShiftCache.crop says why)."""
+    if type(state) is DynamicCache and state.get_seq_length() == 0:
+        return KVShiftCache()
+    raise ValueError(f"a model with mixer={mixer!r} keeps the mixer's last raw inputs beside its keys and values: it "
+                     f"runs on its own KVShiftCache (the default in generate), not on a {type(state).__name__} "
+                     "(static caches, assisted generation and prompt lookup need a model without a mixer)")
 
 
 def load_lm_state(lm: LM, state: dict[str, torch.Tensor]) -> None:

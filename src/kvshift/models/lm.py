@@ -326,6 +326,9 @@ class LM(nn.Module):
                              f"{tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if stateless:
+            if self.config.mixer != "none":
+                raise ValueError(f"stateless=True: a model with mixer={self.config.mixer!r} keeps the mixer's last raw "
+                                 "inputs beside its keys and values, which a standard cache has no room for")
             from kvshift.models.raw_cache import RawKVCache
             cache = RawKVCache.for_model(self, B, T + max_new_tokens)
         else:
