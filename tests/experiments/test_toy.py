@@ -146,6 +146,9 @@ def test_depth_verdict_is_inconclusive_while_vanilla_2l_never_learns():
     assert toy.depth_verdict(summ)[0] == "partly reproduced"
     summ["arms"]["kvshift-1L"] = _arm(0.3)
     assert toy.depth_verdict(summ)[0] == "not reproduced"
+    del summ["arms"]["vanilla-2L"]  # a split job has published only some arms: no verdict on the claim yet
+    v, text = toy.depth_verdict(summ)
+    assert v == "inconclusive" and text.endswith("Still to run: vanilla-2L.")
 
 
 def test_width_verdict_needs_a_setup_that_learns():
