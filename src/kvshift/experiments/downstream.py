@@ -98,7 +98,9 @@ def heads(report: dict, kind: str, threshold: float = HEAD_THRESHOLD) -> list[li
     return [[i, j] for i, row in enumerate(report["scores"][kind]) for j, v in enumerate(row) if v > threshold]
 
 
-def task_rows(evals: dict[str, dict], tasks) -> dict:
+def task_rows(evals: dict[str, dict], tasks, base_arm: str = "vanilla") -> dict:
+    """Per task: each model's accuracy ± binomial SE, and each other model's difference from `base_arm`
+    (where that model was evaluated) with its SE and whether it exceeds twice that."""
     rows = {}
     for t in tasks:
         row = {"chance": CHANCE.get(t)}
@@ -107,9 +109,9 @@ def task_rows(evals: dict[str, dict], tasks) -> dict:
             acc = res.get("acc_norm", res["acc"]) if t in ("hellaswag", "arc_easy", "arc_challenge") else res["acc"]
             row[arm] = {"acc": acc, "se": math.sqrt(max(acc * (1 - acc), 1e-12) / n), "n": n,
                         **({"perplexity": res["perplexity"]} if "perplexity" in res else {})}
-        base = row["vanilla"]
-        for arm in evals:
-            if arm != "vanilla":
+        base = row.get(base_arm)
+        for arm in evals if base is not None else ():
+            if arm != base_arm:
                 d = row[arm]["acc"] - base["acc"]
                 se = math.hypot(row[arm]["se"], base["se"])
                 row[arm] |= {"diff": d, "diff_se": se, "significant": abs(d) > 2 * se}

@@ -12,13 +12,14 @@ from kvshift.experiments import (
     pipeline,
     toy,
     upcycle,
+    upcycle_bench,
 )
 from kvshift.experiments.base import Experiment
 
-_MODULES = (landscape, toy, hopk, igsm, lm, downstream, upcycle, cost, pipeline)
+_MODULES = (landscape, toy, hopk, igsm, lm, downstream, upcycle, upcycle_bench, cost, pipeline)
 _ORDER = ("theorem2", "induction-depth", "induction-width", "landscape", "ngram", "shift-dynamics", "hopk-norepeat", "hopk", "igsm",
           "lm-main", "lm-seeds", "lm-lr", "lm-scaling", "lm-variants", "shift-coefficients", "shift-coupling",
-          "lm-gqa", "lm-downstream", "upcycle",
+          "lm-gqa", "lm-downstream", "upcycle", "upcycle-benchmarks",
           "bench", "pipeline", "corpus")
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for m in _MODULES for e in m.EXPERIMENTS}
