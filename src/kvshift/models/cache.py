@@ -14,28 +14,19 @@ from __future__ import annotations
 import torch
 
 
-class KVCache:
-    def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
-                 window: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if max_seq_len <= 0:
-            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
-        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
-        raw_shape = (batch_size, window, n_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.raw_k = [torch.zeros(raw_shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.raw_v = [torch.zeros(raw_shape, dtype=dtype, device=device) for _ in range(n_layers)]
+class SlotIndex:
+    """The slot bookkeeping every cache of `kvshift.LM` shares: rows share one slot index, `valid` marks real
+    (non-pad) slots, `seen` counts each row's real tokens; `LM.forward` calls `begin` before the layers and
+    `end` after them."""
+
+    def _init_slots(self, batch_size: int, max_seq_len: int, device) -> None:
         self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
         self.length = 0  # slots used (same for every row)
-        self.batch_size, self.max_seq_len, self.window = batch_size, max_seq_len, window
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self._pending = 0  # slots being appended by the forward in progress
         self.padded = False  # set once any call passed an attention_mask: slots may hold pads
-        self.mixer: dict[str, torch.Tensor] = {}  # the mixers' raw history per key (kvshift.layers.mixers)
 
-    # called once per model forward, before the layers
     def begin(self, n_new: int, token_valid: torch.Tensor) -> None:
         if token_valid.shape[0] != self.batch_size:
             raise ValueError(f"batch has {token_valid.shape[0]} rows but the cache was made for {self.batch_size}")
@@ -49,6 +40,24 @@ class KVCache:
         self.length += self._pending
         self.seen += token_valid.sum(dim=1)
         self._pending = 0
+
+
+class KVCache(SlotIndex):
+    def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 window: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
+        raw_shape = (batch_size, window, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.raw_k = [torch.zeros(raw_shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.raw_v = [torch.zeros(raw_shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self._init_slots(batch_size, max_seq_len, device)
+        self.window = window
+        self.mixer: dict[str, torch.Tensor] = {}  # the mixers' raw history per key (kvshift.layers.mixers)
 
     def raw(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The last `window` raw k, v tokens of each row (oldest first; zeros before the start)."""

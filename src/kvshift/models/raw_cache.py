@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 
 from kvshift.layers.stateless import rotation_tables, slot_positions
+from kvshift.models.cache import SlotIndex
 
 
-class RawKVCache:
+class RawKVCache(SlotIndex):
     stateless = True  # Attention.forward reads this cache through kvshift.layers.stateless
 
     def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, *,
@@ -36,14 +37,10 @@ class RawKVCache:
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)  # the layout of transformers' caches
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
-        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
-        self.length = 0  # slots used (same for every row)
-        self.batch_size, self.max_seq_len, self.head_dim, self.rope_base = batch_size, max_seq_len, head_dim, rope_base
-        self._pending = 0
+        self._init_slots(batch_size, max_seq_len, device)
+        self.head_dim, self.rope_base = head_dim, rope_base
         self._pos: torch.Tensor | None = None  # slot positions of the forward in progress
         self._rot: dict = {}
-        self.padded = False  # set once any call passed an attention_mask: slots may hold pads
 
     @classmethod
     def for_model(cls, lm, batch_size: int, max_seq_len: int | None = None, *, dtype=None,
@@ -56,19 +53,11 @@ class RawKVCache:
 
     # ---- the interface LM.forward uses (as kvshift.KVCache's) ---------------------------------
     def begin(self, n_new: int, token_valid: torch.Tensor) -> None:
-        if token_valid.shape[0] != self.batch_size:
-            raise ValueError(f"batch has {token_valid.shape[0]} rows but the cache was made for {self.batch_size}")
-        if self.length + n_new > self.max_seq_len:
-            raise ValueError(f"sequence length {self.length + n_new} exceeds the cache's max_seq_len "
-                             f"{self.max_seq_len}; make the cache with a larger max_seq_len")
-        self._pending = n_new
-        self.valid[:, self.length:self.length + n_new] = token_valid
+        super().begin(n_new, token_valid)
         self._pos = slot_positions(self.valid[:, : self.length + n_new])
 
     def end(self, token_valid: torch.Tensor) -> None:
-        self.length += self._pending
-        self.seen += token_valid.sum(dim=1)
-        self._pending = 0
+        super().end(token_valid)
         self._pos = None
 
     # ---- the interface of the stateless read ---------------------------------------------------
