@@ -18,7 +18,7 @@ from kvshift.experiments.base import Experiment
 _MODULES = (landscape, toy, hopk, igsm, lm, downstream, upcycle, cost, pipeline)
 _ORDER = ("theorem2", "induction-depth", "induction-width", "landscape", "ngram", "shift-dynamics", "hopk-norepeat", "hopk", "igsm",
           "lm-main", "lm-seeds", "lm-lr", "lm-scaling", "lm-variants", "shift-coefficients", "shift-coupling",
-          "lm-gqa", "lm-downstream", "upcycle",
+          "lm-gqa", "lm-family", "lm-downstream", "upcycle",
           "bench", "pipeline", "corpus")
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for m in _MODULES for e in m.EXPERIMENTS}
