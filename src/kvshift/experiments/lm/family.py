@@ -187,15 +187,17 @@ def _size_text(name: str, st: dict, table: dict) -> str:
 
 
 def plot_family(out: Path, stats: dict) -> None:
-    """Per size: validation loss per arm (seed mean, min–max band), and the mean Δ vs vanilla per arm."""
+    """Per size: validation loss per arm (seed mean, min–max band), and each arm's loss − vanilla's of the same
+    seed (mean over seeds, min–max band)."""
     plt = pyplot()
     n = len(stats)
     fig, axes = plt.subplots(2, n, figsize=(5.2 * n + 1, 8), squeeze=False)
     for j, (pname, st) in enumerate(stats.items()):
         ax, ax2 = axes[0][j], axes[1][j]
-        bands = {}
+        bands, seed_curves = {}, {}
         for i, arm in enumerate(st["arms"]):
-            cs = [dict(curves(out / r["run_dir"])["val"]) for r in st["runs"][arm].values()]
+            seed_curves[arm] = {sd: dict(curves(out / r["run_dir"])["val"]) for sd, r in st["runs"][arm].items()}
+            cs = list(seed_curves[arm].values())
             xs = sorted(set.intersection(*(set(c) for c in cs))) if cs else []
             if not xs:
                 continue
@@ -203,19 +205,24 @@ def plot_family(out: Path, stats: dict) -> None:
             bands[arm] = (xs, [statistics.fmean(y) for y in ys])
             ax.plot(xs, bands[arm][1], "-", lw=1.3, color=f"C{i}", label=f"{arm} ({len(cs)} seeds)")
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.2)
-        if "vanilla" in bands:
-            bx = dict(zip(*bands["vanilla"]))
-            for i, arm in enumerate(st["arms"]):
-                if arm in bands and arm != "vanilla":
-                    xs = [x for x in bands[arm][0] if x in bx]
-                    m = dict(zip(*bands[arm]))
-                    ax2.plot(xs, [m[x] - bx[x] for x in xs], "-", color=f"C{i}", label=f"{arm} − vanilla")
+        base = seed_curves.get("vanilla", {})
+        for i, arm in enumerate(st["arms"]):
+            # per seed: the arm's val loss − vanilla's of the same seed; mean line, min–max band
+            pairs = [(c, base[sd]) for sd, c in seed_curves.get(arm, {}).items() if sd in base]
+            if arm == "vanilla" or not pairs:
+                continue
+            xs = sorted(set.intersection(*(set(c) & set(b) for c, b in pairs)))
+            if not xs:
+                continue
+            ds = [[c[x] - b[x] for c, b in pairs] for x in xs]
+            ax2.plot(xs, [statistics.fmean(d) for d in ds], "-", color=f"C{i}", label=f"{arm} − vanilla")
+            ax2.fill_between(xs, [min(d) for d in ds], [max(d) for d in ds], color=f"C{i}", alpha=0.15)
         ys = [y for _, m in bands.values() for y in m]
         if ys:
             ax.set_ylim(min(ys) - 0.05, min(max(ys), min(ys) + 2.0))
         ax.set(title=f"{NAME} {pname}", xlabel="tokens", ylabel="validation loss (seed mean, min–max band)")
         ax2.axhline(0, color="k", lw=0.8)
-        ax2.set(xlabel="tokens", ylabel="seed-mean val loss − vanilla")
+        ax2.set(xlabel="tokens", ylabel="val loss − vanilla (same seed; mean, min–max)")
         for a in (ax, ax2):
             a.grid(alpha=0.3)
             if a.get_legend_handles_labels()[0]:
