@@ -109,25 +109,32 @@ def run(variant: str, opts: RunOptions, out: Path) -> dict:
     """Trains the selected (seed, depth, arm) runs, publishes each into out/runs/, then summarises all published
     runs (so jobs split by --only DEPTHS or --seeds merge by copying their results into one tree)."""
     s = HOPK[variant][opts.scale]
+    depths = [L for L in s["depths"] if not opts.only or str(L) in opts.only]
+    if opts.only and not depths:
+        raise ValueError(f"--only: depths of {NAMES[variant]} are {list(s['depths'])}, got {opts.only}")
+    arms = {a: {"attention": a} for a in ARMS if not opts.arms or a in opts.arms}
+    train_runs(NAMES[variant], s, opts, out, arms, depths)
+    return summarize(variant, opts, out)
+
+
+def train_runs(exp: str, s: dict, opts: RunOptions, out: Path, arms: dict[str, dict], depths: list[int]) -> None:
+    """Trains every (seed, depth, arm) of a hop-k setting `s` (arms: name -> model options beyond s["model"]),
+    every arm of a seed on one shared data stream, and publishes each run into out/runs/L<depth>/."""
     spec = _spec(s, opts.steps)
     device = default_device()
     vocab = hopk.HopKVocab(s["alphabet"], s["max_hops"])
     sampler = functools.partial(_sample_hopk, s["seq"], s["alphabet"], s["max_hops"],
                                 no_adjacent_repeats=s["no_adjacent_repeats"])
     eval_fn = functools.partial(_hopk_eval, hopk_eval_sets(s), vocab.undefined_id, device)
-    depths = [L for L in s["depths"] if not opts.only or str(L) in opts.only]
-    if opts.only and not depths:
-        raise ValueError(f"--only: depths of {NAMES[variant]} are {list(s['depths'])}, got {opts.only}")
-    arms = [a for a in ARMS if not opts.arms or a in opts.arms]
     for seed in opts.seed_list():
         stream = DataStream(sampler, spec.batch_size, spec.steps, seed=1000 + seed)
         for L in depths:
-            for att in arms:
+            for att, model in arms.items():
                 name = f"{att}-{L}L"
                 cfg = ModelConfig(vocab_size=vocab.vocab_size, dim=s["dim"], n_layers=L, n_heads=s["heads"],
-                                  ffn_dim=s["ffn"], max_seq_len=s["seq"], attention=att, name=name, **s["model"])
+                                  ffn_dim=s["ffn"], max_seq_len=s["seq"], name=name, **{**s["model"], **model})
                 r = train_arm(name, cfg, StreamSource(stream, hopk_batch), spec, seq_len=s["seq"], seed=seed,
-                              evaluator=eval_fn, run_dir=opts.runs / f"{NAMES[variant]}-{opts.scale}" / f"{name}-s{seed}",
+                              evaluator=eval_fn, run_dir=opts.runs / f"{exp}-{opts.scale}" / f"{name}-s{seed}",
                               device=device, log=opts.log)
                 sm = r["summary"]
                 final = dict(sm["final_eval"] or {})
@@ -140,9 +147,8 @@ def run(variant: str, opts: RunOptions, out: Path) -> dict:
                 write_json_atomic(rd / f"{att}-s{seed}.json", rec)
                 write_text_atomic(rd / f"{att}-s{seed}.metrics.jsonl",
                                   "".join(json.dumps({**x, "eval": "mean_error" in x}) + "\n" for x in r["records"]))
-                opts.log(f"{NAMES[variant]} seed {seed} {name}: mean error {final['mean_error']:.3f} "
+                opts.log(f"{exp} seed {seed} {name}: mean error {final['mean_error']:.3f} "
                          f"({sm['train_time_s']:.0f} s)")
-    return summarize(variant, opts, out)
 
 
 def summarize(variant: str, opts: RunOptions, out: Path) -> dict:

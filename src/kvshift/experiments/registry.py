@@ -5,6 +5,7 @@ from __future__ import annotations
 from kvshift.experiments import (
     cost,
     downstream,
+    family_probes,
     hopk,
     igsm,
     landscape,
@@ -16,10 +17,10 @@ from kvshift.experiments import (
 )
 from kvshift.experiments.base import Experiment
 
-_MODULES = (landscape, toy, hopk, igsm, lm, downstream, upcycle, upcycle_bench, cost, pipeline)
+_MODULES = (landscape, toy, hopk, igsm, lm, family_probes, downstream, upcycle, upcycle_bench, cost, pipeline)
 _ORDER = ("theorem2", "induction-depth", "induction-width", "landscape", "ngram", "shift-dynamics", "hopk-norepeat", "hopk", "igsm",
           "lm-main", "lm-seeds", "lm-lr", "lm-scaling", "lm-variants", "shift-coefficients", "shift-coupling",
-          "lm-gqa", "lm-downstream", "upcycle", "upcycle-benchmarks",
+          "lm-gqa", "lm-family", "family-induction", "family-hopk", "lm-downstream", "upcycle", "upcycle-benchmarks",
           "bench", "pipeline", "corpus")
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for m in _MODULES for e in m.EXPERIMENTS}

@@ -358,6 +358,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
         "mfu": (tps * fpt / (tc.peak_flops * d.world_size)) if (tps and d.device.type == "cuda") else None,
         "params": sum(p.numel() for p in model.parameters()) if d.mode != "fsdp" else None,
         "non_embedding_params": mcfg.non_embedding_params(),
+        # peak allocated CUDA memory of this process (of the last segment, for a resumed run); None on CPU
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else None,
         "resumed_from": ckpt, "init_from": init_info, **env, "config": cfg.to_dict(), "model_config": mcfg.to_dict(),
     }
     if d.mode == "fsdp":

@@ -8,6 +8,7 @@
     shift-coefficients  Table 4 for the ~50M KV-shift model of lm-main (the same run, trained once)
     shift-coupling      Table 4 tested directly at ~10M: the paper's init and every head on the boundary, 3 seeds
     lm-gqa              the ~50M pair with n_kv_heads = n_heads / 4 (d 640, 10 layers, 8 heads, 2 KV heads)
+    lm-family           KV shift beside its family of short causal mixers at ~10M (3 seeds) and ~50M (2 seeds)
 
 Each writes results/<name>-<scale>/: summary.json, README.md, plot.png and, per run,
 runs/<part>/<arm>-s<seed>/{summary.json, metrics.jsonl, config.json, run.json[, coefficients.jsonl]}.
@@ -22,7 +23,7 @@ import json
 from pathlib import Path
 
 from kvshift.experiments.base import Experiment, RunOptions, write_summary
-from kvshift.experiments.lm import coupling
+from kvshift.experiments.lm import coupling, family
 from kvshift.experiments.lm.report import plot_coefficients, plot_parts, write_readme
 from kvshift.experiments.lm.runs import run_one
 from kvshift.experiments.lm.spec import LRS, parts, select, shard_dir
@@ -73,6 +74,8 @@ def summarize(name: str, opts: RunOptions, out: Path, *, lrs=LRS) -> dict:
         return summarize_coefficients(opts, out)
     if name == "shift-coupling":
         return coupling.summarize(opts, out)
+    if name == "lm-family":
+        return family.summarize(opts, out)
     stats, dirs = {}, []
     for p in parts(name, opts.scale, lrs):
         runs = published_runs(out, p)
@@ -124,7 +127,7 @@ def summarize_coefficients(opts: RunOptions, out: Path) -> dict:
     return s
 
 
-def _experiment(name: str, ref: str, claim: str, rule: str, description: str) -> Experiment:
+def _experiment(name: str, ref: str, claim: str | None, rule: str | None, description: str) -> Experiment:
     return Experiment(name, ref, claim, rule, description, run=lambda opts, out: run(name, opts, out),
                       summarize=lambda opts, out: summarize(name, opts, out),
                       options=("only", "arms", "shards", "runs", "overrides", "keep_checkpoints", "summarize_only"))
@@ -167,4 +170,6 @@ EXPERIMENTS = [
                 "inconclusive: fewer heads.", "Table 4 tested directly: diagonal share from the boundary init, 3 seeds"),
     _experiment("lm-gqa", "§4 (GQA)", "The gain holds with grouped-query attention.",
                 "as lm-main, for the pair with n_kv_heads = n_heads / 4.", "GQA (n_kv = n_heads/4) pair at ~50M"),
+    _experiment("lm-family", "Family (beyond the paper)", family.CLAIM, family.RULE,
+                "KV shift vs dconv, Canon, key offset, smear (and KV shift + Canon) at ~10M (3 seeds) and ~50M"),
 ]

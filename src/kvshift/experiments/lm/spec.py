@@ -69,10 +69,20 @@ ARMS = {"vanilla": {"attention": "vanilla"}, "kvshift": {"attention": "kvshift"}
         "kvshift_gate": {"attention": "kvshift_gate"}, "kvshift_clamp": {"attention": "kvshift_clamp"},
         "kshift": {"attention": "kshift"}, "vshift": {"attention": "vshift"},
         "window2": {"attention": "kvshift", "shift_window": 2}, "window3": {"attention": "kvshift", "shift_window": 3}}
+# the family of short causal mixers (lm-family): vanilla attention + one mixer, and KV shift + Canon layers
+FAMILY = {"dconv": {"attention": "vanilla", "mixer": "dconv"}, "canon": {"attention": "vanilla", "mixer": "canon"},
+          "keyoffset": {"attention": "vanilla", "mixer": "keyoffset"},
+          "smear": {"attention": "vanilla", "mixer": "smear"},
+          "kvshift_canon": {"attention": "kvshift", "mixer": "canon"}}
+FAMILY_ARMS = ("vanilla", "kvshift", "dconv", "canon", "keyoffset", "smear", "kvshift_canon")
+ARM_MODELS = {**ARMS, **FAMILY}  # every arm a language-model run can have
 PAIR = ("vanilla", "kvshift")
 LRS = (1e-4, 2e-4, 1e-3, 1e-2)
 # assumed H200 training throughput (tokens/s, bf16, compiled) for `plan`; 25m is measured (the small-scale reference setting)
 TOKENS_PER_S = {"3m": 2.4e6, "10m": 1.7e6, "25m": 1.05e6, "50m": 0.6e6, "85m": 0.4e6}
+# assumed slow-down of an arm with a mixer (not measured on the H200 yet: an estimate, each mixer one more
+# fused kernel per stream and layer)
+MIXER_SLOWDOWN = 1.15
 
 
 @dataclass
@@ -116,6 +126,9 @@ def parts(name: str, scale: str, lrs=LRS) -> list[Part]:
                      trajectory=True) for init in ("uniform", "half")]
     if name == "lm-gqa":
         return [Part("50m-gqa", "50m", 2800 if g else 60, model=GQA[scale])]
+    if name == "lm-family":  # 10m: lm-seeds' runs (1200 steps, seeds 0-2), so its vanilla/kvshift train once
+        return [Part("10m", "10m", 1200 if g else 40, arms=FAMILY_ARMS, seeds=(0, 1, 2)),
+                Part("50m", "50m", 1400 if g else 40, arms=FAMILY_ARMS, seeds=(0, 1))]
     raise ValueError(f"no runs for experiment {name!r}")
 
 
@@ -126,7 +139,7 @@ def run_config(scale: str, part: Part, arm: str, seed: int, shards: Path, steps:
     preset, size_model = sc.sizes[part.size]
     steps = steps or part.steps
     vocab = json.loads((Path(shards) / "meta.json").read_text())["vocab_size"]
-    model = {**size_model, **part.model, **ARMS[arm], "vocab_size": vocab}
+    model = {**size_model, **part.model, **ARM_MODELS[arm], "vocab_size": vocab}
     # the coefficient arm checkpoints every 10% of its steps (0: only the final checkpoint). Checkpointing
     # reads state and changes no numbers, so this is the one config field besides the arm that may differ.
     ckpt = max(1, steps // 10) if arm == part.coefficients else 0
@@ -154,8 +167,9 @@ def select(all_parts: list[Part], only=None, arms=None, seeds=None) -> list[tupl
     names = {p.name for p in all_parts}
     if only and set(only) - names:
         raise ValueError(f"--only: unknown parts {sorted(set(only) - names)}; parts: {sorted(names)}")
-    if arms and set(arms) - set(ARMS):
-        raise ValueError(f"--arms: unknown arms {sorted(set(arms) - set(ARMS))}; arms: {list(ARMS)}")
+    known = {a for p in all_parts for a in p.arms}
+    if arms and set(arms) - known:
+        raise ValueError(f"--arms: unknown arms {sorted(set(arms) - known)}; arms: {sorted(known)}")
     out = []
     for p in all_parts:
         if (only and p.name not in only) or (not only and p.optional):
@@ -173,7 +187,13 @@ JOBS = [("lm-main", dict(only="10m")), ("lm-main", dict(only="50m", arms="vanill
         ("lm-scaling", dict(only="3m,10m,25m")), ("lm-scaling", dict(only="50m")),
         ("lm-variants", dict(arms="vanilla,kvshift,kvshift_gate,kvshift_clamp")),
         ("lm-variants", dict(arms="kshift,vshift,window2,window3")),
-        ("lm-gqa", dict(arms="vanilla")), ("lm-gqa", dict(arms="kvshift"))]
+        ("lm-gqa", dict(arms="vanilla")), ("lm-gqa", dict(arms="kvshift")),
+        # lm-family: 10m by arm over its 3 seeds, 50m two runs a command
+        ("lm-family", dict(only="10m", arms="vanilla,kvshift")), ("lm-family", dict(only="10m", arms="dconv,canon")),
+        ("lm-family", dict(only="10m", arms="keyoffset,smear")), ("lm-family", dict(only="10m", arms="kvshift_canon")),
+        *(("lm-family", dict(only="50m", arms=a, seeds=sd)) for sd in ("0", "1")
+          for a in ("vanilla,kvshift", "dconv,canon", "keyoffset,smear")),
+        ("lm-family", dict(only="50m", arms="kvshift_canon", seeds="0,1"))]
 
 
 def plan(scale: str = "gpu") -> list[tuple[str, int, float]]:
@@ -181,11 +201,14 @@ def plan(scale: str = "gpu") -> list[tuple[str, int, float]]:
     sc, rows = SCALES[scale], []
     for name, opts in JOBS:
         secs, n, graphs = 30.0, 0, set()  # 30 s: unpack, imports
-        for p, arms, seeds in select(parts(name, scale), **opts):
+        sel = {k: v for k, v in opts.items() if k != "seeds"}
+        seeds_opt = [int(x) for x in opts["seeds"].split(",")] if "seeds" in opts else None
+        for p, arms, seeds in select(parts(name, scale), seeds=seeds_opt, **sel):
             for arm in arms:
+                slow = MIXER_SLOWDOWN if ARM_MODELS[arm].get("mixer", "none") != "none" else 1.0
                 for _ in seeds:
                     n += 1
-                    secs += p.steps * sc.batch * sc.seq_len / TOKENS_PER_S[p.size] * 1.12  # +12%: evaluations
+                    secs += p.steps * sc.batch * sc.seq_len / TOKENS_PER_S[p.size] * 1.12 * slow  # +12%: evaluations
                     secs += 45 if (p.size, arm) not in graphs else 10  # compilation (cached after the first)
                     secs += 60 if arm == p.coefficients else 0  # ten checkpoints of ~0.85 GB
                     graphs.add((p.size, arm))
