@@ -1,6 +1,13 @@
 """`kvshift bench`: vanilla vs kvshift-naive vs kvshift-fused, measured in one process.
 
-Three parts, each with the same settings for every arm (arms: `kvshift.bench.plan`):
+Parts (default attn, generate, e2e; --only picks), each with the same settings for every arm:
+  attn      the attention block forward + backward as a model runs it: the output gradient in the model's
+            layout, one attention kernel family for every arm, synchronised / back-to-back / CUDA-graph
+            timings and the profiler's kernel times (`kvshift.bench.attn`; supersedes block)
+  generate  decoding through generate itself: kvshift.LM, KVShiftForCausalLM on a StaticCache (eager and
+            compiled) and transformers' LlamaForCausalLM of the same shape (`kvshift.bench.generate`;
+            supersedes decode)
+The superseded parts, still run when named and still read from earlier results (no targets):
   block   the attention block forward + backward: q/k/v given as inputs, RoPE (+ K shift fused with
           RoPE and V shift for the shift arms) + SDPA (flash backend where it accepts the shape), once
           eager and once under torch.compile (where inductor fuses vanilla's RoPE too: the fair test)
@@ -26,11 +33,13 @@ from pathlib import Path
 
 import torch
 
+from kvshift.bench.attn import bench_attn
 from kvshift.bench.block import bench_block
 from kvshift.bench.decode import bench_decode
 from kvshift.bench.e2e import bench_e2e
+from kvshift.bench.generate import bench_generate
 from kvshift.bench.plan import PARTS, Plan, device_name, device_slug, fused_available, log
-from kvshift.bench.report import compute_targets, render_markdown, target_summary
+from kvshift.bench.report import CASES, compute_targets, render_markdown, target_summary
 from kvshift.utils.provenance import provenance
 
 
@@ -103,7 +112,7 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
                             "parts": [k for k in PARTS if k in r and not r[k].get("from_earlier_run")]}
                            for p, r in runs]
     results: dict = {"meta": meta}
-    cases = {"block": "shapes", "e2e": "models", "decode": "batches"}
+    cases = CASES
     for _, r in runs:
         for part in PARTS:
             if part in r and not r[part].get("from_earlier_run"):
@@ -136,8 +145,9 @@ def run_bench(plan: Plan, out: str | Path, *, device: torch.device | None = None
         results.update(update)
         write_results(results, out)
 
-    runners = {"block": bench_block, "e2e": bench_e2e, "decode": bench_decode}
-    for part in ("block", "decode", "e2e"):  # the long compile-bound part last: a cut-short run keeps the rest
+    runners = {"attn": bench_attn, "generate": bench_generate, "block": bench_block, "e2e": bench_e2e,
+               "decode": bench_decode}
+    for part in ("attn", "block", "decode", "generate", "e2e"):  # the long compile-bound parts last
         if part in plan.parts:
             t0 = time.perf_counter()
             results[part] = runners[part](plan, device, save)
