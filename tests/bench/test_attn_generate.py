@@ -181,3 +181,19 @@ def test_report_targets_come_from_the_new_parts_only():
     md = render_markdown({**res, "targets": tg})
     assert "## Attention block as a model runs it" in md and "| cudnn | eager | native |" in md
     assert md.index("## Attention block as a model runs it") < md.index("## Superseded: attention block")
+
+
+def test_merge_keeps_the_sources_of_a_merged_file(tmp_path):
+    from kvshift.bench.run import merge_results
+
+    old = json.loads((REPO / "results" / "bench" / "nvidia-h200.json").read_text())
+    new = {"meta": {**old["meta"], "command": "kvshift bench --only generate", "merged_from": None},
+           "generate": {"settings": {}, "cases": {"b1-p2048": {"batch": 1, "prompt": 2048, "arms": {}, "ratios": {}}}},
+           "e2e": {**old["e2e"], "from_earlier_run": True}}
+    pa, pb = tmp_path / "old.json", tmp_path / "new.json"
+    pa.write_text(json.dumps(old))
+    pb.write_text(json.dumps(new))
+    res = merge_results([pa, pb], tmp_path / "out")
+    files = [m["file"] for m in res["meta"]["merged_from"]]
+    assert files == [m["file"] for m in old["meta"]["merged_from"]] + ["new.json"]
+    assert res["block"] == old["block"] and res["e2e"] == old["e2e"] and list(res["generate"]["cases"]) == ["b1-p2048"]

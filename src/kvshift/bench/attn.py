@@ -30,7 +30,7 @@ from kvshift.bench.report import ATTN_ARMS, ratio
 from kvshift.bench.timing import measure_modes, synchronize
 from kvshift.ops.rope import apply_rope, rope_cos_sin
 from kvshift.ops.shift import kv_shift, shift_rope
-from kvshift.ops.shift.attention import shift_attention
+from kvshift.ops.shift.attention import attention_backend, shift_attention
 
 # family -> (the SDPA backend vanilla and fused-sdpa run under, the one-op fused arm's `backend=`)
 FAMILIES = {"cudnn": (SDPBackend.CUDNN_ATTENTION, "cudnn"), "flash": (SDPBackend.FLASH_ATTENTION, "flash"),
@@ -186,6 +186,8 @@ def bench_attn(plan: Plan, device: torch.device, save: Callable[[dict], None]) -
                 name = f"{shape}-{family}-{mode}"
                 log(f"attn {name}")
                 case = {"B": B, "T": T, "H": H, "H_kv": H_kv, "D": D, "family": family, "mode": mode, "gqa": gqa,
+                        # the kernels the one-op arm really calls ("math" on a CPU)
+                        "fused_kernels": attention_backend(inp["q"], None, FAMILIES[family][1]),
                         "arms": {}, "ratios": {}}
                 section["shapes"][name] = case
                 torch._dynamo.reset()

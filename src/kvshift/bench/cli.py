@@ -76,6 +76,16 @@ def _run(args) -> int:
         plan.attn_grad = args.attn_grad
     if args.no_graph:
         plan.attn_graph = False
+    if args.families:
+        fams = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        if not fams or any(f not in ("cudnn", "flash", "math") for f in fams):
+            raise ValueError(f"--families takes a comma-separated subset of cudnn,flash,math, got {args.families!r}")
+        plan.attn_families = fams
+    if args.modes:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        if not modes or any(m not in ("eager", "compiled") for m in modes):
+            raise ValueError(f"--modes takes a comma-separated subset of eager,compiled, got {args.modes!r}")
+        plan.block_modes = modes
     res = run_bench(plan, args.out)
     slug = res["meta"]["device_slug"]
     print(render_markdown(res))
@@ -97,6 +107,8 @@ def register(sub) -> None:
     p.add_argument("--attn-grad", choices=("tensor", "wo"), default=None,
                    help="attn part: a (B, T, H*D) output gradient (default) or the gradient through a real wo")
     p.add_argument("--no-graph", action="store_true", help="attn part: skip the CUDA-graph timing")
+    p.add_argument("--families", default=None, help="attn part: attention kernel families, e.g. cudnn,flash (default)")
+    p.add_argument("--modes", default=None, help="attn and block parts: eager,compiled (default both on CUDA)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed iterations per measurement (default: 40 block, 20 e2e, 40 decode; quick: 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default: 5 block, 3 e2e, 5 decode)")

@@ -58,7 +58,9 @@ def render_attn(sec: dict | None) -> list[str]:
                          + " | " * (2 * len(ATTN_ARMS) + len(kinds)) + " |")
             continue
         arms, r = s.get("arms", {}), s.get("ratios", {})
-        lines.append(f"| ({s['B']}, {s['T']}, {s['H']}/{s['H_kv']}, {s['D']}) | {s['family']} | {s['mode']} | {s['gqa']} | "
+        fk = s.get("fused_kernels")
+        fam = s["family"] + (f" (fused: {fk})" if fk and fk not in (s["family"], "math") else "")
+        lines.append(f"| ({s['B']}, {s['T']}, {s['H']}/{s['H_kv']}, {s['D']}) | {fam} | {s['mode']} | {s['gqa']} | "
                      + " | ".join(_ms(arms.get(a), k) for a in ATTN_ARMS for k in ("b2b", "kernels")) + " | "
                      + " | ".join(_r(r.get(k, {}).get("fused")) for k in kinds) + " | "
                      + _r(r.get("b2b", {}).get("fused-sdpa")) + " |")

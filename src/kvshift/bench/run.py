@@ -107,10 +107,12 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
     if len(devices) != 1 or len({r["meta"].get("quick") for _, r in runs}) != 1:
         raise ValueError(f"the results come from different devices or modes: {sorted(map(str, devices))}")
     meta = dict(runs[0][1]["meta"])
-    meta["merged_from"] = [{"file": Path(p).name, "command": r["meta"].get("command"), "time_utc": r["meta"].get("time_utc"),
-                            "git_commit": r["meta"].get("git_commit"),
-                            "parts": [k for k in PARTS if k in r and not r[k].get("from_earlier_run")]}
-                           for p, r in runs]
+    meta["merged_from"] = []
+    for p, r in runs:  # a file merged before lists its own sources: they are kept, not the file
+        meta["merged_from"] += r["meta"].get("merged_from") or [
+            {"file": Path(p).name, "command": r["meta"].get("command"), "time_utc": r["meta"].get("time_utc"),
+             "git_commit": r["meta"].get("git_commit"),
+             "parts": [k for k in PARTS if k in r and not r[k].get("from_earlier_run")]}]
     results: dict = {"meta": meta}
     cases = CASES
     for _, r in runs:
