@@ -197,3 +197,24 @@ def test_merge_keeps_the_sources_of_a_merged_file(tmp_path):
     files = [m["file"] for m in res["meta"]["merged_from"]]
     assert files == [m["file"] for m in old["meta"]["merged_from"]] + ["new.json"]
     assert res["block"] == old["block"] and res["e2e"] == old["e2e"] and list(res["generate"]["cases"]) == ["b1-p2048"]
+
+
+def test_merge_unites_the_arms_of_a_generate_case(tmp_path):
+    from kvshift.bench.run import merge_results
+
+    meta = {"device": "X", "device_slug": "x", "quick": False}
+
+    def run(arms):
+        return {"meta": meta, "generate": {"settings": {}, "cases": {"b1-p8": {
+            "batch": 1, "prompt": 8, "arms": {a: {"ms_per_token": ms} for a, ms in arms.items()}, "ratios": {}}}}}
+
+    paths = []
+    for i, arms in enumerate(({"lm-vanilla": 10.0, "lm-kvshift": 11.0, "llama-static": 8.0},
+                              {"hf-kvshift-static": 9.0, "hf-vanilla-static-compiled": 5.0,
+                               "hf-kvshift-static-compiled": 5.5, "llama-static-compiled": 5.0})):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(run(arms)))
+    case = merge_results(paths, tmp_path / "out")["generate"]["cases"]["b1-p8"]
+    assert len(case["arms"]) == 7 and case["ratios"]["lm"] == pytest.approx(1.1)
+    assert case["ratios"]["compiled"] == pytest.approx(1.1) and case["ratios"]["hf-static-vs-llama"] == pytest.approx(9 / 8)
+    assert case["cross_run_ratios"] == ["hf-static-vs-llama"]

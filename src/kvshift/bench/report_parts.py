@@ -102,4 +102,7 @@ def render_generate(sec: dict | None) -> list[str]:
         lines.append(f"| {c['batch']} | {c['prompt']} | " + " | ".join(cells) + " | "
                      + " | ".join(_r(c.get("ratios", {}).get(k)) for k in GEN_RATIOS) + " |")
     lines.append("")
+    cross = [f"{n}: {', '.join(c['cross_run_ratios'])}" for n, c in sec["cases"].items() if c.get("cross_run_ratios")]
+    if cross:
+        lines += ["Ratios of arms measured by different runs (merged; less comparable): " + "; ".join(cross) + ".", ""]
     return lines

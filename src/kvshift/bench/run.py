@@ -39,7 +39,7 @@ from kvshift.bench.decode import bench_decode
 from kvshift.bench.e2e import bench_e2e
 from kvshift.bench.generate import bench_generate
 from kvshift.bench.plan import PARTS, Plan, device_name, device_slug, fused_available, log
-from kvshift.bench.report import CASES, compute_targets, render_markdown, target_summary
+from kvshift.bench.report import CASES, GEN_RATIOS, compute_targets, ratio, render_markdown, target_summary
 from kvshift.utils.provenance import provenance
 
 
@@ -91,6 +91,17 @@ def write_results(results: dict, out: Path) -> tuple[Path, Path]:
     return jp, mp
 
 
+def _union_arms(before: dict, case: dict) -> dict:
+    """A generate case measured by two runs: the arms of both (the later run wins an arm both hold), the ratios
+    recomputed; a ratio of two arms from different runs is marked in `cross_run_ratios`."""
+    arms = {**before["arms"], **case["arms"]}
+    src = {**{a: 0 for a in before["arms"]}, **{a: 1 for a in case["arms"]}}
+    ok = {a: v.get("ms_per_token") for a, v in arms.items() if isinstance(v, dict) and "error" not in v}
+    ratios = {k: ratio(ok.get(a), ok.get(b)) for k, (a, b) in GEN_RATIOS.items()}
+    cross = sorted(k for k, (a, b) in GEN_RATIOS.items() if a in src and b in src and src[a] != src[b])
+    return {**before, **case, "arms": arms, "ratios": ratios, **({"cross_run_ratios": cross} if cross else {})}
+
+
 def merge_results(paths: list[str | Path], out: str | Path) -> dict:
     """One result from several runs of the same device (parts run as separate processes on separate GPUs
     of one machine): each part's cases (block shapes, e2e models, decode batches) are the union over the
@@ -120,6 +131,11 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
             if part in r and not r[part].get("from_earlier_run"):
                 if part in results:  # the same part from several runs (e.g. one e2e model per GPU): union of cases
                     merged = {**results[part][cases[part]], **r[part].get(cases[part], {})}
+                    if part == "generate":  # one case's arms may come from several runs (eager / compiled ones)
+                        for name, case in r[part].get(cases[part], {}).items():
+                            before = results[part][cases[part]].get(name)
+                            if before and "arms" in before and "arms" in case:
+                                merged[name] = _union_arms(before, case)
                     results[part] = {**r[part], cases[part]: merged}
                 else:
                     results[part] = r[part]
