@@ -1,4 +1,4 @@
-"""`kvshift bench`: vanilla vs kvshift-naive vs kvshift-fused, measured in one process.
+"""`kvshift bench`: vanilla vs the KV-shift arms, measured in one process.
 
 Parts (default attn, generate, e2e; --only picks), each with the same settings for every arm:
   attn      the attention block forward + backward as a model runs it: the output gradient in the model's
@@ -7,13 +7,13 @@ Parts (default attn, generate, e2e; --only picks), each with the same settings f
   generate  decoding through generate itself: kvshift.LM, KVShiftForCausalLM on a StaticCache (eager and
             compiled) and transformers' LlamaForCausalLM of the same shape (`kvshift.bench.generate`;
             supersedes decode)
+  e2e       a full training step of a bench preset: torch.compile(model + loss), bf16 autocast,
+            fused AdamW; tokens/s, MFU, peak memory (`kvshift.bench.e2e`)
 The superseded parts, still run when named and still read from earlier results (no targets):
   block   the attention block forward + backward: q/k/v given as inputs, RoPE (+ K shift fused with
           RoPE and V shift for the shift arms) + SDPA (flash backend where it accepts the shape), once
           eager and once under torch.compile (where inductor fuses vanilla's RoPE too: the fair test)
           (`kvshift.bench.block`)
-  e2e     a full training step of a bench preset: torch.compile(model + loss), bf16 autocast,
-          fused AdamW; tokens/s, MFU, peak memory (`kvshift.bench.e2e`)
   decode  prefill a long context with the model's own cache, then greedy single-token steps (eager)
           (`kvshift.bench.decode`)
 
