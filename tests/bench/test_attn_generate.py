@@ -145,6 +145,7 @@ def test_generate_runs_end_to_end_on_cpu(one_thread):
         for arm, r in c["arms"].items():
             assert "error" not in r, (arm, r)
             assert r["n"] == 1 and r["first_token"]["n"] == 1 and r["generate_ms"]["median_ms"] > 0
+            assert r["graphs_compiled_while_timed"] == 0
             assert r["tokens_per_s"] == pytest.approx(c["batch"] / (r["ms_per_token"] / 1e3))
         assert set(c["ratios"]) == set(GEN_RATIOS)
         assert c["ratios"]["lm"] == pytest.approx(c["arms"]["lm-kvshift"]["ms_per_token"]
@@ -218,3 +219,15 @@ def test_merge_unites_the_arms_of_a_generate_case(tmp_path):
     assert len(case["arms"]) == 7 and case["ratios"]["lm"] == pytest.approx(1.1)
     assert case["ratios"]["compiled"] == pytest.approx(1.1) and case["ratios"]["hf-static-vs-llama"] == pytest.approx(9 / 8)
     assert case["cross_run_ratios"] == ["hf-static-vs-llama"]
+
+
+def test_generate_state_is_dropped_between_arms_and_cases():
+    """transformers keeps the largest static length on the model and allocates at least that much again: a
+    small case after a large one would time a Llama reading a longer cache than it needs."""
+    from kvshift.bench.generate import _drop_caches
+
+    m = torch.nn.Linear(2, 2)
+    m._previous_max_cache_length, m._cache, m._compiled_call = 9000, object(), object()
+    _drop_caches(m)
+    assert not any(hasattr(m, n) for n in ("_previous_max_cache_length", "_cache", "_compiled_call"))
+    _drop_caches(m)  # nothing there: nothing to do

@@ -209,12 +209,12 @@ def bench_attn(plan: Plan, device: torch.device, save: Callable[[dict], None]) -
                                             rounds=plan.attn_rounds, device=device)
                         for a, r in res.items():
                             case["arms"][a] = r
-                        if plan.attn_graph and cuda:
-                            for a, r in _graph_times(fns, device, plan.attn_iters, plan.attn_rounds).items():
-                                case["arms"][a]["graph"] = r
                         if cuda or plan.profile:
                             for a, fn in fns.items():
                                 case["arms"][a]["kernels"] = profile_kernels(fn, device, steps=3, top=8)
+                        if plan.attn_graph and cuda:  # last: a capture that fails leaves the other timings
+                            for a, r in _graph_times(fns, device, plan.attn_iters, plan.attn_rounds).items():
+                                case["arms"][a]["graph"] = r
                     except Exception as e:  # noqa: BLE001
                         err = error_entry(e)
                         case["arms"].update({a: err for a in fns})

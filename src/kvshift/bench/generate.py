@@ -107,10 +107,13 @@ def gen_call(arm: str, model: torch.nn.Module) -> Callable[[torch.Tensor, int], 
 
 
 def _drop_caches(model: torch.nn.Module) -> None:
-    """transformers keeps a static cache on the model between generate calls: freed between arms."""
-    for name in ("_cache", "_compiled_call"):
-        if hasattr(model, name):
-            setattr(model, name, None)
+    """What transformers keeps on the model between generate calls, dropped between arms and cases: a static
+    cache (older versions), the largest static length so far (5.x allocates at least that much again, and
+    a Llama's static attention reads the whole allocation: a small case after a large one would be slower)
+    and the compiled decode step."""
+    for name in ("_cache", "_previous_max_cache_length", "_compiled_call"):
+        if name in vars(model):
+            delattr(model, name)
 
 
 def time_generate(call: Callable, ids: torch.Tensor, n: int, *, warmup: int, iters: int,
@@ -175,6 +178,9 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
         for arm in arms:
             log(f"generate {name} {arm}")
             model = models[_model_key(arm)]
+            _drop_caches(model)
+            if arm.endswith("-compiled"):
+                torch._dynamo.reset()  # a fresh compile per arm and case: no recompile limit reached across cases
             t0 = time.perf_counter()
             try:
                 case["arms"][arm] = time_generate(gen_call(arm, model), ids, n, warmup=plan.gen_warmup,
