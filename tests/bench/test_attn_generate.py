@@ -231,3 +231,13 @@ def test_generate_state_is_dropped_between_arms_and_cases():
     _drop_caches(m)
     assert not any(hasattr(m, n) for n in ("_previous_max_cache_length", "_cache", "_compiled_call"))
     _drop_caches(m)  # nothing there: nothing to do
+
+
+@pytest.mark.parametrize("args, what", [(["--gen-arms", "lm-vanilla,nope"], "--gen-arms"),
+                                        (["--families", "cuda"], "--families"), (["--modes", "fast"], "--modes"),
+                                        (["--gen-cases", "16-2048"], "BATCHxPROMPT")])
+def test_bench_options_refuse_unknown_values(args, what, capsys, tmp_path):
+    from kvshift.cli import main
+
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--only", "attn", *args]) == 2
+    assert what in capsys.readouterr().err and not list(tmp_path.iterdir())  # refused before running anything
