@@ -11,7 +11,7 @@ from kvshift.bench.block import block_inputs
 from kvshift.bench.decode import decode_prompt
 from kvshift.bench.e2e import train_batch
 from kvshift.bench.plan import PARTS, check_nonzero, device_slug, fused_available
-from kvshift.bench.report import ARMS, TARGETS, check_target, compute_targets, render_markdown, target_summary
+from kvshift.bench.report import ARMS, ATTN_ARMS, TARGETS, check_target, compute_targets, render_markdown, target_summary
 from kvshift.bench.run import merge_results
 from kvshift.bench.timing import measure, percentile, summarize
 from kvshift.cli import main
@@ -49,9 +49,24 @@ def _check_arms(case: dict, n: int) -> None:
 
 def test_quick_run_end_to_end(tmp_path, one_thread, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "--quick", "--out", str(out), "--steps", "2", "--warmup", "1", "--profile"]) == 0
+    # the default parts (attn, generate, e2e), then the superseded block and decode on their own
+    assert main(["bench", "--quick", "--out", str(out), "--steps", "2", "--warmup", "1", "--profile",
+                 "--gen-iters", "1", "--new-tokens", "3", "--gen-cases", "2x8"]) == 0
     printed = capsys.readouterr().out
     assert "## Targets" in printed and "cpu.json" in printed
+    first = json.loads((out / "cpu.json").read_text())
+    assert set(first) >= {"attn", "generate", "e2e"} and not set(first) & {"block", "decode"}
+    assert list(first["generate"]["cases"]) == ["b2-p8"] and first["generate"]["new_tokens"] == 3
+    for name, c in first["attn"]["shapes"].items():
+        assert c["family"] in ("flash", "math") and tuple(c["arms"]) == ATTN_ARMS, name
+        for arm, a in c["arms"].items():
+            if "skipped" in a:
+                assert not fused_available()
+                continue
+            assert "error" not in a, (name, arm, a)
+            _check_timing(a["sync"], 2)
+            assert a["b2b"]["n"] == 2 and "kernels" in a  # --profile: the profiler also runs on a CPU
+    assert main(["bench", "--quick", "--only", "block,decode", "--out", str(out), "--steps", "2", "--warmup", "1"]) == 0
     res = json.loads((out / "cpu.json").read_text())
     md = (out / "cpu.md").read_text()
 
@@ -60,6 +75,9 @@ def test_quick_run_end_to_end(tmp_path, one_thread, capsys):
     assert meta["torch"] == torch.__version__ and "git_commit" in meta and meta["plan"]["block_iters"] == 2
 
     assert set(PARTS) <= set(res)
+    for part in ("attn", "generate", "e2e"):  # kept from the first run
+        assert res[part]["from_earlier_run"] is True
+        assert {k: v for k, v in res[part].items() if k != "from_earlier_run"} == first[part]
     blk = res["block"]
     assert blk["settings"]["iters"] == 2 and blk["settings"]["timer"] == "perf_counter"
     assert len(blk["shapes"]) == 2
@@ -91,7 +109,9 @@ def test_quick_run_end_to_end(tmp_path, one_thread, capsys):
         assert b["arms"]["vanilla"]["tokens_per_s"] > 0
 
     tg = res["targets"]
-    expect = {f"block/{n}/time_ratio" for n in blk["shapes"]} | {f"decode/{n}/latency_ratio" for n in dec["batches"]}
+    # the superseded block and decode parts set no target; attn and generate (from the first run) do
+    expect = {f"attn/{n}/time_ratio" for n in res["attn"]["shapes"]}
+    expect |= {f"generate/b2-p8/{r}_ratio" for r in ("lm", "hf-static-vs-llama")}  # no compiled arm on a CPU
     for n in e2e["models"]:
         expect |= {f"e2e/{n}/tokens_per_s_ratio", f"e2e/{n}/peak_mem_ratio"}
     assert set(tg) == expect  # no MFU target: it is stated for bench-246m only
@@ -100,15 +120,10 @@ def test_quick_run_end_to_end(tmp_path, one_thread, capsys):
     assert tg["e2e/debug/peak_mem_ratio"]["met"] is None  # no memory numbers on CPU
     assert res["summary"]["met"] + res["summary"]["missed"] + res["summary"]["unknown"] == len(tg)
 
-    for heading in ("Quick mode", "## Attention block", "## End-to-end training step", "## Decode", "## Targets"):
-        assert heading in md
-
-    # --only re-runs one part and keeps the others of the earlier result for the same device
-    assert main(["bench", "--quick", "--only", "decode", "--out", str(out), "--steps", "2", "--warmup", "1"]) == 0
-    res2 = json.loads((out / "cpu.json").read_text())
-    assert res2["block"]["from_earlier_run"] is True and res2["e2e"]["from_earlier_run"] is True
-    assert "from_earlier_run" not in res2["decode"]
-    assert res2["block"]["shapes"] == blk["shapes"] and set(res2["targets"]) == expect
+    for heading in ("Quick mode", "## Attention block as a model runs it", "## Decoding through generate",
+                    "## Superseded: attention block", "## End-to-end training step", "## Superseded: decode",
+                    "## Targets"):
+        assert heading in md, heading
 
 
 def test_only_rejects_unknown_parts(capsys):
@@ -153,6 +168,13 @@ def _made_up_results() -> dict:
                 "vanilla": {"tokens_per_s": 1e6, "mfu": 0.41, "peak_mem_bytes": 100, "step": arm(1.0)},
                 "fused": {"tokens_per_s": 0.98e6, "mfu": 0.40, "peak_mem_bytes": 103, "step": arm(1.0)}},
                 "ratios": {"tokens_per_s": {"fused": 0.98}, "peak_mem": {"fused": 1.03}}}}},
+        "attn": {"settings": {}, "shapes": {"B8-T2048-H16-D128-cudnn-eager": {
+            "B": 8, "T": 2048, "H": 16, "H_kv": 16, "D": 128, "family": "cudnn", "mode": "eager", "gqa": "native",
+            "arms": {"vanilla": {"b2b": arm(10.0)}, "fused": {"b2b": arm(11.0)}},
+            "ratios": {"b2b": {"fused": 1.10}}}}},
+        "generate": {"model": "bench-246m", "new_tokens": 128, "settings": {}, "cases": {"b16-p2048": {
+            "batch": 16, "prompt": 2048, "arms": {"lm-vanilla": {"ms_per_token": 10.0}, "lm-kvshift": {"ms_per_token": 10.1}},
+            "ratios": {"lm": 1.01}}}},
         "decode": {"model": "bench-246m", "context": 8192, "settings": {}, "batches": {
             "batch1": {"batch": 1, "arms": {"vanilla": arm(5.0), "fused": arm(5.05)}, "ratios": {"fused": 1.01}}}},
     }
@@ -161,10 +183,10 @@ def _made_up_results() -> dict:
 def test_compute_targets_with_made_up_numbers():
     res = _made_up_results()
     tg = compute_targets(res)
-    assert set(tg) == {"block/B8-T2048-H16-D128/time_ratio", "e2e/bench-162m/tokens_per_s_ratio",
+    assert set(tg) == {"attn/B8-T2048-H16-D128-cudnn-eager/time_ratio", "e2e/bench-162m/tokens_per_s_ratio",
                        "e2e/bench-162m/peak_mem_ratio", "e2e/bench-246m/tokens_per_s_ratio",
-                       "e2e/bench-246m/peak_mem_ratio", "e2e/bench-246m/mfu", "decode/batch1/latency_ratio"}
-    blk = tg["block/B8-T2048-H16-D128/time_ratio"]
+                       "e2e/bench-246m/peak_mem_ratio", "e2e/bench-246m/mfu", "generate/b16-p2048/lm_ratio"}
+    blk = tg["attn/B8-T2048-H16-D128-cudnn-eager/time_ratio"]
     assert (blk["met"], blk["target"], blk["op"]) == (False, TARGETS["block_time"][2], "<=")
     assert blk["margin"] == pytest.approx(1.03 - 1.10)  # missed by 0.07
     assert tg["e2e/bench-162m/tokens_per_s_ratio"]["met"] is True
@@ -174,15 +196,16 @@ def test_compute_targets_with_made_up_numbers():
     assert tg["e2e/bench-246m/peak_mem_ratio"]["margin"] == pytest.approx(-0.01)
     mfu = tg["e2e/bench-246m/mfu"]
     assert mfu["met"] is False and mfu["measured"] == 0.40 and mfu["margin"] == pytest.approx(-0.05)
-    assert tg["decode/batch1/latency_ratio"]["met"] is True
+    assert tg["generate/b16-p2048/lm_ratio"]["met"] is True
 
     summ = target_summary(tg)
     assert (summ["met"], summ["missed"], summ["unknown"]) == (3, 4, 0)
-    assert summ["missed_targets"] == ["block/B8-T2048-H16-D128/time_ratio", "e2e/bench-246m/tokens_per_s_ratio",
+    assert summ["missed_targets"] == ["attn/B8-T2048-H16-D128-cudnn-eager/time_ratio", "e2e/bench-246m/tokens_per_s_ratio",
                                       "e2e/bench-246m/peak_mem_ratio", "e2e/bench-246m/mfu"]
     res["targets"] = tg
     md = render_markdown(res)
-    assert "| block/B8-T2048-H16-D128/time_ratio | 1.1000 | <= 1.03 | **NO** | -0.0700 (-6.80%) |" in md
+    assert "| attn/B8-T2048-H16-D128-cudnn-eager/time_ratio | 1.1000 | <= 1.03 | **NO** | -0.0700 (-6.80%) |" in md
+    assert "## Superseded: attention block" in md and "## Superseded: decode" in md
     assert "## Errors" in md and "OutOfMemoryError: made up" in md
     assert "Quick mode" not in md
 

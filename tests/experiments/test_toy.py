@@ -116,18 +116,24 @@ def test_registry_and_unknown_name():
 
 
 def test_report_rows_from_bench_targets(tmp_path):
-    def write(name, targets):
+    """The cost row's targets are recomputed from the measured sections: the superseded block part counts
+    for nothing, whatever targets an old file stored."""
+    def write(name, sections):
         (tmp_path / "bench").mkdir(exist_ok=True)
-        (tmp_path / "bench" / f"{name}.json").write_text(json.dumps(
-            {"meta": {"device": name.upper()}, "targets": {k: {"measured": m, "op": "<=", "target": 1.02, "met": ok}
-                                                          for k, (m, ok) in targets.items()}}))
+        (tmp_path / "bench" / f"{name}.json").write_text(json.dumps({"meta": {"device": name.upper()}, **sections}))
 
-    write("gpu-a", {"e2e/x/tokens_per_s_ratio": (1.0, True), "e2e/x/peak_mem_ratio": (1.07, False)})
-    write("gpu-b", {"block/y/time_ratio": (1.2, False)})
+    write("gpu-a", {"e2e": {"models": {"x": {"arms": {}, "ratios": {"tokens_per_s": {"fused": 1.0},
+                                                                     "peak_mem": {"fused": 1.07}}}}}})
+    write("gpu-b", {"attn": {"shapes": {"y": {"arms": {}, "ratios": {"b2b": {"fused": 1.2}}}}},
+                    "block": {"shapes": {"z": {"arms": {}, "ratios": {"fused": 0.6}}}},
+                    "targets": {"block/z/time_ratio": {"measured": 0.6, "op": "<=", "target": 1.03, "met": True}}})
     rows = [line for line in render(tmp_path).splitlines() if line.startswith("| Sec. 2 (cost)")]
     assert len(rows) == 2
     assert "**partly reproduced**" in rows[0] and "GPU-A" in rows[0] and "peak_mem_ratio: 1.070 (<= 1.02, missed)" in rows[0]
+    assert "Not yet measured: attn, generate" in rows[0]
     assert "**not reproduced**" in rows[1] and "(../results/bench/gpu-b.md)" in rows[1]
+    assert "attn/y/time_ratio: 1.200 (<= 1.03, missed)" in rows[1] and "block/z" not in rows[1]
+    assert "Superseded, not counted: block" in rows[1]
 
 
 def _arm(final, best=None, s50=None, s90=None):

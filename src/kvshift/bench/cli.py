@@ -9,7 +9,9 @@ import torch
 
 # None of these defines the Triton kernels at import: `kvshift.ops.shift.triton_available()` imports them
 # at first use (in run_bench), after `_run` has set TRITON_INTERPRET on a CPU machine.
-from kvshift.bench.plan import PARTS, Plan
+from kvshift.bench.generate import parse_cases
+from kvshift.bench.plan import DEFAULT_PARTS, PARTS, Plan
+from kvshift.bench.report import GEN_ARMS
 from kvshift.bench.report import render_markdown
 from kvshift.bench.run import merge_results, run_bench
 
@@ -41,7 +43,7 @@ def _run(args) -> int:
     plan.with_steps(args.steps, args.warmup)
     if not quick and min(plan.block_iters, plan.e2e_iters, plan.decode_iters) < 20:
         sys.stderr.write("kvshift bench: fewer than 20 timed iterations: medians are noisier than the issue asks\n")
-    plan.parts = _parts(args.only) if args.only else PARTS
+    plan.parts = _parts(args.only) if args.only else DEFAULT_PARTS
     if args.peak_flops is not None:
         if args.peak_flops <= 0:
             raise ValueError(f"--peak-flops must be positive, got {args.peak_flops}")
@@ -54,6 +56,36 @@ def _run(args) -> int:
         if bad or not want:
             raise ValueError(f"--models takes a comma-separated subset of {','.join(known)}, got {args.models!r}")
         plan.e2e_models = [m for m in plan.e2e_models if m[0] in want]
+    if args.gen_cases:
+        plan.gen_cases = parse_cases(args.gen_cases)
+    if args.gen_arms:
+        arms = tuple(a.strip() for a in args.gen_arms.split(",") if a.strip())
+        bad = [a for a in arms if a not in GEN_ARMS]
+        if bad or not arms:
+            raise ValueError(f"--gen-arms takes a comma-separated subset of {','.join(GEN_ARMS)}, got {args.gen_arms!r}")
+        plan.gen_arms = arms
+    if args.gen_iters is not None:
+        if args.gen_iters < 1:
+            raise ValueError(f"--gen-iters must be >= 1, got {args.gen_iters}")
+        plan.gen_iters = args.gen_iters
+    if args.new_tokens is not None:
+        if args.new_tokens < 2:
+            raise ValueError(f"--new-tokens must be >= 2, got {args.new_tokens}")
+        plan.gen_new_tokens = args.new_tokens
+    if args.attn_grad:
+        plan.attn_grad = args.attn_grad
+    if args.no_graph:
+        plan.attn_graph = False
+    if args.families:
+        fams = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        if not fams or any(f not in ("cudnn", "flash", "math") for f in fams):
+            raise ValueError(f"--families takes a comma-separated subset of cudnn,flash,math, got {args.families!r}")
+        plan.attn_families = fams
+    if args.modes:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        if not modes or any(m not in ("eager", "compiled") for m in modes):
+            raise ValueError(f"--modes takes a comma-separated subset of eager,compiled, got {args.modes!r}")
+        plan.block_modes = modes
     res = run_bench(plan, args.out)
     slug = res["meta"]["device_slug"]
     print(render_markdown(res))
@@ -64,8 +96,19 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="vanilla vs kvshift (naive, fused-sdpa, fused): attention block, training step, decode")
-    p.add_argument("--only", default=None, help="comma-separated parts: block,e2e,decode (default: all)")
+    p = sub.add_parser("bench", help="vanilla vs kvshift: attention block as a model runs it, generate, training step")
+    p.add_argument("--only", default=None,
+                   help="comma-separated parts: attn,generate,e2e (the default) or the superseded block,decode")
+    p.add_argument("--gen-cases", default=None,
+                   help="generate cases BATCHxPROMPT, comma-separated (default 1x2048,16x2048,128x2048,1x8192,16x8192,128x8192)")
+    p.add_argument("--gen-arms", default=None, help="comma-separated generate arms (default: all; see kvshift.bench.generate)")
+    p.add_argument("--gen-iters", type=int, default=None, help="timed generate calls per arm and case (default 3)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per call (default 128)")
+    p.add_argument("--attn-grad", choices=("tensor", "wo"), default=None,
+                   help="attn part: a (B, T, H*D) output gradient (default) or the gradient through a real wo")
+    p.add_argument("--no-graph", action="store_true", help="attn part: skip the CUDA-graph timing")
+    p.add_argument("--families", default=None, help="attn part: attention kernel families, e.g. cudnn,flash (default)")
+    p.add_argument("--modes", default=None, help="attn and block parts: eager,compiled (default both on CUDA)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed iterations per measurement (default: 40 block, 20 e2e, 40 decode; quick: 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default: 5 block, 3 e2e, 5 decode)")

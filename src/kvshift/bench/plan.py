@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,7 +23,11 @@ from kvshift.layers.attention import set_fused_attention
 from kvshift.models import LM, ModelConfig
 from kvshift.ops.shift import triton_available
 
-PARTS = ("block", "e2e", "decode")
+# attn and generate supersede block and decode (their docstrings say why); those two still run when asked
+# for by name and their earlier results are still read and shown, marked superseded, without targets
+PARTS = ("attn", "generate", "e2e", "block", "decode")
+DEFAULT_PARTS = ("attn", "generate", "e2e")
+LEGACY_PARTS = ("block", "decode")
 ARM_MODEL = {"vanilla": dict(attention="vanilla"), "naive": dict(attention="kvshift", shift_impl="naive"),
              "fused-sdpa": dict(attention="kvshift", shift_impl="triton"),
              "fused": dict(attention="kvshift", shift_impl="triton"),
@@ -61,12 +65,28 @@ class Plan:
     decode_batches: list[int]
     decode_warmup: int
     decode_iters: int
+    # attn (kvshift.bench.attn): block_shapes x families x block_modes
+    attn_families: tuple[str, ...] = ("cudnn", "flash")
+    attn_warmup: int = 5
+    attn_iters: int = 30  # per synchronised timing, and the N of each back-to-back round
+    attn_rounds: int = 5
+    attn_grad: str = "tensor"  # "tensor": a (B, T, H*D) gradient; "wo": through a real output projection
+    attn_graph: bool = True  # also time a CUDA graph of each arm's step (CUDA only)
+    # generate (kvshift.bench.generate): one entry per case, (batch, prompt tokens)
+    gen_model: str = "bench-246m"
+    gen_cases: list[tuple[int, int]] = field(default_factory=lambda: [(1, 2048), (16, 2048), (128, 2048),
+                                                                       (1, 8192), (16, 8192), (128, 8192)])
+    gen_new_tokens: int = 128
+    gen_warmup: int = 1
+    gen_iters: int = 3
+    gen_arms: tuple[str, ...] | None = None  # None: every arm of kvshift.bench.generate.GEN_ARMS
+    gen_compile: bool = True  # the *-static-compiled arms (transformers' own compile of the decode step)
     compile: bool = True
     block_modes: tuple[str, ...] = BLOCK_MODES
     profile: bool = False
     peak_flops: float | None = None  # None: by device name (989e12 for H100/H200)
     seed: int = 0
-    parts: tuple[str, ...] = PARTS
+    parts: tuple[str, ...] = DEFAULT_PARTS
 
     @classmethod
     def full(cls) -> "Plan":
@@ -87,6 +107,10 @@ class Plan:
                    e2e_warmup=1, e2e_iters=3,
                    decode_model="debug", decode_overrides={}, decode_context=40, decode_batches=[1, 2],
                    decode_warmup=1, decode_iters=3,
+                   attn_families=("cudnn", "flash") if cuda else ("flash", "math"), attn_warmup=1, attn_iters=3,
+                   attn_rounds=2, attn_graph=cuda,
+                   gen_model="debug", gen_cases=[(1, 12), (2, 12)], gen_new_tokens=4, gen_warmup=1, gen_iters=2,
+                   gen_compile=cuda,
                    compile=cuda,  # CPU inductor compiles take far longer than the quick run itself
                    block_modes=BLOCK_MODES if cuda else ("eager",))
 
@@ -94,11 +118,11 @@ class Plan:
         if steps is not None:
             if steps < 1:
                 raise ValueError(f"steps must be >= 1, got {steps}")
-            self.block_iters = self.e2e_iters = self.decode_iters = steps
+            self.block_iters = self.e2e_iters = self.decode_iters = self.attn_iters = steps
         if warmup is not None:
             if warmup < 1:
                 raise ValueError(f"warmup must be >= 1 (the first e2e step compiles), got {warmup}")
-            self.block_warmup = self.e2e_warmup = self.decode_warmup = warmup
+            self.block_warmup = self.e2e_warmup = self.decode_warmup = self.attn_warmup = self.gen_warmup = warmup
         return self
 
 

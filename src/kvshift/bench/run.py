@@ -1,12 +1,19 @@
-"""`kvshift bench`: vanilla vs kvshift-naive vs kvshift-fused, measured in one process.
+"""`kvshift bench`: vanilla vs the KV-shift arms, measured in one process.
 
-Three parts, each with the same settings for every arm (arms: `kvshift.bench.plan`):
+Parts (default attn, generate, e2e; --only picks), each with the same settings for every arm:
+  attn      the attention block forward + backward as a model runs it: the output gradient in the model's
+            layout, one attention kernel family for every arm, synchronised / back-to-back / CUDA-graph
+            timings and the profiler's kernel times (`kvshift.bench.attn`; supersedes block)
+  generate  decoding through generate itself: kvshift.LM, KVShiftForCausalLM on a StaticCache (eager and
+            compiled) and transformers' LlamaForCausalLM of the same shape (`kvshift.bench.generate`;
+            supersedes decode)
+  e2e       a full training step of a bench preset: torch.compile(model + loss), bf16 autocast,
+            fused AdamW; tokens/s, MFU, peak memory (`kvshift.bench.e2e`)
+The superseded parts, still run when named and still read from earlier results (no targets):
   block   the attention block forward + backward: q/k/v given as inputs, RoPE (+ K shift fused with
           RoPE and V shift for the shift arms) + SDPA (flash backend where it accepts the shape), once
           eager and once under torch.compile (where inductor fuses vanilla's RoPE too: the fair test)
           (`kvshift.bench.block`)
-  e2e     a full training step of a bench preset: torch.compile(model + loss), bf16 autocast,
-          fused AdamW; tokens/s, MFU, peak memory (`kvshift.bench.e2e`)
   decode  prefill a long context with the model's own cache, then greedy single-token steps (eager)
           (`kvshift.bench.decode`)
 
@@ -26,11 +33,13 @@ from pathlib import Path
 
 import torch
 
+from kvshift.bench.attn import bench_attn
 from kvshift.bench.block import bench_block
 from kvshift.bench.decode import bench_decode
 from kvshift.bench.e2e import bench_e2e
+from kvshift.bench.generate import bench_generate
 from kvshift.bench.plan import PARTS, Plan, device_name, device_slug, fused_available, log
-from kvshift.bench.report import compute_targets, render_markdown, target_summary
+from kvshift.bench.report import CASES, GEN_RATIOS, compute_targets, ratio, render_markdown, target_summary
 from kvshift.utils.provenance import provenance
 
 
@@ -82,6 +91,17 @@ def write_results(results: dict, out: Path) -> tuple[Path, Path]:
     return jp, mp
 
 
+def _union_arms(before: dict, case: dict) -> dict:
+    """A generate case measured by two runs: the arms of both (the later run wins an arm both hold), the ratios
+    recomputed; a ratio of two arms from different runs is marked in `cross_run_ratios`."""
+    arms = {**before["arms"], **case["arms"]}
+    src = {**{a: 0 for a in before["arms"]}, **{a: 1 for a in case["arms"]}}
+    ok = {a: v.get("ms_per_token") for a, v in arms.items() if isinstance(v, dict) and "error" not in v}
+    ratios = {k: ratio(ok.get(a), ok.get(b)) for k, (a, b) in GEN_RATIOS.items()}
+    cross = sorted(k for k, (a, b) in GEN_RATIOS.items() if a in src and b in src and src[a] != src[b])
+    return {**before, **case, "arms": arms, "ratios": ratios, **({"cross_run_ratios": cross} if cross else {})}
+
+
 def merge_results(paths: list[str | Path], out: str | Path) -> dict:
     """One result from several runs of the same device (parts run as separate processes on separate GPUs
     of one machine): each part's cases (block shapes, e2e models, decode batches) are the union over the
@@ -98,17 +118,24 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
     if len(devices) != 1 or len({r["meta"].get("quick") for _, r in runs}) != 1:
         raise ValueError(f"the results come from different devices or modes: {sorted(map(str, devices))}")
     meta = dict(runs[0][1]["meta"])
-    meta["merged_from"] = [{"file": Path(p).name, "command": r["meta"].get("command"), "time_utc": r["meta"].get("time_utc"),
-                            "git_commit": r["meta"].get("git_commit"),
-                            "parts": [k for k in PARTS if k in r and not r[k].get("from_earlier_run")]}
-                           for p, r in runs]
+    meta["merged_from"] = []
+    for p, r in runs:  # a file merged before lists its own sources: they are kept, not the file
+        meta["merged_from"] += r["meta"].get("merged_from") or [
+            {"file": Path(p).name, "command": r["meta"].get("command"), "time_utc": r["meta"].get("time_utc"),
+             "git_commit": r["meta"].get("git_commit"),
+             "parts": [k for k in PARTS if k in r and not r[k].get("from_earlier_run")]}]
     results: dict = {"meta": meta}
-    cases = {"block": "shapes", "e2e": "models", "decode": "batches"}
+    cases = CASES
     for _, r in runs:
         for part in PARTS:
             if part in r and not r[part].get("from_earlier_run"):
                 if part in results:  # the same part from several runs (e.g. one e2e model per GPU): union of cases
                     merged = {**results[part][cases[part]], **r[part].get(cases[part], {})}
+                    if part == "generate":  # one case's arms may come from several runs (eager / compiled ones)
+                        for name, case in r[part].get(cases[part], {}).items():
+                            before = results[part][cases[part]].get(name)
+                            if before and "arms" in before and "arms" in case:
+                                merged[name] = _union_arms(before, case)
                     results[part] = {**r[part], cases[part]: merged}
                 else:
                     results[part] = r[part]
@@ -136,8 +163,9 @@ def run_bench(plan: Plan, out: str | Path, *, device: torch.device | None = None
         results.update(update)
         write_results(results, out)
 
-    runners = {"block": bench_block, "e2e": bench_e2e, "decode": bench_decode}
-    for part in ("block", "decode", "e2e"):  # the long compile-bound part last: a cut-short run keeps the rest
+    runners = {"attn": bench_attn, "generate": bench_generate, "block": bench_block, "e2e": bench_e2e,
+               "decode": bench_decode}
+    for part in ("attn", "block", "decode", "generate", "e2e"):  # the long compile-bound parts last
         if part in plan.parts:
             t0 = time.perf_counter()
             results[part] = runners[part](plan, device, save)

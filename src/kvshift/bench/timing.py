@@ -75,3 +75,48 @@ def measure(fns: dict[str, Callable[[], object]], *, warmup: int, iters: int,
     if cuda:
         times = {n: [s.elapsed_time(e) for s, e in events[n]] for n in names}
     return {n: summarize(times[n]) for n in names}
+
+
+def measure_modes(fns: dict[str, Callable[[], object]], *, warmup: int, iters: int, rounds: int,
+                  device: torch.device) -> dict[str, dict]:
+    """Two timings of every arm (arms interleaved, order rotated):
+
+    sync: each iteration on its own, host clock around `fn(); synchronize()`: latency, launch overhead
+          included (what a caller that waits for the result sees);
+    b2b:  `iters` iterations back to back between two CUDA events (perf_counter + one synchronize on a
+          CPU), per iteration, `rounds` times: GPU time where the GPU is the bottleneck, the launch rate
+          where the host is.
+    Returns {arm: {"sync": summarize(...), "b2b": summarize(per-iteration ms of each round)}}."""
+    if iters < 1 or rounds < 1:
+        raise ValueError(f"iters and rounds must be >= 1, got {iters}, {rounds}")
+    names = list(fns)
+    for _ in range(max(warmup, 0)):
+        for n in names:
+            fns[n]()
+    synchronize(device)
+    sync: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(iters):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            synchronize(device)
+            sync[n].append((time.perf_counter() - t0) * 1e3)
+    b2b: dict[str, list[float]] = {n: [] for n in names}
+    cuda = device.type == "cuda"
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fns[n]()
+                end.record()
+                end.synchronize()
+                b2b[n].append(start.elapsed_time(end) / iters)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fns[n]()
+                b2b[n].append((time.perf_counter() - t0) * 1e3 / iters)
+    return {n: {"sync": summarize(sync[n]), "b2b": summarize(b2b[n])} for n in names}

@@ -1,0 +1,201 @@
+"""The generate part: decoding measured through `generate` itself (supersedes the decode part, which
+timed a hand-written single-token loop on a prefilled, row-copied cache and missed what generate costs).
+
+Arms (bf16 weights, random init; the timing does not depend on the tokens, greedy, no eos):
+  lm-vanilla / lm-kvshift               `kvshift.LM.generate` (our KVCache; the fused Triton decode step
+                                        where Triton runs), eager
+  hf-vanilla-static / hf-kvshift-static `KVShiftForCausalLM.generate` on transformers' StaticCache (the
+                                        stateless read path: rotated raw k / raw v, shifted on read), eager
+  llama-static / llama-dynamic          transformers' own `LlamaForCausalLM` of the same shape (SDPA), static
+                                        and dynamic cache, eager
+  *-static-compiled                     the static-cache arms with transformers' own compile of the decode
+                                        step (`generation_config.compile_config`, CUDA only)
+Eager arms run with `disable_compile=True` (generate would otherwise compile a static-cache decode step on
+its own). ms per generated token = (t(prompt + N new) - t(prompt + 1 new)) / (N - 1): the decode steps
+through generate, prefill excluded; both generate calls are timed in every iteration, medians over the
+iterations, after warm-up calls of both (where the compiled arms compile).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from kvshift.bench.plan import Plan, build_model, error_entry, free_memory, fused_available, log, timer_name
+from kvshift.bench.report import GEN_ARMS, GEN_RATIOS, ratio
+from kvshift.bench.timing import summarize, synchronize
+from kvshift.models import ModelConfig
+
+
+
+def case_name(batch: int, prompt: int) -> str:
+    return f"b{batch}-p{prompt}"
+
+
+def parse_cases(s: str) -> list[tuple[int, int]]:
+    """'1x2048,16x8192' -> [(1, 2048), (16, 8192)] (batch x prompt tokens)."""
+    out = []
+    for item in (x.strip() for x in s.split(",") if x.strip()):
+        try:
+            b, p = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"a generate case is BATCHxPROMPT (e.g. 16x2048), got {item!r}") from None
+        if b < 1 or p < 1:
+            raise ValueError(f"batch and prompt must be >= 1, got {item!r}")
+        out.append((b, p))
+    if not out:
+        raise ValueError("no generate case given")
+    return out
+
+
+def llama_config(cfg: ModelConfig, max_len: int):
+    """transformers' LlamaConfig of the same shape as `cfg` (dims, heads, GQA, SwiGLU width, RoPE base,
+    norm eps, tied embeddings), SDPA attention."""
+    from transformers import LlamaConfig  # optional dependency (the hf extra)
+
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+              num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+              max_position_embeddings=max_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+              attention_bias=False, mlp_bias=False, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    try:
+        lc = LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base}, **kw)
+    except TypeError:  # transformers without rope_parameters
+        lc = LlamaConfig(rope_theta=cfg.rope_base, **kw)
+    lc._attn_implementation = "sdpa"
+    return lc
+
+
+def build_gen_models(plan: Plan, arms: list[str], max_len: int, device: torch.device) -> dict[str, torch.nn.Module]:
+    """One model per family of arms (lm-/hf-vanilla, lm-/hf-kvshift, llama), bf16, eval, on `device`."""
+    base = ModelConfig.from_name(plan.gen_model, max_seq_len=max_len)
+    need = {_model_key(a) for a in arms}
+    models: dict[str, torch.nn.Module] = {}
+    for kind in ("vanilla", "kvshift"):
+        if f"lm-{kind}" in need or f"hf-{kind}" in need:
+            arm = "vanilla" if kind == "vanilla" else ("fused" if fused_available() else "naive")
+            lm = build_model(base, arm, plan.seed).to(torch.bfloat16).eval()
+            if f"hf-{kind}" in need:
+                from kvshift.hf import KVShiftForCausalLM
+                models[f"hf-{kind}"] = KVShiftForCausalLM.from_lm(lm).to(device).eval()
+            if f"lm-{kind}" in need:
+                models[f"lm-{kind}"] = lm.to(device)
+    if "llama" in need:
+        from transformers import LlamaForCausalLM
+        torch.manual_seed(plan.seed)
+        models["llama"] = LlamaForCausalLM(llama_config(base, max_len)).to(device=device, dtype=torch.bfloat16).eval()
+    return models
+
+
+def _model_key(arm: str) -> str:
+    return "llama" if arm.startswith("llama") else "-".join(arm.split("-")[:2])
+
+
+def gen_call(arm: str, model: torch.nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """generate(ids, n) -> (B, T + n) greedy tokens for `arm` (see the module docstring)."""
+    if arm.startswith("lm-"):
+        return lambda ids, n: model.generate(ids, n, temperature=0.0)
+    static = "static" in arm
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=not arm.endswith("-compiled"),
+              cache_implementation="static" if static else None)
+
+    def call(ids, n):
+        mask = torch.ones_like(ids)
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw)
+    return call
+
+
+def _drop_caches(model: torch.nn.Module) -> None:
+    """What transformers keeps on the model between generate calls, dropped between arms and cases: a static
+    cache (older versions), the largest static length so far (5.x allocates at least that much again, and
+    a Llama's static attention reads the whole allocation: a small case after a large one would be slower)
+    and the compiled decode step."""
+    for name in ("_cache", "_previous_max_cache_length", "_compiled_call"):
+        if name in vars(model):
+            delattr(model, name)
+
+
+def time_generate(call: Callable, ids: torch.Tensor, n: int, *, warmup: int, iters: int,
+                  device: torch.device) -> dict:
+    """ms per generated token through `call` (see the module docstring), and the prefill + first token."""
+    if n < 2:
+        raise ValueError(f"new tokens must be >= 2 (the per-token time is the difference of N and 1), got {n}")
+    B, T = ids.shape
+
+    def timed(k: int) -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = call(ids, k)
+        synchronize(device)
+        dt = (time.perf_counter() - t0) * 1e3
+        if tuple(out.shape) != (B, T + k):
+            raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected {(B, T + k)}")
+        return dt
+
+    for _ in range(warmup):
+        timed(n), timed(1)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    full, one = [], []
+    for _ in range(iters):
+        full.append(timed(n))
+        one.append(timed(1))
+    per_token = [(f - o) / (n - 1) for f, o in zip(full, one)]
+    s = summarize(per_token)
+    return {**s, "ms_per_token": s["median_ms"], "tokens_per_s": B / (s["median_ms"] / 1e3),
+            "first_token": summarize(one), "generate_ms": summarize(full),
+            # torch.compile graphs made during the timed calls (recompiles there would inflate the time): 0
+            "graphs_compiled_while_timed": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs}
+
+
+def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:
+    cuda = device.type == "cuda"
+    arms = [a for a in (plan.gen_arms or GEN_ARMS) if cuda or not a.endswith("-compiled")]
+    arms = [a for a in arms if plan.gen_compile or not a.endswith("-compiled")]
+    bad = sorted(set(arms) - set(GEN_ARMS))
+    if bad:
+        raise ValueError(f"unknown generate arms {bad}; choose from {GEN_ARMS}")
+    n = plan.gen_new_tokens
+    max_len = max(p for _, p in plan.gen_cases) + n + 8
+    section = {"model": plan.gen_model, "new_tokens": n,
+               "settings": {"dtype": "bf16", "warmup": plan.gen_warmup, "iters": plan.gen_iters, "sampling": "greedy",
+                            "arms": arms, "timer": timer_name(device).replace("cuda-events", "perf_counter + synchronize"),
+                            "per_token": "(t(N new) - t(1 new)) / (N - 1) through generate"},
+               "cases": {}}
+    try:
+        models = build_gen_models(plan, arms, max_len, device)
+    except Exception as e:  # noqa: BLE001
+        section["error"] = error_entry(e)["error"]
+        return section
+    g = torch.Generator().manual_seed(plan.seed + 1)
+    vocab = ModelConfig.from_name(plan.gen_model).vocab_size
+    for batch, prompt in sorted(plan.gen_cases, key=lambda c: c[0] * c[1]):  # small first: a cut run keeps them
+        name = case_name(batch, prompt)
+        case = {"batch": batch, "prompt": prompt, "arms": {}, "ratios": {}}
+        section["cases"][name] = case
+        ids = torch.randint(1, vocab, (batch, prompt), generator=g).to(device)
+        for arm in arms:
+            log(f"generate {name} {arm}")
+            model = models[_model_key(arm)]
+            _drop_caches(model)
+            if arm.endswith("-compiled"):
+                torch._dynamo.reset()  # a fresh compile per arm and case: no recompile limit reached across cases
+            t0 = time.perf_counter()
+            try:
+                case["arms"][arm] = time_generate(gen_call(arm, model), ids, n, warmup=plan.gen_warmup,
+                                                  iters=plan.gen_iters, device=device)
+                log(f"  {case['arms'][arm]['ms_per_token']:.3f} ms/token")
+            except Exception as e:  # noqa: BLE001
+                case["arms"][arm] = error_entry(e)
+            case["arms"][arm]["wall_s"] = time.perf_counter() - t0
+            _drop_caches(model)
+            free_memory(device)
+        ok = {a: r.get("ms_per_token") for a, r in case["arms"].items() if "error" not in r}
+        case["ratios"] = {k: ratio(ok.get(a), ok.get(b)) for k, (a, b) in GEN_RATIOS.items()}
+        del ids
+        free_memory(device)
+        save({"generate": section})
+    del models
+    free_memory(device)
+    return section

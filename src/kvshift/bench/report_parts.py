@@ -1,0 +1,108 @@
+"""Markdown tables of the attn and generate parts (pure functions of the result dict; see report)."""
+
+from __future__ import annotations
+
+ATTN_ARMS = ("vanilla", "fused-sdpa", "fused")
+GEN_ARMS = ("lm-vanilla", "lm-kvshift", "hf-vanilla-static", "hf-kvshift-static", "llama-static", "llama-dynamic",
+            "hf-vanilla-static-compiled", "hf-kvshift-static-compiled", "llama-static-compiled")
+# ratio name -> (numerator arm, denominator arm); GEN_TARGET_RATIOS are the decode-latency targets (<= 1.02)
+GEN_RATIOS = {"lm": ("lm-kvshift", "lm-vanilla"),
+              "hf-static": ("hf-kvshift-static", "hf-vanilla-static"),
+              "hf-static-vs-llama": ("hf-kvshift-static", "llama-static"),
+              "compiled": ("hf-kvshift-static-compiled", "hf-vanilla-static-compiled"),
+              "compiled-vs-llama": ("hf-kvshift-static-compiled", "llama-static-compiled"),
+              "lm-vs-llama-dynamic": ("lm-kvshift", "llama-dynamic")}
+GEN_TARGET_RATIOS = ("lm", "hf-static-vs-llama", "compiled-vs-llama")
+
+ATTN_NOTE = (
+    "Every arm returns (B, T, H*D), the layout the output projection takes, and gets the gradient of that "
+    "layout ((B, T, H*D) contiguous, what `wo`'s backward gives; grad=wo: through a real projection). Each row "
+    "fixes one attention kernel family for every arm: vanilla and fused-sdpa run SDPA under "
+    "`sdpa_kernel(<family>)`, the one-op fused arm calls the same family's kernels itself. sync: each "
+    "iteration timed on its own with a synchronize (launch overhead included); b2b: N iterations back to back "
+    "between two events, per iteration (the target's number); graph: the step replayed as a CUDA graph; "
+    "kernels: the summed GPU time of the step's kernels (torch.profiler). The old block table below was "
+    "misleading (see its note).")
+
+
+def _ms(a: dict | None, kind: str) -> str:
+    if not isinstance(a, dict) or "error" in a or "skipped" in a:
+        return "error" if isinstance(a, dict) and "error" in a else ("skipped" if a else "–")
+    r = a.get(kind)
+    if not isinstance(r, dict) or "error" in r:
+        return "error" if isinstance(r, dict) else "–"
+    if kind == "kernels":
+        return f"{r['total_ms_per_step']:.3f}"
+    return f"{r['median_ms']:.3f}"
+
+
+def _r(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def render_attn(sec: dict | None) -> list[str]:
+    if not sec:
+        return []
+    st = sec.get("settings", {})
+    kinds = ("sync", "b2b", "graph", "kernels")
+    lines = ["## Attention block as a model runs it, forward + backward (ms per iteration, medians)", "", ATTN_NOTE, "",
+             f"{st.get('dtype')}, grad={st.get('grad')}, {st.get('warmup')} warm-up, {st.get('iters')} iterations "
+             f"synchronised and {st.get('rounds')} back-to-back rounds of {st.get('iters')}, arms interleaved.", "",
+             "| shape (B, T, H/Hkv, D) | family | mode | GQA | " +
+             " | ".join(f"{a} {k}" for a in ATTN_ARMS for k in ("b2b", "kernels")) + " | " +
+             " | ".join(f"fused/van {k}" for k in kinds) + " | fused-sdpa/van b2b |",
+             "|---|---|---|---|" + "---|" * (2 * len(ATTN_ARMS) + len(kinds) + 1)]
+    for s in sec.get("shapes", {}).values():
+        if "error" in s and "arms" not in s:
+            lines.append(f"| ({s['B']}, {s['T']}, {s['H']}/{s['H_kv']}, {s['D']}) | error | | | "
+                         + " | " * (2 * len(ATTN_ARMS) + len(kinds)) + " |")
+            continue
+        arms, r = s.get("arms", {}), s.get("ratios", {})
+        fk = s.get("fused_kernels")
+        fam = s["family"] + (f" (fused: {fk})" if fk and fk not in (s["family"], "math") else "")
+        lines.append(f"| ({s['B']}, {s['T']}, {s['H']}/{s['H_kv']}, {s['D']}) | {fam} | {s['mode']} | {s['gqa']} | "
+                     + " | ".join(_ms(arms.get(a), k) for a in ATTN_ARMS for k in ("b2b", "kernels")) + " | "
+                     + " | ".join(_r(r.get(k, {}).get("fused")) for k in kinds) + " | "
+                     + _r(r.get("b2b", {}).get("fused-sdpa")) + " |")
+    lines.append("")
+    prof = [(n, a, r["kernels"]) for n, s in sec.get("shapes", {}).items() for a, r in s.get("arms", {}).items()
+            if isinstance(r, dict) and isinstance(r.get("kernels"), dict) and r["kernels"].get("top")]
+    if prof:
+        lines += ["Top GPU kernels per step (torch.profiler):", "", "| case | arm | total ms | top kernels |",
+                  "|---|---|---|---|"]
+        for n, a, p in prof:
+            top = "<br>".join(f"{t['ms_per_step']:.3f} ms × {t['calls_per_step']:g}: `{t['kernel'][:60]}`"
+                              for t in p["top"][:4])
+            lines.append(f"| {n} | {a} | {p['total_ms_per_step']:.3f} | {top} |")
+        lines.append("")
+    return lines
+
+
+def render_generate(sec: dict | None) -> list[str]:
+    if not sec or not sec.get("cases"):
+        return []
+    st = sec.get("settings", {})
+    arms = [a for a in GEN_ARMS if any(a in c.get("arms", {}) for c in sec["cases"].values())]
+    lines = [f"## Decoding through generate, {sec.get('model')}, {sec.get('new_tokens')} new tokens "
+             "(ms per generated token, median)", "",
+             "lm-*: `kvshift.LM.generate` (our KVCache, the fused decode kernel); hf-*: `KVShiftForCausalLM.generate` "
+             "on transformers' StaticCache (shifted on read); llama-*: transformers' `LlamaForCausalLM` of the same "
+             "shape (random weights, SDPA); *-compiled: transformers' own compile of the decode step. "
+             f"Per token = (t(N new) - t(1 new)) / (N - 1), prefill excluded; {st.get('warmup')} warm-up + "
+             f"{st.get('iters')} timed calls of each, greedy, bf16. Target: every ratio in bold <= 1.02.", "",
+             "| batch | prompt | " + " | ".join(arms) + " | " +
+             " | ".join((f"**{k}**" if k in GEN_TARGET_RATIOS else k) + f" ({GEN_RATIOS[k][0]} / {GEN_RATIOS[k][1]})"
+                        for k in GEN_RATIOS) + " |",
+             "|---|---|" + "---|" * (len(arms) + len(GEN_RATIOS))]
+    for c in sec["cases"].values():
+        cells = []
+        for a in arms:
+            r = c.get("arms", {}).get(a)
+            cells.append("–" if r is None else "error" if "error" in r else f"{r['ms_per_token']:.3f}")
+        lines.append(f"| {c['batch']} | {c['prompt']} | " + " | ".join(cells) + " | "
+                     + " | ".join(_r(c.get("ratios", {}).get(k)) for k in GEN_RATIOS) + " |")
+    lines.append("")
+    cross = [f"{n}: {', '.join(c['cross_run_ratios'])}" for n, c in sec["cases"].items() if c.get("cross_run_ratios")]
+    if cross:
+        lines += ["Ratios of arms measured by different runs (merged; less comparable): " + "; ".join(cross) + ".", ""]
+    return lines

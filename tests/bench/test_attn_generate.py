@@ -1,0 +1,243 @@
+"""The attn and generate parts of `kvshift bench` on CPU at tiny shapes: the plan holds them, every arm gets
+the output gradient in the layout the model's attention layer hands it, every arm runs under the same
+attention kernel family, generate runs end to end (CPU timings: structure only), and the report renders
+new and superseded sections, with targets from the new ones only."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend
+
+import kvshift.bench.attn as attn_mod
+from kvshift.bench.attn import FAMILIES, attn_forward, attn_inputs, attn_step
+from kvshift.bench.generate import bench_generate, case_name, llama_config, parse_cases
+from kvshift.bench.plan import DEFAULT_PARTS, LEGACY_PARTS, PARTS, Plan, fused_available
+from kvshift.bench.report import (ATTN_ARMS, GEN_ARMS, GEN_RATIOS, GEN_TARGET_RATIOS, compute_targets,
+                                  render_markdown)
+from kvshift.bench.timing import measure_modes
+from kvshift.layers.attention import Attention, AttentionContext
+from kvshift.models import LM, ModelConfig
+from kvshift.ops.rope import rope_cos_sin
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_plan_holds_the_new_parts():
+    full = Plan.full()
+    assert full.parts == DEFAULT_PARTS == ("attn", "generate", "e2e") and set(LEGACY_PARTS) < set(PARTS)
+    assert set(full.attn_families) == {"cudnn", "flash"} and set(full.block_modes) == {"eager", "compiled"}
+    assert {b for b, _ in full.gen_cases} == {1, 16, 128} and {p for _, p in full.gen_cases} == {2048, 8192}
+    assert len(full.gen_cases) == 6 and full.gen_new_tokens == 128 and full.gen_model == "bench-246m"
+    quick = Plan.quick_plan(False)
+    assert "cudnn" not in quick.attn_families and quick.gen_model == "debug" and not quick.gen_compile
+    assert parse_cases("1x2048, 16x8192") == [(1, 2048), (16, 8192)]
+    with pytest.raises(ValueError, match="BATCHxPROMPT"):
+        parse_cases("16-2048")
+
+
+def _model_layout(attention: str, B, T, H, H_kv, D):
+    """What the model's attention layer hands its output projection and gets back from it."""
+    layer = Attention(H * D, H, H_kv, attention=attention, shift_impl="naive")
+    seen = {}
+    layer.wo.register_forward_pre_hook(lambda m, a: seen.update(out=(tuple(a[0].shape), a[0].stride())))
+    layer.wo.register_full_backward_hook(lambda m, gi, go: seen.update(grad=(tuple(gi[0].shape), gi[0].stride())))
+    cos, sin = rope_cos_sin(torch.arange(T).view(1, T), D)
+    x = torch.randn(B, T, H * D, requires_grad=True)
+    layer(x, AttentionContext(cos=cos, sin=sin)).sum().backward()
+    return seen
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 4, 4, 8), (1, 7, 4, 2, 16)], ids=["mha", "gqa"])
+def test_every_arm_gets_the_models_gradient_layout(shape):
+    B, T, H, H_kv, D = shape
+    inp = attn_inputs(B, T, H, H_kv, D, device="cpu", dtype=torch.float32)
+    go = inp["grad_out"]
+    for attention in ("vanilla", "kvshift"):
+        model = _model_layout(attention, B, T, H, H_kv, D)
+        assert (tuple(go.shape), go.stride()) == model["grad"], attention  # what wo's backward hands back
+        assert model["out"][0] == (B, T, H * D)
+    arms = [a for a in ATTN_ARMS if a == "vanilla" or fused_available()]
+    assert "vanilla" in arms
+    for arm in arms:
+        out = attn_forward(arm, inp, "math")(inp["q"], inp["k"], inp["v"], inp["w_k"], inp["w_v"])
+        assert (tuple(out.shape), out.stride()) == model["out"], arm  # the layout the projection takes
+        assert out.shape == go.shape
+    wo = attn_inputs(B, T, H, H_kv, D, device="cpu", dtype=torch.float32, grad="wo")
+    assert wo["wo"].shape == (H * D, H * D) and wo["grad_out"].shape == (B, T, H * D)
+    out = attn_forward("vanilla", wo, "math")(wo["q"], wo["k"], wo["v"], wo["w_k"], wo["w_v"])
+    assert out.shape == wo["grad_out"].shape
+
+
+def test_every_arm_runs_under_the_same_kernel_family(monkeypatch):
+    """vanilla and fused-sdpa call SDPA with exactly the family's backend enabled; the one-op fused arm asks
+    shift_attention for the same family (spies stand in for the kernels, so cuDNN is checked on a CPU)."""
+    seen = []
+    flags = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+             SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+             SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+             SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled}
+
+    def sdpa(q, k, v, **kw):
+        seen.append(("sdpa", frozenset(b for b, on in flags.items() if on())))
+        return q * 1.0 + 0.0 * (k.sum() + v.sum())
+
+    def one_op(q, k, v, w_k, w_v, cos, sin, *, impl, backend):
+        seen.append(("fused", backend))
+        return q * 1.0 + 0.0 * (k.sum() + v.sum() + w_k.sum() + w_v.sum())
+
+    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(attn_mod, "shift_attention", one_op)
+    monkeypatch.setattr(attn_mod, "shift_rope", lambda k, w, cos, sin, impl: k * w[:, :1].sum())
+    monkeypatch.setattr(attn_mod, "kv_shift", lambda v, w, impl: v * w[:, :1].sum())
+    inp = attn_inputs(1, 6, 4, 2, 8, device="cpu", dtype=torch.float32)
+    for family, (backend, fused_backend) in FAMILIES.items():
+        for gqa in ("native", "expand"):
+            seen.clear()
+            for arm in ATTN_ARMS:
+                attn_step(arm, inp, family, gqa=gqa)()
+            assert seen == [("sdpa", frozenset({backend})), ("sdpa", frozenset({backend})),
+                            ("fused", fused_backend)], (family, gqa)
+    assert FAMILIES["cudnn"][1] == "cudnn" and FAMILIES["flash"][1] == "flash"
+    assert torch.backends.cuda.math_sdp_enabled()  # the context is left
+
+
+def test_measure_modes_times_both_ways():
+    calls = []
+    fns = {a: (lambda a=a: calls.append(a)) for a in ("x", "y")}
+    res = measure_modes(fns, warmup=1, iters=3, rounds=2, device=torch.device("cpu"))
+    assert calls[:2] == ["x", "y"] and calls[2:8] == ["x", "y", "y", "x", "x", "y"]
+    assert len(calls) == 2 + 6 + 2 * 2 * 3
+    for r in res.values():
+        assert r["sync"]["n"] == 3 and r["b2b"]["n"] == 2
+
+
+def test_llama_has_the_shape_of_the_bench_model():
+    from transformers import LlamaForCausalLM
+
+    cfg = ModelConfig.from_name("debug", attention="vanilla")
+    lm, llama = LM(cfg, seed=0), LlamaForCausalLM(llama_config(cfg, 64))
+    assert sum(p.numel() for p in lm.parameters()) == sum(p.numel() for p in llama.parameters())
+    lc = llama.config
+    assert (lc.num_attention_heads, lc.num_key_value_heads, lc.intermediate_size) == (cfg.n_heads, cfg.n_kv_heads,
+                                                                                       cfg.ffn_dim)
+
+
+def test_generate_runs_end_to_end_on_cpu(one_thread):
+    plan = Plan.quick_plan(False)
+    plan.gen_cases, plan.gen_new_tokens, plan.gen_iters = [(2, 6), (1, 5)], 3, 1
+    saved = []
+    sec = bench_generate(plan, torch.device("cpu"), lambda u: saved.append(json.loads(json.dumps(u))))
+    eager = [a for a in GEN_ARMS if not a.endswith("-compiled")]
+    assert sec["settings"]["arms"] == eager and "error" not in sec
+    assert list(sec["cases"]) == [case_name(1, 5), case_name(2, 6)]  # smallest first
+    for c in sec["cases"].values():
+        assert list(c["arms"]) == eager
+        for arm, r in c["arms"].items():
+            assert "error" not in r, (arm, r)
+            assert r["n"] == 1 and r["first_token"]["n"] == 1 and r["generate_ms"]["median_ms"] > 0
+            assert r["graphs_compiled_while_timed"] == 0
+            assert r["tokens_per_s"] == pytest.approx(c["batch"] / (r["ms_per_token"] / 1e3))
+        assert set(c["ratios"]) == set(GEN_RATIOS)
+        assert c["ratios"]["lm"] == pytest.approx(c["arms"]["lm-kvshift"]["ms_per_token"]
+                                                  / c["arms"]["lm-vanilla"]["ms_per_token"])
+        assert c["ratios"]["compiled"] is None
+    assert len(saved) == 2 and "generate" in saved[-1]
+    res = {"meta": {"device": "cpu", "quick": True}, "generate": sec}
+    tg = compute_targets(res)
+    assert set(tg) == {f"generate/{n}/{r}_ratio" for n in sec["cases"] for r in GEN_TARGET_RATIOS
+                       if r != "compiled-vs-llama"}  # no compiled arm on a CPU: no target for it
+    md = render_markdown({**res, "targets": tg})
+    assert "## Decoding through generate" in md and "| 2 | 6 |" in md
+
+
+def _arm(ms, kernels=None):
+    t = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms}
+    return {"sync": t, "b2b": t, **({"kernels": {"total_ms_per_step": kernels, "top": []}} if kernels else {})}
+
+
+def test_report_targets_come_from_the_new_parts_only():
+    old = json.loads((REPO / "results" / "bench" / "nvidia-h200.json").read_text())
+    assert old["block"]["shapes"] and old["decode"]["batches"]  # the old numbers are kept
+    tg = compute_targets(old)
+    assert tg and not any(k.startswith(("block/", "decode/")) for k in tg)
+    md = render_markdown(old)
+    assert "## Superseded: attention block" in md and "## Superseded: decode" in md and "0.611" in md
+    attn = {"settings": {}, "shapes": {"B8-T2048-H16-D128-cudnn-eager": {
+        "B": 8, "T": 2048, "H": 16, "H_kv": 16, "D": 128, "family": "cudnn", "mode": "eager", "gqa": "native",
+        "arms": {"vanilla": _arm(4.0, 3.9), "fused-sdpa": _arm(4.4), "fused": _arm(3.8, 3.7)},
+        "ratios": {"b2b": {"fused": 0.95, "fused-sdpa": 1.1}, "sync": {"fused": 0.97}, "kernels": {"fused": 0.949}}}}}
+    res = {**old, "attn": attn}
+    tg = compute_targets(res)
+    assert tg["attn/B8-T2048-H16-D128-cudnn-eager/time_ratio"]["measured"] == 0.95
+    md = render_markdown({**res, "targets": tg})
+    assert "## Attention block as a model runs it" in md and "| cudnn | eager | native |" in md
+    assert md.index("## Attention block as a model runs it") < md.index("## Superseded: attention block")
+
+
+def test_merge_keeps_the_sources_of_a_merged_file(tmp_path):
+    from kvshift.bench.run import merge_results
+
+    old = json.loads((REPO / "results" / "bench" / "nvidia-h200.json").read_text())
+    new = {"meta": {**old["meta"], "command": "kvshift bench --only generate", "merged_from": None},
+           "generate": {"settings": {}, "cases": {"b1-p2048": {"batch": 1, "prompt": 2048, "arms": {}, "ratios": {}}}},
+           "e2e": {**old["e2e"], "from_earlier_run": True}}
+    pa, pb = tmp_path / "old.json", tmp_path / "new.json"
+    pa.write_text(json.dumps(old))
+    pb.write_text(json.dumps(new))
+    res = merge_results([pa, pb], tmp_path / "out")
+    files = [m["file"] for m in res["meta"]["merged_from"]]
+    assert files == [m["file"] for m in old["meta"]["merged_from"]] + ["new.json"]
+    assert res["block"] == old["block"] and res["e2e"] == old["e2e"] and list(res["generate"]["cases"]) == ["b1-p2048"]
+
+
+def test_merge_unites_the_arms_of_a_generate_case(tmp_path):
+    from kvshift.bench.run import merge_results
+
+    meta = {"device": "X", "device_slug": "x", "quick": False}
+
+    def run(arms):
+        return {"meta": meta, "generate": {"settings": {}, "cases": {"b1-p8": {
+            "batch": 1, "prompt": 8, "arms": {a: {"ms_per_token": ms} for a, ms in arms.items()}, "ratios": {}}}}}
+
+    paths = []
+    for i, arms in enumerate(({"lm-vanilla": 10.0, "lm-kvshift": 11.0, "llama-static": 8.0},
+                              {"hf-kvshift-static": 9.0, "hf-vanilla-static-compiled": 5.0,
+                               "hf-kvshift-static-compiled": 5.5, "llama-static-compiled": 5.0})):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(run(arms)))
+    case = merge_results(paths, tmp_path / "out")["generate"]["cases"]["b1-p8"]
+    assert len(case["arms"]) == 7 and case["ratios"]["lm"] == pytest.approx(1.1)
+    assert case["ratios"]["compiled"] == pytest.approx(1.1) and case["ratios"]["hf-static-vs-llama"] == pytest.approx(9 / 8)
+    assert case["cross_run_ratios"] == ["hf-static-vs-llama"]
+
+
+def test_generate_state_is_dropped_between_arms_and_cases():
+    """transformers keeps the largest static length on the model and allocates at least that much again: a
+    small case after a large one would time a Llama reading a longer cache than it needs."""
+    from kvshift.bench.generate import _drop_caches
+
+    m = torch.nn.Linear(2, 2)
+    m._previous_max_cache_length, m._cache, m._compiled_call = 9000, object(), object()
+    _drop_caches(m)
+    assert not any(hasattr(m, n) for n in ("_previous_max_cache_length", "_cache", "_compiled_call"))
+    _drop_caches(m)  # nothing there: nothing to do
+
+
+@pytest.mark.parametrize("args, what", [(["--gen-arms", "lm-vanilla,nope"], "--gen-arms"),
+                                        (["--families", "cuda"], "--families"), (["--modes", "fast"], "--modes"),
+                                        (["--gen-cases", "16-2048"], "BATCHxPROMPT")])
+def test_bench_options_refuse_unknown_values(args, what, capsys, tmp_path):
+    from kvshift.cli import main
+
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--only", "attn", *args]) == 2
+    assert what in capsys.readouterr().err and not list(tmp_path.iterdir())  # refused before running anything
