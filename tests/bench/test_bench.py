@@ -284,3 +284,23 @@ def test_merge_takes_each_part_from_its_run(tmp_path):
     pb.write_text(json.dumps({**b, "meta": {**b["meta"], "device": "Y"}}))
     with pytest.raises(ValueError, match="different devices"):
         merge_results([pa, pb], tmp_path / "out")
+
+
+def test_e2e_measures_the_mixers_beside_vanilla(tmp_path, one_thread):
+    """--e2e-arms: the short mixers (on their fused kernels where Triton runs) train in the e2e part, with their
+    tokens/s and memory ratios against vanilla and rows in the table; an unknown arm is refused."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--only", "e2e", "--models", "debug", "--e2e-arms", "vanilla,dconv,smear",
+                 "--out", str(out), "--steps", "1", "--warmup", "1"]) == 0
+    m = json.loads((out / "cpu.json").read_text())["e2e"]["models"]["debug"]
+    assert list(m["arms"]) == ["vanilla", "dconv", "smear"]
+    for arm in ("dconv", "smear"):
+        a = m["arms"][arm]
+        if not fused_available():
+            assert "skipped" in a
+            continue
+        assert "error" not in a, a
+        assert m["ratios"]["tokens_per_s"][arm] == pytest.approx(a["tokens_per_s"] / m["arms"]["vanilla"]["tokens_per_s"])
+    md = (out / "cpu.md").read_text()
+    assert "| debug (B 2, T 32) | dconv |" in md or "| debug | dconv | skipped |" in md
+    assert main(["bench", "--quick", "--only", "e2e", "--e2e-arms", "vanilla,conv"]) == 2

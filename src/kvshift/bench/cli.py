@@ -10,7 +10,7 @@ import torch
 # None of these defines the Triton kernels at import: `kvshift.ops.shift.triton_available()` imports them
 # at first use (in run_bench), after `_run` has set TRITON_INTERPRET on a CPU machine.
 from kvshift.bench.generate import parse_cases
-from kvshift.bench.plan import DEFAULT_PARTS, PARTS, Plan
+from kvshift.bench.plan import DEFAULT_PARTS, E2E_ARMS, MIXER_ARMS, PARTS, Plan
 from kvshift.bench.report import GEN_ARMS
 from kvshift.bench.report import render_markdown
 from kvshift.bench.run import merge_results, run_bench
@@ -56,6 +56,13 @@ def _run(args) -> int:
         if bad or not want:
             raise ValueError(f"--models takes a comma-separated subset of {','.join(known)}, got {args.models!r}")
         plan.e2e_models = [m for m in plan.e2e_models if m[0] in want]
+    if args.e2e_arms:
+        arms = tuple(a.strip() for a in args.e2e_arms.split(",") if a.strip())
+        known = E2E_ARMS + MIXER_ARMS
+        bad = [a for a in arms if a not in known]
+        if bad or not arms:
+            raise ValueError(f"--e2e-arms takes a comma-separated subset of {','.join(known)}, got {args.e2e_arms!r}")
+        plan.e2e_arms = arms
     if args.gen_cases:
         plan.gen_cases = parse_cases(args.gen_cases)
     if args.gen_arms:
@@ -99,6 +106,9 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="vanilla vs kvshift: attention block as a model runs it, generate, training step")
     p.add_argument("--only", default=None,
                    help="comma-separated parts: attn,generate,e2e (the default) or the superseded block,decode")
+    p.add_argument("--e2e-arms", default=None,
+                   help="e2e part: comma-separated arms (default: vanilla and the shift arms); the short mixers "
+                        "dconv,canon,keyoffset,smear measure what each costs beside vanilla")
     p.add_argument("--gen-cases", default=None,
                    help="generate cases BATCHxPROMPT, comma-separated (default 1x2048,16x2048,128x2048,1x8192,16x8192,128x8192)")
     p.add_argument("--gen-arms", default=None, help="comma-separated generate arms (default: all; see kvshift.bench.generate)")

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from kvshift.bench.plan import (Plan, arms_for_run, build_model, check_nonzero, device_name, error_entry, free_memory,
-                                log, timer_name)
+from kvshift.bench.plan import (MIXER_ARMS, Plan, arms_for_run, build_model, check_nonzero, device_name, error_entry,
+                                free_memory, log, timer_name)
 from kvshift.bench.report import ARMS, ratio
 from kvshift.bench.timing import measure, synchronize
 from kvshift.models import LM, ModelConfig
@@ -131,6 +131,10 @@ def _e2e_arm(cfg: ModelConfig, arm: str, batch: int, seq_len: int, plan: Plan, d
     return out
 
 
+# vanilla first, then fused: if the run is cut short, the headline comparison is already saved
+E2E_ORDER = ("vanilla", "fused", "fused-flash", "fused-sdpa", "naive") + MIXER_ARMS
+
+
 def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:
     name = device_name(device)
     peak = plan.peak_flops or peak_flops_for(name, default=989e12)
@@ -139,12 +143,11 @@ def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) ->
                             "peak_flops": peak, "timer": timer_name(device)},
                "models": {}}
     skip = arms_for_run()
-    # vanilla first, then fused: if the run is cut short, the headline comparison is already saved
     for label, preset, overrides, seq_len, batch in plan.e2e_models:
         base = ModelConfig.from_name(preset, **overrides)
         case = {"preset": preset, "overrides": overrides, "seq_len": seq_len, "batch": batch, "arms": {}, "ratios": {}}
         section["models"][label] = case
-        for arm in ("vanilla", "fused", "fused-flash", "fused-sdpa", "naive"):
+        for arm in ["vanilla"] + [a for a in E2E_ORDER if a != "vanilla" and a in plan.e2e_arms]:
             if skip[arm]:
                 case["arms"][arm] = {"skipped": skip[arm]}
                 continue
@@ -158,13 +161,13 @@ def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) ->
                 case["arms"][arm] = error_entry(e)
             torch._dynamo.reset()  # drop the compiled graphs (and what they hold) before the next arm
             free_memory(device)
-            case["arms"] = {a: case["arms"][a] for a in ARMS if a in case["arms"]}
+            case["arms"] = {a: case["arms"][a] for a in ARMS + MIXER_ARMS if a in case["arms"]}
             van = case["arms"].get("vanilla", {})
             case["ratios"] = {
                 "tokens_per_s": {a: ratio(case["arms"].get(a, {}).get("tokens_per_s"), van.get("tokens_per_s"))
-                                 for a in ARMS[1:]},
+                                 for a in case["arms"] if a != "vanilla"},
                 "peak_mem": {a: ratio(case["arms"].get(a, {}).get("peak_mem_bytes"), van.get("peak_mem_bytes"))
-                             for a in ARMS[1:]},
+                             for a in case["arms"] if a != "vanilla"},
             }
             save({"e2e": section})
     return section

@@ -32,8 +32,13 @@ ARM_MODEL = {"vanilla": dict(attention="vanilla"), "naive": dict(attention="kvsh
              "fused-sdpa": dict(attention="kvshift", shift_impl="triton"),
              "fused": dict(attention="kvshift", shift_impl="triton"),
              "fused-flash": dict(attention="kvshift", shift_impl="triton")}
+# the short mixers of ModelConfig.mixer on vanilla attention, on their fused causal-mix kernels (e2e part only,
+# when asked for with --e2e-arms): what each member of the family costs in training
+MIXER_ARMS = ("dconv", "canon", "keyoffset", "smear")
+ARM_MODEL.update({m: dict(attention="vanilla", mixer=m, shift_impl="triton") for m in MIXER_ARMS})
+E2E_ARMS = ("vanilla", "naive", "fused-sdpa", "fused", "fused-flash")  # the default e2e arms
 ARM_IMPL = {"naive": "naive", "fused-sdpa": "triton", "fused": "triton", "fused-flash": "triton"}
-TRITON_ARMS = ("fused-sdpa", "fused", "fused-flash")
+TRITON_ARMS = ("fused-sdpa", "fused", "fused-flash") + MIXER_ARMS
 ARM_BACKEND = {"fused": "auto", "fused-flash": "flash"}  # the one-op arms' attention kernels
 BLOCK_MODES = ("eager", "compiled")
 
@@ -87,6 +92,7 @@ class Plan:
     peak_flops: float | None = None  # None: by device name (989e12 for H100/H200)
     seed: int = 0
     parts: tuple[str, ...] = DEFAULT_PARTS
+    e2e_arms: tuple[str, ...] = E2E_ARMS  # vanilla always runs first
 
     @classmethod
     def full(cls) -> "Plan":

@@ -174,7 +174,7 @@ def render_markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, m in e2e.get("models", {}).items():
             r = m.get("ratios", {})
-            for arm in ARMS:
+            for arm in ARMS + tuple(a for a in m.get("arms", {}) if a not in ARMS):  # + mixer arms that ran
                 a, why = _arm_or_reason(m, arm)
                 if why:
                     lines.append(f"| {name} | {arm} | {why} | | | | | | |")
