@@ -101,25 +101,109 @@ def hopk_v(d, L):
     return hopk_exp.hopk_verdict(d, L)[0]
 
 
+TINY_IGSM = dict(seq=160, steps=4, batch=4)
+
+
 @pytest.fixture
 def tiny_igsm(monkeypatch):
-    s = dict(igsm_exp.IGSM["cpu"], settings=((2, 3),), seq=160, dim=16, heads=2, n_layers=1, ffn=32, batch=4,
-             steps=4, warmup=2, eval_every=2, n_test=4, n_id=3, gen_batch=3)
+    s = dict(igsm_exp.IGSM["cpu"], settings=(dict(train_ops=2, test_ops=3, **TINY_IGSM),
+                                             dict(train_ops=1, test_ops=2, **TINY_IGSM)),
+             dim=16, heads=2, n_layers=1, ffn=32, warmup=2, eval_every=2, n_test=4, n_id=3, gen_batch=3)
     monkeypatch.setitem(igsm_exp.IGSM, "cpu", s)
     return s
 
 
+def _igsm_opts(tmp_path, **kw):
+    return RunOptions(out=tmp_path / "out", runs=tmp_path / "runs", log=lambda m: None, **kw)
+
+
 def test_igsm_end_to_end(tmp_path, tiny_igsm):
-    summ = run_experiment("igsm", RunOptions(out=tmp_path, runs=tmp_path / "runs", log=lambda m: None))
-    _check_common(tmp_path, summ, "igsm")
+    summ = run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"]))
+    _check_common(tmp_path / "out", summ, "igsm")
+    assert summ["settings"] == ["Tr2-Te3"]
     r = summ["results"]["Tr2-Te3"]
+    assert (r["test_operations"], r["steps"], r["batch_size"], r["seq_len"]) == (3, 4, 4, 160)
     for arm in ("vanilla", "kvshift"):
-        for k, v in r[arm].items():
+        for k, v in r["arms"][arm].items():
             if k.endswith("accuracy") or k.endswith("correct"):
                 assert 0 <= v <= 1, k
-        assert len(r[arm]["test_answer_accuracy_per_seed"]) == 1
-    assert summ["settings"][0]["test_operations"] == 3
+        assert r["arms"][arm]["test_answer_accuracy_per_seed"].keys() == {"0"}
     assert len(summ["runs"]) == 2
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.json")) == [
+        "kvshift-Tr2-Te3-s0.json", "vanilla-Tr2-Te3-s0.json"]
+    recs = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert any("solution_token_accuracy" in x and x["step"] == 2 and x["arm"] == "kvshift" for x in recs)
+
+
+def test_igsm_split_jobs_merge_and_resummarize(tmp_path, tiny_igsm):
+    """Runs published by separate jobs (--seeds, --arms, --only SETTING) make one summary; --summarize
+    rebuilds the same; an unknown setting or arm is refused."""
+    run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"], seeds=[0]))
+    run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"], seeds=[1], arms=["kvshift"]))
+    run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr1-Te2"], seeds=[0], arms=["vanilla"]))
+    s = run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"], seeds=[1], arms=["vanilla"]))
+    assert s["settings"] == ["Tr2-Te3", "Tr1-Te2"] and s["seeds"] == 2 and len(s["runs"]) == 5
+    r = s["results"]["Tr2-Te3"]["arms"]
+    assert r["kvshift"]["test_answer_accuracy_per_seed"].keys() == r["vanilla"]["in_distribution_answer_accuracy_per_seed"].keys() == {"0", "1"}
+    assert list(s["results"]["Tr1-Te2"]["arms"]) == ["vanilla"]
+    assert "Tr1-Te2: only vanilla ran" in s["verdict_text"]
+    again = run_experiment("igsm", _igsm_opts(tmp_path, summarize_only=True))
+    assert again == s | {"summarized_by": again["summarized_by"], "time_utc": again["time_utc"]}
+    with pytest.raises(ValueError, match="--only"):
+        run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr9-Te9"]))
+    with pytest.raises(ValueError, match="--arms"):
+        run_experiment("igsm", _igsm_opts(tmp_path, arms=["kshift"]))
+
+
+def test_igsm_refuses_a_run_from_another_setting(tmp_path, tiny_igsm):
+    run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"], seeds=[0], arms=["kvshift"]))
+    with pytest.raises(ValueError, match="kvshift-Tr2-Te3-s1 was trained with"):
+        run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"], seeds=[1], arms=["kvshift"], steps=3))
+    with pytest.raises(ValueError, match="kvshift-Tr2-Te3-s1 was trained with"):
+        run_experiment("igsm", _igsm_opts(tmp_path, summarize_only=True))
+
+
+def test_igsm_gpu_settings():
+    """The gpu scale holds the paper's split and the smaller one; Tr6 rows fit the row length (measured max 436)."""
+    keys = [igsm_exp.setting_key(st) for st in igsm_exp.settings("gpu")]
+    assert keys == ["Tr12-Te15", "Tr6-Te8"]
+    (st,) = igsm_exp.settings("gpu", ["Tr6-Te8"])
+    assert (st["seq"], st["steps"], st["batch"], st["dim"]) == (448, 6000, 128, 384)
+    rng = random.Random(3)
+    lens = [len(igsm_exp._encode_problem(igsm.generate(6, rng=rng))[0]) for _ in range(2000)]
+    assert max(lens) <= st["seq"]
+
+
+def _igsm_results(key, kv_test, va_test, kv_id=(0.9, 0.9), va_id=(0.9, 0.9), n=512, steps=3000):
+    arm = lambda test, ind: {  # noqa: E731
+        "test_answer_accuracy": sum(test) / len(test), "in_distribution_answer_accuracy": sum(ind) / len(ind),
+        "test_answer_accuracy_per_seed": {str(i): v for i, v in enumerate(test)},
+        "in_distribution_answer_accuracy_per_seed": {str(i): v for i, v in enumerate(ind)}}
+    return {key: {"train_max_operations": 6, "test_operations": 8, "steps": steps, "batch_size": 64, "n_test": n,
+                  "arms": {"vanilla": arm(va_test, va_id), "kvshift": arm(kv_test, kv_id)}}}
+
+
+def test_igsm_verdict_rules():
+    v = lambda *a, **k: igsm_exp.igsm_verdict(_igsm_results(*a, **k))  # noqa: E731
+    # an arm below 0.8 in distribution in any seed: inconclusive, whatever the test accuracies
+    verdict, text = v("Tr12-Te15", (0.9, 0.9), (0.1, 0.1), kv_id=(0.95, 0.95), va_id=(0.85, 0.79))
+    assert verdict == "inconclusive"
+    assert "3000 steps × batch 64" in text and "s1 0.790" in text and "s0 0.850" in text
+    assert v("Tr12-Te15", (0.9, 0.9), (0.5, 0.5))[0] == "reproduced"
+    assert v("Tr6-Te8", (0.9, 0.9), (0.5, 0.5))[0] == "partly reproduced"  # a smaller split than the paper's
+    assert v("Tr12-Te15", (0.9,), (0.5,), kv_id=(0.9,), va_id=(0.9,))[0] == "inconclusive"  # one seed
+    assert v("Tr6-Te8", (0.52, 0.5), (0.5, 0.5))[0] == "not reproduced"  # within two standard errors
+    assert v("Tr6-Te8", (0.5, 0.5), (0.9, 0.9))[0] == "not reproduced"
+    both = {**_igsm_results("Tr12-Te15", (0.9, 0.9), (0.5, 0.5)), **_igsm_results("Tr6-Te8", (0.5, 0.5), (0.5, 0.5))}
+    assert igsm_exp.igsm_verdict(both)[0] == "partly reproduced"
+
+
+def test_igsm_ood_difference_se():
+    d = igsm_exp.ood_difference(_igsm_results("Tr6-Te8", (0.9, 0.8), (0.7, 0.6), n=100)["Tr6-Te8"])
+    assert d["seeds"] == ["0", "1"] and d["per_seed"] == pytest.approx({"0": 0.2, "1": 0.2})
+    assert d["mean"] == pytest.approx(0.2) and d["se"] == pytest.approx((0.007 ** 0.5) / 2)
+    text = igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.9, 0.8), (0.7, 0.6), n=100))[1]
+    assert "+0.200 ± 0.042" in text and "kvshift s0 0.900, s1 0.800" in text
 
 
 def test_igsm_sampler_rows_and_mask():
