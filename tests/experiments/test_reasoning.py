@@ -281,3 +281,43 @@ def test_task_batches_give_the_tasks_losses():
     t, y = hopk_exp._sample_hopk(24, 4, 16, 2, torch.Generator().manual_seed(1))
     hb = hopk_exp.hopk_batch(t, y)
     assert torch.equal(hb["input_ids"], t) and torch.equal(hb["labels"], y) and hopk.IGNORE_INDEX == -100
+
+
+def test_igsm_adopts_a_summary_written_before_runs_were_published(tmp_path):
+    """An old summary.json (runs inline, records in metrics.jsonl) becomes published runs, and its setting stays
+    in the summary beside new ones; an old run left from a different training setting is still refused."""
+    part = {"answer_accuracy": 0.1, "solution_correct": 0.0, "solution_token_accuracy": 0.8, "solution_loss": 0.6,
+            "examples": []}
+    run = lambda att, acc: {"seed": 0, "arm": att, "train_ops": 12, "test_ops": 15, "model": {  # noqa: E731
+        "n_layers": 6, "dim": 384, "n_heads": 6, "ffn_dim": 1024, "vocab_size": 170}, "final": {},
+        "train_seconds": 1.0, "wall_seconds": 1.0, "diverged_at": None, "non_embedding_params": 5,
+        "data_generation_seconds": 1.0, "test": {**part, "answer_accuracy": acc}, "in_distribution": part,
+        "generation_seconds": 1.0}
+    train = {"steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup": 200}
+    old = {"experiment": "igsm", "train": train, "seq_len": 768, "n_test": 512, "n_in_distribution": 256,
+           "command": "kvshift experiment igsm --scale gpu", "git_commit": "3ee52fd", "device": "NVIDIA H200",
+           "torch": "2.11", "runs": [run("vanilla", 0.05), run("kvshift", 0.07)], "results": {}}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps(old))
+    (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in (
+        {"step": 10, "loss": 2.0, "arm": "vanilla-Tr12", "seed": 0}, {"step": 10, "loss": 1.9, "arm": "kvshift-Tr12",
+                                                                      "seed": 0})))
+    s = run_experiment("igsm", RunOptions(scale="gpu", out=out, summarize_only=True, log=lambda m: None))
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["kvshift-Tr12-Te15-s0.json",
+                                                                      "vanilla-Tr12-Te15-s0.json"]
+    r = s["results"]["Tr12-Te15"]
+    assert (r["steps"], r["batch_size"], r["seq_len"]) == (3000, 64, 768)
+    assert r["arms"]["kvshift"]["test_answer_accuracy_per_seed"] == {"0": 0.07}
+    assert s["verdict"] == "inconclusive" and "vanilla s0 0.100" in s["verdict_text"]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {(x["arm"], x["setting"], x["loss"]) for x in recs} == {("vanilla", "Tr12-Te15", 2.0),
+                                                                  ("kvshift", "Tr12-Te15", 1.9)}
+    # adopted once: the published runs are the record from now on
+    assert run_experiment("igsm", RunOptions(scale="gpu", out=out, summarize_only=True, log=lambda m: None))["runs"] == s["runs"]
+    doctored = json.loads((out / "runs" / "kvshift-Tr12-Te15-s0.json").read_text())
+    (out / "runs" / "kvshift-Tr12-Te15-s1.json").write_text(json.dumps({**doctored, "seed": 1, "train": {
+        **doctored["train"], "steps": 100}}))
+    (out / "runs" / "kvshift-Tr12-Te15-s1.metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="kvshift-Tr12-Te15-s1 was trained with"):
+        run_experiment("igsm", RunOptions(scale="gpu", out=out, summarize_only=True, log=lambda m: None))
