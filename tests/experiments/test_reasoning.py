@@ -133,6 +133,7 @@ def test_igsm_end_to_end(tmp_path, tiny_igsm):
         "kvshift-Tr2-Te3-s0.json", "vanilla-Tr2-Te3-s0.json"]
     recs = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert any("solution_token_accuracy" in x and x["step"] == 2 and x["arm"] == "kvshift" for x in recs)
+    assert all(x["eval"] == ("solution_token_accuracy" in x) for x in recs)  # the evaluations are marked
 
 
 def test_igsm_split_jobs_merge_and_resummarize(tmp_path, tiny_igsm):

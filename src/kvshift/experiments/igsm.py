@@ -243,7 +243,7 @@ def igsm_experiment(opts: RunOptions, out: Path) -> dict:
                        "test": {**gt, **{k: final[k] for k in ("solution_loss", "solution_token_accuracy")}},
                        "in_distribution": {**gi, **ti}, "generation_seconds": time.time() - tg,
                        "provenance": provenance(device)}
-                toy_runs.publish(out, name, seed, row, [{**x, "train_ops": tr} for x in r["records"]])
+                toy_runs.publish(out, name, seed, row, [{**x, "train_ops": tr, "eval": "solution_loss" in x} for x in r["records"]])
                 opts.log(f"igsm {key} seed {seed} {att}: test answer acc {gt['answer_accuracy']:.3f}, "
                          f"in-dist {gi['answer_accuracy']:.3f}, test token acc {final['solution_token_accuracy']:.3f} "
                          f"({sm['train_time_s']:.0f} s train, {row['generation_seconds']:.0f} s generation)")
