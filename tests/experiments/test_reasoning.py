@@ -191,7 +191,8 @@ def test_igsm_verdict_rules():
     assert verdict == "inconclusive"
     assert "3000 steps × batch 64" in text and "s1 0.790" in text and "s0 0.850" in text
     assert v("Tr12-Te15", (0.9, 0.9), (0.5, 0.5))[0] == "reproduced"
-    assert v("Tr6-Te8", (0.9, 0.9), (0.5, 0.5))[0] == "partly reproduced"  # a smaller split than the paper's
+    verdict, text = v("Tr6-Te8", (0.9, 0.9), (0.5, 0.5))
+    assert verdict == "partly reproduced" and "a smaller split than the paper's" in text  # at most partly from Tr6
     assert v("Tr12-Te15", (0.9,), (0.5,), kv_id=(0.9,), va_id=(0.9,))[0] == "inconclusive"  # one seed
     assert v("Tr6-Te8", (0.52, 0.5), (0.5, 0.5))[0] == "not reproduced"  # within two standard errors
     assert v("Tr6-Te8", (0.5, 0.5), (0.9, 0.9))[0] == "not reproduced"

@@ -377,12 +377,13 @@ def igsm_verdict(results: dict) -> tuple[str, str]:
     text = "; ".join(parts) + "."
     if not decided:
         return "inconclusive", text
-    if all(decided.values()) and any(k in PAPER_SETTINGS for k in decided):
+    paper = any(k in PAPER_SETTINGS for k in decided)
+    if all(decided.values()) and paper:
         return "reproduced", text
+    note = "" if paper else f" Decided by {', '.join(decided)} only, a smaller split than the paper's."
     if any(decided.values()):
-        note = "" if any(k in PAPER_SETTINGS for k in decided) else " (a smaller split than the paper's)"
-        return "partly reproduced", text + f" KV shift ahead in {', '.join(k for k, w in decided.items() if w)}{note}."
-    return "not reproduced", text
+        return "partly reproduced", text + f" KV shift ahead in {', '.join(k for k, w in decided.items() if w)}.{note}"
+    return "not reproduced", text + note
 
 
 EXPERIMENTS = [
