@@ -210,7 +210,8 @@ def test_igsm_ood_difference_se():
 
 def test_igsm_sampler_rows_and_mask():
     tok, mask = igsm_exp._sample_igsm(3, 200, 5, torch.Generator().manual_seed(0))
-    assert tok.shape == mask.shape == (5, 200)
+    assert tok.shape == mask.shape == (5, 200) and tok.dtype == torch.int16
+    assert igsm_exp.igsm_batch(tok, mask)["input_ids"].dtype == torch.int64
     T = igsm.IGSMTokenizer()
     for b in range(5):
         row = tok[b][tok[b] != T.pad_id].tolist()
@@ -278,7 +279,7 @@ def test_task_batches_give_the_tasks_losses():
     ours = torch.nn.functional.cross_entropy(logits.view(-1, V), b["labels"].view(-1), ignore_index=-100)
     T = b["input_ids"].shape[1] + 1
     m = mask[:, :T - 1]
-    ref = torch.nn.functional.cross_entropy(logits[m], tok[:, 1:T][m])
+    ref = torch.nn.functional.cross_entropy(logits[m], tok[:, 1:T][m].long())
     assert torch.allclose(ours, ref) and T <= 200 and (tok[:, T:] == igsm.IGSMTokenizer().pad_id).all()
     t, y = hopk_exp._sample_hopk(24, 4, 16, 2, torch.Generator().manual_seed(1))
     hb = hopk_exp.hopk_batch(t, y)

@@ -46,8 +46,8 @@ ARMS = ("vanilla", "kvshift")
 # gpu Tr6-Te8 (smaller than the paper's): Tr6 rows measured <= 436 tokens (p99.9 392, mean 205; 20k problems), so
 # rows of 448; Te8 solutions <= ~250 tokens. Budget, an ESTIMATE, not a measurement: 6000 steps of batch 128 (768k
 # rows, 4x the Tr12 run's); at the Tr12 run's ~1.1 us per batch token, Tr6 batches (~128 x 370 tokens) take
-# ~45-60 ms/step: 270-370 s of training plus ~60 s of data generation, greedy scoring and start-up, so one
-# (arm, seed) per <= 9-minute device command (experiment.sh's 540 s BUDGET) with margin. That 768k rows reach 0.8
+# ~45-60 ms/step: 270-370 s of training plus ~60-90 s of data (Tr12's 192k rows: 14 s), scoring and start-up:
+# one (arm, seed) per <= 9-minute device command (experiment.sh's 540 s BUDGET), ~6-8 min, with margin. That 768k rows reach 0.8
 # in-distribution answer accuracy is a guess too (Tr12 was still learning at 192k rows); if not, the verdict
 # says inconclusive with the budget reached. Tr21-Te24 needs rows of ~1250 tokens and more steps than one
 # command holds. cpu: Tr3-Te4, 3 layers x 96; a few hundred steps on one core are far too few to learn mod-23
@@ -95,9 +95,10 @@ def _encode_problem(p: igsm.Problem) -> tuple[list[int], int]:
 
 def _sample_igsm(max_ops, seq, batch, g):
     """Training rows right-padded to `seq` (longer problems are redrawn); mask[p] marks positions
-    whose NEXT token is a solution token or <eos> (igsm.sample_batch's convention)."""
+    whose NEXT token is a solution token or <eos> (igsm.sample_batch's convention). int16 (the vocabulary has
+    170 ids): a stream of 6000 x 128 rows of 448 is ~0.7 GB instead of 2.75 GB to build and hold."""
     rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=g)))
-    tokens = torch.full((batch, seq), _TOK.pad_id, dtype=torch.int64)
+    tokens = torch.full((batch, seq), _TOK.pad_id, dtype=torch.int16)
     mask = torch.zeros(batch, seq, dtype=torch.bool)
     for b in range(batch):
         while True:
