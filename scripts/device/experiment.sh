@@ -63,9 +63,9 @@ for (( g = 0; g < ngpu; g++ )); do
 done
 wait
 
-# rebuild every touched language-model summary from all runs present (parallel jobs may have summarised early)
+# rebuild every touched summary built from published runs (language models, iGSM) from all runs present (parallel jobs may have summarised early)
 for n in $names; do
-  case $n in lm-*|shift-coefficients|upcycle) "$PY" -m kvshift.cli experiment "$n" --scale gpu --summarize 2>&1 | tail -n 2;; esac
+  case $n in lm-*|shift-coefficients|upcycle|igsm) "$PY" -m kvshift.cli experiment "$n" --scale gpu --summarize 2>&1 | tail -n 2;; esac
 done
 pack_results final
 echo "== total $(( $(date +%s) - start ))s; results in \$OUT/results.tgz"

@@ -101,30 +101,117 @@ def hopk_v(d, L):
     return hopk_exp.hopk_verdict(d, L)[0]
 
 
+TINY_IGSM = dict(seq=160, steps=4, batch=4)
+
+
 @pytest.fixture
 def tiny_igsm(monkeypatch):
-    s = dict(igsm_exp.IGSM["cpu"], settings=((2, 3),), seq=160, dim=16, heads=2, n_layers=1, ffn=32, batch=4,
-             steps=4, warmup=2, eval_every=2, n_test=4, n_id=3, gen_batch=3)
+    s = dict(igsm_exp.IGSM["cpu"], settings=(dict(train_ops=2, test_ops=3, **TINY_IGSM),
+                                             dict(train_ops=1, test_ops=2, **TINY_IGSM)),
+             dim=16, heads=2, n_layers=1, ffn=32, warmup=2, eval_every=2, n_test=4, n_id=3, gen_batch=3)
     monkeypatch.setitem(igsm_exp.IGSM, "cpu", s)
     return s
 
 
+def _igsm_opts(tmp_path, **kw):
+    return RunOptions(out=tmp_path / "out", runs=tmp_path / "runs", log=lambda m: None, **kw)
+
+
 def test_igsm_end_to_end(tmp_path, tiny_igsm):
-    summ = run_experiment("igsm", RunOptions(out=tmp_path, runs=tmp_path / "runs", log=lambda m: None))
-    _check_common(tmp_path, summ, "igsm")
+    summ = run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"]))
+    _check_common(tmp_path / "out", summ, "igsm")
+    assert summ["settings"] == ["Tr2-Te3"]
     r = summ["results"]["Tr2-Te3"]
+    assert (r["test_operations"], r["steps"], r["batch_size"], r["seq_len"]) == (3, 4, 4, 160)
     for arm in ("vanilla", "kvshift"):
-        for k, v in r[arm].items():
+        for k, v in r["arms"][arm].items():
             if k.endswith("accuracy") or k.endswith("correct"):
                 assert 0 <= v <= 1, k
-        assert len(r[arm]["test_answer_accuracy_per_seed"]) == 1
-    assert summ["settings"][0]["test_operations"] == 3
+        assert r["arms"][arm]["test_answer_accuracy_per_seed"].keys() == {"0"}
     assert len(summ["runs"]) == 2
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.json")) == [
+        "kvshift-Tr2-Te3-s0.json", "vanilla-Tr2-Te3-s0.json"]
+    recs = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert any("solution_token_accuracy" in x and x["step"] == 2 and x["arm"] == "kvshift" for x in recs)
+    assert all(x["eval"] == ("solution_token_accuracy" in x) for x in recs)  # the evaluations are marked
+
+
+def test_igsm_split_jobs_merge_and_resummarize(tmp_path, tiny_igsm):
+    """Runs published by separate jobs (--seeds, --arms, --only SETTING) make one summary; --summarize
+    rebuilds the same; an unknown setting or arm is refused."""
+    run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"], seeds=[0]))
+    run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"], seeds=[1], arms=["kvshift"]))
+    run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr1-Te2"], seeds=[0], arms=["vanilla"]))
+    s = run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"], seeds=[1], arms=["vanilla"]))
+    assert s["settings"] == ["Tr2-Te3", "Tr1-Te2"] and s["seeds"] == 2 and len(s["runs"]) == 5
+    r = s["results"]["Tr2-Te3"]["arms"]
+    assert r["kvshift"]["test_answer_accuracy_per_seed"].keys() == r["vanilla"]["in_distribution_answer_accuracy_per_seed"].keys() == {"0", "1"}
+    assert list(s["results"]["Tr1-Te2"]["arms"]) == ["vanilla"]
+    assert "Tr1-Te2: only vanilla ran" in s["verdict_text"]
+    again = run_experiment("igsm", _igsm_opts(tmp_path, summarize_only=True))
+    assert again == s | {"summarized_by": again["summarized_by"], "time_utc": again["time_utc"]}
+    with pytest.raises(ValueError, match="--only"):
+        run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr9-Te9"]))
+    with pytest.raises(ValueError, match="--arms"):
+        run_experiment("igsm", _igsm_opts(tmp_path, arms=["kshift"]))
+
+
+def test_igsm_refuses_a_run_from_another_setting(tmp_path, tiny_igsm):
+    run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"], seeds=[0], arms=["kvshift"]))
+    with pytest.raises(ValueError, match="kvshift-Tr2-Te3-s1 was trained with"):
+        run_experiment("igsm", _igsm_opts(tmp_path, only=["Tr2-Te3"], seeds=[1], arms=["kvshift"], steps=3))
+    with pytest.raises(ValueError, match="kvshift-Tr2-Te3-s1 was trained with"):
+        run_experiment("igsm", _igsm_opts(tmp_path, summarize_only=True))
+
+
+def test_igsm_gpu_settings():
+    """The gpu scale holds the paper's split and the smaller one; Tr6 rows fit the row length (measured max 436)."""
+    keys = [igsm_exp.setting_key(st) for st in igsm_exp.settings("gpu")]
+    assert keys == ["Tr12-Te15", "Tr6-Te8"]
+    (st,) = igsm_exp.settings("gpu", ["Tr6-Te8"])
+    assert (st["seq"], st["steps"], st["batch"], st["dim"]) == (448, 6000, 128, 384)
+    rng = random.Random(3)
+    lens = [len(igsm_exp._encode_problem(igsm.generate(6, rng=rng))[0]) for _ in range(2000)]
+    assert max(lens) <= st["seq"]
+
+
+def _igsm_results(key, kv_test, va_test, kv_id=(0.9, 0.9), va_id=(0.9, 0.9), n=512, steps=3000):
+    arm = lambda test, ind: {  # noqa: E731
+        "test_answer_accuracy": sum(test) / len(test), "in_distribution_answer_accuracy": sum(ind) / len(ind),
+        "test_answer_accuracy_per_seed": {str(i): v for i, v in enumerate(test)},
+        "in_distribution_answer_accuracy_per_seed": {str(i): v for i, v in enumerate(ind)}}
+    return {key: {"train_max_operations": 6, "test_operations": 8, "steps": steps, "batch_size": 64, "n_test": n,
+                  "arms": {"vanilla": arm(va_test, va_id), "kvshift": arm(kv_test, kv_id)}}}
+
+
+def test_igsm_verdict_rules():
+    v = lambda *a, **k: igsm_exp.igsm_verdict(_igsm_results(*a, **k))  # noqa: E731
+    # an arm below 0.8 in distribution in any seed: inconclusive, whatever the test accuracies
+    verdict, text = v("Tr12-Te15", (0.9, 0.9), (0.1, 0.1), kv_id=(0.95, 0.95), va_id=(0.85, 0.79))
+    assert verdict == "inconclusive"
+    assert "3000 steps × batch 64" in text and "s1 0.790" in text and "s0 0.850" in text
+    assert v("Tr12-Te15", (0.9, 0.9), (0.5, 0.5))[0] == "reproduced"
+    verdict, text = v("Tr6-Te8", (0.9, 0.9), (0.5, 0.5))
+    assert verdict == "partly reproduced" and "a smaller split than the paper's" in text  # at most partly from Tr6
+    assert v("Tr12-Te15", (0.9,), (0.5,), kv_id=(0.9,), va_id=(0.9,))[0] == "inconclusive"  # one seed
+    assert v("Tr6-Te8", (0.52, 0.5), (0.5, 0.5))[0] == "not reproduced"  # within two standard errors
+    assert v("Tr6-Te8", (0.5, 0.5), (0.9, 0.9))[0] == "not reproduced"
+    both = {**_igsm_results("Tr12-Te15", (0.9, 0.9), (0.5, 0.5)), **_igsm_results("Tr6-Te8", (0.5, 0.5), (0.5, 0.5))}
+    assert igsm_exp.igsm_verdict(both)[0] == "partly reproduced"
+
+
+def test_igsm_ood_difference_se():
+    d = igsm_exp.ood_difference(_igsm_results("Tr6-Te8", (0.9, 0.8), (0.7, 0.6), n=100)["Tr6-Te8"])
+    assert d["seeds"] == ["0", "1"] and d["per_seed"] == pytest.approx({"0": 0.2, "1": 0.2})
+    assert d["mean"] == pytest.approx(0.2) and d["se"] == pytest.approx((0.007 ** 0.5) / 2)
+    text = igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.9, 0.8), (0.7, 0.6), n=100))[1]
+    assert "+0.200 ± 0.042" in text and "kvshift s0 0.900, s1 0.800" in text
 
 
 def test_igsm_sampler_rows_and_mask():
     tok, mask = igsm_exp._sample_igsm(3, 200, 5, torch.Generator().manual_seed(0))
-    assert tok.shape == mask.shape == (5, 200)
+    assert tok.shape == mask.shape == (5, 200) and tok.dtype == torch.int16
+    assert igsm_exp.igsm_batch(tok, mask)["input_ids"].dtype == torch.int64
     T = igsm.IGSMTokenizer()
     for b in range(5):
         row = tok[b][tok[b] != T.pad_id].tolist()
@@ -192,8 +279,48 @@ def test_task_batches_give_the_tasks_losses():
     ours = torch.nn.functional.cross_entropy(logits.view(-1, V), b["labels"].view(-1), ignore_index=-100)
     T = b["input_ids"].shape[1] + 1
     m = mask[:, :T - 1]
-    ref = torch.nn.functional.cross_entropy(logits[m], tok[:, 1:T][m])
+    ref = torch.nn.functional.cross_entropy(logits[m], tok[:, 1:T][m].long())
     assert torch.allclose(ours, ref) and T <= 200 and (tok[:, T:] == igsm.IGSMTokenizer().pad_id).all()
     t, y = hopk_exp._sample_hopk(24, 4, 16, 2, torch.Generator().manual_seed(1))
     hb = hopk_exp.hopk_batch(t, y)
     assert torch.equal(hb["input_ids"], t) and torch.equal(hb["labels"], y) and hopk.IGNORE_INDEX == -100
+
+
+def test_igsm_adopts_a_summary_written_before_runs_were_published(tmp_path):
+    """An old summary.json (runs inline, records in metrics.jsonl) becomes published runs, and its setting stays
+    in the summary beside new ones; an old run left from a different training setting is still refused."""
+    part = {"answer_accuracy": 0.1, "solution_correct": 0.0, "solution_token_accuracy": 0.8, "solution_loss": 0.6,
+            "examples": []}
+    run = lambda att, acc: {"seed": 0, "arm": att, "train_ops": 12, "test_ops": 15, "model": {  # noqa: E731
+        "n_layers": 6, "dim": 384, "n_heads": 6, "ffn_dim": 1024, "vocab_size": 170}, "final": {},
+        "train_seconds": 1.0, "wall_seconds": 1.0, "diverged_at": None, "non_embedding_params": 5,
+        "data_generation_seconds": 1.0, "test": {**part, "answer_accuracy": acc}, "in_distribution": part,
+        "generation_seconds": 1.0}
+    train = {"steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup": 200}
+    old = {"experiment": "igsm", "train": train, "seq_len": 768, "n_test": 512, "n_in_distribution": 256,
+           "command": "kvshift experiment igsm --scale gpu", "git_commit": "3ee52fd", "device": "NVIDIA H200",
+           "torch": "2.11", "runs": [run("vanilla", 0.05), run("kvshift", 0.07)], "results": {}}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps(old))
+    (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in (
+        {"step": 10, "loss": 2.0, "arm": "vanilla-Tr12", "seed": 0}, {"step": 10, "loss": 1.9, "arm": "kvshift-Tr12",
+                                                                      "seed": 0})))
+    s = run_experiment("igsm", RunOptions(scale="gpu", out=out, summarize_only=True, log=lambda m: None))
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["kvshift-Tr12-Te15-s0.json",
+                                                                      "vanilla-Tr12-Te15-s0.json"]
+    r = s["results"]["Tr12-Te15"]
+    assert (r["steps"], r["batch_size"], r["seq_len"]) == (3000, 64, 768)
+    assert r["arms"]["kvshift"]["test_answer_accuracy_per_seed"] == {"0": 0.07}
+    assert s["verdict"] == "inconclusive" and "vanilla s0 0.100" in s["verdict_text"]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {(x["arm"], x["setting"], x["loss"]) for x in recs} == {("vanilla", "Tr12-Te15", 2.0),
+                                                                  ("kvshift", "Tr12-Te15", 1.9)}
+    # adopted once: the published runs are the record from now on
+    assert run_experiment("igsm", RunOptions(scale="gpu", out=out, summarize_only=True, log=lambda m: None))["runs"] == s["runs"]
+    doctored = json.loads((out / "runs" / "kvshift-Tr12-Te15-s0.json").read_text())
+    (out / "runs" / "kvshift-Tr12-Te15-s1.json").write_text(json.dumps({**doctored, "seed": 1, "train": {
+        **doctored["train"], "steps": 100}}))
+    (out / "runs" / "kvshift-Tr12-Te15-s1.metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="kvshift-Tr12-Te15-s1 was trained with"):
+        run_experiment("igsm", RunOptions(scale="gpu", out=out, summarize_only=True, log=lambda m: None))

@@ -164,18 +164,6 @@ def test_width_verdict_needs_a_setup_that_learns():
     assert toy.width_verdict(summ)[0] == "reproduced"
 
 
-def test_igsm_verdict_needs_both_arms_to_learn_in_distribution():
-    from kvshift.experiments.igsm import igsm_verdict
-
-    def arm(test, ind):
-        return {"test_answer_accuracy": test, "in_distribution_answer_accuracy": ind, "test_solution_token_accuracy": 0.5}
-
-    res = {"Tr12-Te15": {"vanilla": arm(0.2, 0.13), "kvshift": arm(0.5, 0.16)}}
-    assert igsm_verdict(res, 512)[0] == "inconclusive"
-    res = {"Tr12-Te15": {"vanilla": arm(0.2, 0.85), "kvshift": arm(0.5, 0.9)}}
-    assert igsm_verdict(res, 512)[0] == "reproduced"
-
-
 def test_an_option_the_experiment_does_not_read_is_refused(tmp_path):
     with pytest.raises(ValueError, match="induction-depth does not use --only, --shards"):
         run_experiment("induction-depth", RunOptions(out=tmp_path, only=["10m"], shards=tmp_path))

@@ -5,7 +5,8 @@ Every arm trains through the one trainer (`kvshift.experiments.arms.train_arm`):
 is next-token cross-entropy on the solution). The trainer's evaluator is the teacher-forced accuracy on
 held-out problems; after training, every arm is scored by greedy decoding. Fairness: every arm of a seed
 trains on one shared DataStream (data seed 1000 + s) from the same shared initial weights (init seed s),
-with the same steps, batch, optimiser and schedule.
+with the same steps, batch, optimiser and schedule. Each (setting, arm, seed) is published into out/runs/ and
+the summary is built from every published run, so split jobs merge.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvshift.experiments import igsm_report, toy_runs
 from kvshift.experiments.arms import (
     EVAL_SEED,
     DataStream,
@@ -33,23 +35,48 @@ from kvshift.models import LM, ModelConfig
 from kvshift.tasks import igsm
 from kvshift.train.checkpoint import latest_checkpoint, load_checkpoint
 from kvshift.utils.io import read_json, read_jsonl
-from kvshift.utils.plot import pyplot, save_figure
-from kvshift.utils.provenance import provenance
+from kvshift.utils.provenance import command_line, provenance
 
 ARMS = ("vanilla", "kvshift")
 
-# iGSM. gpu: the paper's Tr12-Te15 (train n_ops uniform in 1..12, test exactly 15) with a 6-layer,
-# 384-wide model, rows up to 768 tokens, two arms in one 10-minute H200 command (estimate). Tr21-Te24
-# needs rows of ~1250 tokens and more steps than one command holds: add (21, 24) to `settings` and
-# run it on its own. cpu: Tr3-Te4 with a 3-layer 96-wide model; a few hundred steps on one core are
-# far too few to learn mod-23 arithmetic, so expect answers near chance (1/23) there.
+# iGSM. Each scale lists its settings (train n_ops uniform in 1..train_ops, test exactly test_ops) with their own
+# row length, steps and batch over the scale's shared model and optimiser; `--only Tr6-Te8` picks one.
+# gpu Tr12-Te15 (the paper's split): 6 layers x 384, rows <= 768 tokens, 3000 steps of batch 64; measured 132-159 s
+# per arm on an H200 (19-23 steps/s), but only 0.13/0.16 in-distribution answer accuracy.
+# gpu Tr6-Te8 (smaller than the paper's): Tr6 rows measured <= 436 tokens (p99.9 392, mean 205; 20k problems), so
+# rows of 448; Te8 solutions <= ~250 tokens. Budget, an ESTIMATE, not a measurement: 6000 steps of batch 128 (768k
+# rows, 4x the Tr12 run's); at the Tr12 run's ~1.1 us per batch token, Tr6 batches (~128 x 370 tokens) take
+# ~45-60 ms/step: 270-370 s of training plus ~60-90 s of data (Tr12's 192k rows: 14 s), scoring and start-up:
+# one (arm, seed) per <= 9-minute device command (experiment.sh's 540 s BUDGET), ~6-8 min, with margin. That 768k rows reach 0.8
+# in-distribution answer accuracy is a guess too (Tr12 was still learning at 192k rows); if not, the verdict
+# says inconclusive with the budget reached. Tr21-Te24 needs rows of ~1250 tokens and more steps than one
+# command holds. cpu: Tr3-Te4, 3 layers x 96, too few steps to learn mod-23 arithmetic (a probe at Tr2-Te3,
+# 1200 x 32 rows, 9 min on one core: KV shift in-dist answer acc. 0.083, token acc. 0.75): answers near chance.
 IGSM = {
-    "gpu": dict(settings=((12, 15),), seq=768, dim=384, heads=6, n_layers=6, ffn=1024, batch=64, steps=3000,
-                lr=1e-3, warmup=200, eval_every=500, n_test=512, n_id=256, gen_batch=128, bf16=True,
-                threads=None),
-    "cpu": dict(settings=((3, 4),), seq=256, dim=96, heads=4, n_layers=3, ffn=256, batch=12, steps=400,
-                lr=3e-3, warmup=40, eval_every=100, n_test=96, n_id=96, gen_batch=96, bf16=False, threads=1),
+    "gpu": dict(settings=(dict(train_ops=12, test_ops=15, seq=768, steps=3000, batch=64),
+                          dict(train_ops=6, test_ops=8, seq=448, steps=6000, batch=128, eval_every=1000)),
+                dim=384, heads=6, n_layers=6, ffn=1024, lr=1e-3, warmup=200, eval_every=500, n_test=512, n_id=256,
+                gen_batch=128, bf16=True, threads=None),
+    "cpu": dict(settings=(dict(train_ops=3, test_ops=4, seq=256, steps=400, batch=12),),
+                dim=96, heads=4, n_layers=3, ffn=256, lr=3e-3, warmup=40, eval_every=100, n_test=96, n_id=96,
+                gen_batch=96, bf16=False, threads=1),
 }
+
+
+def setting_key(st: dict) -> str:
+    return f"Tr{st['train_ops']}-Te{st['test_ops']}"
+
+
+def settings(scale: str, only: list[str] | None = None) -> list[dict]:
+    """The scale's settings (each merged over the scale's shared values), those named by --only if given."""
+    s = IGSM[scale]
+    out = [{**{k: v for k, v in s.items() if k != "settings"}, **st} for st in s["settings"]]
+    if only:
+        unknown = sorted(set(only) - {setting_key(st) for st in out})
+        if unknown:
+            raise ValueError(f"--only: the {scale} settings of igsm are {[setting_key(st) for st in out]}, got {unknown}")
+        out = [st for st in out if setting_key(st) in only]
+    return out
 
 
 def _spec(s: dict, steps: int | None) -> TrainSpec:
@@ -68,9 +95,10 @@ def _encode_problem(p: igsm.Problem) -> tuple[list[int], int]:
 
 def _sample_igsm(max_ops, seq, batch, g):
     """Training rows right-padded to `seq` (longer problems are redrawn); mask[p] marks positions
-    whose NEXT token is a solution token or <eos> (igsm.sample_batch's convention)."""
+    whose NEXT token is a solution token or <eos> (igsm.sample_batch's convention). int16 (the vocabulary has
+    170 ids): a stream of 6000 x 128 rows of 448 is ~0.7 GB instead of 2.75 GB to build and hold."""
     rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=g)))
-    tokens = torch.full((batch, seq), _TOK.pad_id, dtype=torch.int64)
+    tokens = torch.full((batch, seq), _TOK.pad_id, dtype=torch.int16)
     mask = torch.zeros(batch, seq, dtype=torch.bool)
     for b in range(batch):
         while True:
@@ -153,10 +181,6 @@ def greedy_solve(model, problems, device, batch: int, max_new: int) -> dict:
             "examples": examples}
 
 
-def _igsm_eval(test, device, model) -> dict:
-    return teacher_forced(model, test, device)
-
-
 def _trained_model(cfg: ModelConfig, run_dir: Path, device, keep: bool) -> LM:
     """The arm's final weights from its checkpoint (deleted afterwards unless `keep`)."""
     weights, _ = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
@@ -167,37 +191,42 @@ def _trained_model(cfg: ModelConfig, run_dir: Path, device, keep: bool) -> LM:
     return model.to(device).eval()
 
 
+PAPER = ("iGSM final-answer accuracy, vanilla → KV shift: 0.8154 → 0.8909 (train ≤ 12 operations, test 15); "
+         "0.8711 → 0.9062 (train ≤ 21, test 24).")
+PAPER_SETTINGS = ("Tr12-Te15", "Tr21-Te24")
+
+
 def igsm_experiment(opts: RunOptions, out: Path) -> dict:
-    scale, steps = opts.scale, opts.steps
-    s = IGSM[scale]
-    spec = _spec(s, steps)
+    """Trains the selected (setting, seed, arm) runs, publishes each into out/runs/ as
+    <arm>-<setting>-s<seed>.json (+ .metrics.jsonl), then summarises every run published there: jobs split by
+    --only SETTING, --seeds or --arms merge by copying their results into one tree."""
     device = default_device()
-    paper = ("iGSM final-answer accuracy, vanilla → KV shift: 0.8154 → 0.8909 (train ≤ 12 operations, test 15); "
-             "0.8711 → 0.9062 (train ≤ 21, test 24).")
-    rd = ResultsLog(out)
-    t0 = time.time()
-    runs, settings = [], []
-    seeds = opts.seed_list()
-    for tr, te in s["settings"]:
+    sts = settings(opts.scale, opts.only)
+    if opts.arms and set(opts.arms) - set(ARMS):
+        raise ValueError(f"--arms: igsm has arms {list(ARMS)}, got {sorted(set(opts.arms) - set(ARMS))}")
+    arms = [a for a in ARMS if not opts.arms or a in opts.arms]
+    adopt_legacy(out)
+    for s in sts:
+        tr, te, key = s["train_ops"], s["test_ops"], setting_key(s)
+        spec = _spec(s, opts.steps)
         test = igsm_eval_set(te, s["n_test"], True, EVAL_SEED + te)
         ind = igsm_eval_set(tr, s["n_id"], False, EVAL_SEED + 100 + tr)
         max_new = int(1.25 * max(len(_TOK.encode(p.solution_text)) for p in test)) + 2
         max_new_id = int(1.25 * max(len(_TOK.encode(p.solution_text)) for p in ind)) + 2
-        settings.append({"train_max_operations": tr, "test_operations": te, "max_new_tokens": max_new})
-        sampler = functools.partial(_sample_igsm, tr, s["seq"])
-        eval_fn = functools.partial(_igsm_eval, test, device)
-        for seed in seeds:
-            stream = DataStream(sampler, spec.batch_size, spec.steps, seed=1000 + seed)
-            for att in ARMS:
+        train = {**spec.to_dict(), "train_ops": tr, "test_ops": te, "seq": s["seq"], "n_test": s["n_test"],
+                 "n_id": s["n_id"]}
+        eval_fn = functools.partial(teacher_forced, problems=test, device=device)
+        for seed in opts.seed_list():
+            stream = DataStream(functools.partial(_sample_igsm, tr, s["seq"]), spec.batch_size, spec.steps,
+                                seed=1000 + seed)
+            for att in arms:
                 cfg = ModelConfig(vocab_size=_TOK.vocab_size, dim=s["dim"], n_layers=s["n_layers"],
                                   n_heads=s["heads"], ffn_dim=s["ffn"], max_seq_len=s["seq"] + max_new,
                                   attention=att, name=f"{att}-{s['n_layers']}L")
-                name = f"{att}-Tr{tr}"
-                run_dir = opts.runs / f"igsm-{scale}" / f"{name}-s{seed}"
+                name = f"{att}-{key}"
+                run_dir = opts.runs / f"igsm-{opts.scale}" / f"{name}-s{seed}"
                 r = train_arm(name, cfg, StreamSource(stream, igsm_batch), spec, seq_len=s["seq"] - 1, seed=seed,
                               evaluator=eval_fn, run_dir=run_dir, device=device, keep_model=True, log=opts.log)
-                for rec in r["records"]:
-                    rd.log({**rec, "arm": name, "seed": seed, "train_ops": tr, "eval": "solution_loss" in rec})
                 sm = r["summary"]
                 final = sm["final_eval"] or {}
                 model = _trained_model(cfg, run_dir, device, keep=opts.keep_checkpoints)
@@ -206,173 +235,166 @@ def igsm_experiment(opts: RunOptions, out: Path) -> dict:
                     gt = greedy_solve(model, test, device, s["gen_batch"], max_new)
                     gi = greedy_solve(model, ind, device, s["gen_batch"], max_new_id)
                     ti = teacher_forced(model, ind, device)
-                row = {"seed": seed, "arm": att, "train_ops": tr, "test_ops": te, "model": cfg.to_dict(),
-                       "final": final, "train_seconds": sm["train_time_s"], "wall_seconds": sm["wall_time_s"],
-                       "diverged_at": sm["diverged_step"], "non_embedding_params": sm["non_embedding_params"],
+                row = {"setting": key, "attention": att, "order": ARMS.index(att), "train_ops": tr, "test_ops": te,
+                       "max_new_tokens": max_new, "model": cfg.to_dict(), "train": train, "final": final,
+                       "train_seconds": sm["train_time_s"], "wall_seconds": sm["wall_time_s"],
+                       "diverged_at": sm["diverged_step"], "steps_done": sm["steps"],
+                       "non_embedding_params": sm["non_embedding_params"],
                        "data_generation_seconds": stream.gen_seconds,
                        "test": {**gt, **{k: final[k] for k in ("solution_loss", "solution_token_accuracy")}},
-                       "in_distribution": {**gi, **ti}, "generation_seconds": time.time() - tg}
-                rd.log({"step": spec.steps, "arm": name, "seed": seed, "final_generation": True,
-                        "test_answer_accuracy": gt["answer_accuracy"], "id_answer_accuracy": gi["answer_accuracy"]})
-                runs.append(row)
-                opts.log(f"igsm Tr{tr}-Te{te} seed {seed} {att}: test answer acc {gt['answer_accuracy']:.3f}, "
+                       "in_distribution": {**gi, **ti}, "generation_seconds": time.time() - tg,
+                       "provenance": provenance(device)}
+                toy_runs.publish(out, name, seed, row, [{**x, "train_ops": tr, "eval": "solution_loss" in x} for x in r["records"]])
+                opts.log(f"igsm {key} seed {seed} {att}: test answer acc {gt['answer_accuracy']:.3f}, "
                          f"in-dist {gi['answer_accuracy']:.3f}, test token acc {final['solution_token_accuracy']:.3f} "
                          f"({sm['train_time_s']:.0f} s train, {row['generation_seconds']:.0f} s generation)")
-    rd.close()
-
-    results = {}
-    for st in settings:
-        tr, te = st["train_max_operations"], st["test_operations"]
-        key = f"Tr{tr}-Te{te}"
-        results[key] = {}
-        for att in ARMS:
-            rows = [r for r in runs if r["train_ops"] == tr and r["arm"] == att]
-            avg = lambda part, k: sum(r[part][k] for r in rows) / len(rows)
-            results[key][att] = {
-                "test_answer_accuracy": avg("test", "answer_accuracy"),
-                "test_answer_accuracy_per_seed": [r["test"]["answer_accuracy"] for r in rows],
-                "test_solution_correct": avg("test", "solution_correct"),
-                "test_solution_token_accuracy": avg("test", "solution_token_accuracy"),
-                "test_solution_loss": avg("test", "solution_loss"),
-                "in_distribution_answer_accuracy": avg("in_distribution", "answer_accuracy"),
-                "in_distribution_solution_correct": avg("in_distribution", "solution_correct"),
-                "in_distribution_solution_token_accuracy": avg("in_distribution", "solution_token_accuracy"),
-            }
-    summ = {"experiment": "igsm", "scale": scale, "paper": paper, **provenance(device), "train": spec.to_dict(),
-            "settings": settings, "n_test": s["n_test"], "n_in_distribution": s["n_id"], "seq_len": s["seq"],
-            "seeds": len(seeds), "chance_answer_accuracy": 1 / igsm.MOD, "results": results, "runs": runs,
-            "wall_seconds": time.time() - t0}
-    summ["verdict"], summ["verdict_text"] = igsm_verdict(results, s["n_test"] * len(seeds))
-    write_summary(out, summ)
-    plot_igsm(out, summ)
-    write_igsm_readme(out, summ)
-    return summ
+    return summarize(opts, out)
 
 
-ID_LEARNED = 0.8  # in-distribution answer accuracy both arms need before out-of-distribution accuracy means anything
-
-
-def igsm_verdict(results: dict, n: int) -> tuple[str, str]:
-    """KV shift must beat vanilla on held-out final answers by more than two binomial standard errors of the
-    difference, above chance; 'reproduced' only in one of the paper's own settings. A setting in which either
-    arm stays below ID_LEARNED in distribution has not learned the task: it cannot test the claim."""
-    parts, wins, learned, paper_setting = [], [], [], False
-    for key, r in results.items():
-        kv, va = r["kvshift"]["test_answer_accuracy"], r["vanilla"]["test_answer_accuracy"]
-        se = math.sqrt(max(kv * (1 - kv) + va * (1 - va), 1e-9) / n)
-        parts.append(f"{key}: vanilla {va:.3f} → KV shift {kv:.3f} test answer accuracy (±{2 * se:.3f}, in-dist "
-                     f"{r['vanilla']['in_distribution_answer_accuracy']:.3f} → "
-                     f"{r['kvshift']['in_distribution_answer_accuracy']:.3f}; test solution-token accuracy "
-                     f"{r['vanilla']['test_solution_token_accuracy']:.3f} → {r['kvshift']['test_solution_token_accuracy']:.3f})")
-        wins.append(kv - va > 2 * se and kv > 2 / igsm.MOD)
-        learned.append(min(r[a]["in_distribution_answer_accuracy"] for a in ARMS) >= ID_LEARNED)
-        paper_setting |= key in ("Tr12-Te15", "Tr21-Te24")
-    text = "; ".join(parts) + "."
-    if not any(learned):
-        return "inconclusive", text + (f" Neither arm reached {ID_LEARNED:.0%} in-distribution answer accuracy: the "
-                                       "models did not learn the task, so out-of-distribution accuracy tests nothing; "
-                                       "a longer training budget (or a smaller split) that reaches it is needed.")
-    wins = [w for w, ok in zip(wins, learned) if ok]
-    if all(wins):
-        return ("reproduced" if paper_setting else "partly reproduced"), text
-    if any(wins):
-        return "partly reproduced", text
-    return "not reproduced", text
+def adopt_legacy(out: Path) -> None:
+    """A summary.json written before runs were published (its runs inline, their records in metrics.jsonl) is
+    published run by run, so its setting survives in the merged summary."""
+    if toy_runs.has_runs(out) or not (out / "summary.json").is_file():
+        return
+    s = read_json(out / "summary.json")
+    if "runs" not in s or "seq_len" not in s:
+        return
+    recs = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    prov = {k: s[k] for k in ("command", "git_commit", "kvshift", "torch", "python", "device", "time_utc") if k in s}
+    for r in s["runs"]:
+        tr, te, att, seed = r["train_ops"], r["test_ops"], r["arm"], r["seed"]
+        train = {**s["train"], "train_ops": tr, "test_ops": te, "seq": s["seq_len"], "n_test": s["n_test"],
+                 "n_id": s["n_in_distribution"]}
+        row = {**{k: v for k, v in r.items() if k not in ("arm", "seed")}, "setting": f"Tr{tr}-Te{te}",
+               "attention": att, "order": ARMS.index(att), "train": train, "provenance": prov}
+        toy_runs.publish(out, f"{att}-Tr{tr}-Te{te}", seed, row,
+                         [x for x in recs if x.get("arm") == f"{att}-Tr{tr}" and x.get("seed") == seed])
 
 
 def summarize(opts: RunOptions, out: Path) -> dict:
-    """The verdict again from the experiment's own summary.json (the runs' numbers are in it)."""
-    s = read_json(out / "summary.json")
-    s["verdict"], s["verdict_text"] = igsm_verdict(s["results"], s["n_test"] * s["seeds"])
-    write_summary(out, s)
-    write_igsm_readme(out, s)
-    return s
+    """The summary from every run published in out/runs/; the runs of one setting must share its training
+    setting (a run from another is refused by name)."""
+    adopt_legacy(out)
+    runs = toy_runs.published(out)
+    if not runs:
+        raise ValueError(f"{out}: no published igsm runs yet")
+    keys = list(dict.fromkeys(r["setting"] for r in sorted(runs, key=lambda r: -r["train_ops"])))
+    log = ResultsLog(out)  # every run's records, for the plot
+    results = {}
+    for key in keys:
+        rs = [r for r in runs if r["setting"] == key]
+        toy_runs.check_same_setting(rs, out)
+        for r in rs:
+            for x in read_jsonl(out / toy_runs.RUNS / f"{r['arm']}-s{r['seed']}.metrics.jsonl"):
+                log.log({**x, "arm": r["attention"], "setting": key})
+        results[key] = setting_results(rs)
+    log.close()
+    first = runs[0]
+    prov = {**first["provenance"], **{k: "; ".join(dict.fromkeys(str(r["provenance"].get(k)) for r in runs))
+                                      for k in ("git_commit", "device", "torch", "command")}}
+    summ = {"experiment": "igsm", "scale": opts.scale, "paper": PAPER, **prov, "summarized_by": command_line(),
+            "settings": list(results), "seeds": len({r["seed"] for r in runs}),
+            "chance_answer_accuracy": 1 / igsm.MOD, "results": results,
+            "runs": [{k: v for k, v in r.items() if k != "provenance"} for r in runs],
+            "wall_seconds": sum(r["wall_seconds"] + r["generation_seconds"] for r in runs)}
+    summ["verdict"], summ["verdict_text"] = igsm_verdict(results)
+    write_summary(out, summ)
+    igsm_report.plot_igsm(out, summ)
+    igsm_report.write_igsm_readme(out, summ)
+    return summ
 
 
-def plot_igsm(out: str, summ: dict) -> None:
-    plt = pyplot()
-    recs = read_jsonl(Path(out) / "metrics.jsonl")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for i, att in enumerate(ARMS):
-        for tr in {st["train_max_operations"] for st in summ["settings"]}:
-            rs = [r for r in recs if r["arm"] == f"{att}-Tr{tr}" and r["seed"] == 0]
-            tl = [r for r in rs if "loss" in r]
-            ev = [r for r in rs if r.get("eval")]
-            axes[0].plot([r["step"] for r in tl], [r["loss"] for r in tl], color=f"C{i}", label=f"{att} Tr{tr}")
-            axes[1].plot([r["step"] for r in ev], [r["solution_token_accuracy"] for r in ev], "o-", color=f"C{i}",
-                         label=f"{att} Tr{tr}")
-    axes[0].set(xlabel="step", ylabel="train loss on solution tokens (nats)", yscale="log")
-    axes[1].set(xlabel="step", ylabel="test solution-token accuracy (teacher forced)")
-    keys = list(summ["results"])
-    x = range(len(keys))
-    for i, att in enumerate(ARMS):
-        for j, (metric, hatch) in enumerate((("test_answer_accuracy", ""), ("in_distribution_answer_accuracy", "//"))):
-            axes[2].bar([v + (2 * i + j - 1.5) * 0.18 for v in x],
-                        [summ["results"][k][att][metric] for k in keys], 0.18, color=f"C{i}", hatch=hatch,
-                        alpha=0.9 if j == 0 else 0.5, label=f"{att} {'test' if j == 0 else 'in-dist'}")
-    axes[2].axhline(summ["chance_answer_accuracy"], color="0.5", ls=":", label="chance (1/23)")
-    axes[2].set_xticks(list(x), keys)
-    axes[2].set(ylabel="final-answer accuracy (greedy)", ylim=(0, 1))
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"iGSM ({summ['scale']} scale)")
-    save_figure(fig, f"{out}/plot.png", dpi=100)
+def setting_results(rs: list[dict]) -> dict:
+    """One setting's runs: the training setting, and per arm the seed means and per-seed values."""
+    t = rs[0]["train"]
+    res = {"train_max_operations": t["train_ops"], "test_operations": t["test_ops"], "steps": t["steps"],
+           "batch_size": t["batch_size"], "seq_len": t["seq"], "n_test": t["n_test"], "n_in_distribution": t["n_id"],
+           "arms": {}}
+    for att in ARMS:
+        rows = [r for r in rs if r["attention"] == att]
+        if not rows:
+            continue
+        a = {}
+        for part in ("test", "in_distribution"):
+            for k in ("answer_accuracy", "solution_correct", "solution_token_accuracy"):
+                v = {str(r["seed"]): r[part][k] for r in rows}
+                a[f"{part}_{k}"], a[f"{part}_{k}_per_seed"] = sum(v.values()) / len(v), v
+        a["test_solution_loss"] = sum(r["test"]["solution_loss"] for r in rows) / len(rows)
+        a["non_embedding_params"] = rows[0]["non_embedding_params"]
+        res["arms"][att] = a
+    return res
 
 
-def write_igsm_readme(out: str, s: dict) -> None:
-    t = s["train"]
-    m = s["runs"][0]["model"]
-    rows = ["| setting | arm | test answer acc. | test fully correct | test token acc. | in-dist answer acc. | "
-            "in-dist fully correct |", "|---|---|---|---|---|---|---|"]
-    for key, r in s["results"].items():
-        for att in ARMS:
-            a = r[att]
-            rows.append(f"| {key} | {att} | {a['test_answer_accuracy']:.3f} | {a['test_solution_correct']:.3f} | "
-                        f"{a['test_solution_token_accuracy']:.3f} | {a['in_distribution_answer_accuracy']:.3f} | "
-                        f"{a['in_distribution_solution_correct']:.3f} |")
-    times = ", ".join(f"{r['arm']} Tr{r['train_ops']} {r['train_seconds']:.0f} s train + {r['generation_seconds']:.0f} s "
-                      f"generation" for r in s["runs"] if r["seed"] == 0)
-    ex = s["runs"][-1]["test"]["examples"][:1]
-    example = (f"\nExample (KV shift, first test problem):\n\n    reference: {ex[0]['reference']}\n"
-               f"    generated: {ex[0]['generated']}\n") if ex else ""
-    text = f"""# iGSM (paper App. I)
+ID_LEARNED = 0.8  # in-distribution answer accuracy every run needs before out-of-distribution accuracy means anything
+MIN_SEEDS = 2  # seeds a learned setting needs before its difference decides anything
 
-Command: `{s['command']}`
-Commit: `{s['git_commit']}` · device: {s['device']} · torch {s['torch']} · wall {s['wall_seconds']:.0f} s
 
-**Paper:** {s['paper']}
+def ood_difference(r: dict) -> dict | None:
+    """KV shift − vanilla test answer accuracy over the seeds both arms ran: per seed, the mean, and the
+    binomial standard error of the mean (each seed's two accuracies over n_test problems, independent)."""
+    kv, va = r["arms"]["kvshift"]["test_answer_accuracy_per_seed"], r["arms"]["vanilla"]["test_answer_accuracy_per_seed"]
+    seeds = sorted(set(kv) & set(va), key=int)
+    if not seeds:
+        return None
+    var = sum(kv[x] * (1 - kv[x]) + va[x] * (1 - va[x]) for x in seeds) / r["n_test"]
+    return {"seeds": seeds, "per_seed": {x: kv[x] - va[x] for x in seeds},
+            "mean": sum(kv[x] - va[x] for x in seeds) / len(seeds), "se": max(math.sqrt(var), 1e-9) / len(seeds),
+            "kvshift_mean": sum(kv[x] for x in seeds) / len(seeds)}
 
-**Task:** kvshift.tasks.igsm (a simplified re-implementation of Ye et al.'s iGSM: mod-23 sum/product/difference
-over a 4-layer entity hierarchy, with distractors). Training rows are `<bos> question <sep> solution <eos>` with
-n_operations uniform in 1..N (TrN), right-padded to {s['seq_len']} tokens (longer problems redrawn); the loss is
-next-token cross-entropy on the solution tokens and `<eos>` only. Test: {s['n_test']} fixed held-out problems with
-exactly M operations (TeM); in-distribution: {s['n_in_distribution']} held-out problems drawn like the training data.
-Scoring: greedy decoding (temperature 0, KV cache, left-padded prompts) from `<bos> question <sep>` to `<eos>`;
-*answer acc.* = `parse_answer(generated) == answer`; *fully correct* = the whole generated solution passes
-`igsm.check_solution`; *token acc.* = teacher-forced next-token accuracy on the reference solution. Chance for the
-answer is 1/23 = {s['chance_answer_accuracy']:.3f}.
 
-**Setting:** model {m['n_layers']} layers × {m['dim']} wide, {m['n_heads']} heads, ffn {m['ffn_dim']}, vocab
-{m['vocab_size']}; {t['steps']} steps, batch {t['batch_size']}, AdamW β=(0.9, 0.95), wd 0.1, lr {t['lr']} with
-{t['warmup']} warm-up steps then constant, clip 1; both arms see the same data stream and start from the same
-shared weights; seeds: {s['seeds']}. Time (seed 0): {times}.
-
-{chr(10).join(rows)}
-
-**Verdict:** **{s['verdict']}** — {s['verdict_text']}
-{example}
-![plot](plot.png)
-"""
-    (Path(out) / "README.md").write_text(text)
+def igsm_verdict(results: dict) -> tuple[str, str]:
+    """A setting decides only when every run of both arms reached ID_LEARNED in-distribution answer accuracy,
+    over >= MIN_SEEDS seeds both arms ran. In a deciding setting KV shift wins when its mean test answer accuracy
+    beats vanilla's by more than two binomial standard errors of the mean difference, above chance.
+    'reproduced': every deciding setting won and one is the paper's own; 'partly': some won (or only a smaller
+    split did); 'not reproduced': none did; 'inconclusive': no setting decides."""
+    parts, decided = [], {}
+    for key, r in results.items():
+        arms = r["arms"]
+        budget = f"{r['steps']} steps × batch {r['batch_size']}"
+        if set(arms) != set(ARMS):
+            parts.append(f"{key}: only {', '.join(arms)} ran ({budget}); nothing to compare")
+            continue
+        ind = {a: arms[a]["in_distribution_answer_accuracy_per_seed"] for a in ARMS}
+        id_text = "; ".join(f"{a} " + ", ".join(f"s{x} {v:.3f}" for x, v in ind[a].items()) for a in ARMS)
+        d = ood_difference(r)
+        ood = "; ".join(f"{a} " + ", ".join(f"s{x} {v:.3f}" for x, v in arms[a]["test_answer_accuracy_per_seed"]
+                                             .items()) for a in ARMS)
+        text = (f"{key} ({budget}, {r['n_test']} test problems per seed): in-distribution answer accuracy {id_text}; "
+                f"test (Te{r['test_operations']}) answer accuracy {ood}")
+        if d is not None:
+            text += (f"; KV shift − vanilla {d['mean']:+.3f} ± {d['se']:.3f} (binomial SE, {len(d['seeds'])} "
+                     f"seed(s))")
+        learned = min(min(v.values()) for v in ind.values()) >= ID_LEARNED
+        if not learned:
+            text += (f" — inconclusive here: not every run reached {ID_LEARNED:.0%} in-distribution answer "
+                     f"accuracy within {budget} ({r['steps'] * r['batch_size']:,} training rows), so out-of-distribution "
+                     "accuracy tests nothing; a budget beyond that which reaches it is needed")
+        elif d is None or len(d["seeds"]) < MIN_SEEDS:
+            text += f" — inconclusive here: both arms learned, but fewer than {MIN_SEEDS} seeds ran both arms"
+        else:
+            decided[key] = d["mean"] > 2 * d["se"] and d["kvshift_mean"] > 2 / igsm.MOD
+        parts.append(text)
+    text = "; ".join(parts) + "."
+    if not decided:
+        return "inconclusive", text
+    paper = any(k in PAPER_SETTINGS for k in decided)
+    if all(decided.values()) and paper:
+        return "reproduced", text
+    note = "" if paper else f" Decided by {', '.join(decided)} only, a smaller split than the paper's."
+    if any(decided.values()):
+        return "partly reproduced", text + f" KV shift ahead in {', '.join(k for k, w in decided.items() if w)}.{note}"
+    return "not reproduced", text + note
 
 
 EXPERIMENTS = [
     Experiment(
         "igsm", "App. I", "iGSM accuracy: 0.8154 → 0.8909 (train ≤ 12 ops, test 15); 0.8711 → 0.9062 (≤ 21 → 24).",
-        "inconclusive unless both arms reach 80% in-distribution answer accuracy; then reproduced: in one of the "
-        "paper's settings KV shift beats vanilla on held-out final answers by more than two binomial standard "
-        "errors, above chance; partly: the same in another setting or some settings; not reproduced otherwise.",
+        f"a setting decides only when every run of both arms reaches {ID_LEARNED:.0%} in-distribution answer "
+        f"accuracy over ≥ {MIN_SEEDS} seeds; there KV shift wins when its mean test answer accuracy beats vanilla's "
+        "by more than two binomial standard errors, above chance. reproduced: every deciding setting won and one is "
+        "the paper's; partly: some won, or only a smaller split (Tr6-Te8) did; not reproduced: none won; "
+        "inconclusive: no setting decides.",
         "App. I: iGSM math, train on <= N operations, test on more; vanilla vs KV shift", igsm_experiment,
-        summarize=summarize),
+        summarize=summarize, options=("only", "arms", "runs")),
 ]

@@ -16,13 +16,15 @@ RUNS = "runs"
 
 
 def publish(out: Path, arm: str, seed: int, record: dict, records: list[dict]) -> None:
-    """One finished arm of one seed: its summary row and its training/evaluation records."""
+    """One finished arm of one seed: its summary row and its training/evaluation records (`eval` marks the
+    evaluations: a record's own flag, else whether it has an accuracy)."""
     rd = out / RUNS
     rd.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(rd / f"{arm}-s{seed}.json", {**record, "arm": arm, "seed": seed})
+    # the records first: a summary built meanwhile (a parallel job) never sees a run without its records
     write_text_atomic(rd / f"{arm}-s{seed}.metrics.jsonl",
-                      "".join(json.dumps({**r, "arm": arm, "seed": seed, "eval": "accuracy" in r}) + "\n"
+                      "".join(json.dumps({**r, "arm": arm, "seed": seed, "eval": r.get("eval", "accuracy" in r)}) + "\n"
                               for r in records))
+    write_json_atomic(rd / f"{arm}-s{seed}.json", {**record, "arm": arm, "seed": seed})
 
 
 def published(out: Path) -> list[dict]:
