@@ -1,6 +1,7 @@
 """lm-downstream on two tiny exported models: lm-eval offline (small limit), analysis, table and verdict."""
 
 import json
+import shutil
 
 import pytest
 
@@ -31,7 +32,7 @@ def test_downstream_end_to_end(pair, tmp_path):
         assert r["kvshift"]["diff"] == pytest.approx(r["kvshift"]["acc"] - r["vanilla"]["acc"])
         assert r["kvshift"]["significant"] == (abs(r["kvshift"]["diff"]) > 2 * r["kvshift"]["diff_se"])
     for arm in pair:
-        assert (tmp_path / "eval" / f"m-{arm}.json").is_file()
+        assert len(list((tmp_path / "eval").glob(f"m-{arm}-*.json"))) == 1
         assert (tmp_path / "out" / "analysis" / f"tiny-{arm}" / "analysis.json").is_file()
         assert s["heads"][arm]["n_layers"] == 2 and len(s["exports"][arm]["weights_sha256"]) == 64
     assert (tmp_path / "out" / "plot.png").stat().st_size > 5000
@@ -43,6 +44,11 @@ def test_downstream_end_to_end(pair, tmp_path):
                    out=tmp_path / "out")
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "eval").iterdir()}
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["limit"] == 6
+    # a model of the same directory name elsewhere is evaluated on its own, not given the first one's scores
+    other = tmp_path / "elsewhere" / pair["kvshift"].name
+    shutil.copytree(pair["kvshift"], other)
+    assert downstream.evaluation(other, ["piqa"], 6, tmp_path / "eval", device="cpu", batch_size=4)["model"] == str(other)
+    assert len(list((tmp_path / "eval").glob(f"{other.name}-*.json"))) == 2
 
 
 def test_head_and_verdict_rules():
@@ -83,7 +89,7 @@ def test_downstream_from_evaluation_files(pair, tmp_path):
     """Models scored elsewhere (`kvshift eval --scores`): the arms are evaluation JSONs, the analyses must exist."""
     kw = dict(tasks=["piqa"], limit=4, name="tiny", device="cpu", batch_size=4)
     downstream.run(pair, eval_dir=tmp_path / "eval", out=tmp_path / "first", **kw)
-    evals = {arm: tmp_path / "eval" / f"m-{arm}.json" for arm in pair}
+    evals = {arm: next((tmp_path / "eval").glob(f"m-{arm}-*.json")) for arm in pair}
     for arm, f in evals.items():  # what `kvshift eval --scores` adds
         r = json.loads(f.read_text())
         r["scored"] = {"device_name": "NVIDIA H200", "dtype": "torch.bfloat16", "torch": "2.11", "requests_sha256": "x",
