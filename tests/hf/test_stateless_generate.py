@@ -205,3 +205,20 @@ def test_chunked_prefill(static):
     got = model.generate(ids, attention_mask=mask, max_new_tokens=6, prefill_chunk_size=4,
                          cache_implementation="static" if static else None, **GREEDY)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("later_mask", ["new-only", "none"])
+def test_pads_of_a_prefill_are_remembered_on_the_cache(later_mask):
+    """After a left-padded prefill on a transformers cache, a call whose mask covers only the new tokens (or
+    that has none) still knows which cached slots are pads: the logits equal the full forward's."""
+    lm, model = hf(dtype=torch.float64, **VARIANTS["kvshift-w1"])
+    ids, mask = left_padded([3, 9], torch.Generator().manual_seed(4))
+    more = torch.randint(1, 97, (2, 4), generator=torch.Generator().manual_seed(5))
+    full_ids, full_mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones_like(more)], 1)
+    with torch.no_grad():
+        want = model(full_ids, attention_mask=full_mask).logits[:, -4:]
+        cache = DynamicCache()
+        model(ids, attention_mask=mask, cache=cache, use_cache=True)
+        later = torch.ones_like(more) if later_mask == "new-only" else None
+        got = model(more, attention_mask=later, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -7,7 +7,8 @@ The KV shift is applied on read (`kvshift.layers.stateless`), so transformers ca
 
 A view lives for one forward call. Which slots hold real tokens comes from generate()'s 2-D
 attention mask (B, past + T): left padding, so each row's positions are counted over its real
-tokens and its first real token sees zeros before it.
+tokens and its first real token sees zeros before it. The view records that mask on the cache object,
+so a later call with a mask of the new tokens only (B, T), or none, still knows the earlier pads.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ def cache_length(cache) -> int:
     return int(n.item()) if isinstance(n, torch.Tensor) else int(n)
 
 
+def remembered_valid(cache, batch_size: int, past: int, device) -> torch.Tensor:
+    """(B, past): which cached slots hold real tokens, as the earlier forwards on this cache recorded it (a
+    cache cropped since keeps its first `past`); all real for a cache none of our forwards has filled."""
+    v = getattr(cache, "_kvshift_valid", None)
+    if v is None:
+        return torch.ones(batch_size, past, dtype=torch.bool, device=device)
+    if v.shape[0] != batch_size:
+        raise ValueError(f"the cache holds {v.shape[0]} rows but the input has {batch_size}")
+    v = v[:, :past].to(device)
+    if v.shape[1] < past:  # slots appended by something else: real
+        v = torch.cat([v, v.new_ones(batch_size, past - v.shape[1])], 1)
+    return v
+
+
 class TransformersCacheView:
     stateless = True  # Attention.forward reads this cache through kvshift.layers.stateless
 
@@ -37,18 +52,19 @@ class TransformersCacheView:
                                    if hasattr(layer, "get_max_length")) if m > 0), default=-1)
         if max_len > 0 and total > max_len:
             raise ValueError(f"sequence length {total} exceeds the cache's max_cache_len {max_len}")
-        if attention_mask is None:
-            valid = torch.ones(batch_size, total, dtype=torch.bool, device=device)
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size):
+            raise ValueError(f"attention_mask must be 2-D (batch={batch_size}, length), got shape "
+                             f"{tuple(attention_mask.shape)}")
+        if attention_mask is not None and attention_mask.shape[1] == total:
+            valid = attention_mask.to(device=device, dtype=torch.bool)  # covers the cached slots: authoritative
+        elif attention_mask is None or attention_mask.shape[1] == n_new:
+            new = (torch.ones(batch_size, n_new, dtype=torch.bool, device=device) if attention_mask is None
+                   else attention_mask.to(device=device, dtype=torch.bool))
+            valid = torch.cat([remembered_valid(cache, batch_size, past, device), new], 1)
         else:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
-                raise ValueError(f"attention_mask must be 2-D (batch={batch_size}, length), got shape "
-                                 f"{tuple(attention_mask.shape)}")
-            valid = attention_mask.to(device=device, dtype=torch.bool)
-            if valid.shape[1] == n_new and past:
-                valid = torch.cat([valid.new_ones(batch_size, past), valid], 1)  # no pads remembered: all real
-            elif valid.shape[1] != total:
-                raise ValueError(f"attention_mask must cover the cached and the new tokens, (B, {total}) or "
-                                 f"(B, {n_new}), got shape {tuple(attention_mask.shape)}")
+            raise ValueError(f"attention_mask must cover the cached and the new tokens, (B, {total}) or "
+                             f"(B, {n_new}), got shape {tuple(attention_mask.shape)}")
+        cache._kvshift_valid = valid  # which slots hold real tokens, for a later call without the full mask
         self.valid = valid
         self.length = past
         self.seen = valid[:, :past].sum(1)
