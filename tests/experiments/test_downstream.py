@@ -44,9 +44,9 @@ def test_downstream_end_to_end(pair, tmp_path):
                    out=tmp_path / "out")
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "eval").iterdir()}
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["limit"] == 6
-    # a model of the same directory name elsewhere is evaluated on its own, not given the first one's scores
+    # another model in a directory of the same name is evaluated on its own, not given the first one's scores
     other = tmp_path / "elsewhere" / pair["kvshift"].name
-    shutil.copytree(pair["kvshift"], other)
+    shutil.copytree(pair["vanilla"], other)
     assert downstream.evaluation(other, ["piqa"], 6, tmp_path / "eval", device="cpu", batch_size=4)["model"] == str(other)
     assert len(list((tmp_path / "eval").glob(f"{other.name}-*.json"))) == 2
 

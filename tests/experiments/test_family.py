@@ -98,12 +98,12 @@ def test_tokens_to_reach_ratio():
     assert family.tokens_to_reach_ratio(curve, None, 400) is None
 
 
-def _table(**deltas):
-    """arm -> per-seed deltas."""
+def _table(diverged=(), **deltas):
+    """arm -> per-seed deltas; `diverged`: arms with a diverged run."""
     t = {"vanilla": [0.0, 0.0]}
     t.update(deltas)
-    return {a: {"delta": {"mean": sum(d) / len(d), "n": len(d)}, "delta_per_seed": dict(enumerate(d))}
-            for a, d in t.items()}
+    return {a: {"delta": {"mean": sum(d) / len(d), "n": len(d)}, "delta_per_seed": dict(enumerate(d)),
+                "diverged": int(a in diverged)} for a, d in t.items()}
 
 
 def test_size_decision_counts_a_rival_only_beyond_the_seed_spread():
@@ -118,6 +118,12 @@ def test_size_decision_counts_a_rival_only_beyond_the_seed_spread():
     assert d["holds"]
     # one seed of a rival: this size cannot decide
     assert family.size_decision(_table(kvshift=[-0.02, -0.03], **{**base, "smear": [0.0]})) is None
+    # a divergence is a loss: KV shift diverging in a seed is beaten by the members that did not; a rival that
+    # diverged does not beat it on its surviving seeds
+    d = family.size_decision(_table(kvshift=[-0.02, -0.03], diverged=("kvshift",), **base))
+    assert d["beaten_by"] == list(family.RIVALS)
+    d = family.size_decision(_table(kvshift=[-0.02, -0.03], diverged=("canon",), **{**base, "canon": [-0.08, -0.07]}))
+    assert d["holds"]
 
 
 def test_family_verdict_rule():
@@ -201,6 +207,9 @@ def test_induction_verdict_rule():
     none = {a: [None, None] for a in base}
     assert fp.induction_verdict(_ind_arms(kvshift=[None, None], **none))[0] == "inconclusive"
     assert fp.median_steps({"0": 5, "1": None, "2": 3}) == 5 and fp.median_steps({"0": None}) == math.inf
+    # the vanilla 1-layer control learned the task: the probe cannot rank the mixers
+    v, text, _ = fp.induction_verdict(_ind_arms(kvshift=[250, 300], **{**base, "vanilla": [900, 800]}))
+    assert v == "inconclusive" and "does not need a mixer" in text
 
 
 def _hop_rows(**solved):

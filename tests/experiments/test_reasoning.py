@@ -206,6 +206,10 @@ def test_igsm_ood_difference_se():
     assert d["mean"] == pytest.approx(0.2) and d["se"] == pytest.approx((0.007 ** 0.5) / 2)
     text = igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.9, 0.8), (0.7, 0.6), n=100))[1]
     assert "+0.200 ± 0.042" in text and "kvshift s0 0.900, s1 0.800" in text
+    # a difference that changes sign from seed to seed: the seed-to-seed spread sets the SE, not the binomial one
+    d = igsm_exp.ood_difference(_igsm_results("Tr6-Te8", (0.99, 0.5), (0.5, 0.99), n=100000)["Tr6-Te8"])
+    assert d["se"] == pytest.approx(0.49 * 2 ** 0.5 / 2 ** 0.5, rel=1e-6)
+    assert igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.99, 0.6), (0.5, 0.5), n=100000))[0] == "not reproduced"
 
 
 def test_igsm_sampler_rows_and_mask():

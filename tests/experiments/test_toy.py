@@ -75,6 +75,16 @@ def test_jobs_split_by_seed_and_arm_merge_into_one_summary(tiny, tmp_path):
         run_experiment("induction-depth", RunOptions(out=out, arms=["nope"], log=quiet))
 
 
+def test_median_crossing_counts_a_seed_that_never_crossed():
+    def seed(i, step):
+        return {"seed": i, "arms": {"a": {"steps_to": {"0.5": step, "0.9": None, "0.99": None}, "final_accuracy": 0.5,
+                                          "best_accuracy": 0.5, "non_embedding_params": 1, "wall_seconds": 1.0}}}
+    one = toy_runs.aggregate([seed(0, 100), seed(1, None), seed(2, None)])["a"]["steps_to"]["0.5"]
+    assert one["median_step"] is None and one["reached"] == "1/3"  # one seed of three crossed: the median never
+    two = toy_runs.aggregate([seed(0, 100), seed(1, 300), seed(2, None)])["a"]["steps_to"]["0.5"]
+    assert two["median_step"] == 300
+
+
 def test_crossing_ratios_per_seed():
     def arm(**steps):
         return {"steps_to": {"0.5": {"per_seed": steps}}}

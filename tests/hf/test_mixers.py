@@ -108,3 +108,6 @@ def test_mixer_models_refuse_the_caches_they_cannot_use(lm_factory):
         model.generate(x, cache_implementation="static", **kw)
     with pytest.raises(ValueError, match="stateless=True: a model with mixer='dconv'"):
         lm.generate(x, 4, temperature=0, stateless=True)
+    from kvshift.models import RawKVCache
+    with pytest.raises(ValueError, match="cache: a model with mixer='dconv'.*RawKVCache"):
+        lm(x, cache=RawKVCache.for_model(lm, 1, 16))

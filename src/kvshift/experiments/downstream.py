@@ -4,7 +4,7 @@
 
 DIR is an exported model (`kvshift export RUN DIR`, or scripts/device/export.sh on the device) or the
 evaluation JSON of a model scored elsewhere (`kvshift eval --scores`). Each arm is evaluated with
-`kvshift.eval.run_eval` (lm-evaluation-harness, offline tasks), unless <runs>/eval/<DIR name>-<hash of its path>.json already
+`kvshift.eval.run_eval` (lm-evaluation-harness, offline tasks), unless <runs>/eval/<DIR name>-<hash of its weights>.json already
 holds a finished evaluation of the same tasks and limit, and analysed with `kvshift.eval.analyze` unless
 <out>/analysis/<tag>-<arm>/analysis.json exists. The summary compares the arms task by task (accuracy
 ± binomial standard error; a difference counts when it exceeds twice the standard error of the difference)
@@ -75,9 +75,11 @@ def evaluation(model_dir: Path, tasks, limit, eval_dir: Path, **kw) -> dict:
         if not set(tasks) <= set(r.get("results", {})) or r.get("setup", {}).get("limit") != limit:
             raise ValueError(f"{model_dir}: does not hold tasks {list(tasks)} at limit {limit}")
         return r
-    # keyed by the directory's name and its resolved path: two models in directories of the same name (an
-    # arm exported as "kvshift" and a converted source model in ".../kvshift") never share an evaluation
-    path = eval_dir / f"{model_dir.name}-{hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()[:10]}.json"
+    # keyed by the weights' content (sha256 of model.safetensors; the resolved path where there is none): two
+    # models in directories of the same name, or a model re-exported into the same directory, never share one
+    weights = model_dir / "model.safetensors"
+    key = file_sha256(weights)[:16] if weights.is_file() else hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()[:16]
+    path = eval_dir / f"{model_dir.name}-{key}.json"
     if path.is_file():
         r = json.loads(path.read_text())
         if set(tasks) <= set(r.get("results", {})) and r.get("setup", {}).get("limit") == limit:

@@ -74,9 +74,9 @@ def induction_verdict(arms: dict) -> tuple[str, str, dict]:
     kv = med["kvshift-1L"]
     faster = [a.removesuffix("-1L") for a in need[1:] if med[a] < SPEED_MARGIN * kv]
     text += "; faster than KV shift by > 20%: " + (", ".join(faster) or "none")
-    if "vanilla-1L" in med and med["vanilla-1L"] < math.inf:
-        text += " (vanilla 1-layer reached 90% too: the control learned the task)"
     extra["faster_than_kvshift"] = faster
+    if "vanilla-1L" in med and med["vanilla-1L"] < math.inf:  # the control learned: the probe ranks nothing
+        return "inconclusive", text + "; vanilla 1-layer reached 90% too, so the task does not need a mixer.", extra
     every = arms["kvshift-1L"]["steps_to"]["0.9"]["reached"].split("/")
     if kv == math.inf:
         return "not reproduced", text + ".", extra

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import random
 import shutil
 import time
@@ -325,21 +326,20 @@ def setting_results(rs: list[dict]) -> dict:
     return res
 
 
-ID_LEARNED = 0.8  # in-distribution answer accuracy every run needs before out-of-distribution accuracy means anything
-MIN_SEEDS = 2  # seeds a learned setting needs before its difference decides anything
+ID_LEARNED, MIN_SEEDS = 0.8, 2  # in-distribution answer accuracy every run needs, seeds a setting needs
 
 
 def ood_difference(r: dict) -> dict | None:
-    """KV shift − vanilla test answer accuracy over the seeds both arms ran: per seed, the mean, and the
-    binomial standard error of the mean (each seed's two accuracies over n_test problems, independent)."""
+    """KV shift − vanilla test answer accuracy over the seeds both arms ran: per seed, the mean, its SE."""
     kv, va = r["arms"]["kvshift"]["test_answer_accuracy_per_seed"], r["arms"]["vanilla"]["test_answer_accuracy_per_seed"]
     seeds = sorted(set(kv) & set(va), key=int)
     if not seeds:
         return None
     var = sum(kv[x] * (1 - kv[x]) + va[x] * (1 - va[x]) for x in seeds) / r["n_test"]
-    return {"seeds": seeds, "per_seed": {x: kv[x] - va[x] for x in seeds},
-            "mean": sum(kv[x] - va[x] for x in seeds) / len(seeds), "se": max(math.sqrt(var), 1e-9) / len(seeds),
-            "kvshift_mean": sum(kv[x] for x in seeds) / len(seeds)}
+    diffs = [kv[x] - va[x] for x in seeds]  # SE: the larger of the binomial one and the seed-to-seed one
+    between = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return {"seeds": seeds, "per_seed": dict(zip(seeds, diffs)), "mean": sum(diffs) / len(diffs),
+            "se": max(math.sqrt(var) / len(seeds), between, 1e-9), "kvshift_mean": sum(kv[x] for x in seeds) / len(seeds)}
 
 
 def igsm_verdict(results: dict) -> tuple[str, str]:

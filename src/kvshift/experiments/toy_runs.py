@@ -6,6 +6,7 @@ summary without training."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from kvshift.experiments.arms import THRESHOLDS
@@ -71,7 +72,7 @@ def collect(out: Path) -> tuple[list[dict], dict]:
 
 def aggregate(per_seed: list[dict]) -> dict:
     """Per arm across the seeds that ran it: mean final/best accuracy, and each threshold's crossing steps
-    (all seeds' values, and the median of those reached)."""
+    (all seeds' values, and their median, a seed that never crossed counting as never)."""
     names = list(dict.fromkeys(n for s in per_seed for n in s["arms"]))
     out = {}
     for n in names:
@@ -81,7 +82,9 @@ def aggregate(per_seed: list[dict]) -> dict:
         for th in THRESHOLDS:
             vals = [r["steps_to"][str(th)] for r in rows]
             got = sorted(v for v in vals if v is not None)
-            steps[str(th)] = {"reached": f"{len(got)}/{len(vals)}", "median_step": got[len(got) // 2] if got else None,
+            # the (upper) median over every seed, one that never got there counting as never (None)
+            med = sorted(math.inf if v is None else v for v in vals)[len(vals) // 2]
+            steps[str(th)] = {"reached": f"{len(got)}/{len(vals)}", "median_step": None if med == math.inf else med,
                               "per_seed": dict(zip(map(str, seeds), vals))}
         out[n] = {
             "final_accuracy": sum(r["final_accuracy"] for r in rows) / len(rows),

@@ -299,8 +299,9 @@ def summarize(opts: RunOptions, out: Path) -> dict:
     infos = [json.loads((d / "run.json").read_text()) for d in (out / "runs").glob("*-s*") if (d / "run.json").is_file()]
     if infos:
         prov["git_commit"] = "; ".join(dict.fromkeys(str(i["provenance"].get("git_commit")) for i in infos))
-    s = {"experiment": "upcycle", "scale": opts.scale, "verdict": v, "verdict_text": text + (
-        "" if same_start else "; WARNING: the arms' step-0 held-out losses differ"), **prov,
+    if not same_start:  # the arms did not start from the same function: their comparison means nothing
+        v, text = "inconclusive", text + "; the arms' step-0 held-out losses differ, so they did not start alike"
+    s = {"experiment": "upcycle", "scale": opts.scale, "verdict": v, "verdict_text": text, **prov,
          "shift_lr_mult": SHIFT_LR_MULT, "moved_share": MOVED_SHARE, "identical_start": same_start, **extra,
          "runs": {a: {str(k): {x: y for x, y in r.items() if x != "curve"} for k, r in sorted(runs[a].items())}
                   for a in ARMS if a in runs}}

@@ -7,7 +7,7 @@ the identity shift, `kvshift convert-llama`) and of each `upcycle` arm after con
 DIR is a model directory (`kvshift convert-llama`, `kvshift export`) or the evaluation JSON of a model scored
 elsewhere (`kvshift eval --scores`). The source model comes first, so a reader sees how far above chance the
 benchmarks are before any arm is compared. cpu scale: the first 200 documents of each task (the runs fit two
-CPU cores); gpu: every document. An evaluation already in <runs>/eval/<DIR name>-<path hash>.json for the same tasks and
+CPU cores); gpu: every document. An evaluation already in <runs>/eval/<DIR name>-<weights hash>.json for the same tasks and
 limit is reused.
 """
 

@@ -174,6 +174,9 @@ class LM(nn.Module):
         B, T = input_ids.shape
         dev = input_ids.device
         ctx = AttentionContext(cache=cache)
+        if getattr(cache, "stateless", False) and cfg.mixer != "none":
+            raise ValueError(f"cache: a model with mixer={cfg.mixer!r} keeps the mixer's last raw inputs, which a "
+                             f"standard cache ({type(cache).__name__}) has no room for; use LM.new_cache()")
         pos_bound, plain = None, False  # a host-side bound on the positions; positions are 0..T-1
         if cu_seqlens is not None or position_ids is not None:
             if cache is not None:

@@ -122,7 +122,9 @@ def size_decision(table: dict, min_seeds: int = 2) -> dict | None:
         rd = list(table[r]["delta_per_seed"].values())
         margin = max(spread(kv_d), spread(rd))
         margins[r] = margin
-        if table[r]["delta"]["mean"] < kv["delta"]["mean"] - margin:
+        # a divergence is a loss: KV shift diverging in a seed the rival did not is beaten there; a rival that
+        # diverged anywhere does not beat it on its surviving seeds
+        if not table[r]["diverged"] and (kv["diverged"] or table[r]["delta"]["mean"] < kv["delta"]["mean"] - margin):
             beaten_by.append(r)
     ranking = sorted((a for a in table if table[a]["delta"]["n"]), key=lambda a: table[a]["delta"]["mean"])
     best_single = min(("kvshift", *RIVALS), key=lambda a: table[a]["delta"]["mean"])
