@@ -63,8 +63,9 @@ def induction_verdict(arms: dict) -> tuple[str, str, dict]:
     """arms: the toy summary's per-arm aggregate (steps_to['0.9']['per_seed'])."""
     med = {a: median_steps(r["steps_to"]["0.9"]["per_seed"]) for a, r in arms.items()}
     show = lambda a: "never" if med[a] == math.inf else f"{med[a]:.0f}"  # noqa: E731
+    fin = lambda a: f", final {arms[a]['final_accuracy']:.1%}" if "final_accuracy" in arms[a] else ""  # noqa: E731
     text = ("median steps to 90% induction accuracy (1 layer): " + ", ".join(
-        f"{a.removesuffix('-1L')} {show(a)} ({arms[a]['steps_to']['0.9']['reached']} seeds)" for a in arms))
+        f"{a.removesuffix('-1L')} {show(a)} ({arms[a]['steps_to']['0.9']['reached']} seeds{fin(a)})" for a in arms))
     extra = {"median_steps_to_90": {a: (None if v == math.inf else v) for a, v in med.items()}}
     need = ["kvshift-1L", *(f"{r}-1L" for r in RIVALS)]
     if any(a not in arms or len(arms[a]["seeds"]) < 2 for a in need):
@@ -103,7 +104,9 @@ def _finish_induction(summ: dict, out: Path) -> dict:
     write_readme(out, summ, "Induction with one layer, per family member (beyond the paper)",
                  f"**{summ['verdict']}** — {summ['verdict_text']}",
                  "Every arm is a 1-layer model of toy.INDUCTION's setting (RoPE, SwiGLU, tied embeddings); the mixer "
-                 "arms use vanilla attention plus the mixer. Rule: " + IND_RULE)
+                 "arms use vanilla attention plus the mixer. Starting points differ by design: dconv, Canon and smear "
+                 "start as the vanilla model (identity or zero mixing) and must learn to mix; KV shift starts from the "
+                 "paper's random coefficients (already mixing); key offset is fixed from step 0. Rule: " + IND_RULE)
     return summ
 
 
