@@ -195,8 +195,7 @@ def summarize_hopk(opts: RunOptions, out: Path) -> dict:
     deepest = max(int(L) for L in table)
     verdict, text = hopk_family_verdict(table[str(deepest)], s["max_hops"])
     first = runs[0]
-    prov = {**first["provenance"], **{k: "; ".join(dict.fromkeys(str(r["provenance"][k]) for r in runs))
-                                      for k in ("git_commit", "device", "torch", "command")}}
+    prov = toy_runs.merged_provenance(runs)
     summ = {"experiment": "family-hopk", "scale": opts.scale, "paper": HOPK_PAPER, **prov,
             "summarized_by": command_line(), "verdict": verdict, "verdict_text": f"At L = {deepest}, {text}",
             "train": first["train"], "task": {k: s[k] for k in ("alphabet", "max_hops", "seq", "no_adjacent_repeats")},

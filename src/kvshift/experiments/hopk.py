@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kvshift.experiments import toy_runs
 from kvshift.experiments.arms import (
     EVAL_SEED,
     DataStream,
@@ -182,8 +183,7 @@ def summarize(variant: str, opts: RunOptions, out: Path) -> dict:
                                      "mean_error_k_ge_8_per_seed": {str(r["seed"]): sum(r["final"]["error_by_k"][8:]) / 9
                                                                     for r in rows}}
     first = runs[0]
-    prov = {**first["provenance"], **{k: "; ".join(dict.fromkeys(str(r["provenance"][k]) for r in runs))
-                                      for k in ("git_commit", "device", "torch", "command")}}
+    prov = toy_runs.merged_provenance(runs)
     summ = {"experiment": NAMES[variant], "scale": opts.scale, "paper": PAPER, **prov,
             "summarized_by": command_line(), "variant": variant, "train": first["train"],
             "task": {k: s[k] for k in ("alphabet", "max_hops", "seq", "no_adjacent_repeats")},

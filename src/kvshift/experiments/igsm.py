@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import functools
 import math
-import statistics
 import random
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -290,9 +290,7 @@ def summarize(opts: RunOptions, out: Path) -> dict:
                 log.log({**x, "arm": r["attention"], "setting": key})
         results[key] = setting_results(rs)
     log.close()
-    first = runs[0]
-    prov = {**first["provenance"], **{k: "; ".join(dict.fromkeys(str(r["provenance"].get(k)) for r in runs))
-                                      for k in ("git_commit", "device", "torch", "command")}}
+    prov = toy_runs.merged_provenance(runs)
     summ = {"experiment": "igsm", "scale": opts.scale, "paper": PAPER, **prov, "summarized_by": command_line(),
             "settings": list(results), "seeds": len({r["seed"] for r in runs}),
             "chance_answer_accuracy": 1 / igsm.MOD, "results": results,

@@ -108,8 +108,7 @@ def summarize_runs(name: str, opts: RunOptions, out: Path, paper: str, extra: di
     per_seed, arms = toy_runs.collect(out)
     runs = toy_runs.published(out)
     first = runs[0]
-    prov = {**first["provenance"], **{k: "; ".join(dict.fromkeys(str(r["provenance"][k]) for r in runs))
-                                      for k in ("git_commit", "device", "torch", "command")}}
+    prov = toy_runs.merged_provenance(runs)
     return {
         "experiment": name, "scale": opts.scale, "paper": paper, **prov, "summarized_by": command_line(),
         "train": first["train"], "n_eval_sequences": first["n_eval_sequences"], "seeds": len(per_seed),

@@ -34,6 +34,13 @@ def published(out: Path) -> list[dict]:
     return sorted(runs, key=lambda r: (r["seed"], r.get("order", 0)))
 
 
+def merged_provenance(runs: list[dict]) -> dict:
+    """The first run's provenance, with the commits, devices, torch versions and commands of all the runs
+    (each distinct value once, joined by "; "): a summary built from runs made by several jobs names them all."""
+    return {**runs[0]["provenance"], **{k: "; ".join(dict.fromkeys(str(r["provenance"].get(k)) for r in runs))
+                                        for k in ("git_commit", "device", "torch", "command")}}
+
+
 def check_same_setting(runs: list[dict], out: Path) -> None:
     """Runs of one summary must share the training setting, and every run of an arm its model: a run left from
     another setting is refused by name instead of being averaged in."""

@@ -41,6 +41,15 @@ class SlotIndex:
         self.seen += token_valid.sum(dim=1)
         self._pending = 0
 
+    def _reorder_slots(self, index: torch.Tensor, *tensor_lists: list[torch.Tensor]) -> None:
+        """Select/reorder rows (beam search): the slot bookkeeping and every tensor of the given lists."""
+        for lst in tensor_lists:
+            for i, t in enumerate(lst):
+                lst[i] = t.index_select(0, index)
+        self.valid = self.valid.index_select(0, index)
+        self.seen = self.seen.index_select(0, index)
+        self.batch_size = int(index.numel())
+
 
 class KVCache(SlotIndex):
     def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
@@ -94,11 +103,6 @@ class KVCache(SlotIndex):
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder rows (beam search)."""
-        for lst in (self.k, self.v, self.raw_k, self.raw_v):
-            for i, t in enumerate(lst):
-                lst[i] = t.index_select(0, index)
+        self._reorder_slots(index, self.k, self.v, self.raw_k, self.raw_v)
         for key, t in self.mixer.items():
             self.mixer[key] = t.index_select(0, index.to(t.device))
-        self.valid = self.valid.index_select(0, index)
-        self.seen = self.seen.index_select(0, index)
-        self.batch_size = int(index.numel())

@@ -101,9 +101,4 @@ class RawKVCache(SlotIndex):
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder rows (beam search)."""
-        for lst in (self.k, self.v):
-            for i, t in enumerate(lst):
-                lst[i] = t.index_select(0, index)
-        self.valid = self.valid.index_select(0, index)
-        self.seen = self.seen.index_select(0, index)
-        self.batch_size = int(index.numel())
+        self._reorder_slots(index, self.k, self.v)
