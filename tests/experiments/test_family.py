@@ -226,6 +226,16 @@ def test_hopk_family_verdict_rule():
     one = _hop_rows(kvshift=6, **base)
     one["smear"]["seeds"] = 1
     assert fp.hopk_family_verdict(one, 16)[0] == "inconclusive"
+    # the seeds disagree: a member ahead on the mean curve only does not beat KV shift outright
+    split = _hop_rows(kvshift=5, **base)
+    split["canon"] |= {"hops_solved": 6, "hops_solved_per_seed": {"0": 8, "1": 4}}
+    split["vanilla"] |= {"hops_solved": 5, "hops_solved_per_seed": {"0": 5, "1": 5}}
+    split["dconv"] = split["keyoffset"] = split["smear"] = split["vanilla"]
+    v, text = fp.hopk_family_verdict(split, 16)
+    assert v == "partly reproduced" and "in every seed: none" in text
+    # the best arm solves fewer than 2 hops: a one-hop difference cannot rank anything
+    assert fp.hopk_family_verdict(_hop_rows(vanilla=0, kvshift=0, dconv=1, canon=0, keyoffset=1, smear=0), 16)[0] \
+        == "inconclusive"
 
 
 def test_family_experiments_are_registered_with_report_rows(tmp_path):
