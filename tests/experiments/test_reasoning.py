@@ -89,6 +89,9 @@ def test_hopk_verdict_rules():
     assert hopk_v(mk(0.05, 0.4), 5) == "reproduced"
     assert hopk_v({"3": mk(0.05, 0.4)["5"]}, 3) == "partly reproduced"  # right direction, shallower than L = 5
     assert hopk_v(mk(0.3, 0.31), 5) == "not reproduced"
+    # no advantage where the run cannot test the claim: shallower than L = 5, or the easier i.i.d. task
+    assert hopk_v({"3": mk(0.3, 0.31)["5"]}, 3) == "inconclusive"
+    assert hopk_exp.hopk_verdict(mk(0.01, 0.01), 5, "iid")[0] == "inconclusive"
 
 
 def test_hops_solved():
