@@ -16,7 +16,12 @@
 # cache/upcycle/site holds the pure-Python `gguf` package (not in the device image; transformers needs it
 # to read a GGUF): copied from the local environment with its dist-info.
 # Environment: OUT, BUDGET (s, default 540), ARMS (default "vanilla kvshift kshift"), SEEDS (default "0 1"),
-# STEPS (optional: fewer steps, a smoke test), PYTHON, KVSHIFT_GIT_COMMIT.
+# STEPS (optional: fewer steps), PYTHON, KVSHIFT_GIT_COMMIT, and SCORE: a requests file (`kvshift eval
+# --record` here, carried with the shards) to score on the device after training, since the trained models
+# (1.6 GB checkpoints) never come back: the source model and every finished run's final checkpoint
+# (`kvshift eval-score`, bf16) -> $OUT/scores-source.npz, $OUT/scores-ARM-sSEED.npz; the training jobs then
+# stop SCORE_RESERVE seconds (default 150) before BUDGET. Here: `kvshift eval --scores` replays them through
+# lm-eval, then `kvshift experiment upcycle-benchmarks --scale gpu --input source=... vanilla=... kvshift=...`.
 set -u
 MODE=${1:-run}
 G=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -44,12 +49,45 @@ fi
 
 jobs=()
 common="--input model=$MODEL --shards $SHARDS${STEPS:+ --steps $STEPS}"
+reserve=0
+if [ -n "${SCORE:-}" ]; then
+  [ -f "$SCORE" ] || { echo "SCORE=$SCORE: no such requests file (carry it)" >&2; exit 1; }
+  common="$common --keep-checkpoints"; reserve=${SCORE_RESERVE:-150}
+fi
 for s in ${SEEDS:-0 1}; do
   for a in ${ARMS:-vanilla kvshift kshift}; do [ "$a" = kshift ] || jobs+=("upcycle --arms $a --seeds $s $common"); done
 done
 for s in ${SEEDS:-0 1}; do
   for a in ${ARMS:-vanilla kvshift kshift}; do [ "$a" = kshift ] && jobs+=("upcycle --arms $a --seeds $s $common"); done
 done
-left=$(( ${BUDGET:-540} - ($(date +%s) - start) ))
+left=$(( ${BUDGET:-540} - reserve - ($(date +%s) - start) ))
 BUDGET=$left bash scripts/device/experiment.sh "${jobs[@]}"
+echo "== upcycle training done at $(( $(date +%s) - start ))s"
+
+if [ -n "${SCORE:-}" ]; then  # one scoring queue per GPU, in parallel; each model once
+  n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); [ "${n:-0}" -ge 1 ] || n=1
+  models=("source=$MODEL")
+  for rd in runs/upcycle/*/; do
+    grep -q '"status": "finished"' "$rd/summary.json" 2>/dev/null || continue
+    name=$("$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["arm"] + "-s" + str(r["seed"]))' "$rd/run.json") || continue
+    models+=("$name=$rd")
+  done
+  score_queue() {  # GPU MODEL...
+    local g=$1; shift
+    for m in "$@"; do
+      local name=${m%%=*} path=${m#*=}
+      [ -f "$OUT/scores-$name.npz" ] && continue
+      t0=$(date +%s)
+      CUDA_VISIBLE_DEVICES=$g "$PY" -m kvshift.cli eval-score "$path" "$SCORE" --out "$OUT/scores-$name.npz" \
+        --device cuda --dtype bfloat16 > "$OUT/score-$name.log" 2>&1 \
+        && echo "== scored $name in $(( $(date +%s) - t0 ))s" || { echo "== scoring $name failed:"; tail -n 5 "$OUT/score-$name.log"; }
+    done
+  }
+  for (( g = 0; g < n; g++ )); do
+    mine=(); for (( i = g; i < ${#models[@]}; i += n )); do mine+=("${models[$i]}"); done
+    score_queue "$g" "${mine[@]}" &
+  done
+  wait
+  ls -l "$OUT"
+fi
 echo "== upcycle total $(( $(date +%s) - start ))s"

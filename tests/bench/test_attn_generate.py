@@ -150,6 +150,8 @@ def test_generate_runs_end_to_end_on_cpu(one_thread):
         assert set(c["ratios"]) == set(GEN_RATIOS)
         assert c["ratios"]["lm"] == pytest.approx(c["arms"]["lm-kvshift"]["ms_per_token"]
                                                   / c["arms"]["lm-vanilla"]["ms_per_token"])
+        assert c["ratios"]["lm-stateless"] == pytest.approx(c["arms"]["lm-kvshift-stateless"]["ms_per_token"]
+                                                            / c["arms"]["lm-kvshift"]["ms_per_token"])
         assert c["ratios"]["compiled"] is None
     assert len(saved) == 2 and "generate" in saved[-1]
     res = {"meta": {"device": "cpu", "quick": True}, "generate": sec}

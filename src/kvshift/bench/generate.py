@@ -4,6 +4,9 @@ timed a hand-written single-token loop on a prefilled, row-copied cache and miss
 Arms (bf16 weights, random init; the timing does not depend on the tokens, greedy, no eos):
   lm-vanilla / lm-kvshift               `kvshift.LM.generate` (our KVCache; the fused Triton decode step
                                         where Triton runs), eager
+  lm-kvshift-stateless                  `kvshift.LM.generate(stateless=True)`: the same model on the
+                                        standard cache layout (rotated raw k / raw v, shifted on read);
+                                        ratio "lm-stateless" against lm-kvshift
   hf-vanilla-static / hf-kvshift-static `KVShiftForCausalLM.generate` on transformers' StaticCache (the
                                         stateless read path: rotated raw k / raw v, shifted on read), eager
   llama-static / llama-dynamic          transformers' own `LlamaForCausalLM` of the same shape (SDPA), static
@@ -95,7 +98,8 @@ def _model_key(arm: str) -> str:
 def gen_call(arm: str, model: torch.nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """generate(ids, n) -> (B, T + n) greedy tokens for `arm` (see the module docstring)."""
     if arm.startswith("lm-"):
-        return lambda ids, n: model.generate(ids, n, temperature=0.0)
+        stateless = arm.endswith("-stateless")
+        return lambda ids, n: model.generate(ids, n, temperature=0.0, stateless=stateless)
     static = "static" in arm
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=not arm.endswith("-compiled"),
               cache_implementation="static" if static else None)

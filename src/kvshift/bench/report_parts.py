@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 ATTN_ARMS = ("vanilla", "fused-sdpa", "fused")
-GEN_ARMS = ("lm-vanilla", "lm-kvshift", "hf-vanilla-static", "hf-kvshift-static", "llama-static", "llama-dynamic",
+GEN_ARMS = ("lm-vanilla", "lm-kvshift", "lm-kvshift-stateless", "hf-vanilla-static", "hf-kvshift-static", "llama-static", "llama-dynamic",
             "hf-vanilla-static-compiled", "hf-kvshift-static-compiled", "llama-static-compiled")
 # ratio name -> (numerator arm, denominator arm); GEN_TARGET_RATIOS are the decode-latency targets (<= 1.02)
 GEN_RATIOS = {"lm": ("lm-kvshift", "lm-vanilla"),
@@ -11,7 +11,8 @@ GEN_RATIOS = {"lm": ("lm-kvshift", "lm-vanilla"),
               "hf-static-vs-llama": ("hf-kvshift-static", "llama-static"),
               "compiled": ("hf-kvshift-static-compiled", "hf-vanilla-static-compiled"),
               "compiled-vs-llama": ("hf-kvshift-static-compiled", "llama-static-compiled"),
-              "lm-vs-llama-dynamic": ("lm-kvshift", "llama-dynamic")}
+              "lm-vs-llama-dynamic": ("lm-kvshift", "llama-dynamic"),
+              "lm-stateless": ("lm-kvshift-stateless", "lm-kvshift")}
 GEN_TARGET_RATIOS = ("lm", "hf-static-vs-llama", "compiled-vs-llama")
 
 ATTN_NOTE = (
