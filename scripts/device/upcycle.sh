@@ -19,7 +19,7 @@
 # STEPS (optional: fewer steps), PYTHON, KVSHIFT_GIT_COMMIT, and SCORE: a requests file (`kvshift eval
 # --record` here, carried with the shards) to score on the device after training, since the trained models
 # (1.6 GB checkpoints) never come back: the source model and every finished run's final checkpoint
-# (`kvshift eval-score`, bf16) -> $OUT/scores-source.npz, $OUT/scores-ARM-sSEED.npz; the training jobs then
+# (`kvshift eval-score`, bf16) -> scores-source.npz, scores-ARM-sSEED.npz in $OUT/scores.tgz; the training jobs then
 # stop SCORE_RESERVE seconds (default 150) before BUDGET. Here: `kvshift eval --scores` replays them through
 # lm-eval, then `kvshift experiment upcycle-benchmarks --scale gpu --input source=... vanilla=... kvshift=...`.
 set -u
@@ -88,6 +88,8 @@ if [ -n "${SCORE:-}" ]; then  # one scoring queue per GPU, in parallel; each mod
     score_queue "$g" "${mine[@]}" &
   done
   wait
+  # one archive: a call returns at most 8 files (five score files, their logs and results.tgz would not fit)
+  (cd "$OUT" && tar czf scores.tgz scores-*.npz score-*.log 2>/dev/null && rm -f scores-*.npz score-*.log)
   ls -l "$OUT"
 fi
 echo "== upcycle total $(( $(date +%s) - start ))s"

@@ -142,3 +142,22 @@ def test_subset_of_validation_only_keeps_train_identical(pipeline, tmp_path):
     val = Shards(tmp_path / "sub", "val")
     assert 0 < len(val) <= budget and val.n_documents < full_val.n_documents
     assert "bytes" not in meta["splits"]["val"] and meta["subset_of"]["max_val_tokens"] == budget
+
+
+def test_the_shards_tokenizer_travels_with_a_subset_and_a_pack(pipeline, tmp_path):
+    """A tokenizer.json kept beside the shards (tokenize writes one for a GGUF) goes into a subset and a pack,
+    so the machine that trains can compare it with a model's (kvshift.experiments.upcycle.check_match)."""
+    import shutil
+
+    src = tmp_path / "s"
+    shutil.copytree(pipeline.shards, src)
+    shutil.copyfile(pipeline.tokenizer, src / "tokenizer.json")
+    subset_shards(src, tmp_path / "sub", max_train_tokens=len(Shards(src, "train")) // 2, seed=0)
+    assert (tmp_path / "sub" / "tokenizer.json").read_bytes() == pipeline.tokenizer.read_bytes()
+    pack_shards(tmp_path / "sub", tmp_path / "p.tar.xz", preset=1)
+    unpack_shards(tmp_path / "p.tar.xz", tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == pipeline.tokenizer.read_bytes()
+    (src / "tokenizer.json").write_text("{}")  # not the tokenizer meta.json names: left out of the pack
+    pack_shards(src, tmp_path / "q.tar.xz", preset=1)
+    unpack_shards(tmp_path / "q.tar.xz", tmp_path / "out2")
+    assert not (tmp_path / "out2" / "tokenizer.json").exists()

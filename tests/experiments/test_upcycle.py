@@ -97,15 +97,16 @@ def test_verdict_rule():
         r = {"vanilla": {}, "kvshift": {}}
         for s, d in enumerate(diffs):
             v = base + jitter * s
-            r["vanilla"][s] = {"status": "finished", "final": {"all": v}}
-            r["kvshift"][s] = {"status": "finished", "final": {"all": v + d}}
+            r["vanilla"][s] = {"status": "finished", "final": {"all": v}, "tokens": 1000}
+            r["kvshift"][s] = {"status": "finished", "final": {"all": v + d}, "tokens": 1000}
         return r
 
     assert U.verdict(runs([-0.05, -0.06]))[0] == "reproduced"
     assert U.verdict(runs([-0.05, 0.001]))[0] == "partly reproduced"
     assert U.verdict(runs([-0.001, -0.002], jitter=0.05))[0] == "partly reproduced"  # below, within the spread
     assert U.verdict(runs([0.01, -0.001]))[0] == "not reproduced"
-    assert U.verdict(runs([-0.5]))[0] == "inconclusive"
+    v, text, _ = U.verdict(runs([-0.5]))
+    assert v == "inconclusive" and "seed 0: kvshift − vanilla final held-out loss -0.5000 (3.0000 → 2.5000" in text
 
 
 def test_coefficient_movement_definition():
@@ -140,6 +141,41 @@ def test_bad_inputs(setup, tmp_path):
     (tmp_path / "m" / "tokenizer.json").write_text(json.dumps({"other": 1}))
     with pytest.raises(ValueError, match="another tokenizer"):
         run_experiment("upcycle", _opts(tmp_path, shards, tmp_path / "m", out=tmp_path / "o"))
+
+
+def test_a_tokenizer_serialised_differently_is_accepted_when_it_encodes_alike(tmp_path):
+    """transformers versions write the same tokenizer.json with different bytes: the shards' own copy is
+    compared with the model's by what they encode; a tokenizer that encodes differently is still refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from kvshift.train.testing import write_tiny_shards
+    from kvshift.utils.io import file_sha256
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "the", "capital", "of", "france", "is", "paris", "."])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    shards = write_tiny_shards(tmp_path / "s", vocab_size=len(vocab))
+    tok.save(str(shards / "tokenizer.json"))
+    meta = json.loads((shards / "meta.json").read_text())
+    meta["tokenizer_sha256"] = file_sha256(shards / "tokenizer.json")
+    (shards / "meta.json").write_text(json.dumps(meta))
+    model = tmp_path / "m"
+    model.mkdir()
+    fields = {"vocab_size": len(vocab)}
+    same = json.loads((shards / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps(same, indent=4, sort_keys=True))  # other bytes, same tokenizer
+    assert file_sha256(model / "tokenizer.json") != meta["tokenizer_sha256"]
+    U.check_match(model, shards, fields)
+    vocab2 = dict(vocab, paris=2, capital=6)  # two ids swapped: encodes differently
+    t2 = Tokenizer(models.WordLevel(vocab2, unk_token="[UNK]"))
+    t2.pre_tokenizer = pre_tokenizers.Whitespace()
+    t2.save(str(model / "tokenizer.json"))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        U.check_match(model, shards, fields)
+    (shards / "tokenizer.json").unlink()  # nothing to compare with: refused, saying so
+    (model / "tokenizer.json").write_text(json.dumps(same, indent=4, sort_keys=True))
+    with pytest.raises(ValueError, match="keep no tokenizer.json"):
+        U.check_match(model, shards, fields)
 
 
 def test_device_script_reassembles_or_refuses(tmp_path):

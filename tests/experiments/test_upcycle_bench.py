@@ -31,19 +31,34 @@ def test_source_only_is_inconclusive_and_says_which_tasks_are_above_chance(tmp_p
     assert "| piqa (acc) | 200 | 0.5 | 0.6600 ± 0.0335 |" in readme
 
 
-def test_arms_are_compared_against_the_vanilla_arm(tmp_path):
+def test_arms_are_compared_per_seed_against_the_vanilla_arm_of_that_seed(tmp_path):
     src = scores(tmp_path / "source.json", SOURCE)
     van = scores(tmp_path / "vanilla.json", {t: a + 0.01 for t, a in SOURCE.items()}, n=2000)
     kv = scores(tmp_path / "kvshift.json", {t: a + 0.08 for t, a in SOURCE.items()}, n=2000)
+    # one seed: the differences are reported, the verdict waits for a second seed
     s = run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o", runs=tmp_path / "runs", inputs=[
         f"source={src}", f"kvshift={kv}", f"vanilla={van}"]))
-    assert list(s["models"]) == ["source", "vanilla", "kvshift"]  # source first, whatever the order given
-    assert s["verdict"] == "reproduced" and all(r["kvshift"]["significant"] for r in s["tasks"].values())
-    assert "Δ kvshift" in (tmp_path / "o" / "README.md").read_text()
+    assert list(s["models"]) == ["source", "vanilla-s0", "kvshift-s0"]  # source first, whatever the order given
+    assert s["verdict"] == "inconclusive" and "the rule needs 2 seeds" in s["verdict_text"]
+    assert "Seed 0: kvshift − vanilla accuracy: mean +0.0700" in s["verdict_text"]
+    assert all(r["kvshift-s0"]["significant"] for r in s["tasks"].values())
+    assert "Δ kvshift-s0" in (tmp_path / "o" / "README.md").read_text()
+    van1 = scores(tmp_path / "vanilla1.json", {t: a + 0.02 for t, a in SOURCE.items()}, n=2000)
+    kv1 = scores(tmp_path / "kvshift1.json", {t: a + 0.09 for t, a in SOURCE.items()}, n=2000)
+    s = run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o1", runs=tmp_path / "runs", inputs=[
+        f"source={src}", f"kvshift-s1={kv1}", f"vanilla-s0={van}", f"kvshift-s0={kv}", f"vanilla-s1={van1}"]))
+    assert list(s["models"]) == ["source", "vanilla-s0", "kvshift-s0", "vanilla-s1", "kvshift-s1"]
+    assert s["seeds"] == [0, 1] and s["verdict"] == "reproduced"
+    # seed 1's kvshift is compared with seed 1's vanilla, not seed 0's
+    assert s["tasks"]["piqa"]["kvshift-s1"]["diff"] == pytest.approx(0.07)
     kv_worse = scores(tmp_path / "kv2.json", {t: a - 0.08 for t, a in SOURCE.items()}, n=2000)
     s = run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o2", runs=tmp_path / "runs", inputs=[
-        f"source={src}", f"vanilla={van}", f"kvshift={kv_worse}"]))
-    assert s["verdict"] == "not reproduced"
+        f"source={src}", f"vanilla-s0={van}", f"kvshift-s0={kv}", f"vanilla-s1={van1}", f"kvshift-s1={kv_worse}"]))
+    assert s["verdict"] == "not reproduced"  # better in seed 0, worse in seed 1
+    same = scores(tmp_path / "kv3.json", {t: a + 0.012 for t, a in SOURCE.items()}, n=2000)
+    s = run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o3", runs=tmp_path / "runs", inputs=[
+        f"source={src}", f"vanilla-s0={van}", f"kvshift-s0={kv}", f"vanilla-s1={van1}", f"kvshift-s1={same}"]))
+    assert s["verdict"] == "partly reproduced"  # better in seed 0, no difference in seed 1
 
 
 def test_bad_inputs_name_the_problem(tmp_path):
@@ -52,6 +67,11 @@ def test_bad_inputs_name_the_problem(tmp_path):
         run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o", inputs=[f"vanilla={src}"]))
     with pytest.raises(ValueError, match="NAME must be one of"):
         run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o", inputs=[f"src={src}"]))
+    with pytest.raises(ValueError, match="NAME must be one of"):
+        run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o", inputs=[f"source-s1={src}"]))
+    with pytest.raises(ValueError, match="kvshift-s0 given twice"):
+        run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o", inputs=[
+            f"source={src}", f"kvshift={src}", f"kvshift-s0={src}"]))
     with pytest.raises(FileNotFoundError, match="--input source"):
         run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o", inputs=[f"source={tmp_path / 'nope'}"]))
     stale = scores(tmp_path / "s100.json", SOURCE, limit=100)  # another limit than the scale's: refused

@@ -40,6 +40,7 @@ from kvshift.utils.staging import staged_output
 __all__ = ["META", "tokenize_corpus", "Shards", "token_dtype", "subset_shards", "pack_shards", "unpack_shards"]
 
 META = "meta.json"
+TOKENIZER = "tokenizer.json"  # a copy of the tokenizer the shards were made with, kept beside them
 FORMAT = "kvshift-shards-v1"
 
 
@@ -282,6 +283,8 @@ def subset_shards(src: str | Path, dst: str | Path, *, max_train_tokens: int | N
                     documents_by_domain={sh.domain_names[k]: int(v) for k, v in zip(*np.unique(doms, return_counts=True))})
     meta["subset_of"] = {"max_train_tokens": max_train_tokens, "seed": seed,
                          **({"max_val_tokens": max_val_tokens} if max_val_tokens is not None else {})}
+    if (src / "tokenizer.json").is_file():  # the shards' own tokenizer travels with them (a pack, a subset)
+        shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
     (dst / META).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -310,10 +313,13 @@ def pack_shards(shard_dir: str | Path, out_file: str | Path, *, preset: int = 9)
         for info in meta["splits"].values():
             for name in info["files"].values():
                 add(name, (shard_dir / name).read_bytes())
+        tok = shard_dir / TOKENIZER  # the tokenizer the shards were made with, when they keep it
+        if tok.is_file() and file_sha256(tok) == meta["tokenizer_sha256"]:
+            add(TOKENIZER, tok.read_bytes())
     return os.path.getsize(out_file)
 
 
-@staged_output("out", marker=META, clear=("*.tokens.bin", "*.offsets.bin", "*.domains.bin"))
+@staged_output("out", marker=META, clear=("*.tokens.bin", "*.offsets.bin", "*.domains.bin", TOKENIZER))
 def unpack_shards(packed: str | Path, out: str | Path) -> dict:
     """Restores a `pack_shards` archive into `out` and validates every split; returns meta.json."""
     out = Path(out)
@@ -331,6 +337,10 @@ def unpack_shards(packed: str | Path, out: str | Path) -> dict:
                         raise ValueError(f"{packed}: member {name!r} missing or unsafe")
                     with tar.extractfile(members[name]) as src, open(out / name, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 24)
+            if TOKENIZER in members:  # packs made since the tokenizer travels with the shards
+                (out / TOKENIZER).write_bytes(tar.extractfile(members[TOKENIZER]).read())
+                if file_sha256(out / TOKENIZER) != meta["tokenizer_sha256"]:
+                    raise ValueError(f"{packed}: its {TOKENIZER} is not the one meta.json names (sha256 differs)")
     except (tarfile.TarError, lzma.LZMAError, EOFError) as e:
         raise ValueError(f"{packed}: corrupt or truncated pack ({e})") from None
     (out / META).write_text(json.dumps(meta, indent=1) + "\n")

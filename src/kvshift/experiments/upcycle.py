@@ -138,9 +138,33 @@ def check_match(model: Path, shards: Path, fields: dict) -> None:
         raise ValueError(f"{shards}: shards of vocabulary {meta['vocab_size']:,}, but the model {model} has "
                          f"{fields['vocab_size']:,}; tokenize with the model's tokenizer")
     tok = model / "tokenizer.json"
-    if tok.is_file() and file_sha256(tok) != meta["tokenizer_sha256"]:
-        raise ValueError(f"{shards}: made with another tokenizer than {tok} (sha256 differs); tokenize with "
-                         f"`--tokenizer {model}`")
+    if not tok.is_file() or file_sha256(tok) == meta["tokenizer_sha256"]:
+        return
+    # different bytes: transformers versions serialise the same tokenizer differently (the model converted on
+    # one machine, the shards tokenized on another), so compare what the two encode
+    own = shards / "tokenizer.json"
+    if own.is_file() and file_sha256(own) == meta["tokenizer_sha256"] and same_encoding(own, tok):
+        return
+    raise ValueError(f"{shards}: made with another tokenizer than {tok} (sha256 differs"
+                     + ("" if own.is_file() else "; the shards keep no tokenizer.json to compare encodings with")
+                     + f"); tokenize with `--tokenizer {model}`")
+
+
+# text the encodings of two tokenizers are compared on: prose, code, digits, whitespace runs, unicode, specials
+PROBE = ("The capital of France is Paris.\n\ndef f(x):\n    return x ** 2  # 12345 67.89\n\tTabs\r\n"
+         "Ünïcödé — “quotes” 日本語 🙂 <|endoftext|><|im_start|>user\nhi<|im_end|>  trailing   ")
+
+
+def same_encoding(a: Path, b: Path) -> bool:
+    """Whether two tokenizer.json files give the same ids for PROBE (with and without special tokens) and
+    have the same vocabulary."""
+    from tokenizers import Tokenizer
+
+    ta, tb = Tokenizer.from_file(str(a)), Tokenizer.from_file(str(b))
+    if ta.get_vocab(with_added_tokens=True) != tb.get_vocab(with_added_tokens=True):
+        return False
+    return all(ta.encode(PROBE, add_special_tokens=x).ids == tb.encode(PROBE, add_special_tokens=x).ids
+               for x in (True, False))
 
 
 def run_config(scale: str, model: Path, fields: dict, arm: str, seed: int, shards: Path,
@@ -270,7 +294,12 @@ def verdict(runs: dict) -> tuple[str, str, dict]:
     seeds = sorted({s for a in runs.values() for s in a})
     both = [s for s in seeds if all(runs.get(a, {}).get(s, {}).get("status") == "finished" for a in (BASELINE, "kvshift"))]
     if len(both) < 2:
-        return "inconclusive", f"{len(both)} seed(s) with both vanilla and kvshift finished; the rule needs ≥ 2", {}
+        seen = "".join(f"; seed {s}: kvshift − vanilla final held-out loss "
+                       f"{runs['kvshift'][s]['final']['all'] - runs[BASELINE][s]['final']['all']:+.4f} "
+                       f"({runs[BASELINE][s]['final']['all']:.4f} → {runs['kvshift'][s]['final']['all']:.4f}, "
+                       f"{runs['kvshift'][s]['tokens']:,} tokens)" for s in both)
+        return "inconclusive", (f"{len(both)} seed(s) with both vanilla and kvshift finished; the rule needs ≥ 2"
+                                + seen), {}
     fin = {a: [runs[a][s]["final"]["all"] for s in both] for a in (BASELINE, "kvshift")}
     d = [k - v for k, v in zip(fin["kvshift"], fin[BASELINE])]
     spread = max(statistics.stdev(x) for x in fin.values())

@@ -1,8 +1,11 @@
 """upcycle-benchmarks: zero-shot lm-eval scores of the pretrained source model (SmolLM2-135M converted with
 the identity shift, `kvshift convert-llama`) and of each `upcycle` arm after continued training.
 
-    kvshift experiment upcycle-benchmarks --scale cpu|gpu --input source=DIR [--input vanilla=DIR
-        --input kvshift=DIR --input kshift=DIR]
+    kvshift experiment upcycle-benchmarks --scale cpu|gpu --input source=DIR [--input vanilla-s0=DIR
+        --input kvshift-s0=DIR --input vanilla-s1=DIR --input kvshift-s1=DIR --input kshift-s0=DIR ...]
+
+(an arm without `-sN` is its seed 0). Each arm is compared with the vanilla arm of the same seed (the same data
+order); the verdict needs both arms in 2 seeds.
 
 DIR is a model directory (`kvshift convert-llama`, `kvshift export`) or the evaluation JSON of a model scored
 elsewhere (`kvshift eval --scores`). The source model comes first, so a reader sees how far above chance the
@@ -27,22 +30,44 @@ CLAIM = ("Adding KV shifting to a pretrained Llama and continuing its training i
          "over continuing the same training without it.")
 
 
+def _label(name: str) -> tuple[str, int | None]:
+    """'source' -> ('source', None); 'kvshift' -> ('kvshift', 0); 'kvshift-s1' -> ('kvshift', 1)."""
+    arm, sep, seed = name.rpartition("-s")
+    if sep and arm in ORDER[1:] and seed.isdigit():
+        return arm, int(seed)
+    if name not in ORDER:
+        raise ValueError(f"--input: NAME must be one of {ORDER} (an arm optionally with its seed, e.g. "
+                         f"kvshift-s1), got {name!r}")
+    return name, (None if name == "source" else 0)
+
+
 def _models(items: list[str]) -> dict[str, Path]:
+    """NAME=DIR inputs -> {label: path} ordered source, then per seed vanilla, kvshift, kshift; a plain arm name
+    is its seed 0 (label 'kvshift-s0')."""
     out = {}
     for item in [s for it in items for s in it.split(",") if s.strip()]:
         if "=" not in item:
             raise ValueError(f"--input: expected NAME=DIR, got {item!r}")
         name, d = (x.strip() for x in item.split("=", 1))
-        if name not in ORDER:
-            raise ValueError(f"--input: NAME must be one of {ORDER}, got {name!r}")
+        arm, seed = _label(name)
         p = Path(d)
         if not (p.suffix == ".json" and p.is_file()) and not (p / "config.json").is_file():
             raise FileNotFoundError(f"--input {name}: {d} is neither a model directory (config.json) nor an "
                                     "evaluation .json")
-        out[name] = p
+        label = arm if seed is None else f"{arm}-s{seed}"
+        if label in out:
+            raise ValueError(f"--input: {label} given twice")
+        out[label] = p
     if "source" not in out:
         raise ValueError("--input: needs source=DIR (the converted pretrained model), then the arms when trained")
-    return {k: out[k] for k in ORDER if k in out}
+    key = lambda k: (-1, -1) if k == "source" else (_label(k)[1], ORDER.index(_label(k)[0]))  # noqa: E731
+    return {k: out[k] for k in sorted(out, key=key)}
+
+
+def seeds_of(models) -> list[int]:
+    """The seeds at which both vanilla and kvshift were evaluated."""
+    return sorted(s for s in {_label(m)[1] for m in models if m != "source"}
+                  if f"vanilla-s{s}" in models and f"kvshift-s{s}" in models)
 
 
 def above_chance(rows: dict, model: str) -> list[str]:
@@ -50,17 +75,54 @@ def above_chance(rows: dict, model: str) -> list[str]:
     return [t for t, r in rows.items() if r[model]["acc"] - (r["chance"] or 0.0) > 2 * r[model]["se"]]
 
 
+def seed_rows(rows: dict, seed: int) -> dict:
+    """One seed's rows with its arms under their plain names (vanilla, kvshift, ...) for `downstream.verdict`."""
+    out = {}
+    for t, r in rows.items():
+        row = {k: v for k, v in r.items() if k in ("chance", "metric")}
+        for m, v in r.items():
+            if isinstance(v, dict) and m != "source" and _label(m)[1] == seed:
+                row[_label(m)[0]] = v
+        out[t] = row
+    return out
+
+
 def bench_verdict(rows: dict, models: dict) -> tuple[str, str]:
-    """The claim compares the continued-training arms; without both vanilla and kvshift: inconclusive."""
+    """Per seed, kvshift − vanilla on every task (`downstream.verdict`'s counts). Reproduced: every seed better
+    on at least half the tasks and worse on none; partly: no seed worse on any task and some seed better on one;
+    not reproduced otherwise; inconclusive with fewer than 2 seeds of both arms (one seed's differences are
+    reported, not judged: the arms' own seed-to-seed spread is unknown)."""
     src = ", ".join(f"{t} {r['source']['acc']:.3f}±{r['source']['se']:.3f} (chance {r['chance']})"
                     for t, r in rows.items())
     up = above_chance(rows, "source")
     text = f"Source model: {src}; above chance on {len(up)}/{len(rows)} tasks."
-    if not {"vanilla", "kvshift"} <= set(models):
+    seeds = seeds_of(models)
+    if not seeds:
         return "inconclusive", text + (" The continued-training arms (vanilla, kvshift) are not evaluated yet: "
                                        "the row cannot test the claim.")
-    v, t = verdict(rows, "kvshift")
-    return v, text + " " + t
+    per = {s: verdict(seed_rows(rows, s), "kvshift") for s in seeds}
+    text += " " + " ".join(f"Seed {s}: {t}" for s, (_, t) in per.items())
+    if len(seeds) < 2:
+        return "inconclusive", text + (f" Only seed {seeds[0]} of both arms is evaluated; the rule needs 2 seeds.")
+    worse = any(r["kvshift"]["significant"] and r["kvshift"]["diff"] < 0
+                for s in seeds for r in seed_rows(rows, s).values())
+    better = any(r["kvshift"]["significant"] and r["kvshift"]["diff"] > 0
+                 for s in seeds for r in seed_rows(rows, s).values())
+    v = ("reproduced" if all(x == "reproduced" for x, _ in per.values())
+         else "partly reproduced" if better and not worse else "not reproduced")
+    return v, text
+
+
+def _rows(evals: dict) -> dict:
+    """task_rows per seed (each arm against the vanilla arm of its seed), merged under the models' labels."""
+    rows = task_rows({"source": evals["source"]}, TASKS, base_arm="none")
+    for s in sorted({_label(m)[1] for m in evals if m != "source"}):
+        mine = {m: e for m, e in evals.items() if m != "source" and _label(m)[1] == s}
+        base = f"vanilla-s{s}"
+        sr = task_rows(mine, TASKS, base_arm=base)
+        for t, r in sr.items():
+            rows[t].update({m: v for m, v in r.items() if m in mine})
+    return rows
 
 
 def run(opts: RunOptions, out: Path) -> dict:
@@ -71,10 +133,10 @@ def run(opts: RunOptions, out: Path) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     evals = {m: evaluation(d, TASKS, limit, opts.runs / "eval", device=device, batch_size=32)
              for m, d in models.items()}
-    rows = task_rows(evals, TASKS)
+    rows = _rows(evals)
     summ = {"experiment": "upcycle-benchmarks", "scale": opts.scale, "paper": CLAIM, **provenance(),
             **({"note": opts.note} if opts.note else {}), "limit": limit,
-            "models": {m: str(d) for m, d in models.items()},
+            "models": {m: str(d) for m, d in models.items()}, "seeds": seeds_of(models),
             "exports": {m: _export_info(d) for m, d in models.items()},
             "evaluations": {m: {k: e.get(k) for k in ("model", "setup", "versions", "git_commit", "command",
                                                       "device_name")} for m, e in evals.items()},
@@ -88,7 +150,7 @@ def run(opts: RunOptions, out: Path) -> dict:
 
 def _readme(s: dict, path: Path) -> None:
     models = list(s["models"])
-    arms = [m for m in models if m not in ("source", "vanilla")]
+    arms = [m for m in models if m != "source" and not m.startswith("vanilla")]
     lim = "every document" if s["limit"] is None else f"the first {s['limit']} documents"
     lines = ["# upcycle-benchmarks: the pretrained source model and the continued-training arms", "",
              f"Command: `{s['command']}`  ", f"Commit: `{s['git_commit']}` · device: {s['device']}", "",
@@ -96,14 +158,14 @@ def _readme(s: dict, path: Path) -> None:
     if s.get("note"):
         lines += [f"*Note:* {s['note']}", ""]
     lines += [f"Zero-shot, lm-evaluation-harness with the offline task files of `kvshift eval`, {lim} of each task; "
-              "accuracy (acc_norm for HellaSwag and ARC) ± binomial standard error; Δ against the vanilla arm, "
-              "starred beyond twice the standard error of the difference.", "",
-              "| task | n | chance | " + " | ".join(models) + "".join(f" | Δ {a}" for a in arms if "vanilla" in models) + " |",
-              "|---|---|---|" + "---|" * (len(models) + (len(arms) if "vanilla" in models else 0))]
+              "accuracy (acc_norm for HellaSwag and ARC) ± binomial standard error; Δ against the vanilla arm "
+              "of the same seed, starred beyond twice the standard error of the difference.", "",
+              "| task | n | chance | " + " | ".join(models) + "".join(f" | Δ {a}" for a in arms) + " |",
+              "|---|---|---|" + "---|" * (len(models) + len(arms))]
     for t, r in s["tasks"].items():
         cells = [f"{r[m]['acc']:.4f} ± {r[m]['se']:.4f}" for m in models]
-        if "vanilla" in models:
-            cells += [f"{r[a]['diff']:+.4f}{' *' if r[a]['significant'] else ''}" for a in arms]
+        cells += [f"{r[a]['diff']:+.4f}{' *' if r[a]['significant'] else ''}" if "diff" in r[a] else "–"
+                  for a in arms]
         lines.append(f"| {t} ({r['metric']}) | {r['source']['n']} | {r['chance']} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines + [""]))
 
@@ -111,10 +173,11 @@ def _readme(s: dict, path: Path) -> None:
 EXPERIMENTS = [
     Experiment(
         "upcycle-benchmarks", "Upcycling (beyond the paper)", CLAIM,
-        "the source model's scores first (a task counts as above chance beyond two standard errors); then per task "
-        "kvshift − vanilla after the same continued training, a difference counting beyond twice its standard "
-        "error: reproduced when better on at least half the tasks and worse on none, partly when better on some "
-        "and worse on none, not reproduced otherwise; inconclusive until both arms are evaluated.",
+        "the source model's scores first (a task counts as above chance beyond two standard errors); then per seed "
+        "and task kvshift − vanilla after the same continued training, a difference counting beyond twice its "
+        "standard error: reproduced when every seed is better on at least half the tasks and worse on none, partly "
+        "when no seed is worse on any task and some seed better on one, not reproduced otherwise; inconclusive "
+        "with fewer than 2 seeds of both arms evaluated.",
         "lm-eval benchmarks of SmolLM2-135M (source) and of the upcycle arms", run,
         options=("inputs", "note", "runs")),
 ]
