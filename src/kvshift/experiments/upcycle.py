@@ -326,8 +326,9 @@ def summarize(opts: RunOptions, out: Path) -> dict:
     same_start = bool(starts) and max(starts) - min(starts) < 1e-3
     prov = provenance()
     infos = [json.loads((d / "run.json").read_text()) for d in (out / "runs").glob("*-s*") if (d / "run.json").is_file()]
-    if infos:
-        prov["git_commit"] = "; ".join(dict.fromkeys(str(i["provenance"].get("git_commit")) for i in infos))
+    if infos:  # where the runs trained, not where this summary is written
+        for k in ("git_commit", "device", "torch"):
+            prov[k] = "; ".join(dict.fromkeys(str(i["provenance"].get(k)) for i in infos))
     if not same_start:  # the arms did not start from the same function: their comparison means nothing
         v, text = "inconclusive", text + "; the arms' step-0 held-out losses differ, so they did not start alike"
     s = {"experiment": "upcycle", "scale": opts.scale, "verdict": v, "verdict_text": text, **prov,
