@@ -10,7 +10,7 @@ import torch
 # None of these defines the Triton kernels at import: `kvshift.ops.shift.triton_available()` imports them
 # at first use (in run_bench), after `_run` has set TRITON_INTERPRET on a CPU machine.
 from kvshift.bench.generate import parse_cases
-from kvshift.bench.plan import DEFAULT_PARTS, E2E_ARMS, MIXER_ARMS, PARTS, Plan
+from kvshift.bench.plan import DEFAULT_PARTS, E2E_ARMS, E2E_MORE, E2E_MORE_QUICK, MIXER_ARMS, PARTS, Plan
 from kvshift.bench.report import GEN_ARMS
 from kvshift.bench.report import render_markdown
 from kvshift.bench.run import merge_results, run_bench
@@ -51,11 +51,13 @@ def _run(args) -> int:
     plan.profile = bool(args.profile)
     if args.models:
         want = [m.strip() for m in args.models.split(",") if m.strip()]
-        known = [m[0] for m in plan.e2e_models]
+        more = E2E_MORE_QUICK if plan.quick else E2E_MORE
+        known = [m[0] for m in plan.e2e_models] + list(more)
         bad = [m for m in want if m not in known]
         if bad or not want:
             raise ValueError(f"--models takes a comma-separated subset of {','.join(known)}, got {args.models!r}")
-        plan.e2e_models = [m for m in plan.e2e_models if m[0] in want]
+        plan.e2e_models = ([m for m in plan.e2e_models if m[0] in want]
+                           + [(k, *more[k]) for k in want if k in more])
     if args.e2e_arms:
         arms = tuple(a.strip() for a in args.e2e_arms.split(",") if a.strip())
         known = E2E_ARMS + MIXER_ARMS
@@ -127,7 +129,8 @@ def register(sub) -> None:
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak bf16 FLOP/s for MFU (default: by device name, 989e12 for H100/H200)")
     p.add_argument("--models", default=None,
-                   help="comma-separated e2e models to run (default: all of the plan; e.g. bench-162m)")
+                   help="comma-separated e2e models to run (default: the plan's bench-162m, bench-246m); also "
+                        "bench-1b, bench-162m-packed, bench-246m-packed, bench-246m-16k (only when named)")
     p.add_argument("--profile", action="store_true",
                    help="also record each e2e arm's top GPU kernels (torch.profiler, 2 steps after the timing)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",

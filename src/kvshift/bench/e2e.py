@@ -5,10 +5,13 @@ autocast, fused AdamW; tokens/s, MFU, peak memory. With --profile also each arm'
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,8 +33,8 @@ class _LossModel(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, y):
-        logits = self.model(x)  # (B, T, V)
+    def forward(self, x, y, pos=None):
+        logits = self.model(x, position_ids=pos)  # (B, T, V); pos: packed documents
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
 
 
@@ -41,6 +44,38 @@ def train_batch(cfg: ModelConfig, batch: int, seq_len: int, *, device, seed: int
     ids = torch.randint(1, cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
     check_nonzero("input_ids", ids)
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def n_params(cfg: ModelConfig) -> int:
+    """Parameter count of an LM of `cfg`, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in LM(cfg, seed=None).parameters())
+
+
+def document_lengths() -> dict:
+    """The corpus's document-length quantiles (bench/doc_lengths.json: what they are and how they were made)."""
+    return json.loads((Path(__file__).parent / "doc_lengths.json").read_text())
+
+
+def packed_positions(batch: int, seq_len: int, *, seed: int = 0) -> tuple[torch.Tensor, list[list[int]]]:
+    """position_ids (B, T) of rows packed with documents whose lengths are drawn from the corpus's length
+    distribution (inverse CDF over its quantiles, seeded): 0 at every document start, a document cut at the
+    end of a row continues at 0 in the next (as the trainer's shards loader does without `continue_rows`).
+    Also returns each row's document lengths."""
+    q = np.asarray(document_lengths()["quantiles"], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    pos = np.zeros((batch, seq_len), dtype=np.int64)
+    docs = []
+    for b in range(batch):
+        row, t = [], 0
+        while t < seq_len:
+            n = max(1, int(round(np.interp(rng.random(), np.linspace(0, 1, q.size), q))))
+            n = min(n, seq_len - t)
+            pos[b, t:t + n] = np.arange(n)
+            row.append(n)
+            t += n
+        docs.append(row)
+    return torch.from_numpy(pos), docs
 
 
 def profile_kernels(step: Callable[[], None], device: torch.device, steps: int = 2, top: int = 12) -> dict:
@@ -80,7 +115,7 @@ def profile_kernels(step: Callable[[], None], device: torch.device, steps: int =
 
 
 def _e2e_arm(cfg: ModelConfig, arm: str, batch: int, seq_len: int, plan: Plan, device: torch.device,
-             peak: float) -> dict:
+             peak: float, layout: str = "dense") -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -92,11 +127,12 @@ def _e2e_arm(cfg: ModelConfig, arm: str, batch: int, seq_len: int, plan: Plan, d
     step_model = _LossModel(model)
     step_model = torch.compile(step_model) if plan.compile else step_model
     x, y = train_batch(cfg, batch, seq_len, device=device, seed=plan.seed)
+    pos = packed_positions(batch, seq_len, seed=plan.seed)[0].to(device) if layout == "packed" else None
     last_loss = []
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = step_model(x, y)
+            loss = step_model(x, y, pos)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -121,7 +157,7 @@ def _e2e_arm(cfg: ModelConfig, arm: str, batch: int, seq_len: int, plan: Plan, d
             prof = profile_kernels(step, device)
         except Exception as e:  # noqa: BLE001 - the timing stands without the profile
             prof = error_entry(e)
-    del model, opt, step_model, x, y, last_loss
+    del model, opt, step_model, x, y, pos, last_loss
     fpt = flops_per_token(cfg, seq_len)
     out = {"tokens_per_s": tps, "step": timing, "flops_per_token": fpt, "mfu": tps * fpt / peak,
            "peak_mem_bytes": peak_mem, "peak_mem_gib": None if peak_mem is None else peak_mem / 2**30,
@@ -143,9 +179,17 @@ def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) ->
                             "peak_flops": peak, "timer": timer_name(device)},
                "models": {}}
     skip = arms_for_run()
-    for label, preset, overrides, seq_len, batch in plan.e2e_models:
+    for label, preset, overrides, seq_len, batch, *rest in plan.e2e_models:
+        layout = rest[0] if rest else "dense"
+        if layout not in ("dense", "packed"):
+            raise ValueError(f"e2e model {label}: layout must be 'dense' or 'packed', got {layout!r}")
         base = ModelConfig.from_name(preset, **overrides)
-        case = {"preset": preset, "overrides": overrides, "seq_len": seq_len, "batch": batch, "arms": {}, "ratios": {}}
+        case = {"preset": preset, "overrides": overrides, "seq_len": seq_len, "batch": batch, "layout": layout,
+                "params": n_params(base),
+                "arms": {}, "ratios": {}}
+        if layout == "packed":
+            docs = packed_positions(batch, seq_len, seed=plan.seed)[1]
+            case["documents_per_row"] = sum(map(len, docs)) / len(docs)
         section["models"][label] = case
         for arm in ["vanilla"] + [a for a in E2E_ORDER if a != "vanilla" and a in plan.e2e_arms]:
             if skip[arm]:
@@ -154,7 +198,7 @@ def bench_e2e(plan: Plan, device: torch.device, save: Callable[[dict], None]) ->
             log(f"e2e {label} {arm}")
             free_memory(device)
             try:
-                case["arms"][arm] = _e2e_arm(base, arm, batch, seq_len, plan, device, peak)
+                case["arms"][arm] = _e2e_arm(base, arm, batch, seq_len, plan, device, peak, layout)
                 a = case["arms"][arm]
                 log(f"  {a['tokens_per_s']:,.0f} tok/s, MFU {a['mfu']:.1%}, first step {a['first_step_s']:.1f}s")
             except Exception as e:  # noqa: BLE001

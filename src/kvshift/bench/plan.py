@@ -37,6 +37,18 @@ ARM_MODEL = {"vanilla": dict(attention="vanilla"), "naive": dict(attention="kvsh
 MIXER_ARMS = ("dconv", "canon", "keyoffset", "smear")
 ARM_MODEL.update({m: dict(attention="vanilla", mixer=m, shift_impl="triton") for m in MIXER_ARMS})
 E2E_ARMS = ("vanilla", "naive", "fused-sdpa", "fused", "fused-flash")  # the default e2e arms
+# e2e cases beyond the default plan, run when `--models` names them: a ~1B model users would train (d 2048,
+# 20 layers, GQA 16/4, T 4096: 1.03B parameters), packed documents (rows of real document lengths, position ids
+# restarting at each document, as the trainer feeds them) and a long context (T 16,384).
+# label -> (preset, overrides, seq_len, batch, layout); layout "dense" (one random sequence per row) or "packed"
+E2E_MORE = {
+    "bench-1b": ("bench-246m", dict(dim=2048, n_layers=20, n_heads=16, n_kv_heads=4, ffn_dim=5632, max_seq_len=4096),
+                 4096, 4, "dense"),
+    "bench-162m-packed": ("bench-162m", {}, 1024, 32, "packed"),
+    "bench-246m-packed": ("bench-246m", {}, 2048, 16, "packed"),
+    "bench-246m-16k": ("bench-246m", {"max_seq_len": 16384}, 16384, 2, "dense"),
+}
+E2E_MORE_QUICK = {"debug-packed": ("debug", {}, 48, 2, "packed")}  # the quick plan's (CPU smoke tests)
 ARM_IMPL = {"naive": "naive", "fused-sdpa": "triton", "fused": "triton", "fused-flash": "triton"}
 TRITON_ARMS = ("fused-sdpa", "fused", "fused-flash") + MIXER_ARMS
 ARM_BACKEND = {"fused": "auto", "fused-flash": "flash"}  # the one-op arms' attention kernels
