@@ -10,6 +10,9 @@ runs' records into its results directory.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -24,12 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from kvshift.models import ModelConfig
+from kvshift.train.checkpoint import list_checkpoints
 from kvshift.train.config import DataConfig, OptimConfig, RunConfig, TrainSection
 from kvshift.train.metrics import read_metrics
+from kvshift.train.resume import start_plan
 from kvshift.train.trainer import train
+from kvshift.utils.io import write_json_atomic
 
 __all__ = ["ArmInterrupted", "Arm", "target_accuracy", "masked_accuracy", "DataStream", "StreamSource", "TrainSpec",
-           "next_token_batch", "train_arm", "THRESHOLDS", "steps_to", "EVAL_SEED", "default_device"]
+           "next_token_batch", "train_arm", "THRESHOLDS", "steps_to", "EVAL_SEED", "default_device", "fingerprint"]
 
 THRESHOLDS = (0.5, 0.9, 0.99)
 EVAL_SEED = 999_983  # held-out rows: a seed no training stream uses
@@ -115,9 +121,26 @@ class TrainSpec:
     bf16: bool = False
     coefficients_every: int = 0  # every shift coefficient in the records every N steps
     threads: int | None = None  # CPU threads of the training process (restored afterwards)
+    # a checkpoint every N steps (0: only the final one and one at a SIGTERM), so that an arm cut by a time
+    # limit resumes on a rerun. None: every eighth of the run, at least 50 steps apart (250 of a 2,000-step
+    # GPU arm): a checkpoint of these models (weights + AdamW moments, keep_last 1) takes well under a second,
+    # and the trainer's own checkpoint at the SIGTERM already covers the usual cut; the periodic ones cover a
+    # SIGKILL (experiment.sh's `timeout -k 30`, the device's per-command limit). Tiny test arms (< 50 steps)
+    # thus write only the final one.
+    ckpt_every: int | None = None
+
+    def checkpoint_interval(self) -> int:
+        if self.ckpt_every is not None:
+            return self.ckpt_every
+        every = max(50, -(-self.steps // 8))
+        return every if every < self.steps else 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The training setting that published runs record and compare (`toy_runs.check_same_setting`): the
+        checkpoint interval changes no result and is left out, so runs published before it existed still match."""
+        d = asdict(self)
+        del d["ckpt_every"]
+        return d
 
 
 @dataclass
@@ -155,13 +178,14 @@ def target_accuracy(tokens: torch.Tensor, mask: torch.Tensor, device, model, bat
 
 def run_config(spec: TrainSpec, model: ModelConfig, seq_len: int, seed: int, device: torch.device) -> RunConfig:
     """The trainer's config of one arm: the task's batches come from the caller (data.kind = "custom"); only a
-    non-finite loss counts as divergence; no checkpoint but the final one."""
+    non-finite loss counts as divergence; a checkpoint every `spec.checkpoint_interval()` steps (and the final one)."""
     return RunConfig(
         model=model.to_dict(),
         data=DataConfig(kind="custom", seq_len=seq_len, batch_size=spec.batch_size),
         optim=OptimConfig(lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, warmup=spec.warmup,
                           clip=spec.grad_clip),
-        train=TrainSection(steps=spec.steps, eval_every=spec.eval_every, eval_batches=0, ckpt_every=0, keep_last=1,
+        train=TrainSection(steps=spec.steps, eval_every=spec.eval_every, eval_batches=0,
+                           ckpt_every=spec.checkpoint_interval(), keep_last=1,
                            seed=seed, compile=spec.compile, dtype="bf16" if spec.bf16 else "fp32",
                            device=device.type, threads=spec.threads, log_every=spec.log_every, progress=False,
                            diverge_factor=0.0, shift_stats=False, coefficients_every=spec.coefficients_every,
@@ -182,23 +206,98 @@ class ArmInterrupted(RuntimeError):
     """An arm's training was stopped by a signal before its last step."""
 
 
+def fingerprint(obj) -> str:
+    """A digest of what an arm trains on and is judged by (batches, evaluator): tensors by their bytes, plain values
+    by repr, containers and functools.partial recursively, functions by name, any other object by its type only
+    (a repr may hold a memory address, which would never match)."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif x is None or isinstance(x, (str, int, float, bool, torch.device, torch.dtype)):
+            h.update(f"V{x!r}".encode())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                feed(str(k))
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        elif isinstance(x, functools.partial):
+            feed((x.func, x.args, x.keywords))
+        elif callable(x) and hasattr(x, "__qualname__"):
+            h.update(f"F{getattr(x, '__module__', '')}.{x.__qualname__}".encode())
+        else:
+            h.update(f"O{type(x).__qualname__}".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+RESUME_KEY = "arm.json"  # in the run directory: what a rerun must match to resume the arm
+
+
+def _resume_step(run_dir: Path, key: dict, cfg: RunConfig, steps: int) -> tuple[int | None, str]:
+    """(the step a rerun resumes from, or None: start afresh; why, for the log). Resumes only a run of the same key
+    (config, batches, evaluator) that holds a verifying checkpoint before its last step; a finished run (kept with
+    keep_model) is trained again, as before checkpoints were resumed."""
+    if not run_dir.exists():
+        return None, "new run"
+    try:
+        stored = json.loads((run_dir / RESUME_KEY).read_text())
+    except (OSError, ValueError):
+        return None, f"no readable {RESUME_KEY}"
+    if stored != json.loads(json.dumps(key)):
+        return None, "another configuration, data or evaluator"
+    plan = start_plan(run_dir, cfg, resume=True)
+    if plan["error"] or plan["ckpt"] is None:
+        return None, plan["error"] or "no checkpoint"
+    step = int(Path(plan["ckpt"]).name.split("_")[1])
+    return (step, f"checkpoint at step {step}") if 0 < step < steps else (None, f"checkpoint at step {step} of {steps}")
+
+
 def train_arm(name: str, model: ModelConfig, source, spec: TrainSpec, *, seq_len: int, seed: int, evaluator,
               run_dir: Path, device: torch.device, keep_model: bool = False, log=print) -> dict:
-    """Trains one arm through the trainer in `run_dir` (replaced if present) and returns its records:
-    {"summary": the trainer's summary, "records": metrics.jsonl}. Without `keep_model` the checkpoint is
-    deleted afterwards (run_dir/checkpoints holds the final weights otherwise)."""
+    """Trains one arm through the trainer in `run_dir` and returns its records: {"summary": the trainer's summary,
+    "records": metrics.jsonl}. A run directory left by an interrupted launch of the same arm (same run config,
+    batches and evaluator: run_dir/arm.json) is resumed from its last checkpoint, which reproduces the
+    uninterrupted run's records (the batch source is step-indexed); any other run directory is replaced. Without
+    `keep_model` the checkpoints are deleted afterwards (run_dir/checkpoints holds the final weights otherwise)."""
     run_dir = Path(run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = run_config(spec, model, seq_len, seed, device)
+    key = {"arm": name, "config": cfg.to_dict(), "evaluator": fingerprint(evaluator),
+           "batches": fingerprint([source.batch(0), source.batch(spec.steps - 1)])}
+    start, why = _resume_step(run_dir, key, cfg, spec.steps)
+    if start is None:
+        if run_dir.exists():
+            log(f"[{name}] seed {seed}: replacing {run_dir} ({why})")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        write_json_atomic(run_dir / RESUME_KEY, key)
+    else:
+        log(f"[{name}] seed {seed}: resuming {run_dir} from step {start} of {spec.steps}")
     threads = torch.get_num_threads()
     t0 = time.time()
     try:
-        s = train(run_config(spec, model, seq_len, seed, device), run_dir, sources=[source], evaluator=evaluator,
+        s = train(cfg, run_dir, resume=start is not None, sources=[source], evaluator=evaluator,
                   command=f"arm {name} seed {seed}", log=lambda m: None)
     finally:
         torch.set_num_threads(threads)  # train.threads sets the process-wide count
-    log(f"[{name}] seed {seed}: {s['status']} after {s['steps']} steps in {time.time() - t0:.0f} s")
-    if s["status"] == "interrupted":  # a SIGTERM (a time limit): nothing of this arm may be published
-        raise ArmInterrupted(f"{name} seed {seed} was interrupted at step {s['steps']}; its run stays in {run_dir}")
+    log(f"[{name}] seed {seed}: {s['status']} after {s['steps']} steps in {time.time() - t0:.0f} s"
+        + (f" (resumed at step {start})" if start is not None else ""))
+    if s["status"] == "interrupted":  # a SIGTERM (a time limit): nothing of this arm may be published yet
+        ck = list_checkpoints(run_dir / "checkpoints")
+        nxt = f"resumes it from step {int(ck[-1].name.split('_')[1])}" if ck else "starts it again (no checkpoint)"
+        raise ArmInterrupted(f"{name} seed {seed} was interrupted at step {s['steps']} of {spec.steps}; its run stays "
+                             f"in {run_dir}: the next identical command {nxt} (on a machine that still holds that "
+                             f"directory; elsewhere the arm starts again)")
     if not keep_model:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return {"summary": s, "records": read_metrics(run_dir / "metrics.jsonl")}
