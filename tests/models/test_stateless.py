@@ -177,3 +177,45 @@ def test_lm_generate_stateless_equals_default(kind):
     sampled = [model.generate(ids, 9, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3),
                               stateless=s) for s in (False, True)]
     assert torch.equal(*sampled)
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi", "none"])
+@pytest.mark.parametrize("kind,window", [("kvshift", 1), ("kvshift", 3), ("kshift", 2), ("vshift", 1),
+                                         ("kvshift_gate", 2)])
+def test_score_domain_decode_equals_the_reference_read(kind, window, position, monkeypatch):
+    """Decoding chunks (T <= DECODE_MAX_T) attend in the score domain (`decode_attend`); the reference read
+    (the cache re-shifted, then SDPA) gives the same logits, with GQA, left padding and 1-3-token chunks."""
+    import kvshift.layers.stateless as st
+
+    model = make(kind, window, position, n_kv_heads=2)
+    g = torch.Generator().manual_seed(5 + window)
+    x = torch.randint(0, 97, (3, 17), generator=g)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    chunks = chunks_of(17, g)
+    fast, _ = run_chunks(model, x, chunks, mask)
+    monkeypatch.setattr(st, "DECODE_MAX_T", 0)  # every chunk through the reference read
+    ref, _ = run_chunks(model, x, chunks, mask)
+    real = mask.bool()
+    assert (fast - ref)[real].abs().max() <= TOL
+    monkeypatch.setattr(st, "DECODE_MAX_T", 100)  # every chunk, the prefill too, in the score domain
+    all_fast, _ = run_chunks(model, x, chunks, mask)
+    assert (all_fast - ref)[real].abs().max() <= TOL
+
+
+def test_score_domain_decode_in_bf16_is_close_to_the_reference():
+    """In bf16 the two reads round differently (shifted keys vs per-tap scores): close, not equal."""
+    import kvshift.layers.stateless as st
+
+    model = make("kvshift", 2, n_kv_heads=2).to(torch.bfloat16)
+    x = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    chunks = [(0, 16)] + [(i, i + 1) for i in range(16, 24)]
+    fast, _ = run_chunks(model, x, chunks)
+    old, st.DECODE_MAX_T = st.DECODE_MAX_T, 0
+    try:
+        ref, _ = run_chunks(model, x, chunks)
+    finally:
+        st.DECODE_MAX_T = old
+    err = (fast.float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert err < 0.03, err

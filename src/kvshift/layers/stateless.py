@@ -126,11 +126,69 @@ def read_shifted(C: torch.Tensor, V: torch.Tensor, coef_k: torch.Tensor | None, 
     return k_hat, v_hat
 
 
+# Queries per call up to which attention reads the cache in the score domain (`decode_attend`) rather than
+# through a re-shifted copy of the whole cache: decoding steps, speculative/assisted chunks. Longer chunks
+# (prefills) take the reference read and SDPA, whose (T, S) work dwarfs the copy.
+DECODE_MAX_T = 8
+
+
+def decode_attend(attn, q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, coef_k, coef_v, pos: torch.Tensor,
+                  cos, sin, ctx) -> torch.Tensor:
+    """Attention of a few queries over a standard cache with the shift applied in the score domain, so the
+    cache is read as it is stored (no shifted copy of S slots at every step):
+
+        q · K̂_s = Σ_j α_j [pos_s >= j] (R_j^T q) · c_{s-j}      (scores: W matmuls against the raw cache)
+        Σ_s p_s V̂_s = Σ_u (Σ_j β_j [pos_{u+j} >= j] p_{u+j}) v_u  (the probabilities shifted back, one matmul)
+
+    q (B, H, T, D) rotated; C, V (B, H_kv, S, D); coef_k / coef_v (H_kv, W) or None; pos (B, S) as in
+    `read_shifted`; cos/sin (W, D/2) or None. Masks, ALiBi and GQA as `Attention._attend`. Returns the
+    attention output (B, H, T, D) in q's dtype; softmax in fp32."""
+    B, H, T, D = q.shape
+    Hk, S = C.shape[1], C.shape[2]
+    rep = H // Hk
+    ct = _compute_dtype(q.dtype)
+    qg = q.reshape(B, Hk, rep * T, D)  # query heads grouped under their KV head
+    keep = lambda j: (pos >= j).view(B, 1, 1, S)  # noqa: E731 - tap j exists at slot s
+    if coef_k is None:
+        scores = torch.matmul(qg, C.transpose(-1, -2)).to(ct)
+    else:
+        w = coef_k.to(device=q.device, dtype=ct)
+        scores = None
+        for j in range(coef_k.shape[1]):
+            qj = qg if j == 0 or cos is None else rotate(qg.to(ct), cos[j].to(device=q.device, dtype=ct),
+                                                        -sin[j].to(device=q.device, dtype=ct)).to(q.dtype)
+            m = torch.matmul(qj, C.transpose(-1, -2)).to(ct)  # m[..., s] = q_j · c_s
+            if j:
+                m = torch.nn.functional.pad(m, (j, 0))[..., :S]  # -> q_j · c_{s-j}
+            term = m * keep(j) * w[:, j].view(1, Hk, 1, 1)
+            scores = term if scores is None else scores + term
+    scores = scores.view(B, H, T, S) * D ** -0.5
+    if attn.position == "alibi":
+        scores = scores - attn.alibi_slopes.to(ct).view(1, -1, 1, 1) * ctx.distance.unsqueeze(1).to(ct)
+    if ctx.mask is not None:
+        scores = scores.masked_fill(~ctx.mask, float("-inf"))
+    elif ctx.causal:  # SDPA's is_causal: query t may see slots s <= t (top-left)
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.softmax(scores, dim=-1).view(B, Hk, rep * T, S)
+    if coef_v is not None:
+        w = coef_v.to(device=q.device, dtype=ct)
+        shifted = None
+        for j in range(coef_v.shape[1]):
+            pj = p * keep(j) * w[:, j].view(1, Hk, 1, 1)
+            if j:
+                pj = torch.nn.functional.pad(pj[..., j:], (0, j))[..., :S]  # weight of v_u: from slot u + j
+            shifted = pj if shifted is None else shifted + pj
+        p = shifted
+    out = torch.matmul(p.to(V.dtype), V)  # (B, H_kv, rep*T, D)
+    return out.view(B, H, T, D).to(q.dtype)
+
+
 def stateless_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
     """`Attention.forward` on a stateless cache: q (B, T, H, D), raw k, v (B, T, H_kv, D) of the new
     tokens (pads already zeroed). Rotates q and k (RoPE), appends (c, v) to the cache, reads every
-    cached slot back shifted and attends. The cache provides `update(layer, c, v) -> (C, V)` over
-    (B, H_kv, S, D), `slot_positions() -> (B, S)` and `rotation(W, device)` (cos, sin of R_0..R_{W-1})."""
+    cached slot back shifted and attends (a few queries: in the score domain, `decode_attend`). The cache
+    provides `update(layer, c, v) -> (C, V)` over (B, H_kv, S, D), `slot_positions() -> (B, S)` and
+    `rotation(W, device)` (cos, sin of R_0..R_{W-1})."""
     B, T = q.shape[:2]
     cache = ctx.cache
     if attn.position == "rope":
@@ -142,5 +200,8 @@ def stateless_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cos = sin = None
         if attn.position == "rope" and coef_k is not None:
             cos, sin = cache.rotation(coef_k.shape[1], C.device)
+        if T <= DECODE_MAX_T:
+            out = decode_attend(attn, q.transpose(1, 2), C, Vc, coef_k, coef_v, pos, cos, sin, ctx)
+            return attn.wo(out.transpose(1, 2).reshape(B, T, attn.n_heads * attn.head_dim))
         C, Vc = read_shifted(C, Vc, coef_k, coef_v, pos, cos, sin)
     return attn._attend(q, C.transpose(1, 2), Vc.transpose(1, 2), ctx, B, T)
