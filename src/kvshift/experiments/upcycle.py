@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 
 from kvshift.experiments.base import Experiment, RunOptions, fmt, write_summary
-from kvshift.experiments.lm.runs import RUN_FILES, _publish, _status, key_hash, read_coefficients, run_key
+from kvshift.experiments.lm.runs import (RUN_FILES, _publish, _status, ensure_trained, key_hash, read_coefficients,
+                                         run_key)
 from kvshift.experiments.lm.spec import data_identity
 from kvshift.train.checkpoint import list_checkpoints
 from kvshift.train.config import load_config
 from kvshift.train.metrics import read_metrics
-from kvshift.train.trainer import train
 from kvshift.utils.io import file_sha256, write_text_atomic
-from kvshift.utils.provenance import command_line, provenance
+from kvshift.utils.provenance import provenance
 
 ARMS = {"vanilla": "vanilla", "kvshift": "kvshift", "kshift": "kshift"}
 BASELINE = "vanilla"
@@ -196,29 +196,17 @@ def run_one(opts: RunOptions, model: Path, ident: dict, fields: dict, arm: str, 
         opts.log(f"[upcycle] {arm} s{seed}: already in {res} ({st})")
         return st
     rd = opts.runs / "upcycle" / key_hash(key)
-    rd.mkdir(parents=True, exist_ok=True)
-    if not (rd / "run.json").exists():
-        prov = {k: v for k, v in provenance().items() if k != "command"}
-        (rd / "run.json").write_text(json.dumps({"experiment": "upcycle", "scale": opts.scale, "arm": arm, "seed": seed,
-                                                 "command": command_line(), "provenance": prov, "key": key},
-                                                indent=1) + "\n")
-    st = _status(rd, key)
-    if st is None:
-        threads = torch.get_num_threads()
-        opts.log(f"[upcycle] {arm} s{seed}: training {cfg.train.steps} steps from {model} -> {rd}")
-        try:
-            s = train(cfg, rd, resume=True, command=command_line())
-        finally:
-            torch.set_num_threads(threads)
-        st = s["status"]
-        if st == "interrupted":
-            return st
+    label = f"[upcycle] {arm} s{seed}"
+    st, s = ensure_trained(rd, key, cfg, {"experiment": "upcycle", "scale": opts.scale, "arm": arm, "seed": seed},
+                           log=opts.log, label=label)
+    if st == "interrupted":
+        return st
+    if s is not None:
         ck = list_checkpoints(rd / "checkpoints")
         if ck and (ck[-1] / "model.safetensors").is_file():
             layers = read_coefficients(ck[-1] / "model.safetensors", cfg.model_config())
             (rd / "coefficients.jsonl").write_text(json.dumps({"step": s["steps"], "layers": layers}) + "\n")
-        opts.log(f"[upcycle] {arm} s{seed}: {st}, val loss {s['final_val_loss']}, "
-                 f"{s['tokens_per_s'] or 0:,.0f} tokens/s")
+        opts.log(f"{label}: {st}, val loss {s['final_val_loss']}, {s['tokens_per_s'] or 0:,.0f} tokens/s")
     if not opts.keep_checkpoints:
         shutil.rmtree(rd / "checkpoints", ignore_errors=True)
     _publish(rd, res)

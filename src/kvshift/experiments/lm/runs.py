@@ -115,6 +115,29 @@ def _publish(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+def ensure_trained(rd: Path, key: dict, cfg, meta: dict, *, log, label: str, on_step=None) -> tuple[str, dict | None]:
+    """Trains the run `cfg` in its scratch directory `rd` (resuming an interrupted launch), or finds it done
+    there: (its status, the trainer's summary when it trained now). `rd`/run.json records `meta`, the command,
+    the provenance of the first launch and the run's key. The life every published LM run shares (lm-*,
+    upcycle); the callers publish."""
+    rd.mkdir(parents=True, exist_ok=True)
+    if not (rd / "run.json").exists():  # a resumed run keeps the provenance of its first launch
+        prov = {k: v for k, v in provenance().items() if k != "command"}
+        (rd / "run.json").write_text(json.dumps({**meta, "command": command_line(), "provenance": prov, "key": key},
+                                                indent=1) + "\n")
+    st = _status(rd, key)
+    if st is not None:
+        log(f"{label}: the same run is in {rd} ({st}), copied")
+        return st, None
+    threads = torch.get_num_threads()
+    log(f"{label}: training {cfg.train.steps} steps -> {rd}")
+    try:
+        s = train(cfg, rd, resume=True, command=command_line(), on_step=on_step)
+    finally:
+        torch.set_num_threads(threads)  # train.threads sets the process-wide count
+    return s["status"], s
+
+
 def run_one(exp: str, opts: RunOptions, part: Part, arm: str, seed: int, out: Path, shards: Path) -> str:
     """Trains one run (or finds it done in the results or the scratch directory) and publishes it to
     out/runs/<part>/<arm>-s<seed>. Returns its status."""
@@ -126,30 +149,17 @@ def run_one(exp: str, opts: RunOptions, part: Part, arm: str, seed: int, out: Pa
         log(f"[lm] {exp} {part.name} {arm} s{seed}: already in {res} ({st})")
         return st
     rd = opts.runs / "lm" / key_hash(key)
-    rd.mkdir(parents=True, exist_ok=True)
-    if not (rd / "run.json").exists():  # a resumed run keeps the provenance of its first launch
-        prov = {k: v for k, v in provenance().items() if k != "command"}
-        (rd / "run.json").write_text(json.dumps({"experiment": exp, "scale": opts.scale, "part": part.name, "arm": arm,
-                                                 "seed": seed, "command": command_line(), "provenance": prov,
-                                                 "key": key}, indent=1) + "\n")
-    st = _status(rd, key)
-    if st is None:
-        hook = CoefficientRecorder(rd, cfg) if arm == part.coefficients else None
-        threads = torch.get_num_threads()
-        log(f"[lm] {exp} {part.name} {arm} s{seed}: training {cfg.train.steps} steps -> {rd}")
-        try:
-            s = train(cfg, rd, resume=True, command=command_line(), on_step=hook)
-        finally:
-            torch.set_num_threads(threads)  # train.threads sets the process-wide count
+    hook = CoefficientRecorder(rd, cfg) if arm == part.coefficients else None
+    label = f"[lm] {exp} {part.name} {arm} s{seed}"
+    st, s = ensure_trained(rd, key, cfg, {"experiment": exp, "scale": opts.scale, "part": part.name, "arm": arm,
+                                          "seed": seed}, log=log, label=label, on_step=hook)
+    if st == "interrupted":
+        return st
+    if s is not None:
         if hook:
             hook.collect()  # the final checkpoint
-        st = s["status"]
-        if st == "interrupted":
-            return st
-        log(f"[lm] {exp} {part.name} {arm} s{seed}: {st}, val loss {s['final_val_loss']}, "
-            f"{s['tokens_per_s'] or 0:,.0f} tokens/s, {s['wall_time_s']:.0f} s")
-    else:
-        log(f"[lm] {exp} {part.name} {arm} s{seed}: the same run is in {rd} ({st}), copied")
+        log(f"{label}: {st}, val loss {s['final_val_loss']}, {s['tokens_per_s'] or 0:,.0f} tokens/s, "
+            f"{s['wall_time_s']:.0f} s")
     # the coefficient arm keeps its final checkpoint (and keep/ the early one); --keep-checkpoints keeps
     # every run's (scripts/device/export.sh exports and analyses them)
     if arm != part.coefficients and not opts.keep_checkpoints:
