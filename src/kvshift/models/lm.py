@@ -305,15 +305,50 @@ class LM(nn.Module):
                       torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device))
         return self.output(self.norm(h))
 
+    def _static_step(self, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache, rope_tables: bool) -> torch.Tensor:
+        """One decode token per row with static shapes, the step `generate(compile=True)` compiles
+        (kvshift.models.static_decode): tokens (B,), slot (1,) long (the write slot, advanced here), cache a
+        KVCache whose valid/seen are updated here (its host `length` is not) -> next-token logits (B, V)
+        fp32. Attention runs over the whole allocation under the slot-validity mask; the new token's
+        position is its row's count of real tokens (`seen`), as in the eager path. rope_tables: gather
+        RoPE from the model's fp32 tables (the caller checked every position fits them), else compute."""
+        cfg = self.config
+        B, S = cache.valid.shape
+        cache.valid.index_fill_(1, slot, True)
+        pos = cache.seen.view(B, 1)
+        ctx = AttentionContext(cache=cache, mask=cache.valid.view(B, 1, 1, S), causal=False, slot=slot)
+        if cfg.position == "rope":
+            ctx.cos, ctx.sin = ((self.rope_cos[pos], self.rope_sin[pos]) if rope_tables
+                                else rope_cos_sin(pos, cfg.head_dim, cfg.rope_base))
+        elif cfg.position == "alibi":
+            kpos = (cache.valid.long().cumsum(1) - 1).clamp_min(0)  # each slot's position among its row's real tokens
+            ctx.distance = (pos.unsqueeze(2) - kpos.unsqueeze(1)).float()  # (B, 1, S)
+        h = self.tok_embeddings(tokens.view(B, 1))
+        if cfg.position == "learned":
+            h = h + self.pos_embeddings(pos)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        cache.seen.add_(1)
+        slot.add_(1)
+        return self.output(self.norm(h))[:, -1].float()
+
+    def release_static_decode(self) -> None:
+        """Free the cache buffers `generate(compile=True)` keeps on the model between calls (the compiled
+        step's graphs stay with torch.compile; torch._dynamo.reset() drops those)."""
+        self.__dict__.pop("_static_decoder", None)
+
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                  attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 stateless: bool = False) -> torch.Tensor:
+                 stateless: bool = False, compile: bool | dict = False) -> torch.Tensor:
         """Prefill once, then decode token by token with the cache. temperature 0 = greedy.
         Rows that emitted eos keep emitting eos. Returns (B, T + new). stateless: decode on a standard
-        cache of rotated raw k / raw v, shifted on read (`RawKVCache`) instead of `KVCache`."""
+        cache of rotated raw k / raw v, shifted on read (`RawKVCache`) instead of `KVCache`.
+        compile: decode through a torch.compile'd static-shape step (kvshift.models.static_decode; CUDA
+        graphs on CUDA), the same tokens as the eager decode; True, or a dict of torch.compile options.
+        The prefill stays eager. Refused (ValueError) with stateless=True and for mixer models."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if not temperature >= 0 or temperature == float("inf"):  # also NaN
@@ -328,7 +363,14 @@ class LM(nn.Module):
             raise ValueError(f"generate needs a non-empty prompt of shape (B, T) with T >= 1, got shape "
                              f"{tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        if stateless:
+        cfg = self.config
+        decoder = None
+        if compile is not False:
+            from kvshift.models.static_decode import check_static_decode, static_decoder
+            check_static_decode(self, stateless)
+            decoder = static_decoder(self, B, T + max_new_tokens, input_ids.device, compile)
+            cache = decoder.cache
+        elif stateless:
             if self.config.mixer != "none":
                 raise ValueError(f"stateless=True: a model with mixer={self.config.mixer!r} keeps the mixer's last raw "
                                  "inputs beside its keys and values, which a standard cache has no room for")
@@ -337,6 +379,23 @@ class LM(nn.Module):
         else:
             cache = self.new_cache(B, T + max_new_tokens)
         logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+        if decoder is None:
+            step = lambda nxt: self(nxt.view(B, 1), cache=cache)[:, -1]  # noqa: E731
+        else:
+            decoder.start()
+            last = T + max_new_tokens - 2  # the last decode slot: a host bound on every position
+            if cfg.position == "learned" and last >= cfg.max_seq_len and max_new_tokens > 1:
+                hi = int(cache.seen.max()) + max_new_tokens - 2  # one sync, before the loop
+                if hi >= cfg.max_seq_len:
+                    raise ValueError(f"position='learned' embeds positions below max_seq_len={cfg.max_seq_len}; "
+                                     f"decoding {max_new_tokens} tokens reaches position {hi}")
+            tables = (cfg.position == "rope" and last < cfg.max_seq_len and self.rope_cos.dtype == torch.float32
+                      and self.rope_cos.device == input_ids.device)
+
+            def step(nxt):
+                # a new step of the CUDA graph tree: the previous step's logits (consumed by now) may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+                return decoder.step(nxt, decoder.slot, cache, tables)
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
@@ -347,7 +406,7 @@ class LM(nn.Module):
             out.append(nxt.view(B, 1))
             if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            logits = self(nxt.view(B, 1), cache=cache)[:, -1]
+            logits = step(nxt)
         return torch.cat(out, 1)
 
 
