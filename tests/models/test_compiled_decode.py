@@ -112,11 +112,21 @@ def test_step_is_one_graph_and_state_is_reused():
 
 
 def test_inductor_compiled_generate_equals_eager():
-    """compile=True itself (inductor on a CPU), left padding, GQA, KV shift."""
+    """compile=True itself (inductor on a CPU), left padding, GQA, KV shift: the tokens, then the compiled
+    step's logits (the same graph: same batch and bucket) against the eager cached decode."""
     model = make("kvshift", 1, n_layers=1)
     ids, mask = padded_batch([5, 2], 5, seed=6)
     want = model.generate(ids, 4, temperature=0, attention_mask=mask)
     assert torch.equal(model.generate(ids, 4, temperature=0, attention_mask=mask, compile=True), want)
+    dec, eager = static_decoder(model, 2, 9, ids.device, True), model.new_cache(2, 9)
+    assert dec is model._static_decoder
+    with torch.no_grad():
+        model(ids, cache=dec.cache, attention_mask=mask)
+        model(ids, cache=eager, attention_mask=mask)
+        dec.start()
+        for tok in torch.randint(1, 97, (3, 2), generator=torch.Generator().manual_seed(7)):
+            ref = model(tok.view(2, 1), cache=eager)[:, -1]
+            assert (dec.step(tok, dec.slot, dec.cache, True) - ref).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("case, kw, what", [
