@@ -64,7 +64,10 @@ class StaticDecoder:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         c = self.cache
         for t in (*c.k, *c.v, *c.raw_k, *c.raw_v, c.valid, c.seen, self.slot):
-            torch._dynamo.mark_static_address(t)  # the same addresses every step and call: CUDA graphs need no copy
+            # the same addresses every step and call: CUDA graphs read and write them in place, no copy; no
+            # guard on their identity (the default differs across torch versions): a new decoder of a shape
+            # seen before reuses dynamo's graph, and a CUDA graph re-records if an address changed
+            torch._dynamo.mark_static_address(t, guard=False)
         self.step = torch.compile(model._static_step, **opts)
 
     def reset(self) -> KVCache:
