@@ -57,8 +57,9 @@ class StaticDecoder:
     whose raw windows are pinned (updated in place, never rebound), the next-slot tensor, and the
     compiled step (`LM._static_step`)."""
 
-    def __init__(self, model, batch_size: int, alloc: int, dtype: torch.dtype, device: torch.device, opts: dict):
-        self.key = (batch_size, alloc, dtype, device, tuple(sorted(opts.items(), key=lambda kv: kv[0])))
+    def __init__(self, model, batch_size: int, alloc: int, dtype: torch.dtype, device: torch.device, opts: dict,
+                 key: tuple):
+        self.key = key
         self.cache = model.new_cache(batch_size, alloc, dtype=dtype, device=device)
         self.raw = (list(self.cache.raw_k), list(self.cache.raw_v))  # the pinned windows
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -100,10 +101,13 @@ def static_decoder(model, batch_size: int, n_slots: int, device: torch.device, c
     opts = compile_options(compile, device)
     alloc = -(-n_slots // STATIC_BUCKET) * STATIC_BUCKET
     dtype = model.output.weight.dtype
-    key = (batch_size, alloc, dtype, device, tuple(sorted(opts.items(), key=lambda kv: kv[0])))
+    # inference mode: buffers made under it cannot be updated outside it (and the other way round needs no guard
+    # change, but the same key keeps it simple)
+    key = (batch_size, alloc, dtype, device, tuple(sorted(opts.items(), key=lambda kv: kv[0])),
+           torch.is_inference_mode_enabled())
     dec = model.__dict__.get("_static_decoder")
     if dec is None or dec.key != key:
         model._static_decoder = None  # free the old buffers before allocating the new ones
-        dec = model._static_decoder = StaticDecoder(model, batch_size, alloc, dtype, device, opts)
+        dec = model._static_decoder = StaticDecoder(model, batch_size, alloc, dtype, device, opts, key)
     dec.reset()
     return dec
