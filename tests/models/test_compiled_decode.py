@@ -142,3 +142,13 @@ def test_unsupported_is_refused_by_name(case, kw, what):
     ids = torch.randint(1, 97, (1, 120 if case == "learned-overflow" else 4))
     with pytest.raises(ValueError, match=what):
         model.generate(ids, 10, temperature=0, **{"compile": FAST, **kw})
+
+
+def test_inference_mode_calls_get_their_own_buffers():
+    """Buffers made under torch.inference_mode cannot be updated outside it: alternating is not an error."""
+    model = make("vanilla", n_layers=1)
+    ids = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(8))
+    want = model.generate(ids, 4, temperature=0)
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, 4, temperature=0, compile=FAST), want)
+    assert torch.equal(model.generate(ids, 4, temperature=0, compile=FAST), want)
