@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvshift import LM, ModelConfig
-from kvshift.models.static_decode import STATIC_BUCKET, static_decoder
+from kvshift.models.static_decode import STATIC_BUCKET, static_decoder, static_step
 
 TOL = 1e-4  # fp32 max |Δlogit|, static step vs eager cached decode
 FAST = {"backend": "aot_eager"}
@@ -52,13 +52,13 @@ def test_static_step_logits_equal_eager_cached_decode(kind, window, position, ex
     with torch.no_grad():
         ref = model(ids, cache=eager, attention_mask=mask)[:, -1]
         got = model(ids, cache=dec.cache, attention_mask=mask)[:, -1]
-        dec.start()
+        dec.start(15)
         g = torch.Generator().manual_seed(2)
         for _ in range(4):
             assert (got - ref).abs().max().item() <= TOL
             tok = torch.randint(1, 97, (3,), generator=g)
             ref = model(tok.view(3, 1), cache=eager)[:, -1]
-            got = model._static_step(tok, dec.slot, dec.cache, position == "rope")
+            got = static_step(model, tok, dec.slot, dec.cache, position == "rope")
         assert (got - ref).abs().max().item() <= TOL
     assert int(dec.slot) == eager.length and torch.equal(dec.cache.seen, eager.seen)
     assert torch.equal(dec.cache.valid[:, :eager.length], eager.valid[:, :eager.length])
@@ -94,8 +94,8 @@ def test_step_is_one_graph_and_state_is_reused():
     model = make("kvshift", 1)
     dec = static_decoder(model, 2, 10, torch.device("cpu"), FAST)
     model(torch.randint(1, 97, (2, 4)), cache=dec.cache)
-    dec.start()
-    ex = torch._dynamo.explain(model._static_step)(torch.tensor([3, 5]), dec.slot, dec.cache, True)
+    dec.start(9)
+    ex = torch._dynamo.explain(static_step)(model, torch.tensor([3, 5]), dec.slot, dec.cache, True)
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters["stats"]
@@ -123,10 +123,10 @@ def test_inductor_compiled_generate_equals_eager():
     with torch.no_grad():
         model(ids, cache=dec.cache, attention_mask=mask)
         model(ids, cache=eager, attention_mask=mask)
-        dec.start()
+        step = dec.start(8)
         for tok in torch.randint(1, 97, (3, 2), generator=torch.Generator().manual_seed(7)):
             ref = model(tok.view(2, 1), cache=eager)[:, -1]
-            assert (dec.step(tok, dec.slot, dec.cache, True) - ref).abs().max().item() <= TOL
+            assert (step(tok) - ref).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("case, kw, what", [

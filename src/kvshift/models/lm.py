@@ -305,33 +305,6 @@ class LM(nn.Module):
                       torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device))
         return self.output(self.norm(h))
 
-    def _static_step(self, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache, rope_tables: bool) -> torch.Tensor:
-        """One decode token per row with static shapes, the step `generate(compile=True)` compiles
-        (kvshift.models.static_decode): tokens (B,), slot (1,) long (the write slot, advanced here), cache a
-        KVCache whose valid/seen are updated here (its host `length` is not) -> next-token logits (B, V)
-        fp32. Attention runs over the whole allocation under the slot-validity mask; the new token's
-        position is its row's count of real tokens (`seen`), as in the eager path. rope_tables: gather
-        RoPE from the model's fp32 tables (the caller checked every position fits them), else compute."""
-        cfg = self.config
-        B, S = cache.valid.shape
-        cache.valid.index_fill_(1, slot, True)
-        pos = cache.seen.view(B, 1)
-        ctx = AttentionContext(cache=cache, mask=cache.valid.view(B, 1, 1, S), causal=False, slot=slot)
-        if cfg.position == "rope":
-            ctx.cos, ctx.sin = ((self.rope_cos[pos], self.rope_sin[pos]) if rope_tables
-                                else rope_cos_sin(pos, cfg.head_dim, cfg.rope_base))
-        elif cfg.position == "alibi":
-            kpos = (cache.valid.long().cumsum(1) - 1).clamp_min(0)  # each slot's position among its row's real tokens
-            ctx.distance = (pos.unsqueeze(2) - kpos.unsqueeze(1)).float()  # (B, 1, S)
-        h = self.tok_embeddings(tokens.view(B, 1))
-        if cfg.position == "learned":
-            h = h + self.pos_embeddings(pos)
-        for layer in self.layers:
-            h = layer(h, ctx)
-        cache.seen.add_(1)
-        slot.add_(1)
-        return self.output(self.norm(h))[:, -1].float()
-
     def release_static_decode(self) -> None:
         """Free the cache buffers `generate(compile=True)` keeps on the model between calls (the compiled
         step's graphs stay with torch.compile; torch._dynamo.reset() drops those)."""
@@ -363,12 +336,10 @@ class LM(nn.Module):
             raise ValueError(f"generate needs a non-empty prompt of shape (B, T) with T >= 1, got shape "
                              f"{tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        cfg = self.config
         decoder = None
         if compile is not False:
-            from kvshift.models.static_decode import check_static_decode, static_decoder
-            check_static_decode(self, stateless)
-            decoder = static_decoder(self, B, T + max_new_tokens, input_ids.device, compile)
+            from kvshift.models.static_decode import static_decoder
+            decoder = static_decoder(self, B, T + max_new_tokens, input_ids.device, compile, stateless)
             cache = decoder.cache
         elif stateless:
             if self.config.mixer != "none":
@@ -379,23 +350,8 @@ class LM(nn.Module):
         else:
             cache = self.new_cache(B, T + max_new_tokens)
         logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
-        if decoder is None:
-            step = lambda nxt: self(nxt.view(B, 1), cache=cache)[:, -1]  # noqa: E731
-        else:
-            decoder.start()
-            last = T + max_new_tokens - 2  # the last decode slot: a host bound on every position
-            if cfg.position == "learned" and last >= cfg.max_seq_len and max_new_tokens > 1:
-                hi = int(cache.seen.max()) + max_new_tokens - 2  # one sync, before the loop
-                if hi >= cfg.max_seq_len:
-                    raise ValueError(f"position='learned' embeds positions below max_seq_len={cfg.max_seq_len}; "
-                                     f"decoding {max_new_tokens} tokens reaches position {hi}")
-            tables = (cfg.position == "rope" and last < cfg.max_seq_len and self.rope_cos.dtype == torch.float32
-                      and self.rope_cos.device == input_ids.device)
-
-            def step(nxt):
-                # a new step of the CUDA graph tree: the previous step's logits (consumed by now) may be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
-                return decoder.step(nxt, decoder.slot, cache, tables)
+        step = (lambda nxt: self(nxt.view(B, 1), cache=cache)[:, -1]) if decoder is None else decoder.start(
+            T + max_new_tokens - 2)  # the last decode slot: a host bound on every position
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):

@@ -7,7 +7,7 @@ runs over the whole allocation with the slot-validity mask hiding unwritten and 
 are gathered by the rows' position tensor, and nothing is read back to the host. One `torch.compile`
 (fullgraph, static shapes; mode "reduce-overhead" on CUDA, i.e. CUDA graphs) then serves every step.
 
-The cache buffers stay on the model between calls (`LM._static_decoder`, the latest batch size and
+`static_step` is the step; `StaticDecoder` holds its state. The cache buffers stay on the model between calls (`LM._static_decoder`, the latest batch size and
 allocation only) and are reset in place: the compiled step and its CUDA graphs see the same tensors every
 call, so a second generate of the same shape neither recompiles nor re-records. `LM.release_static_decode()`
 frees them. Allocations are rounded up to STATIC_BUCKET slots so nearby lengths share one graph (the extra
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from kvshift.layers.attention import AttentionContext
 from kvshift.models.cache import KVCache
+from kvshift.ops.rope import rope_cos_sin
 
 STATIC_BUCKET = 128  # allocation granularity in slots (one compiled graph per bucket and batch size)
 
@@ -41,6 +43,34 @@ def compile_options(compile, device: torch.device) -> dict:
     return opts
 
 
+def static_step(model, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache, rope_tables: bool) -> torch.Tensor:
+    """One decode token per row of `model` (an LM) with static shapes, the step generate(compile=...) compiles:
+    tokens (B,), slot (1,) long (the write slot, advanced here), cache a KVCache whose valid/seen are updated
+    here (its host `length` is not) -> next-token logits (B, V) fp32. Attention runs over the whole allocation
+    under the slot-validity mask (`Attention._decode_static`); the new token's position is its row's count of
+    real tokens (`seen`), as in the eager path. rope_tables: gather RoPE from the model's fp32 tables (the
+    caller checked every position fits them), else compute it."""
+    cfg = model.config
+    B, S = cache.valid.shape
+    cache.valid.index_fill_(1, slot, True)
+    pos = cache.seen.view(B, 1)
+    ctx = AttentionContext(cache=cache, mask=cache.valid.view(B, 1, 1, S), causal=False, slot=slot)
+    if cfg.position == "rope":
+        ctx.cos, ctx.sin = ((model.rope_cos[pos], model.rope_sin[pos]) if rope_tables
+                            else rope_cos_sin(pos, cfg.head_dim, cfg.rope_base))
+    elif cfg.position == "alibi":
+        kpos = (cache.valid.long().cumsum(1) - 1).clamp_min(0)  # each slot's position among its row's real tokens
+        ctx.distance = (pos.unsqueeze(2) - kpos.unsqueeze(1)).float()  # (B, 1, S)
+    h = model.tok_embeddings(tokens.view(B, 1))
+    if cfg.position == "learned":
+        h = h + model.pos_embeddings(pos)
+    for layer in model.layers:
+        h = layer(h, ctx)
+    cache.seen.add_(1)
+    slot.add_(1)
+    return model.output(model.norm(h))[:, -1].float()
+
+
 def check_static_decode(model, stateless: bool) -> None:
     """ValueError for what the static step does not support (never a silently different decode)."""
     cfg = model.config
@@ -55,7 +85,7 @@ def check_static_decode(model, stateless: bool) -> None:
 class StaticDecoder:
     """The persistent state of the compiled decode for one (batch, allocation, dtype, device): a KVCache
     whose raw windows are pinned (updated in place, never rebound), the next-slot tensor, and the
-    compiled step (`LM._static_step`)."""
+    compiled step (`static_step`)."""
 
     def __init__(self, model, batch_size: int, alloc: int, dtype: torch.dtype, device: torch.device, opts: dict,
                  key: tuple):
@@ -69,7 +99,11 @@ class StaticDecoder:
             # guard on their identity (the default differs across torch versions): a new decoder of a shape
             # seen before reuses dynamo's graph, and a CUDA graph re-records if an address changed
             torch._dynamo.mark_static_address(t, guard=False)
-        self.step = torch.compile(model._static_step, **opts)
+        self.model = model
+
+        def step(tokens, slot, cache, rope_tables):
+            return static_step(model, tokens, slot, cache, rope_tables)
+        self.step = torch.compile(step, **opts)
 
     def reset(self) -> KVCache:
         """The cache, emptied in place for a new prompt (stale slots are masked, but zeroed anyway so no
@@ -83,21 +117,37 @@ class StaticDecoder:
         c.mixer.clear()
         return c
 
-    def start(self) -> None:
-        """After the eager prefill: copy the raw windows it rebound back into the pinned tensors and point
-        the slot tensor at the first decode slot (a device fill, no host sync)."""
-        c = self.cache
+    def start(self, last_slot: int):
+        """After the eager prefill: copy the raw windows it rebound back into the pinned tensors, point the slot
+        tensor at the first decode slot (a device fill, no host sync) and return step(tokens (B,)) -> logits
+        (B, V) fp32. last_slot: the last slot a decode step writes, a host bound on every position."""
+        c, cfg = self.cache, self.model.config
         for lst, pinned in zip((c.raw_k, c.raw_v), self.raw):
             for i, t in enumerate(lst):
                 if t is not pinned[i]:
                     pinned[i].copy_(t)
                     lst[i] = pinned[i]
         self.slot.fill_(c.length)
+        if cfg.position == "learned" and last_slot >= cfg.max_seq_len and last_slot >= c.length:
+            hi = int(c.seen.max()) + last_slot - c.length  # one sync, before the first step
+            if hi >= cfg.max_seq_len:
+                raise ValueError(f"position='learned' embeds positions below max_seq_len={cfg.max_seq_len}; "
+                                 f"decoding reaches position {hi}")
+        m = self.model
+        tables = (cfg.position == "rope" and last_slot < cfg.max_seq_len and m.rope_cos.dtype == torch.float32
+                  and m.rope_cos.device == self.slot.device)
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits (consumed) may be overwritten
+            return self.step(tokens, self.slot, c, tables)
+        return step
 
 
-def static_decoder(model, batch_size: int, n_slots: int, device: torch.device, compile) -> StaticDecoder:
+def static_decoder(model, batch_size: int, n_slots: int, device: torch.device, compile,
+                   stateless: bool = False) -> StaticDecoder:
     """The model's StaticDecoder for this shape (made, and its step compiled lazily on the first call, when
-    the shape or options changed), reset for a new prompt."""
+    the shape or options changed), reset for a new prompt; ValueError for what it does not support."""
+    check_static_decode(model, stateless)
     opts = compile_options(compile, device)
     alloc = -(-n_slots // STATIC_BUCKET) * STATIC_BUCKET
     dtype = model.output.weight.dtype
