@@ -7,11 +7,12 @@ runs over the whole allocation with the slot-validity mask hiding unwritten and 
 are gathered by the rows' position tensor, and nothing is read back to the host. One `torch.compile`
 (fullgraph, static shapes; mode "reduce-overhead" on CUDA, i.e. CUDA graphs) then serves every step.
 
-`static_step` is the step; `StaticDecoder` holds its state. The cache buffers stay on the model between calls (`LM._static_decoder`, the latest batch size and
-allocation only) and are reset in place: the compiled step and its CUDA graphs see the same tensors every
-call, so a second generate of the same shape neither recompiles nor re-records. `LM.release_static_decode()`
-frees them. Allocations are rounded up to STATIC_BUCKET slots so nearby lengths share one graph (the extra
-slots are masked: same tokens, a little more attention work).
+`static_step` is the step, `StaticDecoder` its state. The cache buffers stay on the model between calls
+(`LM._static_decoder`, the latest batch size and allocation only) and are reset in place: the compiled step
+and its CUDA graphs see the same tensors every call, so a second generate of the same shape neither
+recompiles nor re-records. `LM.release_static_decode()` frees them. Allocations are rounded up to
+STATIC_BUCKET slots so nearby lengths share one graph (the extra slots are masked: same tokens, a little more
+attention work; the mask's rows also stay aligned as the memory-efficient attention kernels want them).
 
 Prefill stays eager (the same call as the eager path). Sampling stays outside the step, in the same
 `sample_next` as the eager path, so a seeded generator draws the same tokens from the same logits.
