@@ -152,12 +152,12 @@ def test_generate_runs_end_to_end_on_cpu(one_thread):
                                                   / c["arms"]["lm-vanilla"]["ms_per_token"])
         assert c["ratios"]["lm-stateless"] == pytest.approx(c["arms"]["lm-kvshift-stateless"]["ms_per_token"]
                                                             / c["arms"]["lm-kvshift"]["ms_per_token"])
-        assert c["ratios"]["compiled"] is None
+        assert c["ratios"]["compiled"] is None and c["ratios"]["lm-compiled"] is None
     assert len(saved) == 2 and "generate" in saved[-1]
     res = {"meta": {"device": "cpu", "quick": True}, "generate": sec}
     tg = compute_targets(res)
     assert set(tg) == {f"generate/{n}/{r}_ratio" for n in sec["cases"] for r in GEN_TARGET_RATIOS
-                       if r != "compiled-vs-llama"}  # no compiled arm on a CPU: no target for it
+                       if "compiled" not in r}  # no compiled arm on a CPU: no target for it
     md = render_markdown({**res, "targets": tg})
     assert "## Decoding through generate" in md and "| 2 | 6 |" in md
 
@@ -225,15 +225,42 @@ def test_merge_unites_the_arms_of_a_generate_case(tmp_path):
     assert case["cross_run_ratios"] == ["hf-static-vs-llama"]
 
 
+def test_compiled_lm_arms_ratios_and_targets():
+    """LM.generate(compile=True) arms: CUDA only (filtered on a CPU like transformers' compiled arms), the
+    KV-shift / vanilla ratio and the ratio to transformers' compiled static Llama are decode-latency targets."""
+    from kvshift.bench.generate import gen_call
+
+    assert {"lm-vanilla-compiled", "lm-kvshift-compiled"} <= set(GEN_ARMS)
+    assert GEN_RATIOS["lm-compiled"] == ("lm-kvshift-compiled", "lm-vanilla-compiled")
+    assert GEN_RATIOS["lm-compiled-vs-llama"] == ("lm-kvshift-compiled", "llama-static-compiled")
+    assert {"lm-compiled", "lm-compiled-vs-llama"} <= set(GEN_TARGET_RATIOS)
+    seen = {}
+
+    class Spy:
+        def generate(self, ids, n, **kw):
+            seen.update(kw)
+    gen_call("lm-kvshift-compiled", Spy())(torch.zeros(1, 2, dtype=torch.long), 3)
+    assert seen == {"temperature": 0.0, "stateless": False, "compile": True}
+    gen_call("lm-kvshift", Spy())(torch.zeros(1, 2, dtype=torch.long), 3)
+    assert seen["compile"] is False
+    res = {"meta": {"device": "x"}, "generate": {"cases": {"b1-p8": {"batch": 1, "prompt": 8, "arms": {
+        "lm-vanilla-compiled": {"ms_per_token": 2.0}, "lm-kvshift-compiled": {"ms_per_token": 2.02},
+        "llama-static-compiled": {"ms_per_token": 2.1}}, "ratios": {"lm-compiled": 1.01,
+                                                                    "lm-compiled-vs-llama": 2.02 / 2.1}}}}}
+    tg = compute_targets(res)
+    assert tg["generate/b1-p8/lm-compiled_ratio"]["met"] is True
+    assert tg["generate/b1-p8/lm-compiled-vs-llama_ratio"]["met"] is True
+
+
 def test_generate_state_is_dropped_between_arms_and_cases():
     """transformers keeps the largest static length on the model and allocates at least that much again: a
     small case after a large one would time a Llama reading a longer cache than it needs."""
     from kvshift.bench.generate import _drop_caches
 
     m = torch.nn.Linear(2, 2)
-    m._previous_max_cache_length, m._cache, m._compiled_call = 9000, object(), object()
+    m._previous_max_cache_length, m._cache, m._compiled_call, m._static_decoder = 9000, object(), object(), object()
     _drop_caches(m)
-    assert not any(hasattr(m, n) for n in ("_previous_max_cache_length", "_cache", "_compiled_call"))
+    assert not any(hasattr(m, n) for n in ("_previous_max_cache_length", "_cache", "_compiled_call", "_static_decoder"))
     _drop_caches(m)  # nothing there: nothing to do
 
 

@@ -7,11 +7,17 @@ Arms (bf16 weights, random init; the timing does not depend on the tokens, greed
   lm-kvshift-stateless                  `kvshift.LM.generate(stateless=True)`: the same model on the
                                         standard cache layout (rotated raw k / raw v, shifted on read);
                                         ratio "lm-stateless" against lm-kvshift
+  lm-vanilla-compiled / lm-kvshift-compiled
+                                        `kvshift.LM.generate(compile=True)`: the eager prefill, then the
+                                        static-shape decode step compiled with CUDA graphs
+                                        (kvshift.models.static_decode; CUDA only); ratios "lm-compiled"
+                                        (kvshift / vanilla) and "lm-compiled-vs-llama" (against
+                                        llama-static-compiled)
   hf-vanilla-static / hf-kvshift-static `KVShiftForCausalLM.generate` on transformers' StaticCache (the
                                         stateless read path: rotated raw k / raw v, shifted on read), eager
   llama-static / llama-dynamic          transformers' own `LlamaForCausalLM` of the same shape (SDPA), static
                                         and dynamic cache, eager
-  *-static-compiled                     the static-cache arms with transformers' own compile of the decode
+  hf-/llama-*-static-compiled           the static-cache arms with transformers' own compile of the decode
                                         step (`generation_config.compile_config`, CUDA only)
 Eager arms run with `disable_compile=True` (generate would otherwise compile a static-cache decode step on
 its own). ms per generated token = (t(prompt + N new) - t(prompt + 1 new)) / (N - 1): the decode steps
@@ -98,8 +104,8 @@ def _model_key(arm: str) -> str:
 def gen_call(arm: str, model: torch.nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """generate(ids, n) -> (B, T + n) greedy tokens for `arm` (see the module docstring)."""
     if arm.startswith("lm-"):
-        stateless = arm.endswith("-stateless")
-        return lambda ids, n: model.generate(ids, n, temperature=0.0, stateless=stateless)
+        stateless, compiled = arm.endswith("-stateless"), arm.endswith("-compiled")
+        return lambda ids, n: model.generate(ids, n, temperature=0.0, stateless=stateless, compile=compiled)
     static = "static" in arm
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=not arm.endswith("-compiled"),
               cache_implementation="static" if static else None)
@@ -114,8 +120,8 @@ def _drop_caches(model: torch.nn.Module) -> None:
     """What transformers keeps on the model between generate calls, dropped between arms and cases: a static
     cache (older versions), the largest static length so far (5.x allocates at least that much again, and
     a Llama's static attention reads the whole allocation: a small case after a large one would be slower)
-    and the compiled decode step."""
-    for name in ("_cache", "_previous_max_cache_length", "_compiled_call"):
+    and the compiled decode step; for `kvshift.LM`, the buffers of generate(compile=True)."""
+    for name in ("_cache", "_previous_max_cache_length", "_compiled_call", "_static_decoder"):
         if name in vars(model):
             delattr(model, name)
 

@@ -97,7 +97,7 @@ class Plan:
     gen_warmup: int = 1
     gen_iters: int = 3
     gen_arms: tuple[str, ...] | None = None  # None: every arm of kvshift.bench.generate.GEN_ARMS
-    gen_compile: bool = True  # the *-static-compiled arms (transformers' own compile of the decode step)
+    gen_compile: bool = True  # the *-compiled arms (LM.generate(compile=True); transformers' compiled decode)
     compile: bool = True
     block_modes: tuple[str, ...] = BLOCK_MODES
     profile: bool = False

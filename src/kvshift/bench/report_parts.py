@@ -4,6 +4,7 @@ from __future__ import annotations
 
 ATTN_ARMS = ("vanilla", "fused-sdpa", "fused")
 GEN_ARMS = ("lm-vanilla", "lm-kvshift", "lm-kvshift-stateless", "hf-vanilla-static", "hf-kvshift-static", "llama-static", "llama-dynamic",
+            "lm-vanilla-compiled", "lm-kvshift-compiled",
             "hf-vanilla-static-compiled", "hf-kvshift-static-compiled", "llama-static-compiled")
 # ratio name -> (numerator arm, denominator arm); GEN_TARGET_RATIOS are the decode-latency targets (<= 1.02)
 GEN_RATIOS = {"lm": ("lm-kvshift", "lm-vanilla"),
@@ -12,8 +13,10 @@ GEN_RATIOS = {"lm": ("lm-kvshift", "lm-vanilla"),
               "compiled": ("hf-kvshift-static-compiled", "hf-vanilla-static-compiled"),
               "compiled-vs-llama": ("hf-kvshift-static-compiled", "llama-static-compiled"),
               "lm-vs-llama-dynamic": ("lm-kvshift", "llama-dynamic"),
-              "lm-stateless": ("lm-kvshift-stateless", "lm-kvshift")}
-GEN_TARGET_RATIOS = ("lm", "hf-static-vs-llama", "compiled-vs-llama")
+              "lm-stateless": ("lm-kvshift-stateless", "lm-kvshift"),
+              "lm-compiled": ("lm-kvshift-compiled", "lm-vanilla-compiled"),
+              "lm-compiled-vs-llama": ("lm-kvshift-compiled", "llama-static-compiled")}
+GEN_TARGET_RATIOS = ("lm", "hf-static-vs-llama", "compiled-vs-llama", "lm-compiled", "lm-compiled-vs-llama")
 
 ATTN_NOTE = (
     "Every arm returns (B, T, H*D), the layout the output projection takes, and gets the gradient of that "
@@ -88,7 +91,8 @@ def render_generate(sec: dict | None) -> list[str]:
              "(ms per generated token, median)", "",
              "lm-*: `kvshift.LM.generate` (our KVCache, the fused decode kernel); hf-*: `KVShiftForCausalLM.generate` "
              "on transformers' StaticCache (shifted on read); llama-*: transformers' `LlamaForCausalLM` of the same "
-             "shape (random weights, SDPA); *-compiled: transformers' own compile of the decode step. "
+             "shape (random weights, SDPA); lm-*-compiled: `LM.generate(compile=True)` (the static-shape decode step, "
+             "torch.compile with CUDA graphs); hf-/llama-*-compiled: transformers' own compile of the decode step. "
              f"Per token = (t(N new) - t(1 new)) / (N - 1), prefill excluded; {st.get('warmup')} warm-up + "
              f"{st.get('iters')} timed calls of each, greedy, bf16. Target: every ratio in bold <= 1.02.", "",
              "| batch | prompt | " + " | ".join(arms) + " | " +

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from kvshift.layers.stateless import stateless_attention
 from kvshift.ops.rope import apply_rope
 from kvshift.ops.shift import dispatch_shift, dispatch_shift_rope, use_triton
+from kvshift.ops.shift import naive as naive_shift
 from kvshift.ops.shift.attention import ATTENTION_BACKENDS, flash_supported, shift_attention
 
 # the attention kinds: which sides shift (keys, values), and how coefficients are parametrised
@@ -196,6 +197,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, hd)  # raw values (B, T, Hkv, D)
         if self.qkv_mixer is not None:  # before the shift and RoPE
             q, k, v = self.qkv_mixer(ctx, q, k, v)
+        if ctx.slot is not None:  # the static-shape decode step (LM.generate(compile=True))
+            return self._decode_static(q, k, v, ctx, B)
         if ctx.token_valid is not None:
             # pads are zero raw tokens, so a row's first real token sees zeros before it
             keep = ctx.token_valid.view(B, T, 1, 1).to(k.dtype)
@@ -227,6 +230,34 @@ class Attention(nn.Module):
         if cache is not None:
             k_hat, v_hat = cache.update(self.layer_idx, k_hat, v_hat, k, v)  # (B, S, Hkv, D) each
         return self._attend(q, k_hat, v_hat, ctx, B, T)
+
+    def _decode_static(self, q, k, v, ctx: "AttentionContext", B: int) -> torch.Tensor:
+        """One token per row (B, 1, ...) against the cache's whole allocation: the shift and RoPE of the eager
+        path in pure PyTorch (naive, whatever shift_impl says: inside torch.compile it fuses anyway), the
+        write by index at ctx.slot (`KVCache.write_static`), and attention over every slot with ctx.mask
+        hiding unwritten and pad slots. Shapes never change from step to step and nothing is read back to
+        the host. GQA: a KV group's query heads become the query rows of one SDPA call, so the cache is
+        never repeated per query head (the eager path's repeat_interleave copies it)."""
+        cache, L = ctx.cache, self.layer_idx
+        prev_k, prev_v = cache.raw(L) if cache.window else (None, None)
+        coef_k, coef_v = self._coefficients("k"), self._coefficients("v")
+        if self.position == "rope":
+            q = apply_rope(q, ctx.cos, ctx.sin)
+            k_hat = (apply_rope(k, ctx.cos, ctx.sin) if coef_k is None
+                     else naive_shift.shift_rope(k, coef_k, ctx.cos, ctx.sin, prev=prev_k))
+        else:
+            k_hat = k if coef_k is None else naive_shift.shift_padded(k, coef_k, prev_k)
+        v_hat = v if coef_v is None else naive_shift.shift_padded(v, coef_v, prev_v)
+        k_all, v_all = cache.write_static(L, ctx.slot, k_hat, v_hat, k, v)  # (B, S, Hkv, D)
+        H, G, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        S = k_all.shape[1]
+        qh = q.reshape(B, G, H // G, hd)  # head h = g * (H/G) + r reads KV head g, as after repeat_interleave
+        mask = ctx.mask  # (B, 1, 1, S) bool
+        if self.position == "alibi":
+            bias = -self.alibi_slopes.view(1, -1, 1, 1) * ctx.distance.unsqueeze(1)  # (B, H, 1, S)
+            mask = bias.masked_fill(~mask, float("-inf")).view(B, G, H // G, S).to(qh.dtype)
+        out = F.scaled_dot_product_attention(qh, k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask)
+        return self.wo(out.reshape(B, 1, H * hd))
 
     def _identity(self, width: int, device: torch.device) -> torch.Tensor:
         """(n_kv_heads, width) identity coefficients, built once per device (decode runs it every step)."""
@@ -296,10 +327,11 @@ def set_fused_attention(model: nn.Module, enabled: bool, backend: str = "auto") 
 class AttentionContext:
     """What every layer of one forward call shares: positions, masks, packing and the cache."""
 
-    __slots__ = ("cos", "sin", "mask", "distance", "token_valid", "cu_seqlens", "cache", "causal", "positions")
+    __slots__ = ("cos", "sin", "mask", "distance", "token_valid", "cu_seqlens", "cache", "causal", "positions",
+                 "slot")
 
     def __init__(self, *, cos=None, sin=None, mask=None, distance=None, token_valid=None,
-                 cu_seqlens=None, cache=None, causal=True, positions=None):
+                 cu_seqlens=None, cache=None, causal=True, positions=None, slot=None):
         self.cos, self.sin = cos, sin  # (B, T, D/2) fp32 for RoPE
         self.mask = mask  # None (plain causal) or bool (B, 1, T, S): True = may attend
         self.distance = distance  # (B, T, S) fp32 query-key distance for ALiBi
@@ -308,3 +340,4 @@ class AttentionContext:
         self.cache = cache
         self.causal = causal  # with mask None: causal (T == S) or every query sees every key (one decode token)
         self.positions = positions  # (B or 1, T) long positions of the new tokens (learned position embeddings)
+        self.slot = slot  # (1,) long device tensor: the static decode step's write slot (KVCache.write_static)

@@ -101,6 +101,21 @@ class KVCache(SlotIndex):
             self.raw_v[layer].contiguous(), cos, sin, self.k[layer], self.v[layer], pos)
         return q_rot, self.k[layer][:, :pos + 1], self.v[layer][:, :pos + 1]
 
+    def write_static(self, layer: int, slot: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor,
+                     k_raw: torch.Tensor, v_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update` for one decode token (B, 1, H, D) with static shapes, for the compiled decode step
+        (`kvshift.models.static_decode`): the write goes to `slot`, a (1,) long device tensor, by index,
+        the raw window shifts in place (its tensors keep their addresses: a CUDA graph replays on them),
+        and the WHOLE allocation comes back: the caller masks the unwritten and pad slots. No host int is
+        read or changed (`length` is the caller's business)."""
+        dt = self.k[layer].dtype
+        self.k[layer].index_copy_(1, slot, k_hat.to(dt))
+        self.v[layer].index_copy_(1, slot, v_hat.to(dt))
+        if self.window:
+            for raw, new in ((self.raw_k[layer], k_raw), (self.raw_v[layer], v_raw)):
+                raw.copy_(torch.cat([raw[:, 1:], new.to(raw.dtype)], 1))
+        return self.k[layer], self.v[layer]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder rows (beam search)."""
         self._reorder_slots(index, self.k, self.v, self.raw_k, self.raw_v)

@@ -305,15 +305,23 @@ class LM(nn.Module):
                       torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device))
         return self.output(self.norm(h))
 
+    def release_static_decode(self) -> None:
+        """Free the cache buffers `generate(compile=True)` keeps on the model between calls (the compiled
+        step's graphs stay with torch.compile; torch._dynamo.reset() drops those)."""
+        self.__dict__.pop("_static_decoder", None)
+
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                  attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 stateless: bool = False) -> torch.Tensor:
+                 stateless: bool = False, compile: bool | dict = False) -> torch.Tensor:
         """Prefill once, then decode token by token with the cache. temperature 0 = greedy.
         Rows that emitted eos keep emitting eos. Returns (B, T + new). stateless: decode on a standard
-        cache of rotated raw k / raw v, shifted on read (`RawKVCache`) instead of `KVCache`."""
+        cache of rotated raw k / raw v, shifted on read (`RawKVCache`) instead of `KVCache`.
+        compile: decode through a torch.compile'd static-shape step (kvshift.models.static_decode; CUDA
+        graphs on CUDA), the same tokens as the eager decode; True, or a dict of torch.compile options.
+        The prefill stays eager. Refused (ValueError) with stateless=True and for mixer models."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if not temperature >= 0 or temperature == float("inf"):  # also NaN
@@ -328,7 +336,12 @@ class LM(nn.Module):
             raise ValueError(f"generate needs a non-empty prompt of shape (B, T) with T >= 1, got shape "
                              f"{tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        if stateless:
+        decoder = None
+        if compile is not False:
+            from kvshift.models.static_decode import static_decoder
+            decoder = static_decoder(self, B, T + max_new_tokens, input_ids.device, compile, stateless)
+            cache = decoder.cache
+        elif stateless:
             if self.config.mixer != "none":
                 raise ValueError(f"stateless=True: a model with mixer={self.config.mixer!r} keeps the mixer's last raw "
                                  "inputs beside its keys and values, which a standard cache has no room for")
@@ -337,6 +350,8 @@ class LM(nn.Module):
         else:
             cache = self.new_cache(B, T + max_new_tokens)
         logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+        step = (lambda nxt: self(nxt.view(B, 1), cache=cache)[:, -1]) if decoder is None else decoder.start(
+            T + max_new_tokens - 2)  # the last decode slot: a host bound on every position
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
@@ -347,7 +362,7 @@ class LM(nn.Module):
             out.append(nxt.view(B, 1))
             if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            logits = self(nxt.view(B, 1), cache=cache)[:, -1]
+            logits = step(nxt)
         return torch.cat(out, 1)
 
 
