@@ -24,14 +24,6 @@ from kvshift.ops.rope import rope_cos_sin
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_plan_holds_the_new_parts():
     full = Plan.full()
     assert full.parts == DEFAULT_PARTS == ("attn", "generate", "e2e") and set(LEGACY_PARTS) < set(PARTS)

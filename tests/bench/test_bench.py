@@ -19,16 +19,6 @@ from kvshift.cli import main
 from kvshift.models import ModelConfig
 
 
-
-@pytest.fixture
-def one_thread():
-    # CPU timings here are smoke only; one thread keeps OpenMP from spinning on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _check_timing(t: dict, n: int) -> None:
     assert t["n"] == n and len(t["times_ms"]) == n
     assert 0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 ATTN_ARMS = ("vanilla", "fused-sdpa", "fused")
-GEN_ARMS = ("lm-vanilla", "lm-kvshift", "lm-kvshift-stateless", "hf-vanilla-static", "hf-kvshift-static", "llama-static", "llama-dynamic",
+GEN_ARMS = ("lm-vanilla", "lm-kvshift", "lm-kvshift-stateless", "hf-vanilla-static", "hf-kvshift-static",
+            "llama-static", "llama-dynamic",
             "lm-vanilla-compiled", "lm-kvshift-compiled",
             "hf-vanilla-static-compiled", "hf-kvshift-static-compiled", "llama-static-compiled")
 # ratio name -> (numerator arm, denominator arm); GEN_TARGET_RATIOS are the decode-latency targets (<= 1.02)
