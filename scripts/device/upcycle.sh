@@ -67,11 +67,12 @@ echo "== upcycle training done at $(( $(date +%s) - start ))s"
 if [ -n "${SCORE:-}" ]; then  # one scoring queue per GPU, in parallel; each model once
   n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); [ "${n:-0}" -ge 1 ] || n=1
   models=("source=$MODEL")
-  for rd in runs/upcycle/*/; do
-    grep -q '"status": "finished"' "$rd/summary.json" 2>/dev/null || continue
-    name=$("$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["arm"] + "-s" + str(r["seed"]))' "$rd/run.json") || continue
-    models+=("$name=$rd")
-  done
+  # exactly the runs the summary reports: each published run (results/upcycle-gpu/runs/ARM-sSEED) names its
+  # scratch directory by the hash of its key; a run of other settings left in runs/ by an earlier call is not one
+  while IFS='=' read -r name rd; do
+    [ -d "$rd/checkpoints" ] && models+=("$name=$rd")
+  done < <("$PY" -c 'from kvshift.experiments.upcycle import published_runs as p
+for k, v in p("results/upcycle-gpu", "runs").items(): print(f"{k}={v}")')
   score_queue() {  # GPU MODEL...
     local g=$1; shift
     for m in "$@"; do

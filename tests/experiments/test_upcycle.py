@@ -57,6 +57,11 @@ def test_end_to_end(setup):
     # a second run finds every run done and trains nothing
     again = run_experiment("upcycle", _opts(root, shards, model, seeds=[0, 1], out=out))
     assert again["diff"] == s["diff"]
+    # the runs the device scores (scripts/device/upcycle.sh SCORE): exactly the published ones, by key
+    pub = U.published_runs(out, root / "runs")
+    assert set(pub) == {f"{a}-s{k}" for a in U.ARMS for k in (0, 1)}
+    for name, rd in pub.items():
+        assert json.loads((rd / "run.json").read_text())["key"] == json.loads((out / "runs" / name / "run.json").read_text())["key"]
 
 
 def test_arms_start_with_identical_logits(setup):

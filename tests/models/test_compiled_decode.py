@@ -152,3 +152,21 @@ def test_inference_mode_calls_get_their_own_buffers():
     with torch.inference_mode():
         assert torch.equal(model.generate(ids, 4, temperature=0, compile=FAST), want)
     assert torch.equal(model.generate(ids, 4, temperature=0, compile=FAST), want)
+
+
+def test_a_copy_decodes_with_its_own_weights_and_pickles():
+    """The compiled decode's state belongs to its model: a deep copy (then trained apart) must not decode with
+    the original's step, and a model that decoded compiled still pickles."""
+    import copy
+    import io
+
+    model = make("kvshift", 2)
+    ids = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(8))
+    model.generate(ids, 4, temperature=0, compile=FAST)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.5)
+    assert torch.equal(twin.generate(ids, 6, temperature=0, compile=FAST), twin.generate(ids, 6, temperature=0))
+    assert torch.equal(model.generate(ids, 6, temperature=0, compile=FAST), model.generate(ids, 6, temperature=0))
+    torch.save(model, io.BytesIO())

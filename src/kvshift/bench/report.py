@@ -186,7 +186,8 @@ def render_markdown(results: dict) -> str:
                     p = m["params"]
                     shape += f", {p / 1e9:.2f}B params" if p >= 1e9 else f", {p / 1e6:.1f}M params"
                 if m.get("layout") == "packed":
-                    shape += f", packed: {m.get('documents_per_row', 0):.1f} documents/row"
+                    shape += (f", packed: {m.get('documents_per_row', 0):.1f} documents/row; MFU as if dense, "
+                              "an overstatement")
                 lines.append(f"| {name} ({shape}) | {arm} | {a['tokens_per_s']:,.0f} | "
                              f"{_timing_cell(a['step'])} | {_f(a.get('mfu'), '{:.1%}')} | "
                              f"{_f(a.get('peak_mem_gib'), '{:.2f}')} | {_f(a.get('first_step_s'), '{:.1f}')} | "

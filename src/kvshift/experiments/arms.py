@@ -10,6 +10,7 @@ runs' records into its results directory.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -230,6 +231,9 @@ def fingerprint(obj) -> str:
             for v in x:
                 feed(v)
             h.update(b"]")
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):  # e.g. iGSM problems: by their fields
+            h.update(f"D{type(x).__qualname__}".encode())
+            feed(dataclasses.asdict(x))
         elif isinstance(x, functools.partial):
             feed((x.func, x.args, x.keywords))
         elif callable(x) and hasattr(x, "__qualname__"):

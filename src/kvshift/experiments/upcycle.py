@@ -235,6 +235,17 @@ def run(opts: RunOptions, out: Path) -> dict:
     return summarize(opts, out)
 
 
+def published_runs(out: Path, runs: Path) -> dict[str, Path]:
+    """{ARM-sSEED: scratch directory} of the finished runs published in out/runs (what the summary reports),
+    found by the hash of each run's key: the models to score, never another run left in `runs`."""
+    found = {}
+    for d in sorted((Path(out) / "runs").glob("*-s*")):
+        if (d / "run.json").is_file() and (d / "summary.json").is_file() and \
+                json.loads((d / "summary.json").read_text()).get("status") == "finished":
+            found[d.name] = Path(runs) / "upcycle" / key_hash(json.loads((d / "run.json").read_text())["key"])
+    return found
+
+
 # ---- summary ------------------------------------------------------------------------------------
 def domain_losses(rec: dict) -> dict:
     """{"all", "prose", "code"} held-out losses of an evaluation record: prose = every domain but code,

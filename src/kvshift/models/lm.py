@@ -305,6 +305,13 @@ class LM(nn.Module):
                       torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device))
         return self.output(self.norm(h))
 
+    def __getstate__(self):
+        """Copies and pickles leave the compiled decode's state behind: its compiled step belongs to this model
+        (a deep copy would otherwise decode with the original's weights) and cannot be pickled."""
+        state = self.__dict__.copy()
+        state.pop("_static_decoder", None)
+        return state
+
     def release_static_decode(self) -> None:
         """Free the cache buffers `generate(compile=True)` keeps on the model between calls (the compiled
         step's graphs stay with torch.compile; torch._dynamo.reset() drops those)."""
