@@ -2,6 +2,7 @@
 failed export never costs the previous one."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,25 @@ def test_export_refuses_another_tokenizer(run, tmp_path, capsys):
     assert "not the one the training shards were made with" in err and "meta.json" in err and str(other) in err
     assert not dst.exists()
     assert main(["export", str(run), str(dst), "--tokenizer", str(tok)]) == 0
+
+
+def test_export_accepts_the_shards_tokenizer_serialised_differently(run, tmp_path, capsys):
+    """Another transformers version writes the same tokenizer with other bytes: with the shards' own copy beside
+    meta.json the two are compared by what they encode (a different tokenizer is still refused)."""
+    import shutil
+
+    run, tok = run
+    shards = Path(json.loads((run / "config.json").read_text())["data"]["shard_dir"])
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(json.loads(tok.read_text()), indent=3, sort_keys=True))
+    assert main(["export", str(run), str(tmp_path / "a"), "--tokenizer", str(same)]) == 2  # no copy to compare with
+    _err(capsys, "export")
+    shutil.copyfile(tok, shards / "tokenizer.json")
+    assert main(["export", str(run), str(tmp_path / "b"), "--tokenizer", str(same)]) == 0
+    other = tmp_path / "other.json"
+    tiny_tokenizer(290).backend_tokenizer.save(str(other))
+    assert main(["export", str(run), str(tmp_path / "c"), "--tokenizer", str(other)]) == 2
+    assert "not the one the training shards were made with" in _err(capsys, "export")
 
 
 # ---- staged export: a failing export keeps the previous one --------------------------------------------

@@ -80,7 +80,8 @@ def check_shard_meta(meta, path: Path, fmt: str) -> None:
 def check_tokenizer_made_shards(tokenizer, shard_meta) -> None:
     """UserError when `tokenizer` (a tokenizer.json) is not the file the training shards were made
     with (their meta.json keeps its sha256). Skipped when the shards' meta.json is not found, for a
-    saved transformers tokenizer (re-serialised, so its bytes differ) and for shards without one."""
+    saved transformers tokenizer (re-serialised, so its bytes differ) and for shards without one; a file of
+    other bytes passes when the shards keep their tokenizer.json and the two encode alike (`same_encoding`)."""
     if tokenizer is None or shard_meta is None or not Path(shard_meta).is_file():
         return
     p = Path(tokenizer)
@@ -95,5 +96,11 @@ def check_tokenizer_made_shards(tokenizer, shard_meta) -> None:
     except (OSError, ValueError, AttributeError):
         return
     if isinstance(want, str) and want.strip("0") and file_sha256(p) != want:
+        own = Path(shard_meta).parent / "tokenizer.json"  # the shards' copy (kvshift.data.shards.TOKENIZER)
+        if own.is_file() and file_sha256(own) == want:
+            from kvshift.data.tokenizer import same_encoding
+
+            if same_encoding(own, p):
+                return  # the same tokenizer, serialised differently
         raise UserError(f"tokenizer {tokenizer} is not the one the training shards were made with ({shard_meta}: "
                         f"tokenizer_sha256 {want[:12]}…, this file {file_sha256(p)[:12]}…); pass that tokenizer.json")

@@ -30,6 +30,7 @@ import torch
 from kvshift.experiments.base import Experiment, RunOptions, fmt, write_summary
 from kvshift.experiments.lm.runs import (RUN_FILES, _publish, _status, ensure_trained, key_hash, read_coefficients,
                                          run_key)
+from kvshift.data.tokenizer import same_encoding
 from kvshift.experiments.lm.spec import data_identity
 from kvshift.train.checkpoint import list_checkpoints
 from kvshift.train.config import load_config
@@ -148,23 +149,6 @@ def check_match(model: Path, shards: Path, fields: dict) -> None:
     raise ValueError(f"{shards}: made with another tokenizer than {tok} (sha256 differs"
                      + ("" if own.is_file() else "; the shards keep no tokenizer.json to compare encodings with")
                      + f"); tokenize with `--tokenizer {model}`")
-
-
-# text the encodings of two tokenizers are compared on: prose, code, digits, whitespace runs, unicode, specials
-PROBE = ("The capital of France is Paris.\n\ndef f(x):\n    return x ** 2  # 12345 67.89\n\tTabs\r\n"
-         "Ünïcödé — “quotes” 日本語 🙂 <|endoftext|><|im_start|>user\nhi<|im_end|>  trailing   ")
-
-
-def same_encoding(a: Path, b: Path) -> bool:
-    """Whether two tokenizer.json files give the same ids for PROBE (with and without special tokens) and
-    have the same vocabulary."""
-    from tokenizers import Tokenizer
-
-    ta, tb = Tokenizer.from_file(str(a)), Tokenizer.from_file(str(b))
-    if ta.get_vocab(with_added_tokens=True) != tb.get_vocab(with_added_tokens=True):
-        return False
-    return all(ta.encode(PROBE, add_special_tokens=x).ids == tb.encode(PROBE, add_special_tokens=x).ids
-               for x in (True, False))
 
 
 def run_config(scale: str, model: Path, fields: dict, arm: str, seed: int, shards: Path,
