@@ -134,21 +134,3 @@ def resolve_tokenizer(path: str | Path, workdir: str | Path) -> tuple[Path, dict
     out.parent.mkdir(parents=True, exist_ok=True)
     backend.save(str(out))
     return out, {"kind": "gguf", "file": p.name, "sha256": file_sha256(p)}
-
-
-# text two tokenizers are compared on: prose, code, digits, whitespace runs, unicode, special tokens
-PROBE = ("The capital of France is Paris.\n\ndef f(x):\n    return x ** 2  # 12345 67.89\n\tTabs\r\n"
-         "Ünïcödé — “quotes” 日本語 🙂 <|endoftext|><|im_start|>user\nhi<|im_end|>  trailing   ")
-
-
-def same_encoding(a: str | Path, b: str | Path) -> bool:
-    """Whether two tokenizer.json files are the same tokenizer in what matters: the same vocabulary and the
-    same ids for PROBE, with and without special tokens. Bytes are no test: transformers versions serialise
-    one tokenizer differently (5.17 and 5.24 do for SmolLM2's)."""
-    from tokenizers import Tokenizer
-
-    ta, tb = Tokenizer.from_file(str(a)), Tokenizer.from_file(str(b))
-    if ta.get_vocab(with_added_tokens=True) != tb.get_vocab(with_added_tokens=True):
-        return False
-    return all(ta.encode(PROBE, add_special_tokens=x).ids == tb.encode(PROBE, add_special_tokens=x).ids
-               for x in (True, False))

@@ -30,7 +30,7 @@ import torch
 from kvshift.experiments.base import Experiment, RunOptions, fmt, write_summary
 from kvshift.experiments.lm.runs import (RUN_FILES, _publish, _status, ensure_trained, key_hash, read_coefficients,
                                          run_key)
-from kvshift.data.tokenizer import same_encoding
+from kvshift.data.checks import same_encoding
 from kvshift.experiments.lm.spec import data_identity
 from kvshift.train.checkpoint import list_checkpoints
 from kvshift.train.config import load_config
