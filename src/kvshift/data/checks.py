@@ -96,10 +96,8 @@ def check_tokenizer_made_shards(tokenizer, shard_meta) -> None:
     except (OSError, ValueError, AttributeError):
         return
     if isinstance(want, str) and want.strip("0") and file_sha256(p) != want:
-        own = Path(shard_meta).parent / "tokenizer.json"  # the shards' copy (kvshift.data.shards.TOKENIZER)
-        if own.is_file() and file_sha256(own) == want:
-            if same_encoding(own, p):
-                return  # the same tokenizer, serialised differently
+        if encodes_like_shards(p, Path(shard_meta).parent, want):
+            return  # the same tokenizer, serialised differently
         raise UserError(f"tokenizer {tokenizer} is not the one the training shards were made with ({shard_meta}: "
                         f"tokenizer_sha256 {want[:12]}…, this file {file_sha256(p)[:12]}…); pass that tokenizer.json")
 
@@ -107,6 +105,14 @@ def check_tokenizer_made_shards(tokenizer, shard_meta) -> None:
 # text two tokenizers are compared on: prose, code, digits, whitespace runs, unicode, special tokens
 PROBE = ("The capital of France is Paris.\n\ndef f(x):\n    return x ** 2  # 12345 67.89\n\tTabs\r\n"
          "Ünïcödé — “quotes” 日本語 🙂 <|endoftext|><|im_start|>user\nhi<|im_end|>  trailing   ")
+
+
+def encodes_like_shards(tokenizer: str | Path, shard_dir: str | Path, sha256: str) -> bool:
+    """Whether `tokenizer` (a tokenizer.json whose bytes differ from the one the shards were made with) is that
+    tokenizer all the same: the shards keep their own copy (kvshift.data.shards.TOKENIZER, sha256 as their
+    meta.json says) and the two encode alike."""
+    own = Path(shard_dir) / "tokenizer.json"
+    return own.is_file() and file_sha256(own) == sha256 and same_encoding(own, tokenizer)
 
 
 def same_encoding(a: str | Path, b: str | Path) -> bool:

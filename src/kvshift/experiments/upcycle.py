@@ -30,7 +30,7 @@ import torch
 from kvshift.experiments.base import Experiment, RunOptions, fmt, write_summary
 from kvshift.experiments.lm.runs import (RUN_FILES, _publish, _status, ensure_trained, key_hash, read_coefficients,
                                          run_key)
-from kvshift.data.checks import same_encoding
+from kvshift.data.checks import encodes_like_shards
 from kvshift.experiments.lm.spec import data_identity
 from kvshift.train.checkpoint import list_checkpoints
 from kvshift.train.config import load_config
@@ -143,11 +143,11 @@ def check_match(model: Path, shards: Path, fields: dict) -> None:
         return
     # different bytes: transformers versions serialise the same tokenizer differently (the model converted on
     # one machine, the shards tokenized on another), so compare what the two encode
-    own = shards / "tokenizer.json"
-    if own.is_file() and file_sha256(own) == meta["tokenizer_sha256"] and same_encoding(own, tok):
+    if encodes_like_shards(tok, shards, meta["tokenizer_sha256"]):
         return
     raise ValueError(f"{shards}: made with another tokenizer than {tok} (sha256 differs"
-                     + ("" if own.is_file() else "; the shards keep no tokenizer.json to compare encodings with")
+                     + ("" if (shards / "tokenizer.json").is_file()
+                        else "; the shards keep no tokenizer.json to compare encodings with")
                      + f"); tokenize with `--tokenizer {model}`")
 
 
