@@ -24,9 +24,11 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: str | Path, write) -> None:
-    """`write(f)` into path.tmp, fsync, then rename over `path`: readers see the old file or the new one."""
+    """`write(f)` into a temporary file beside `path`, fsync, then rename over `path`: readers see the old file
+    or the new one. The temporary name carries the process id, so processes writing the same file at once
+    (several jobs of one experiment summarising into one directory) never rename each other's file away."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
