@@ -82,10 +82,18 @@ def test_pads_never_leak_into_real_rows():
     assert torch.equal(a[0, 2:], b[0, 2:])
 
 
+@pytest.fixture(params=[False, True], ids=["masked", "varlen"])
+def varlen(request, monkeypatch):
+    """Packed attention through SDPA's block-diagonal mask (the CPU default) or through the varlen op (what
+    CUDA runs; here its exact CPU math)."""
+    monkeypatch.setattr("kvshift.layers.attention.VARLEN_OFF_CUDA", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("position", ["rope", "learned"])
 @pytest.mark.parametrize("kind", ["vanilla", "kvshift", "kshift"])
 @pytest.mark.parametrize("window", [1, 3], ids=["w1", "w3"])
-def test_packed_equals_separate_documents(kind, window, position):
+def test_packed_equals_separate_documents(kind, window, position, varlen):
     g = torch.Generator().manual_seed(11)
     model = make(kind, window, position)
     lengths = [5, 1, 9, 3]
@@ -102,6 +110,27 @@ def test_packed_equals_separate_documents(kind, window, position):
     out = model(rows, position_ids=pos2)
     sep2 = torch.cat([model(d[None]) for d in docs[::-1]], 1)
     assert (out[1] - sep2[0]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "kvshift", "vshift"])
+def test_packed_gradients_equal_on_the_varlen_path(kind, monkeypatch):
+    """Training on packed rows: the loss and every parameter's gradient are the same through the varlen op
+    (CUDA's path for packed batches) as through SDPA with the block-diagonal mask."""
+    g = torch.Generator().manual_seed(5)
+    model = make(kind, 1, n_kv_heads=2).train()
+    x = torch.randint(0, 97, (2, 19), generator=g)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in (7, 1, 11)]), torch.cat([torch.arange(n) for n in (19,)])])
+    grads = []
+    for on in (False, True):
+        monkeypatch.setattr("kvshift.layers.attention.VARLEN_OFF_CUDA", on)
+        model.zero_grad()
+        loss = model(x, position_ids=pos).float().logsumexp(-1).mean()
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert abs(l0 - l1) <= 1e-5 and g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-5, rtol=1e-4), n
 
 
 def test_packing_resets_the_shift():

@@ -97,8 +97,10 @@ def test_left_padded_batch_equals_rows_alone(mixer, attention):
             assert (steps[i] - alone).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["masked", "varlen"])
 @pytest.mark.parametrize("mixer,attention", CASES, ids=IDS)
-def test_packed_equals_separate_documents(mixer, attention):
+def test_packed_equals_separate_documents(mixer, attention, varlen, monkeypatch):
+    monkeypatch.setattr("kvshift.layers.attention.VARLEN_OFF_CUDA", varlen)  # the CUDA path's exact CPU math
     g = torch.Generator().manual_seed(11)
     model = make(mixer, attention)
     lengths = [5, 1, 9, 3]

@@ -20,6 +20,7 @@ from kvshift.ops.rope import apply_rope
 from kvshift.ops.shift import dispatch_shift, dispatch_shift_rope, use_triton
 from kvshift.ops.shift import naive as naive_shift
 from kvshift.ops.shift.attention import ATTENTION_BACKENDS, flash_supported, shift_attention
+from kvshift.ops.varlen import varlen_attention
 
 # the attention kinds: which sides shift (keys, values), and how coefficients are parametrised
 SHIFT_KINDS: dict[str, tuple[bool, bool, str]] = {
@@ -31,6 +32,9 @@ SHIFT_KINDS: dict[str, tuple[bool, bool, str]] = {
     "vshift": (False, True, "free"),
 }
 ATTENTION_KINDS = tuple(SHIFT_KINDS)
+# packed documents attend through the varlen flash kernels on CUDA (`kvshift.ops.varlen`); elsewhere through
+# SDPA with the block-diagonal mask, unless this is set (tests: the varlen op's exact CPU math)
+VARLEN_OFF_CUDA = False
 # kinds whose coefficients hold the identity shift exactly (a gate's softmax would need an infinite logit)
 IDENTITY_KINDS = tuple(kind for kind, (_, _, param) in SHIFT_KINDS.items() if param != "gate")
 
@@ -290,8 +294,18 @@ class Attention(nn.Module):
             return False
         return use_triton(self.shift_impl, x)
 
+    def _varlen_ok(self, q: torch.Tensor, k_hat: torch.Tensor, ctx: "AttentionContext", T: int) -> bool:
+        """Packed documents, training-style (no cache: keys are the T new tokens), no position bias: the
+        varlen kernels, the ones the fused shift path uses for packed batches, so every kind pays the same."""
+        return (ctx.cu_seqlens is not None and ctx.causal and k_hat.shape[1] == T and self.position != "alibi"
+                and ctx.token_valid is None and ((q.is_cuda and flash_supported(q)) or VARLEN_OFF_CUDA))
+
     def _attend(self, q, k_hat, v_hat, ctx: "AttentionContext", B: int, T: int) -> torch.Tensor:
         hd = self.head_dim
+        if self._varlen_ok(q, k_hat, ctx, T):
+            flat = lambda t: t.reshape(B * T, t.shape[2], hd)  # noqa: E731
+            out = varlen_attention(flat(q), flat(k_hat), flat(v_hat), ctx.cu_seqlens, max_seqlen=T)
+            return self.wo(out.reshape(B, T, self.n_heads * hd))
         qh, kh, vh = q.transpose(1, 2), k_hat.transpose(1, 2), v_hat.transpose(1, 2)  # (B, H, T|S, D)
         mask = ctx.mask
         if self.position == "alibi":

@@ -20,7 +20,7 @@ cuDNN's fused attention for dense batches (`aten::_scaled_dot_product_cudnn_atte
 the kernels SDPA itself picks on Hopper, GQA native) and PyTorch's flash-attention kernels
 (`aten::_flash_attention_forward/_backward`, varlen form) for packed documents or with
 backend="flash" (`attention_backend` says which);
-on the CPU (TRITON_INTERPRET=1, for tests) the attention part is an exact fp32 math implementation of
+on the CPU (TRITON_INTERPRET=1, for tests) the attention part is an exact math implementation (fp32; fp64 for fp64 inputs) of
 the same forward/backward, so the recompute and gradient plumbing is tested without a GPU.
 "naive" is the reference: naive shift, naive RoPE and plain masked softmax attention, differentiated
 by autograd.
@@ -54,6 +54,11 @@ def _dense_cu(B: int, T: int, device) -> Tensor:
 
 
 # ---- the attention part: flash on CUDA, exact math elsewhere ------------------------------------
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The math path's accumulation dtype (and its logsumexp's): fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _math_mask(cu: Tensor, N: int) -> Tensor:
     rows = torch.arange(N, device=cu.device, dtype=torch.int32)
     doc = torch.searchsorted(cu[1:].contiguous(), rows, right=True)
@@ -61,15 +66,15 @@ def _math_mask(cu: Tensor, N: int) -> Tensor:
 
 
 def _math_scores(q: Tensor, k: Tensor, cu: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    H, Hk = q.shape[1], k.shape[1]
-    kf = k.float().repeat_interleave(H // Hk, dim=1)
-    s = torch.einsum("nhd,mhd->hnm", q.float(), kf) * scale  # (H, N, N)
+    H, Hk, acc = q.shape[1], k.shape[1], _acc(q.dtype)
+    kf = k.to(acc).repeat_interleave(H // Hk, dim=1)
+    s = torch.einsum("nhd,mhd->hnm", q.to(acc), kf) * scale  # (H, N, N)
     mask = _math_mask(cu, q.shape[0])
     return s.masked_fill(~mask, float("-inf")), kf
 
 
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float) -> Tuple[Tensor, Tensor]:
-    """q (N, H, D), k/v (N, H_kv, D) -> out (N, H, D) in q's dtype, lse (H, N) fp32."""
+    """q (N, H, D), k/v (N, H_kv, D) -> out (N, H, D) in q's dtype, lse (H, N) fp32 (fp64 for fp64 math)."""
     if q.is_cuda:
         out, lse = torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)[:2]
@@ -77,7 +82,7 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: 
     s, _ = _math_scores(q, k, cu, scale)
     lse = torch.logsumexp(s, dim=-1)  # (H, N)
     p = torch.exp(s - lse[..., None])
-    vf = v.float().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    vf = v.to(p.dtype).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     out = torch.einsum("hnm,mhd->nhd", p, vf)
     return out.to(q.dtype).contiguous(), lse
 
@@ -93,14 +98,14 @@ def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     H, Hk = q.shape[1], k.shape[1]
     s, kf = _math_scores(q, k, cu, scale)
     p = torch.exp(s - lse[..., None])  # (H, N, N)
-    vf = v.float().repeat_interleave(H // Hk, dim=1)
-    do = dout.float()
+    vf = v.to(p.dtype).repeat_interleave(H // Hk, dim=1)
+    do = dout.to(p.dtype)
     dv = torch.einsum("hnm,nhd->mhd", p, do)
     dp = torch.einsum("nhd,mhd->hnm", do, vf)
-    delta = (do * out.float()).sum(-1).transpose(0, 1)  # (H, N)
+    delta = (do * out.to(p.dtype)).sum(-1).transpose(0, 1)  # (H, N)
     ds = p * (dp - delta[..., None]) * scale
     dq = torch.einsum("hnm,mhd->nhd", ds, kf)
-    dk = torch.einsum("hnm,nhd->mhd", ds, q.float())
+    dk = torch.einsum("hnm,nhd->mhd", ds, q.to(p.dtype))
     N, D = k.shape[0], k.shape[-1]
     dk = dk.view(N, Hk, H // Hk, D).sum(2)
     dv = dv.view(N, Hk, H // Hk, D).sum(2)
@@ -191,7 +196,7 @@ def shift_attn_fwd(q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, co
 def _(q, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len, scale, backend):
     N = q.numel() // (q.shape[-1] * q.shape[-2])
     lse = (q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) if backend == "cudnn"
-           else q.new_empty((q.shape[-2], N), dtype=torch.float32))
+           else q.new_empty((q.shape[-2], N), dtype=_acc(q.dtype)))
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
@@ -247,7 +252,7 @@ def shift_attention_reference(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, 
     cu = cu_seqlens if cu_seqlens is not None else _dense_cu(q_rot.shape[0], q_rot.shape[1], q_rot.device)
     s, kx = _math_scores(qf, kf, cu, 1.0 / math.sqrt(q_rot.shape[-1]))
     p = torch.softmax(s, dim=-1)
-    vx = vf.float().repeat_interleave(qf.shape[1] // vf.shape[1], dim=1)
+    vx = vf.to(p.dtype).repeat_interleave(qf.shape[1] // vf.shape[1], dim=1)
     return torch.einsum("hnm,mhd->nhd", p, vx).to(q_rot.dtype).view(q_rot.shape)
 
 
