@@ -228,7 +228,7 @@ def depth_verdict(summ: dict) -> tuple[str, str]:
     if kv < 0.9 or v1 >= 0.2:
         return "not reproduced", text
     if st("vanilla-2L", "0.5") is None:
-        bound = _speed_lower_bound(summ)
+        bound = toy_runs.speed_lower_bound(summ)
         if bound is not None:
             return "partly reproduced", text + bound
         return "inconclusive", text + (f" Vanilla 2-layer (RoPE, the paper's setting) never reached 50% within "
@@ -237,31 +237,6 @@ def depth_verdict(summ: dict) -> tuple[str, str]:
     if v2 >= 0.9 and (st("vanilla-2L") is None or (st("kvshift-1L") is not None and st("kvshift-1L") < st("vanilla-2L"))):
         return "reproduced", text
     return "partly reproduced", text
-
-
-# the lower bound on the speed-up must be at least this large to count as "much faster"
-MIN_SPEED_BOUND = 4.0
-
-
-def _speed_lower_bound(summ: dict) -> str | None:
-    """Where vanilla 2-layer never reached 50% in any of its (>= 2) seeds while KV shift 1-layer reached 90% in
-    every one of its (>= 2) seeds early enough that steps / (its latest crossing) >= MIN_SPEED_BOUND: the text
-    of a lower bound on the speed-up (the part of the claim the run can test), else None."""
-    steps, batch = summ["train"]["steps"], summ["train"]["batch_size"]
-    kv, v2 = summ["arms"]["kvshift-1L"]["steps_to"], summ["arms"]["vanilla-2L"]["steps_to"]
-    kv90 = list(kv["0.9"].get("per_seed", {}).values())
-    v50 = list(v2["0.5"].get("per_seed", {}).values())
-    if len(kv90) < 2 or len(v50) < 2 or any(s is None for s in kv90) or any(s is not None for s in v50):
-        return None
-    bound = steps / max(kv90)
-    if bound < MIN_SPEED_BOUND:
-        return None
-    return (f" Vanilla 2-layer (RoPE, the paper's setting) stayed below 50% for all {steps} steps "
-            f"({steps * batch:,} sequences) in each of its {len(v50)} seeds, while KV shift 1-layer passed 90% by "
-            f"step {max(kv90)} in each of its {len(kv90)} seeds: KV shift learns induction at least "
-            f"{bound:.1f}× faster (a lower bound; rule: >= {MIN_SPEED_BOUND:.0f}× counts as much faster). That "
-            "vanilla 2-layer eventually reaches ~100% (the paper, at 4,096 sequences per step) lies beyond this "
-            "budget, so that part is untested.")
 
 
 def width_arms(scale: str) -> tuple[dict, list[Arm]]:
