@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kvshift.bench.e2e import profile_kernels
 from kvshift.bench.plan import Plan, arms_for_run, check_nonzero, error_entry, free_memory, log
+from kvshift.bench.profile import profile_kernels
 from kvshift.bench.report import ATTN_ARMS, ratio
 from kvshift.bench.timing import measure_modes, synchronize
 from kvshift.ops.rope import apply_rope, rope_cos_sin

@@ -132,7 +132,10 @@ def register(sub) -> None:
                    help="comma-separated e2e models to run (default: the plan's bench-162m, bench-246m); also "
                         "bench-1b, bench-162m-packed, bench-246m-packed, bench-246m-16k (only when named)")
     p.add_argument("--profile", action="store_true",
-                   help="also record each e2e arm's top GPU kernels (torch.profiler, 2 steps after the timing)")
+                   help="also profile each arm after its timing (torch.profiler): e2e, the top GPU kernels of "
+                        "2 training steps; generate, the kernels of one decode step (profiled generate with a few "
+                        "new tokens minus generate with 1, per token: time by family, top kernels, kernels and "
+                        "launches per token); on a CPU aten ops stand in for kernels")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge result files of one device (parts run on separate GPUs) into --out; runs nothing")
     p.set_defaults(func=_run)

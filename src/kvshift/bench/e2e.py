@@ -1,6 +1,6 @@
 """The e2e part: a full training step of a bench preset per arm: torch.compile(model + loss), bf16
 autocast, fused AdamW; tokens/s, MFU, peak memory. With --profile also each arm's top GPU kernels
-(`profile_kernels`: torch.profiler, 2 steps after the timing).
+(`kvshift.bench.profile.profile_kernels`: torch.profiler, 2 steps after the timing).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from kvshift.bench.plan import (MIXER_ARMS, Plan, arms_for_run, build_model, check_nonzero, device_name, error_entry,
                                 free_memory, log, timer_name)
+from kvshift.bench.profile import profile_kernels
 from kvshift.bench.report import ARMS, ratio
 from kvshift.bench.timing import measure, synchronize
 from kvshift.models import LM, ModelConfig
@@ -76,42 +76,6 @@ def packed_positions(batch: int, seq_len: int, *, seed: int = 0) -> tuple[torch.
             t += n
         docs.append(row)
     return torch.from_numpy(pos), docs
-
-
-def profile_kernels(step: Callable[[], None], device: torch.device, steps: int = 2, top: int = 12) -> dict:
-    """The GPU kernels of `steps` calls of `step` (torch.profiler): the `top` by total device time, and
-    the total per family (attention, matmul, triton, other), in ms per step."""
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            step()
-        synchronize(device)
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0)
-        if t and t > 0 and e.device_type is not None and "cuda" in str(e.device_type).lower():
-            rows.append((e.key, e.count, t / 1e3 / steps))
-    rows.sort(key=lambda r: -r[2])
-
-    def family(name: str) -> str:
-        n = name.lower()
-        if "flash" in n or "fmha" in n or "attention" in n or "attn" in n:
-            return "attention"
-        if "gemm" in n or "cutlass" in n or "sm90" in n or "nvjet" in n or "matmul" in n or "mm_" in n:
-            return "matmul"
-        if "triton" in n or "_kernel" in n:
-            return "triton/elementwise"
-        return "other"
-
-    fam: dict[str, float] = {}
-    for k, _, t in rows:
-        fam[family(k)] = fam.get(family(k), 0.0) + t
-    return {"steps": steps, "total_ms_per_step": sum(r[2] for r in rows),
-            "families_ms_per_step": {k: round(v, 4) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])},
-            "top": [{"kernel": k[:160], "calls_per_step": c / steps, "ms_per_step": round(t, 4)}
-                    for k, c, t in rows[:top]]}
 
 
 def _e2e_arm(cfg: ModelConfig, arm: str, batch: int, seq_len: int, plan: Plan, device: torch.device,

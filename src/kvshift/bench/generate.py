@@ -23,6 +23,9 @@ Eager arms run with `disable_compile=True` (generate would otherwise compile a s
 its own). ms per generated token = (t(prompt + N new) - t(prompt + 1 new)) / (N - 1): the decode steps
 through generate, prefill excluded; both generate calls are timed in every iteration, medians over the
 iterations, after warm-up calls of both (where the compiled arms compile).
+With --profile, after an arm's timing, the kernels of one decode step (`kvshift.bench.profile.profile_decode`:
+profiled generate with PROFILE_NEW_TOKENS new tokens minus generate with 1, per token, prefill excluded); a
+profile that fails is recorded as its error beside the timing, which stands.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from typing import Callable
 import torch
 
 from kvshift.bench.plan import Plan, build_model, error_entry, free_memory, fused_available, log, timer_name
+from kvshift.bench.profile import profile_decode
 from kvshift.bench.report import GEN_ARMS, GEN_RATIOS, ratio
 from kvshift.bench.timing import summarize, synchronize
 from kvshift.models import ModelConfig
 
+PROFILE_NEW_TOKENS = 9  # the profiled generate call: 8 decode steps beyond the 1-token call (at most N)
 
 
 def case_name(batch: int, prompt: int) -> str:
@@ -171,7 +176,9 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
     section = {"model": plan.gen_model, "new_tokens": n,
                "settings": {"dtype": "bf16", "warmup": plan.gen_warmup, "iters": plan.gen_iters, "sampling": "greedy",
                             "arms": arms, "timer": timer_name(device).replace("cuda-events", "perf_counter + synchronize"),
-                            "per_token": "(t(N new) - t(1 new)) / (N - 1) through generate"},
+                            "per_token": "(t(N new) - t(1 new)) / (N - 1) through generate",
+                            **({"profile": f"kernels of generate({min(n, PROFILE_NEW_TOKENS)} new) - generate(1 new), "
+                                           "per token"} if plan.profile else {})},
                "cases": {}}
     try:
         models = build_gen_models(plan, arms, max_len, device)
@@ -198,6 +205,12 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
                 log(f"  {case['arms'][arm]['ms_per_token']:.3f} ms/token")
             except Exception as e:  # noqa: BLE001
                 case["arms"][arm] = error_entry(e)
+            if plan.profile and "error" not in case["arms"][arm]:
+                try:
+                    prof = profile_decode(gen_call(arm, model), ids, min(n, PROFILE_NEW_TOKENS), device)
+                except Exception as e:  # noqa: BLE001 - the timing stands without the profile
+                    prof = error_entry(e)
+                case["arms"][arm]["profile"] = prof
             case["arms"][arm]["wall_s"] = time.perf_counter() - t0
             _drop_caches(model)
             free_memory(device)

@@ -111,4 +111,36 @@ def render_generate(sec: dict | None) -> list[str]:
     cross = [f"{n}: {', '.join(c['cross_run_ratios'])}" for n, c in sec["cases"].items() if c.get("cross_run_ratios")]
     if cross:
         lines += ["Ratios of arms measured by different runs (merged; less comparable): " + "; ".join(cross) + ".", ""]
+    return lines + render_decode_kernels(sec)
+
+
+def render_decode_kernels(sec: dict | None) -> list[str]:
+    """The kernels of one decode step per case and arm (--profile), only where an arm holds a profile."""
+    prof = [(n, c, a, r) for n, c in (sec or {}).get("cases", {}).items() for a, r in c.get("arms", {}).items()
+            if isinstance(r, dict) and isinstance(r.get("profile"), dict)]
+    if not prof:
+        return []
+    new = sorted({p["new_tokens"] for *_, r in prof if "new_tokens" in (p := r["profile"])})
+    kinds = sorted({p["kernels"] for *_, r in prof if "kernels" in (p := r["profile"])})
+    lines = ["## GPU kernels of one decode step (torch.profiler, per generated token)", "",
+             f"Two profiled generate calls after the timing, N = {'/'.join(map(str, new)) or '?'} new tokens and 1: "
+             "per kernel, (calls and time with N - with 1) / (N - 1), so the prefill and the first token drop out "
+             "(kernels that run as often in both calls are prefill kernels and are left out). "
+             f"Kernels: {'; '.join(kinds) or '?'}. kernels/token: the kernels one decode step runs (at batch 1 "
+             "decode is launch bound); launches/token: the host's kernel launches (graph: CUDA-graph replays).",
+             "", "| case | arm | timed ms/token | kernel ms/token | kernels/token | launches/token (graph) | by family "
+             "| top kernels (ms × calls per token) |", "|---|---|---|---|---|---|---|---|"]
+    for n, c, a, r in prof:
+        p = r["profile"]
+        if "error" in p:
+            lines.append(f"| {n} | {a} | {r['ms_per_token']:.3f} | profile error: `{p['error'][:80]}` | | | | |")
+            continue
+        launch = "–" if "launches_per_token" not in p else (f"{p['launches_per_token']:g} "
+                                                            f"({p.get('graph_launches_per_token', 0):g})")
+        fam = ", ".join(f"{k} {v:.3f}" for k, v in p["families_ms_per_token"].items())
+        top = p.get("note") or "<br>".join(f"{t['ms_per_token']:.4f} × {t['calls_per_token']:g}: `{t['kernel'][:60]}`"
+                                           for t in p["top"][:8])
+        lines.append(f"| {n} | {a} | {r['ms_per_token']:.3f} | {p['ms_per_token']:.3f} | "
+                     f"{p['kernels_per_token']:g} | {launch} | {fam} | {top} |")
+    lines.append("")
     return lines

@@ -19,7 +19,9 @@ The superseded parts, still run when named and still read from earlier results (
 
 This module runs the parts and writes the result. Decode has no fused-sdpa / fused-flash arm (the decode
 step is the same kernel). With --profile the e2e part also records each arm's top GPU kernels
-(torch.profiler, 2 steps after the timing).
+(torch.profiler, 2 steps after the timing), and the generate part each arm's kernels of one decode step
+(`kvshift.bench.profile.profile_decode`: generate(N new) minus generate(1 new), per token); a merge keeps them
+with the arms.
 Results go to <out>/<device-slug>.json and .md after every finished case, so a run cut short keeps
 what it measured; with --only the other parts of an earlier result for the same device are kept.
 """
