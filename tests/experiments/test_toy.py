@@ -146,6 +146,21 @@ def test_report_rows_from_bench_targets(tmp_path):
     assert "Superseded, not counted: block" in rows[1]
 
 
+def test_cost_row_counts_a_target_without_data_as_not_measured(tmp_path):
+    """A generate case where only one arm of a ratio ran has that target without data: listed as such, never
+    as missed, and the verdict rests on the measured targets."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "gpu-c.json").write_text(json.dumps({
+        "meta": {"device": "GPU-C"},
+        "e2e": {"models": {"x": {"arms": {}, "ratios": {"tokens_per_s": {"fused": 1.0}, "peak_mem": {"fused": 0.99}}}}},
+        "generate": {"cases": {"b1-p8192": {"arms": {"lm-vanilla-compiled": {}, "lm-kvshift-compiled": {}},
+                                            "ratios": {"lm-compiled": 1.01}}}}}))
+    row = next(line for line in render(tmp_path).splitlines() if line.startswith("| Sec. 2 (cost)"))
+    assert "Targets missed: 0 of" in row and "**reproduced**" in row
+    assert "Targets without data (an arm not run in that case): generate/b1-p8192/lm-compiled-vs-llama_ratio" in row
+    assert "lm-compiled-vs-llama_ratio: n/a" not in row
+
+
 def _arm(final, best=None, s50=None, s90=None):
     return {"final_accuracy": final, "best_accuracy": best if best is not None else final,
             "steps_to": {"0.5": {"median_step": s50}, "0.9": {"median_step": s90}, "0.99": {"median_step": None}}}
