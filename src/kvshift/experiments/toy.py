@@ -228,9 +228,11 @@ def depth_verdict(summ: dict) -> tuple[str, str]:
     if kv < 0.9 or v1 >= 0.2:
         return "not reproduced", text
     if st("vanilla-2L", "0.5") is None:
+        # the claim is a ratio of crossing steps: without a vanilla 2L crossing the row is inconclusive and
+        # names the budget reached; where the seeds allow it, it adds the lower bound on the speed-up
         bound = toy_runs.speed_lower_bound(summ)
         if bound is not None:
-            return "partly reproduced", text + bound
+            return "inconclusive", text + bound
         return "inconclusive", text + (f" Vanilla 2-layer (RoPE, the paper's setting) never reached 50% within "
                                        f"{steps * batch:,} sequences (the paper's runs see 4,096 per step): the run "
                                        "cannot say how much faster KV shift learns in that setting.")
@@ -357,11 +359,11 @@ EXPERIMENTS = [
         "induction-depth", "Fig. 1a",
         "KV shift 1 layer learns induction like vanilla 2 layers, much faster; vanilla 1 layer cannot.",
         "reproduced: KV shift 1L and vanilla 2L reach 90% final accuracy, vanilla 1L stays below 20%, and KV shift "
-        "crosses 90% first; partly: vanilla 2L learns but the rest does not hold, or vanilla 2L stays below 50% for "
-        "the whole run in every one of >= 2 seeds while KV shift 1L passes 90% in every seed within a quarter of it "
-        "(a lower bound of >= 4x on the speed-up; vanilla 2L reaching ~100% untested); inconclusive: vanilla 2L "
-        "never reaches 50% and no such bound holds; not reproduced: KV shift 1L does not reach 90% or vanilla 1L "
-        "does.",
+        "crosses 90% first; partly: vanilla 2L learns but the rest does not hold; inconclusive: KV shift 1L learns "
+        "and vanilla 1L fails but vanilla 2L never reaches 50% (the ratio cannot be measured; the row names the "
+        "budget reached and, when vanilla 2L stays below 50% in every one of >= 2 seeds while KV shift 1L passes "
+        "90% in every seed within a quarter of the run, a lower bound on the speed-up); not reproduced: KV shift "
+        "1L does not reach 90% or vanilla 1L does.",
         "Fig. 1a: vanilla 1/2/4 layers vs KV shift 1 layer on induction", induction_depth,
         options=("arms",), summarize=_resummarize(_finish_depth, "induction-depth", DEPTH_PAPER)),
     Experiment(
