@@ -19,7 +19,8 @@
 # STEPS (optional: fewer steps), PYTHON, KVSHIFT_GIT_COMMIT, and SCORE: a requests file (`kvshift eval
 # --record` here, carried with the shards) to score on the device after training, since the trained models
 # (1.6 GB checkpoints) never come back: the source model and every finished run's final checkpoint
-# (`kvshift eval-score`, bf16) -> scores-source.npz, scores-ARM-sSEED.npz in $OUT/scores.tgz; the training jobs then
+# (`kvshift eval-score`, bf16) -> scores-source.npz, scores-ARM-sSEED.npz in $OUT/scores.tgz, for this call's
+# ARMS x SEEDS only (SCORE_SOURCE=0 skips the source model, scored once already); the training jobs then
 # stop SCORE_RESERVE seconds (default 150) before BUDGET. Here: `kvshift eval --scores` replays them through
 # lm-eval, then `kvshift experiment upcycle-benchmarks --scale gpu --input source=... vanilla=... kvshift=...`.
 set -u
@@ -66,11 +67,14 @@ echo "== upcycle training done at $(( $(date +%s) - start ))s"
 
 if [ -n "${SCORE:-}" ]; then  # one scoring queue per GPU, in parallel; each model once
   n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); [ "${n:-0}" -ge 1 ] || n=1
-  models=("source=$MODEL")
+  models=()
+  [ "${SCORE_SOURCE:-1}" = 0 ] || models+=("source=$MODEL")  # the source scores once; later calls: SCORE_SOURCE=0
+  mine_only=" "; for s in ${SEEDS:-0 1}; do for a in ${ARMS:-vanilla kvshift kshift}; do mine_only+="$a-s$s "; done; done
   # exactly the runs the summary reports: each published run (results/upcycle-gpu/runs/ARM-sSEED) names its
   # scratch directory by the hash of its key; a run of other settings left in runs/ by an earlier call is not one
   while IFS='=' read -r name rd; do
-    [ -d "$rd/checkpoints" ] && models+=("$name=$rd")
+    # only this call's ARMS x SEEDS: a run of an earlier call on this warm machine has its scores already
+    [ -d "$rd/checkpoints" ] && [[ "$mine_only" == *" $name "* ]] && models+=("$name=$rd")
   done < <("$PY" -c 'from kvshift.experiments.upcycle import published_runs as p
 for k, v in p("results/upcycle-gpu", "runs").items(): print(f"{k}={v}")')
   score_queue() {  # GPU MODEL...
