@@ -25,7 +25,7 @@ def pair(tmp_path_factory):
 def test_downstream_end_to_end(pair, tmp_path):
     s = downstream.run(pair, tasks=["piqa", "winogrande"], limit=6, name="tiny", eval_dir=tmp_path / "eval",
                        out=tmp_path / "out", device="cpu", batch_size=4)
-    assert s["verdict"] in {"reproduced", "partly reproduced", "not reproduced"}
+    assert s["verdict"] in {"reproduced", "partly reproduced", "not reproduced", "inconclusive"}
     for t in ("piqa", "winogrande"):
         r = s["tasks"][t]
         assert r["chance"] == 0.5 and r["vanilla"]["n"] == 6 and 0 <= r["kvshift"]["acc"] <= 1
@@ -62,6 +62,16 @@ def test_head_and_verdict_rules():
                               "kvshift")[0] == "partly reproduced"
     v, text = downstream.verdict({"a": row(0.05, True), "b": row(-0.05, True)}, "kvshift")
     assert v == "not reproduced" and "worse on b" in text
+    # better on the only task above chance: half of the testable tasks
+    near = {"chance": 0.25, "vanilla": {"acc": 0.26}, "kvshift": {"acc": 0.27, "diff": 0.01, "significant": False}}
+    assert downstream.verdict({"a": row(0.05, True), "n1": near, "n2": near}, "kvshift")[0] == "reproduced"
+    # no task separates the arms: the run has no power against a small gain
+    flat = {t: dict(row(0.004, False), kvshift={"acc": 0.304, "diff": 0.004, "significant": False, "diff_se": 0.01})
+            for t in "ab"}
+    v, text = downstream.verdict(flat, "kvshift")
+    assert v == "inconclusive" and "smallest detectable difference: a 0.020, b 0.020" in text
+    v, text = downstream.verdict({"n1": near, "n2": near}, "kvshift")
+    assert v == "inconclusive" and "every task is near chance" in text
 
 
 def test_bad_model_arguments(tmp_path):

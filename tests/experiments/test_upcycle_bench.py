@@ -59,6 +59,10 @@ def test_arms_are_compared_per_seed_against_the_vanilla_arm_of_that_seed(tmp_pat
     s = run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o3", runs=tmp_path / "runs", inputs=[
         f"source={src}", f"vanilla-s0={van}", f"kvshift-s0={kv}", f"vanilla-s1={van1}", f"kvshift-s1={same}"]))
     assert s["verdict"] == "partly reproduced"  # better in seed 0, no difference in seed 1
+    same0 = scores(tmp_path / "kv4.json", {t: a + 0.013 for t, a in SOURCE.items()}, n=2000)
+    s = run_experiment("upcycle-benchmarks", RunOptions(out=tmp_path / "o4", runs=tmp_path / "runs", inputs=[
+        f"source={src}", f"vanilla-s0={van}", f"kvshift-s0={same0}", f"vanilla-s1={van1}", f"kvshift-s1={same}"]))
+    assert s["verdict"] == "inconclusive" and "cannot separate the arms" in s["verdict_text"]  # no seed differs
 
 
 def test_bad_inputs_name_the_problem(tmp_path):

@@ -129,13 +129,22 @@ def verdict(rows: dict, arm: str) -> tuple[str, str]:
     better = [t for t, r in rows.items() if r[arm]["significant"] and r[arm]["diff"] > 0]
     worse = [t for t, r in rows.items() if r[arm]["significant"] and r[arm]["diff"] < 0]
     near = [t for t, r in rows.items() if r["chance"] and max(r[a]["acc"] for a in ("vanilla", arm)) < r["chance"] + 0.05]
+    testable = [t for t in rows if t not in near]
     mean = sum(r[arm]["diff"] for r in rows.values()) / len(rows)
-    v = "reproduced" if len(better) * 2 >= len(rows) and not worse else "partly reproduced" if better and not worse \
-        else "not reproduced"
     text = (f"{arm} − vanilla accuracy: mean {mean:+.4f} over {len(rows)} tasks; beyond 2 standard errors: better on "
             f"{', '.join(better) or 'none'}, worse on {', '.join(worse) or 'none'}; within 5 points of chance for both "
             f"arms: {', '.join(near) or 'none'}.")
-    return v, text
+    if worse:
+        return "not reproduced", text
+    if better:
+        return ("reproduced" if len(better) * 2 >= max(len(testable), 1) else "partly reproduced"), text
+    # no difference beyond 2 SE: the run could not separate the arms, which says nothing against a gain smaller
+    # than twice the standard error of the difference on each task
+    margin = {t: 2 * r[arm]["diff_se"] for t, r in rows.items() if t in testable and r[arm].get("diff_se") is not None}
+    return "inconclusive", text + (
+        " No task differs beyond 2 standard errors" + (" and every task is near chance" if not testable else "")
+        + (f" (smallest detectable difference: {', '.join(f'{t} {m:.3f}' for t, m in margin.items())})"
+           if margin else "") + ": the run cannot separate the arms.")
 
 
 def run(models: dict[str, Path], *, tasks=TASKS, limit=None, name="10m", eval_dir=Path("runs/eval"),
@@ -252,10 +261,10 @@ EXPERIMENTS = [
     Experiment(
         "lm-downstream", "Tables 2-3",
         "KV shifting improves downstream benchmarks (1.5B-19B); induction heads form without a previous-token head.",
-        "per task, a difference counts when it exceeds twice the standard error of the difference; reproduced: KV "
-        "shift better on at least half the tasks and worse on none; partly: better on some and worse on none; not "
-        "reproduced otherwise. Tasks within 5 points of chance for both arms are named: there the row cannot test "
-        "the claim.",
+        "per task, a difference counts when it exceeds twice the standard error of the difference; tasks within 5 "
+        "points of chance for both arms are named and cannot test the claim. Reproduced: KV shift better on at "
+        "least half the other tasks and worse on none; partly: better on some and worse on none; not reproduced: "
+        "worse on a task; inconclusive: no task differs (the run cannot separate the arms).",
         "Tables 2-3: lm-eval benchmarks and head analysis of an exported vanilla / KV-shift pair", run_experiment,
         options=("inputs", "tag", "note", "runs")),
 ]

@@ -89,9 +89,10 @@ def seed_rows(rows: dict, seed: int) -> dict:
 
 def bench_verdict(rows: dict, models: dict) -> tuple[str, str]:
     """Per seed, kvshift − vanilla on every task (`downstream.verdict`'s counts). Reproduced: every seed better
-    on at least half the tasks and worse on none; partly: no seed worse on any task and some seed better on one;
-    not reproduced otherwise; inconclusive with fewer than 2 seeds of both arms (one seed's differences are
-    reported, not judged: the arms' own seed-to-seed spread is unknown)."""
+    on at least half the tasks above chance and worse on none; partly: no seed worse on any task and some seed
+    better on one; not reproduced: some seed worse on a task; inconclusive: no task differs in any seed, or
+    fewer than 2 seeds of both arms (one seed's differences are reported, not judged: the arms' own
+    seed-to-seed spread is unknown)."""
     src = ", ".join(f"{t} {r['source']['acc']:.3f}±{r['source']['se']:.3f} (chance {r['chance']})"
                     for t, r in rows.items())
     up = above_chance(rows, "source")
@@ -108,9 +109,11 @@ def bench_verdict(rows: dict, models: dict) -> tuple[str, str]:
                 for s in seeds for r in seed_rows(rows, s).values())
     better = any(r["kvshift"]["significant"] and r["kvshift"]["diff"] > 0
                  for s in seeds for r in seed_rows(rows, s).values())
-    v = ("reproduced" if all(x == "reproduced" for x, _ in per.values())
-         else "partly reproduced" if better and not worse else "not reproduced")
-    return v, text
+    if worse:
+        return "not reproduced", text
+    if not better:  # no seed separates the arms on any task: nothing against a gain below the 2-SE margins
+        return "inconclusive", text + " No task differs beyond 2 standard errors in any seed: the runs cannot separate the arms."
+    return ("reproduced" if all(x == "reproduced" for x, _ in per.values()) else "partly reproduced"), text
 
 
 def _rows(evals: dict) -> dict:
@@ -175,8 +178,9 @@ EXPERIMENTS = [
         "upcycle-benchmarks", "Upcycling (beyond the paper)", CLAIM,
         "the source model's scores first (a task counts as above chance beyond two standard errors); then per seed "
         "and task kvshift − vanilla after the same continued training, a difference counting beyond twice its "
-        "standard error: reproduced when every seed is better on at least half the tasks and worse on none, partly "
-        "when no seed is worse on any task and some seed better on one, not reproduced otherwise; inconclusive "
+        "standard error: reproduced when every seed is better on at least half the tasks above chance and worse on "
+        "none, partly when no seed is worse on any task and some seed better on one, not reproduced when a seed is "
+        "worse on a task; inconclusive when no task differs in any seed (the runs cannot separate the arms) or "
         "with fewer than 2 seeds of both arms evaluated.",
         "lm-eval benchmarks of SmolLM2-135M (source) and of the upcycle arms", run,
         options=("inputs", "note", "runs")),
