@@ -137,7 +137,8 @@ def verdict(rows: dict, arm: str) -> tuple[str, str]:
     if worse:
         return "not reproduced", text
     if better:
-        return ("reproduced" if len(better) * 2 >= max(len(testable), 1) else "partly reproduced"), text
+        # one task above chance is too narrow a base for "reproduced" on a claim about benchmark averages
+        return ("reproduced" if len(testable) >= 2 and len(better) * 2 >= len(testable) else "partly reproduced"), text
     # no difference beyond 2 SE: the run could not separate the arms, which says nothing against a gain smaller
     # than twice the standard error of the difference on each task
     margin = {t: 2 * r[arm]["diff_se"] for t, r in rows.items() if t in testable and r[arm].get("diff_se") is not None}
@@ -262,8 +263,8 @@ EXPERIMENTS = [
         "lm-downstream", "Tables 2-3",
         "KV shifting improves downstream benchmarks (1.5B-19B); induction heads form without a previous-token head.",
         "per task, a difference counts when it exceeds twice the standard error of the difference; tasks within 5 "
-        "points of chance for both arms are named and cannot test the claim. Reproduced: KV shift better on at "
-        "least half the other tasks and worse on none; partly: better on some and worse on none; not reproduced: "
+        "points of chance for both arms are named and cannot test the claim. Reproduced: at least 2 other tasks, KV "
+        "shift better on at least half of them and worse on none; partly: better on some and worse on none; not reproduced: "
         "worse on a task; inconclusive: no task differs (the run cannot separate the arms).",
         "Tables 2-3: lm-eval benchmarks and head analysis of an exported vanilla / KV-shift pair", run_experiment,
         options=("inputs", "tag", "note", "runs")),
