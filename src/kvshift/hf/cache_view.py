@@ -20,6 +20,14 @@ from kvshift.layers.stateless import rotation_tables, slot_positions
 _ROTATIONS: dict = {}
 
 
+def rotation(width: int, head_dim: int, rope_base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of R_0 .. R_{width-1} (`rotation_tables`), made once per shape and device."""
+    key = (width, head_dim, rope_base, str(device))
+    if key not in _ROTATIONS:
+        _ROTATIONS[key] = rotation_tables(width - 1, head_dim, rope_base, device=device)
+    return _ROTATIONS[key]
+
+
 def cache_length(cache) -> int:
     """Slots already in a transformers cache (StaticCache keeps the count as a tensor)."""
     n = cache.get_seq_length()
@@ -90,7 +98,4 @@ class TransformersCacheView:
         return self._pos
 
     def rotation(self, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (width, self.head_dim, self.rope_base, str(device))
-        if key not in _ROTATIONS:
-            _ROTATIONS[key] = rotation_tables(width - 1, self.head_dim, self.rope_base, device=device)
-        return _ROTATIONS[key]
+        return rotation(width, self.head_dim, self.rope_base, device)

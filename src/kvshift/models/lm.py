@@ -171,6 +171,8 @@ class LM(nn.Module):
 
     def _context(self, input_ids, cache, attention_mask, cu_seqlens, position_ids) -> AttentionContext:
         cfg = self.config
+        if getattr(cache, "static_shapes", False):  # a view that builds its own context (kvshift.hf.static_view)
+            return cache.static_context(self, input_ids)
         B, T = input_ids.shape
         dev = input_ids.device
         ctx = AttentionContext(cache=cache)
