@@ -83,3 +83,17 @@ def test_generate_compiles_the_static_decode_step(variant):
                              compile_config=compile_config(backend), **GREEDY)
     assert len(graphs) == 1  # generate compiled the decode step (the prefill is eager) and traced it once
     assert torch.equal(got, want)
+
+
+def test_generate_compiles_a_chunked_prefill():
+    """With prefill_chunk_size, transformers compiles the prefill's chunks too: one graph per chunk length and one
+    for the decode step, all reused by the next call; the uncached greedy tokens."""
+    _, model = hf(**VARIANTS["kvshift-w3"])
+    ids, mask = left_padded([11, 6], torch.Generator().manual_seed(9))
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False, **GREEDY)
+    backend, graphs = counting_backend()
+    for _ in range(2):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, prefill_chunk_size=4,
+                             cache_implementation="static", compile_config=compile_config(backend), **GREEDY)
+        assert torch.equal(got, want)
+    assert len(graphs) == 3  # chunks of 4 and of 3 tokens, the decode step

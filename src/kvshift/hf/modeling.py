@@ -6,6 +6,8 @@ layer_idx)`): per layer they hold what they hold for a Llama, rotated raw keys a
 the KV shift is applied when attention reads them (`kvshift.layers.stateless`, through
 `kvshift.hf.cache_view.TransformersCacheView`). So the caches crop, reorder and preallocate as for any
 model: assisted generation (a draft model), prompt-lookup decoding, beam search and static caches work.
+On a StaticCache the forward has static shapes and reads nothing back to the host (`kvshift.hf.static_view`), so
+generate's own compile of the decode step (`compile_config`) traces it as one graph that serves every step.
 
 `KVShiftCache`, a wrapper of our own `kvshift.KVCache` (shifted K̂/V̂ plus the last raw k/v of every
 row, with a fused Triton decode kernel), is still accepted when passed explicitly (`cache=KVShiftCache()`
@@ -33,7 +35,7 @@ from kvshift.models.lm import LM
 
 from .cache_view import TransformersCacheView
 from .configuration import KVShiftConfig
-from .static_view import StaticCacheView, static_length
+from .static_view import StaticCacheView, slot_buffer, static_length
 
 # the output field generate() reads the cache from: `past_key_values` (5.17) or `cache` (later 5.x)
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} \
@@ -191,10 +193,16 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
         """generate() would turn the 2-D mask into a 4-D one for static caches; the model builds its own
         masks (and the KV shift's first-token information) from the 2-D mask, so it stays 2-D. On a static cache
         it is padded with zeros to the allocation, (B, max_cache_len): the same shape at every decode step, so
-        a compiled step is traced once (the cache is passed as `cache`, or `past_key_values` before 5.18)."""
-        L = static_length(kwargs.get("cache", kwargs.get("past_key_values")))
+        a compiled step is traced once (the cache is passed as `cache`, or `past_key_values` before 5.18). The
+        cache's real-slot buffer is allocated here, outside any compiled call (generate compiles the chunks of a
+        chunked prefill too), so every compiled call finds it in place."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        L = static_length(cache)
         if L and attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] < L:
             attention_mask = F.pad(attention_mask, (0, L - attention_mask.shape[1]))
+        embeds = kwargs.get("inputs_embeds")
+        if L and isinstance(embeds, torch.Tensor) and not torch.compiler.is_compiling():
+            slot_buffer(cache, embeds.shape[0], L, embeds.device)
         return attention_mask
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
