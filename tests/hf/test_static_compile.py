@@ -73,16 +73,18 @@ def compile_config(backend) -> CompileConfig:
 @pytest.mark.parametrize("variant", ["kvshift-w1", "kvshift-w3", "gate-w2", "alibi", "learned-gelu"])
 def test_generate_compiles_the_static_decode_step(variant):
     """generate(cache_implementation="static") with transformers' own compile of the decode step (its
-    compile_config, fullgraph): one graph for every step, the uncached greedy tokens of a left-padded batch."""
+    compile_config, fullgraph): one graph for every step and call, the uncached greedy tokens of a left-padded
+    batch."""
     _, model = hf(**VARIANTS[variant])
     ids, mask = left_padded([8, 5, 3], torch.Generator().manual_seed(13))
     want = model.generate(ids, attention_mask=mask, max_new_tokens=7, use_cache=False, **GREEDY)
     backend, graphs = counting_backend()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        got = model.generate(ids, attention_mask=mask, max_new_tokens=7, cache_implementation="static",
-                             compile_config=compile_config(backend), **GREEDY)
+        for _ in range(2):  # the second call, on a new StaticCache of the same size, reuses the graph
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=7, cache_implementation="static",
+                                 compile_config=compile_config(backend), **GREEDY)
+            assert torch.equal(got, want)
     assert len(graphs) == 1  # generate compiled the decode step (the prefill is eager) and traced it once
-    assert torch.equal(got, want)
 
 
 def test_generate_compiles_a_chunked_prefill():
@@ -97,3 +99,25 @@ def test_generate_compiles_a_chunked_prefill():
                              cache_implementation="static", compile_config=compile_config(backend), **GREEDY)
         assert torch.equal(got, want)
     assert len(graphs) == 3  # chunks of 4 and of 3 tokens, the decode step
+
+
+@pytest.mark.parametrize("later_mask", ["new-only", "none", "padded"])
+def test_static_cache_remembers_pads_and_checks_the_mask(later_mask):
+    """On a StaticCache the pads of a left-padded prefill are remembered in the cache's slot buffer: a later call
+    with a mask of its new tokens only, none, or the mask padded to the allocation, gives the full forward's
+    logits; a pad after a real token is refused before anything is written."""
+    lm, model = hf(dtype=torch.float64, **VARIANTS["kvshift-w3"])
+    ids, mask = left_padded([3, 9], torch.Generator().manual_seed(4))
+    more = torch.randint(1, 97, (2, 4), generator=torch.Generator().manual_seed(5))
+    full_ids, full_mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones_like(more)], 1)
+    cache = StaticCache(config=model.config, max_cache_len=20)
+    with torch.no_grad():
+        want = model(full_ids, attention_mask=full_mask).logits[:, -4:]
+        model(ids, attention_mask=mask, cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="left-padded"):
+            model(more, attention_mask=torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]]), cache=cache, use_cache=True)
+        assert int(cache.get_seq_length()) == ids.shape[1]
+        later = {"new-only": torch.ones_like(more), "none": None,
+                 "padded": model.create_masks_for_generate(attention_mask=full_mask, cache=cache)}[later_mask]
+        got = model(more, attention_mask=later, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -193,7 +193,7 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
         """generate() would turn the 2-D mask into a 4-D one for static caches; the model builds its own
         masks (and the KV shift's first-token information) from the 2-D mask, so it stays 2-D. On a static cache
         it is padded with zeros to the allocation, (B, max_cache_len): the same shape at every decode step, so
-        a compiled step is traced once (the cache is passed as `cache`, or `past_key_values` before 5.18). The
+        a compiled step is traced once (the cache comes as `past_key_values` in 5.17, `cache` in later 5.x). The
         cache's real-slot buffer is allocated here, outside any compiled call (generate compiles the chunks of a
         chunked prefill too), so every compiled call finds it in place."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))

@@ -9,7 +9,7 @@ depends on a tensor's value:
 - the first new slot is the cache's own device counter (`get_seq_length()`: StaticLayer's
   `cumulative_length`), read before the first layer writes;
 - which slots hold real tokens is a (B, max_cache_len) bool buffer kept on the cache object
-  (`_kvshift_slots`, allocated once, then written in place by index), filled from the mask: a 2-D mask of
+  (`_kvshift_slots`, allocated once, then updated in place, never grown), filled from the mask: a 2-D mask of
   the whole allocation (what `KVShiftForCausalLM.create_masks_for_generate` hands generate's compiled
   step: the 2-D mask padded with zeros), of the cached and the new tokens, or of the new tokens only;
 - attention reads the whole allocation (`kvshift.layers.stateless` as for any stateless cache) under a
@@ -84,16 +84,18 @@ class StaticCacheView:
         if W is None or (W == T and W != L):  # the new tokens only: earlier slots as recorded
             new = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
                    else attention_mask.to(device=device, dtype=torch.bool))
-            slots.index_copy_(1, self.q_slot, new)
+            recorded = slots.index_copy(1, self.q_slot, new)
         else:  # from slot 0: the whole allocation, or the cached and the new tokens
-            slots[:, :W].copy_(attention_mask.to(device=device, dtype=torch.bool))
-        self.valid = slots & (torch.arange(L, device=device) < start + T).view(1, L)
+            recorded = attention_mask.to(device=device, dtype=torch.bool)
+            recorded = torch.cat([recorded, slots[:, W:]], 1) if W < L else recorded
+        self.valid = recorded & (torch.arange(L, device=device) < start + T).view(1, L)
         self.token_valid = self.valid.index_select(1, self.q_slot)
         if not torch.compiler.is_compiling():
             # left padding only: once a row has a real token, no pad may follow
             seen_real = self.valid.long().cummax(1).values.bool()
             if bool((seen_real & ~self.valid).index_select(1, self.q_slot).any()):
                 raise ValueError("attention_mask must be left-padded: a pad (0) follows a real token")
+        slots.copy_(recorded)  # in place, once the input passed the checks
         self._pos = slot_positions(self.valid)
 
     def static_context(self, model, input_ids: torch.Tensor) -> AttentionContext:
