@@ -18,7 +18,11 @@ Arms (bf16 weights, random init; the timing does not depend on the tokens, greed
   llama-static / llama-dynamic          transformers' own `LlamaForCausalLM` of the same shape (SDPA), static
                                         and dynamic cache, eager
   hf-/llama-*-static-compiled           the static-cache arms with transformers' own compile of the decode
-                                        step (`generation_config.compile_config`, CUDA only)
+                                        step, as a user gets it: generate compiles the forward itself on CUDA
+                                        with its default `CompileConfig` (inductor, "reduce-overhead", fullgraph
+                                        off, for Llama as for us); KVShiftForCausalLM's step on a StaticCache
+                                        traces whole (kvshift.hf.static_view), and the record counts the graph
+                                        breaks and the graphs compiled while timed (both 0 when it does)
 Eager arms run with `disable_compile=True` (generate would otherwise compile a static-cache decode step on
 its own). ms per generated token = (t(prompt + N new) - t(prompt + 1 new)) / (N - 1): the decode steps
 through generate, prefill excluded; both generate calls are timed in every iteration, medians over the
@@ -149,6 +153,7 @@ def time_generate(call: Callable, ids: torch.Tensor, n: int, *, warmup: int, ite
             raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected {(B, T + k)}")
         return dt
 
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     for _ in range(warmup):
         timed(n), timed(1)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -161,7 +166,9 @@ def time_generate(call: Callable, ids: torch.Tensor, n: int, *, warmup: int, ite
     return {**s, "ms_per_token": s["median_ms"], "tokens_per_s": B / (s["median_ms"] / 1e3),
             "first_token": summarize(one), "generate_ms": summarize(full),
             # torch.compile graphs made during the timed calls (recompiles there would inflate the time): 0
-            "graphs_compiled_while_timed": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs}
+            "graphs_compiled_while_timed": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
+            # graph breaks dynamo met in this arm's calls (warm-up included): 0 for a decode step compiled whole
+            "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks}
 
 
 def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:

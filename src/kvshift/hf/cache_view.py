@@ -9,6 +9,10 @@ A view lives for one forward call. Which slots hold real tokens comes from gener
 attention mask (B, past + T): left padding, so each row's positions are counted over its real
 tokens and its first real token sees zeros before it. The view records that mask on the cache object,
 so a later call with a mask of the new tokens only (B, T), or none, still knows the earlier pads.
+
+It reads the cache length and the pad state on the host and attends over the slots written so far: right for a
+DynamicCache (beam search, assisted generation, prompt lookup, cropping). A StaticCache is read through
+`kvshift.hf.static_view` instead: static shapes and no host reads, what a compiled decode step needs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,19 @@ import torch
 from kvshift.layers.stateless import rotation_tables, slot_positions
 
 _ROTATIONS: dict = {}
+
+
+def rotation(width: int, head_dim: int, rope_base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of R_0 .. R_{width-1} (`rotation_tables`), made once per shape and device by an eager call; a
+    compiled one that finds none computes them in its graph and stores nothing (a dict changed inside a compiled
+    call fails the guards of the graph that changed it: one more compile)."""
+    key = (width, head_dim, rope_base, str(device))
+    tables = _ROTATIONS.get(key)
+    if tables is None:
+        tables = rotation_tables(width - 1, head_dim, rope_base, device=device)
+        if not torch.compiler.is_compiling():
+            _ROTATIONS[key] = tables
+    return tables
 
 
 def cache_length(cache) -> int:
@@ -90,7 +107,4 @@ class TransformersCacheView:
         return self._pos
 
     def rotation(self, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (width, self.head_dim, self.rope_base, str(device))
-        if key not in _ROTATIONS:
-            _ROTATIONS[key] = rotation_tables(width - 1, self.head_dim, self.rope_base, device=device)
-        return _ROTATIONS[key]
+        return rotation(width, self.head_dim, self.rope_base, device)

@@ -6,6 +6,8 @@ layer_idx)`): per layer they hold what they hold for a Llama, rotated raw keys a
 the KV shift is applied when attention reads them (`kvshift.layers.stateless`, through
 `kvshift.hf.cache_view.TransformersCacheView`). So the caches crop, reorder and preallocate as for any
 model: assisted generation (a draft model), prompt-lookup decoding, beam search and static caches work.
+On a StaticCache the forward has static shapes and reads nothing back to the host (`kvshift.hf.static_view`), so
+generate's own compile of the decode step (`compile_config`) traces it as one graph that serves every step.
 
 `KVShiftCache`, a wrapper of our own `kvshift.KVCache` (shifted K̂/V̂ plus the last raw k/v of every
 row, with a fused Triton decode kernel), is still accepted when passed explicitly (`cache=KVShiftCache()`
@@ -33,6 +35,7 @@ from kvshift.models.lm import LM
 
 from .cache_view import TransformersCacheView
 from .configuration import KVShiftConfig
+from .static_view import StaticCacheView, slot_buffer, static_length
 
 # the output field generate() reads the cache from: `past_key_values` (5.17) or `cache` (later 5.x)
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} \
@@ -142,6 +145,9 @@ def _restore_buffers(module: nn.Module) -> None:
 
 class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"model.output.weight": "model.tok_embeddings.weight"}
+    # the forward on a static cache traces as one graph (kvshift.hf.static_view); transformers reads this flag in its
+    # own compile tests, generate() compiles with `generation_config.compile_config` (fullgraph off by default)
+    _can_compile_fullgraph = True
 
     def __init__(self, config: KVShiftConfig):
         super().__init__(config)
@@ -177,12 +183,26 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
     def _reorder_cache(self, cache, beam_idx):
         if isinstance(cache, (KVShiftCache, Cache)):
             cache.reorder_cache(beam_idx)
+            slots = getattr(cache, "_kvshift_slots", None)  # a static cache's real-slot buffer (static_view)
+            if slots is not None:
+                slots.copy_(slots.index_select(0, beam_idx.to(slots.device)))
             return cache
         raise ValueError(f"KVShiftForCausalLM cannot reorder a {type(cache).__name__}")
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """generate() would turn the 2-D mask into a 4-D one for static caches; the model builds its own
-        masks (and the KV shift's first-token information) from the 2-D mask, so it stays as it is."""
+        masks (and the KV shift's first-token information) from the 2-D mask, so it stays 2-D. On a static cache
+        it is padded with zeros to the allocation, (B, max_cache_len): the same shape at every decode step, so
+        a compiled step is traced once (the cache comes as `past_key_values` in 5.17, `cache` in later 5.x). The
+        cache's real-slot buffer is allocated here, outside any compiled call (generate compiles the chunks of a
+        chunked prefill too), so every compiled call finds it in place."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        L = static_length(cache)
+        if L and attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] < L:
+            attention_mask = F.pad(attention_mask, (0, L - attention_mask.shape[1]))
+        embeds = kwargs.get("inputs_embeds")
+        if L and isinstance(embeds, torch.Tensor) and not torch.compiler.is_compiling():
+            slot_buffer(cache, embeds.shape[0], L, embeds.device)
         return attention_mask
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -220,8 +240,11 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
             if attention_mask is not None and attention_mask.dim() != 2:
                 raise ValueError(f"attention_mask must be 2-D (batch, length), got shape {tuple(attention_mask.shape)}")
             cfg = self.config
-            view = TransformersCacheView(state, B, T, attention_mask, head_dim=cfg.dim // cfg.n_heads,
-                                         rope_base=cfg.rope_base, device=input_ids.device)
+            kw = dict(head_dim=cfg.dim // cfg.n_heads, rope_base=cfg.rope_base, device=input_ids.device)
+            if static_length(state):  # static shapes, no host read: what a compiled decode step traces
+                view = StaticCacheView(state, B, T, attention_mask, **kw)
+                return self._output(self.model(input_ids, cache=view), labels, state, return_dict)
+            view = TransformersCacheView(state, B, T, attention_mask, **kw)
             new = None if attention_mask is None else attention_mask[:, -T:]
             logits = self.model(input_ids, cache=view, attention_mask=None if new is None or bool(new.bool().all())
                                 else view.valid)

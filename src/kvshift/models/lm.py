@@ -171,6 +171,10 @@ class LM(nn.Module):
 
     def _context(self, input_ids, cache, attention_mask, cu_seqlens, position_ids) -> AttentionContext:
         cfg = self.config
+        if getattr(cache, "static_shapes", False):  # a view that builds its own context (kvshift.hf.static_view)
+            if attention_mask is not None or cu_seqlens is not None or position_ids is not None:
+                raise ValueError(f"a {type(cache).__name__} takes the attention mask itself, not through LM.forward")
+            return cache.static_context(self, input_ids)
         B, T = input_ids.shape
         dev = input_ids.device
         ctx = AttentionContext(cache=cache)
