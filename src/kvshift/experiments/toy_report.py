@@ -20,14 +20,16 @@ def plot_accuracy(out: str, title: str, arms: list[str], log_x: bool = False) ->
             if r["arm"] == arm and (r["step"] > 0 or not log_x):
                 by_step.setdefault(r["step"], []).append(r)
         steps = sorted(by_step)
+        k = len({r["seed"] for v in by_step.values() for r in v})
         for ax, key in zip(axes, ("accuracy", "target_loss")):
             vals = [[r[key] for r in by_step[s]] for s in steps]
-            line, = ax.plot(steps, [sum(v) / len(v) for v in vals], label=arm if key == "accuracy" else None)
+            label = (f"{arm} ({k} seed{'s' if k != 1 else ''})" if key == "accuracy" else None)
+            line, = ax.plot(steps, [sum(v) / len(v) for v in vals], label=label)
             if any(len(v) > 1 for v in vals):
                 ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.2)
     n_seeds = len({r["seed"] for r in recs})
     axes[0].set(xlabel="step", ylabel="accuracy on targets", ylim=(-0.02, 1.02),
-                title=title + (f" — mean of {n_seeds} seeds, band: min–max" if n_seeds > 1 else ""))
+                title=title + (" — mean over seeds, band: min–max" if n_seeds > 1 else ""))
     axes[1].set(xlabel="step", ylabel="loss on targets (nats)", yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)
