@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .shift.attention import _acc, _attn_bwd, _attn_fwd, _math_scores, flash_supported
+from .shift.attention import _acc, _attn_bwd, _attn_fwd, flash_supported, masked_attention_reference
 
 Tensor = torch.Tensor
 
@@ -70,12 +70,8 @@ varlen_attn_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """Masked softmax attention (fp32; fp64 for fp64 inputs), differentiated by autograd: what
-    `varlen_attention` must equal."""
-    s, _ = _math_scores(q, k, cu_seqlens, 1.0 / math.sqrt(q.shape[-1]))
-    p = torch.softmax(s, dim=-1)
-    vf = v.to(p.dtype).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return torch.einsum("hnm,mhd->nhd", p, vf).to(q.dtype)
+    """What `varlen_attention` must equal: `masked_attention_reference`, masked softmax by autograd."""
+    return masked_attention_reference(q, k, v, cu_seqlens)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int] = None) -> Tensor:

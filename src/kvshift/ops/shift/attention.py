@@ -248,12 +248,17 @@ def shift_attention_reference(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, 
     """The naive composition (naive shift + RoPE, masked softmax attention), differentiated by autograd."""
     k_hat = naive.shift_rope(k, w_k, cos, sin, cu_seqlens=cu_seqlens)
     v_hat = naive.shift_padded(v, w_v) if cu_seqlens is None else naive.shift_varlen(v, w_v, cu_seqlens)
-    qf, kf, vf = _flat(q_rot), _flat(k_hat), _flat(v_hat)
     cu = cu_seqlens if cu_seqlens is not None else _dense_cu(q_rot.shape[0], q_rot.shape[1], q_rot.device)
-    s, kx = _math_scores(qf, kf, cu, 1.0 / math.sqrt(q_rot.shape[-1]))
+    return masked_attention_reference(_flat(q_rot), _flat(k_hat), _flat(v_hat), cu).view(q_rot.shape)
+
+
+def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Causal softmax attention within each document of packed q (N, H, D), k/v (N, H_kv, D), masked and
+    differentiated by autograd (fp32; fp64 for fp64 inputs): the reference of every attention kernel here."""
+    s, _ = _math_scores(q, k, cu_seqlens, 1.0 / math.sqrt(q.shape[-1]))
     p = torch.softmax(s, dim=-1)
-    vx = vf.to(p.dtype).repeat_interleave(qf.shape[1] // vf.shape[1], dim=1)
-    return torch.einsum("hnm,mhd->nhd", p, vx).to(q_rot.dtype).view(q_rot.shape)
+    vx = v.to(p.dtype).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return torch.einsum("hnm,mhd->nhd", p, vx).to(q.dtype)
 
 
 def shift_attention(q_rot: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor, *,
