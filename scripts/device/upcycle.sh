@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The upcycle experiment (continued pretraining of SmolLM2-135M: vanilla vs KV shift vs K shift from the
-# identity) on the GPU machine (device tool), from the repository root. The GGUF (98 MB) is larger than
+# The upcycle experiment (continued pretraining of SmolLM2-135M from the identity shift: vanilla, KV shift and
+# KV shift at a 10x higher coefficient rate; K shift on request) on the GPU machine (device tool), from the repository root. The GGUF (98 MB) is larger than
 # one call carries (64 MiB), so it travels as `kvshift data split` parts in successive calls (the machine
 # keeps ignored files while it stays warm, 30 s after a call) and is reassembled here, checked by sha256:
 #   call 1  carry G.part0, G.parts.json, cache/upcycle/site     bash scripts/device/upcycle.sh stage
@@ -12,10 +12,10 @@
 # converts it once (`kvshift convert-llama`, identity shift; cache/upcycle/smollm2-kvshift), unpacks the
 # SmolLM2-tokenized shards once (cache/upcycle-shards), then runs one job per arm and seed through
 # scripts/device/experiment.sh (job i on GPU i mod n, within BUDGET): seed by seed vanilla and kvshift
-# first (what the verdict needs), then kshift. Runs resume in runs/upcycle/ while the machine stays warm.
+# first (what the verdict needs), then the other arms. Runs resume in runs/upcycle/ while the machine stays warm.
 # cache/upcycle/site holds the pure-Python `gguf` package (not in the device image; transformers needs it
 # to read a GGUF): copied from the local environment with its dist-info.
-# Environment: OUT, BUDGET (s, default 540), ARMS (default "vanilla kvshift kshift"), SEEDS (default "0 1"),
+# Environment: OUT, BUDGET (s, default 540), ARMS (default "vanilla kvshift kvshift-fast"), SEEDS (default "0 1"),
 # STEPS (optional: fewer steps), PYTHON, KVSHIFT_GIT_COMMIT, and SCORE: a requests file (`kvshift eval
 # --record` here, carried with the shards) to score on the device after training, since the trained models
 # (1.6 GB checkpoints) never come back: the source model and every finished run's final checkpoint
@@ -55,11 +55,13 @@ if [ -n "${SCORE:-}" ]; then
   [ -f "$SCORE" ] || { echo "SCORE=$SCORE: no such requests file (carry it)" >&2; exit 1; }
   common="$common --keep-checkpoints"; reserve=${SCORE_RESERVE:-150}
 fi
+ARMS=${ARMS:-vanilla kvshift kvshift-fast}
+first() { [ "$1" = vanilla ] || [ "$1" = kvshift ]; }  # what the verdict needs, seed by seed, before other arms
 for s in ${SEEDS:-0 1}; do
-  for a in ${ARMS:-vanilla kvshift kshift}; do [ "$a" = kshift ] || jobs+=("upcycle --arms $a --seeds $s $common"); done
+  for a in $ARMS; do first "$a" && jobs+=("upcycle --arms $a --seeds $s $common"); done
 done
 for s in ${SEEDS:-0 1}; do
-  for a in ${ARMS:-vanilla kvshift kshift}; do [ "$a" = kshift ] && jobs+=("upcycle --arms $a --seeds $s $common"); done
+  for a in $ARMS; do first "$a" || jobs+=("upcycle --arms $a --seeds $s $common"); done
 done
 left=$(( ${BUDGET:-540} - reserve - ($(date +%s) - start) ))
 BUDGET=$left bash scripts/device/experiment.sh "${jobs[@]}"
@@ -69,7 +71,7 @@ if [ -n "${SCORE:-}" ]; then  # one scoring queue per GPU, in parallel; each mod
   n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); [ "${n:-0}" -ge 1 ] || n=1
   models=()
   [ "${SCORE_SOURCE:-1}" = 0 ] || models+=("source=$MODEL")  # the source scores once; later calls: SCORE_SOURCE=0
-  mine_only=" "; for s in ${SEEDS:-0 1}; do for a in ${ARMS:-vanilla kvshift kshift}; do mine_only+="$a-s$s "; done; done
+  mine_only=" "; for s in ${SEEDS:-0 1}; do for a in $ARMS; do mine_only+="$a-s$s "; done; done
   # exactly the runs the summary reports: each published run (results/upcycle-gpu/runs/ARM-sSEED) names its
   # scratch directory by the hash of its key; a run of other settings left in runs/ by an earlier call is not one
   while IFS='=' read -r name rd; do

@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 from kvshift.experiments import upcycle as U  # noqa: E402
+from kvshift.experiments import upcycle_heads as H  # noqa: E402
 from kvshift.experiments.base import RunOptions  # noqa: E402
 from kvshift.experiments.cli import run_experiment  # noqa: E402
 from kvshift.models import LM  # noqa: E402
@@ -51,8 +52,27 @@ def test_end_to_end(setup):
     assert kv["max_abs_change"] > 0 and kv["heads"] == 4 and len(kv["per_layer"]) == 2
     ks = s["runs"]["kshift"]["0"]["coefficients"]
     assert ks["v_heads_moved"] == 0 and all(r["v_max_share"] == 0.0 for r in ks["per_layer"])
+    # the fast arm: same model and data, only the coefficients' rate differs, and they move further
+    cfgs = _configs(setup)
+    assert cfgs["kvshift-fast"].optim.shift_lr_mult == U.FAST_SHIFT_LR_MULT != cfgs["kvshift"].optim.shift_lr_mult
+    fast = s["runs"]["kvshift-fast"]["0"]["coefficients"]
+    assert fast["max_abs_change"] > kv["max_abs_change"]
+    assert set(s["other_arms_diff"]) == {"kshift", "kvshift-fast"} and "kvshift-fast − vanilla" in s["verdict_text"]
+    # heads before (the source model, once) and after (each run's final checkpoint, published with the run)
+    src = json.loads((out / "source-analysis.json").read_text())
+    assert src["prefix_token"] == 0 and len(src["scores"]["prefix_matching"]) == 2  # the tiny Llama's BOS; 2 layers
+    assert s["source_heads"]["heads"] == 8 and 0 <= s["source_heads"]["max_prefix_matching"] <= 1
+    for arm, by in s["runs"].items():
+        for k, r in by.items():
+            h = r["heads"]
+            assert h["heads"] == 8 and h["induction_heads"] == sum(
+                x >= H.HEAD_SCORE for row in json.loads((out / "runs" / f"{arm}-s{k}" / "analysis.json").read_text())
+                ["scores"]["prefix_matching"] for x in row)
+    van_rep = json.loads((out / "runs" / "vanilla-s0" / "analysis.json").read_text())
+    assert van_rep["scores"] != src["scores"]  # analysed after training, not the source again
     for f in ("summary.json", "README.md", "plot.png"):
         assert (out / f).is_file()
+    assert "induction heads" in (out / "README.md").read_text()
     assert not list((root / "runs" / "upcycle").glob("*/checkpoints"))  # checkpoints are not kept
     # a second run finds every run done and trains nothing
     again = run_experiment("upcycle", _opts(root, shards, model, seeds=[0, 1], out=out))
@@ -75,18 +95,20 @@ def test_arms_start_with_identical_logits(setup):
     for arm, cfg in _configs(setup).items():
         lm = LM(cfg.model_config(), seed=123)
         init_from(lm, model)
-        assert cfg.model_config().attention == arm
+        assert cfg.model_config().attention == U.ARMS[arm]
         with torch.no_grad():
             assert torch.allclose(lm.eval()(ids), ref, atol=1e-5), arm
         names = [n for n, _ in lm.named_parameters() if "shift_" in n]
-        assert len(names) == {"vanilla": 0, "kvshift": 4, "kshift": 2}[arm]  # vanilla: no coefficient at all
+        assert len(names) == {"vanilla": 0, "kvshift": 4, "kshift": 2, "kvshift-fast": 4}[arm]  # vanilla: no coefficient at all
 
 
 def test_arms_share_data_order_optimizer_and_schedule(setup):
     cfgs = _configs(setup)
     dicts = {a: c.to_dict() for a, c in cfgs.items()}
     for a, d in dicts.items():
-        assert d["data"] == dicts["vanilla"]["data"] and d["optim"] == dicts["vanilla"]["optim"]
+        opt = {**d["optim"], "shift_lr_mult": dicts["vanilla"]["optim"]["shift_lr_mult"]}  # the one declared difference
+        assert d["data"] == dicts["vanilla"]["data"] and opt == dicts["vanilla"]["optim"]
+        assert d["optim"]["shift_lr_mult"] == U.ARM_SHIFT_LR_MULT.get(a, U.SHIFT_LR_MULT)
         assert d["train"] == dicts["vanilla"]["train"]
         assert {k: v for k, v in d["model"].items() if k not in ("attention", "name")} == \
             {k: v for k, v in dicts["vanilla"]["model"].items() if k not in ("attention", "name")}
@@ -116,7 +138,7 @@ def test_verdict_rule():
 
 def test_coefficient_movement_definition():
     layers = [{"alpha": [[1.0, 0.0], [0.8, 0.2]], "beta": [[0.95, 0.05], [1.0, 0.0]]}]
-    m = U.coefficient_movement(layers)
+    m = H.coefficient_movement(layers)
     assert m["k_heads_moved"] == 1 and m["v_heads_moved"] == 0 and m["heads"] == 2
     assert m["max_abs_change"] == pytest.approx(0.2)
 

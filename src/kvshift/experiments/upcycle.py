@@ -5,6 +5,9 @@ One converted Llama (`kvshift convert-llama`, identity shift: the Llama's logits
     kvshift   keys and values shifted, coefficients learnable from the identity (alpha1 = beta1 = 1)
     kshift    keys only, from the identity: the key shift is what lets one layer form an induction head
               (Theorem 2), so this arm tells whether the value shift matters once the model is pretrained
+    kvshift-fast  kvshift with the coefficients' rate 10x higher again (FAST_SHIFT_LR_MULT): at SHIFT_LR_MULT the
+              coefficients of SmolLM2-135M barely leave the identity in 400 steps (0 of 90 key heads moved),
+              so this arm asks whether the shift helps once the model is free to use it
 Arms share everything else: data order (seed = data.seed), optimizer (AdamW, lr LR with warm-up, cosine
 to LR/10), steps, evaluation windows. The shift coefficients get their own learning rate: SHIFT_LR_MULT x
 the base rate (a pretrained model needs a small base rate, at which the coefficients would barely move).
@@ -16,6 +19,9 @@ made and converted, for tests. Held-out loss per domain: every corpus domain but
 
 Coefficient movement, per KV head at the end: the previous token's share of keys
 s_k = |alpha2| / (|alpha1| + |alpha2|) (values: beta); a head "uses the shift" when s >= MOVED_SHARE (0.1).
+Induction heads before and after (`kvshift.eval.analysis`, repeated random tokens after BOS): the source model
+once (source-analysis.json) and every run's final checkpoint (its analysis.json); a head counts as an induction
+(previous-token) head when its prefix-matching (previous-token) score is >= HEAD_SCORE (upcycle_heads).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from kvshift.experiments import upcycle_heads as heads
 from kvshift.experiments.base import Experiment, RunOptions, fmt, write_summary
 from kvshift.experiments.lm.runs import (RUN_FILES, _publish, _status, ensure_trained, key_hash, read_coefficients,
                                          run_key)
@@ -38,10 +45,12 @@ from kvshift.train.metrics import read_metrics
 from kvshift.utils.io import file_sha256, write_text_atomic
 from kvshift.utils.provenance import provenance
 
-ARMS = {"vanilla": "vanilla", "kvshift": "kvshift", "kshift": "kshift"}
+ARMS = {"vanilla": "vanilla", "kvshift": "kvshift", "kshift": "kshift", "kvshift-fast": "kvshift"}
 BASELINE = "vanilla"
 SHIFT_LR_MULT = 10.0
-MOVED_SHARE = 0.1
+FAST_SHIFT_LR_MULT = 100.0
+ARM_SHIFT_LR_MULT = {"kvshift-fast": FAST_SHIFT_LR_MULT}  # every other arm: SHIFT_LR_MULT
+MOVED_SHARE = heads.MOVED_SHARE
 DEFAULT_SHARDS = ("cache/shards-smollm2", "cache/upcycle-shards")
 # scale -> settings. gpu: SmolLM2-135M, bf16, compiled; 32,768 tokens a step, 1,800 steps = 59M tokens per arm
 # (about 5 min at 200k tokens/s, under 8 at 130k: one arm per 10-minute device command with compilation)
@@ -162,7 +171,8 @@ def run_config(scale: str, model: Path, fields: dict, arm: str, seed: int, shard
           'data.kind="shards"', f"data.shard_dir={json.dumps(str(shards))}", f"data.seq_len={sc['seq_len']}",
           f"data.batch_size={sc['batch']}", "data.grad_accum=1", f"data.seed={seed}",
           f"data.val_windows={sc['val_windows']}", f"optim.lr={sc['lr']}", f"optim.min_lr={sc['lr'] / 10}",
-          f"optim.warmup={sc['warmup']}", 'optim.schedule="cosine"', f"optim.shift_lr_mult={SHIFT_LR_MULT}",
+          f"optim.warmup={sc['warmup']}", 'optim.schedule="cosine"',
+          f"optim.shift_lr_mult={ARM_SHIFT_LR_MULT.get(arm, SHIFT_LR_MULT)}",
           f"train.steps={steps}", f"train.eval_every={ev}", "train.eval_at_start=true",
           f"train.ckpt_every={sc['ckpt_every']}", "train.keep_last=1", "train.seed=0",
           f"train.init_from={json.dumps(str(model))}", "train.log_every=10", "train.progress=false",
@@ -190,6 +200,8 @@ def run_one(opts: RunOptions, model: Path, ident: dict, fields: dict, arm: str, 
         if ck and (ck[-1] / "model.safetensors").is_file():
             layers = read_coefficients(ck[-1] / "model.safetensors", cfg.model_config())
             (rd / "coefficients.jsonl").write_text(json.dumps({"step": s["steps"], "layers": layers}) + "\n")
+            if not (rd / "analysis.json").is_file():
+                heads.write_report(ck[-1], rd / "analysis.json", bos=heads._bos(model))
         opts.log(f"{label}: {st}, val loss {s['final_val_loss']}, {s['tokens_per_s'] or 0:,.0f} tokens/s")
     if not opts.keep_checkpoints:
         shutil.rmtree(rd / "checkpoints", ignore_errors=True)
@@ -211,6 +223,7 @@ def run(opts: RunOptions, out: Path) -> dict:
     fields = model_fields(model)
     check_match(model, shards, fields)
     ident = {**data_identity(shards), "init_sha256": file_sha256(model / "model.safetensors")}
+    heads.source_report(out, model, log=opts.log)
     for seed in opts.seed_list(SCALES[opts.scale]["seeds"]):
         for arm in arms:
             if run_one(opts, model, ident, fields, arm, seed, out, shards) == "interrupted":
@@ -243,24 +256,6 @@ def domain_losses(rec: dict) -> dict:
     return out
 
 
-def coefficient_movement(layers: list[dict]) -> dict:
-    """Per layer, KV heads whose previous-token share (|c2| / (|c1| + |c2|)) is >= MOVED_SHARE, for keys (alpha)
-    and values (beta), and the largest distance of any coefficient from the identity."""
-    per, dmax = [], 0.0
-    for L in layers:
-        row = {}
-        for key, side in (("alpha", "k"), ("beta", "v")):
-            heads = L[key]
-            shares = [abs(h[1]) / max(abs(h[0]) + abs(h[1]), 1e-12) for h in heads]
-            row[f"{side}_heads_moved"] = sum(s >= MOVED_SHARE for s in shares)
-            row[f"{side}_max_share"] = max(shares)
-            dmax = max(dmax, max(abs(h[0] - 1) for h in heads), max(abs(x) for h in heads for x in h[1:]))
-        per.append(row)
-    return {"per_layer": per, "k_heads_moved": sum(r["k_heads_moved"] for r in per),
-            "v_heads_moved": sum(r["v_heads_moved"] for r in per), "heads": sum(len(L["alpha"]) for L in layers),
-            "max_abs_change": dmax}
-
-
 def run_stats(d: Path) -> dict:
     s = json.loads((d / "summary.json").read_text())
     recs = read_metrics(d / "metrics.jsonl")
@@ -269,8 +264,16 @@ def run_stats(d: Path) -> dict:
           "start": domain_losses(evals[0]) if evals else None, "final": domain_losses(evals[-1]) if evals else None,
           "curve": [{"tokens": r["tokens"], **domain_losses(r)} for r in evals]}
     if (d / "coefficients.jsonl").is_file():
-        st["coefficients"] = coefficient_movement(json.loads((d / "coefficients.jsonl").read_text().splitlines()[-1])["layers"])
+        st["coefficients"] = heads.coefficient_movement(json.loads((d / "coefficients.jsonl").read_text().splitlines()[-1])["layers"])
+    st["heads"] = heads.counts(heads.read(d / "analysis.json"))
     return st
+
+
+def arm_diffs(runs: dict, arm: str) -> dict[int, float]:
+    """{seed: arm's final held-out loss − vanilla's} over the seeds where both finished."""
+    fin = lambda a, s: runs.get(a, {}).get(s, {}).get("status") == "finished"  # noqa: E731
+    return {s: runs[arm][s]["final"]["all"] - runs[BASELINE][s]["final"]["all"]
+            for s in sorted(runs.get(arm, {})) if fin(arm, s) and fin(BASELINE, s)}
 
 
 def verdict(runs: dict) -> tuple[str, str, dict]:
@@ -305,6 +308,10 @@ def summarize(opts: RunOptions, out: Path) -> dict:
     if not runs:
         raise ValueError(f"{out}: no finished upcycle runs yet (run `kvshift experiment upcycle --scale {opts.scale}`)")
     v, text, extra = verdict(runs)
+    others = {a: d for a in ARMS if a not in (BASELINE, "kvshift") and (d := arm_diffs(runs, a))}
+    text += "".join(f"; {a} − vanilla {statistics.mean(d.values()):+.4f} (per seed "
+                    + ", ".join(f"s{k} {x:+.4f}" for k, x in d.items()) + ")" for a, d in others.items())
+    source_heads = heads.counts(heads.read(out / "source-analysis.json"))
     starts = [r["start"]["all"] for a in runs.values() for r in a.values() if r["start"]]
     same_start = bool(starts) and max(starts) - min(starts) < 1e-3
     prov = provenance()
@@ -315,7 +322,9 @@ def summarize(opts: RunOptions, out: Path) -> dict:
     if not same_start:  # the arms did not start from the same function: their comparison means nothing
         v, text = "inconclusive", text + "; the arms' step-0 held-out losses differ, so they did not start alike"
     s = {"experiment": "upcycle", "scale": opts.scale, "verdict": v, "verdict_text": text, **prov,
-         "shift_lr_mult": SHIFT_LR_MULT, "moved_share": MOVED_SHARE, "identical_start": same_start, **extra,
+         "shift_lr_mult": SHIFT_LR_MULT, "arm_shift_lr_mult": ARM_SHIFT_LR_MULT, "moved_share": MOVED_SHARE,
+         "identical_start": same_start, **extra, "other_arms_diff": others,
+         "head_score": heads.HEAD_SCORE, "source_heads": source_heads,
          "runs": {a: {str(k): {x: y for x, y in r.items() if x != "curve"} for k, r in sorted(runs[a].items())}
                   for a in ARMS if a in runs}}
     write_summary(out, s)
@@ -334,7 +343,7 @@ def _plot(out: Path, runs: dict) -> None:
             for i, (seed, r) in enumerate(sorted(by.items())):
                 pts = [(c["tokens"], c[dom]) for c in r["curve"] if c.get(dom) is not None]
                 if pts:
-                    ax.plot(*zip(*pts), marker=".", color={"vanilla": "C0", "kvshift": "C3", "kshift": "C2"}[arm],
+                    ax.plot(*zip(*pts), marker=".", color={"vanilla": "C0", "kvshift": "C3", "kshift": "C2", "kvshift-fast": "C1"}[arm],
                             alpha=0.9 if i == 0 else 0.5, label=arm if i == 0 else None)
         ax.set_title(f"held-out loss: {dom}")
         ax.set_xlabel("tokens")
@@ -344,26 +353,39 @@ def _plot(out: Path, runs: dict) -> None:
 
 
 def _readme(out: Path, s: dict) -> None:
+    rates = ", ".join(f"{a} × {m:g}" for a, m in ARM_SHIFT_LR_MULT.items())
+    src = s.get("source_heads")
+    hs = s["head_score"]
     lines = [f"# upcycle ({s['scale']})", "", f"**{s['verdict']}** — {s['verdict_text']}", "",
-             f"Rule: {RULE}", "", f"Shift coefficients: learning rate × {SHIFT_LR_MULT:g}; a head uses the shift "
-             f"when the previous token's share |c2|/(|c1|+|c2|) ≥ {MOVED_SHARE}. Arms start identical: "
+             f"Rule: {RULE}", "", f"Shift coefficients: learning rate × {SHIFT_LR_MULT:g} ({rates}); a head uses the "
+             f"shift when the previous token's share |c2|/(|c1|+|c2|) ≥ {MOVED_SHARE}. Arms start identical: "
              f"{s['identical_start']}.", "",
-             "| arm | seed | start | final (all) | prose | code | tokens | tokens/s | K heads moved | V heads moved |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Heads (repeated random tokens after BOS; a head counts when its score is ≥ {hs}): induction = prefix "
+             f"matching, prev = previous token. Source model before training: "
+             + (f"{src['induction_heads']}/{src['heads']} induction heads (max {src['max_prefix_matching']:.3f}), "
+                f"{src['previous_token_heads']} previous-token heads." if src else "not analysed.")
+             + " Runs without a count were trained before the analysis existed (their checkpoints are gone).", "",
+             "| arm | seed | start | final (all) | prose | code | tokens | tokens/s | K heads moved | V heads moved "
+             "| induction heads (max) | prev heads |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, by in s["runs"].items():
         for seed, r in by.items():
             c = r.get("coefficients") or {}
             f = r["final"] or {}
+            h = r.get("heads")
+            hcell = f"{h['induction_heads']}/{h['heads']} ({h['max_prefix_matching']:.3f}) | {h['previous_token_heads']}" \
+                if h else "— | —"
             lines.append(f"| {arm} | {seed} | {fmt((r['start'] or {}).get('all'))} | {fmt(f.get('all'))} | "
                          f"{fmt(f.get('prose'))} | {fmt(f.get('code'))} | {r['tokens']:,} | {fmt(r['tokens_per_s'], ',.0f')} | "
-                         f"{c.get('k_heads_moved', '—')}/{c.get('heads', '—')} | {c.get('v_heads_moved', '—')}/{c.get('heads', '—')} |")
+                         f"{c.get('k_heads_moved', '—')}/{c.get('heads', '—')} | {c.get('v_heads_moved', '—')}/{c.get('heads', '—')} | "
+                         f"{hcell} |")
     write_text_atomic(out / "README.md", "\n".join(lines) + "\n")
 
 
 EXPERIMENTS = [
     Experiment("upcycle", "beyond the paper", "KV shifting helps a pretrained model under continued training.", RULE,
                "continued pretraining of a converted Llama (SmolLM2-135M at gpu scale): vanilla vs KV shift vs K "
-               "shift from the identity", run=run, summarize=summarize,
+               "shift vs KV shift at a 10x higher coefficient rate, from the identity", run=run, summarize=summarize,
                options=("arms", "shards", "runs", "inputs", "overrides", "keep_checkpoints", "summarize_only")),
 ]
 assert set(RUN_FILES) >= {"summary.json", "metrics.jsonl", "coefficients.jsonl"}

@@ -22,10 +22,11 @@ import torch
 
 from kvshift.experiments.base import Experiment, RunOptions, write_summary
 from kvshift.experiments.downstream import TASKS, _export_info, evaluation, task_rows, verdict
+from kvshift.experiments.upcycle import ARMS
 from kvshift.utils.provenance import provenance
 
 LIMIT = {"cpu": 200, "gpu": None}
-ORDER = ("source", "vanilla", "kvshift", "kshift")
+ORDER = ("source", *ARMS)
 CLAIM = ("Adding KV shifting to a pretrained Llama and continuing its training improves zero-shot benchmarks "
          "over continuing the same training without it.")
 

@@ -24,7 +24,7 @@ from kvshift.train.checkpoint import list_checkpoints
 from kvshift.train.trainer import train
 from kvshift.utils.provenance import command_line, provenance
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "config.json", "coefficients.jsonl", "run.json")
+RUN_FILES = ("summary.json", "metrics.jsonl", "config.json", "coefficients.jsonl", "run.json", "analysis.json")
 
 
 def read_coefficients(weights: str | Path, mcfg) -> list[dict]:
