@@ -68,7 +68,8 @@ def test_quick_run_end_to_end(tmp_path, one_thread, capsys):
     assert set(PARTS) <= set(res)
     for part in ("attn", "generate", "e2e"):  # kept from the first run
         assert res[part]["from_earlier_run"] is True
-        assert {k: v for k, v in res[part].items() if k != "from_earlier_run"} == first[part]
+        assert {k: v for k, v in res[part].items() if k not in ("from_earlier_run", "measured_by")} == first[part]
+        assert res[part]["measured_by"] == {k: first["meta"][k] for k in ("command", "time_utc", "git_commit")}
     blk = res["block"]
     assert blk["settings"]["iters"] == 2 and blk["settings"]["timer"] == "perf_counter"
     assert len(blk["shapes"]) == 2
@@ -272,6 +273,17 @@ def test_merge_takes_each_part_from_its_run(tmp_path):
     assert (tmp_path / "out" / "x.json").exists() and (tmp_path / "out" / "x.md").exists()
     md = (tmp_path / "out" / "x.md").read_text()
     assert "- a.json: block, decode at" in md and "- c.json: e2e at" in md  # which run measured what
+    # a part kept from an earlier run into the same --out names that run (measured_by) and is merged as its own
+    d = {**b, "meta": {**b["meta"], "command": "d", "time_utc": "t2"},
+         "decode": {"batches": {}, "settings": {}, "marker": 1, "from_earlier_run": True,
+                   "measured_by": {"command": "early", "time_utc": "t1", "git_commit": "g"}}}
+    pd = tmp_path / "d.json"
+    pd.write_text(json.dumps(d))
+    res = merge_results([pa, pd], tmp_path / "out")
+    assert [(m["command"], m["parts"]) for m in res["meta"]["merged_from"]] == \
+        [("a", ["block", "decode"]), ("early", ["decode"]), ("d", ["e2e"])]
+    assert res["decode"]["marker"] == 1 and "from_earlier_run" not in res["decode"]
+    assert "measured_by" not in res["decode"] and "from_earlier_run" not in res["e2e"]
     pb.write_text(json.dumps({**b, "meta": {**b["meta"], "device": "Y"}}))
     with pytest.raises(ValueError, match="different devices"):
         merge_results([pa, pb], tmp_path / "out")

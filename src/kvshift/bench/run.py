@@ -66,16 +66,20 @@ def bench_meta(device: torch.device, quick: bool) -> dict:
     }
 
 
-def _load_previous(path: Path, meta: dict) -> dict:
-    """Sections of an earlier result for the same device and mode (kept when --only re-runs others)."""
+_PROV = ("command", "time_utc", "git_commit")
+
+
+def _load_previous(path: Path, meta: dict) -> tuple[dict, dict]:
+    """Sections of an earlier result for the same device and mode (kept when --only re-runs others), and its
+    meta."""
     try:
         prev = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
+        return {}, {}
     pm = prev.get("meta", {})
     if pm.get("device") != meta["device"] or pm.get("quick") != meta["quick"]:
-        return {}
-    return {p: prev[p] for p in PARTS if p in prev}
+        return {}, {}
+    return {p: prev[p] for p in PARTS if p in prev}, pm
 
 
 def write_results(results: dict, out: Path) -> tuple[Path, Path]:
@@ -121,16 +125,23 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
         raise ValueError(f"the results come from different devices or modes: {sorted(map(str, devices))}")
     meta = dict(runs[0][1]["meta"])
     meta["merged_from"] = []
-    for p, r in runs:  # a file merged before lists its own sources: they are kept, not the file
-        meta["merged_from"] += r["meta"].get("merged_from") or [
-            {"file": Path(p).name, "command": r["meta"].get("command"), "time_utc": r["meta"].get("time_utc"),
-             "git_commit": r["meta"].get("git_commit"),
-             "parts": [k for k in PARTS if k in r and not r[k].get("from_earlier_run")]}]
+    sources = []  # (merged_from entry, {part: section}) in order: a file's earlier parts before its own
+    for p, r in runs:
+        src = lambda m, parts: {"file": Path(p).name, **{k: m.get(k) for k in _PROV}, "parts": parts}  # noqa: E731
+        # a part kept from an earlier run into the same --out (bench.sh twice in one job) names that run
+        early = [k for k in PARTS if k in r and r[k].get("from_earlier_run") and r[k].get("measured_by")]
+        for k in early:
+            sources.append(([src(r[k]["measured_by"], [k])], {k: r[k]}))
+        own = [k for k in PARTS if k in r and not r[k].get("from_earlier_run")]
+        # a file merged before lists its own sources: they are kept, not the file
+        sources.append((r["meta"].get("merged_from") or [src(r["meta"], own)], {k: r[k] for k in own}))
     results: dict = {"meta": meta}
     cases = CASES
-    for _, r in runs:
+    for entries, parts in sources:
+        meta["merged_from"] += entries
+        r = {k: {x: y for x, y in v.items() if x not in ("from_earlier_run", "measured_by")} for k, v in parts.items()}
         for part in PARTS:
-            if part in r and not r[part].get("from_earlier_run"):
+            if part in r:
                 if part in results:  # the same part from several runs (e.g. one e2e model per GPU): union of cases
                     merged = {**results[part][cases[part]], **r[part].get(cases[part], {})}
                     if part == "generate":  # one case's arms may come from several runs (eager / compiled ones)
@@ -156,10 +167,12 @@ def run_bench(plan: Plan, out: str | Path, *, device: torch.device | None = None
     meta["plan"] = asdict(plan)
     meta["fused_available"] = fused_available()
     results: dict = {"meta": meta}
-    previous = _load_previous(out / f"{meta['device_slug']}.json", meta)
+    previous, prev_meta = _load_previous(out / f"{meta['device_slug']}.json", meta)
     for p, sec in previous.items():
-        if p not in plan.parts:
-            results[p] = {**sec, "from_earlier_run": True}
+        if p not in plan.parts:  # measured_by: the run that measured it (a merge takes it from there)
+            by = sec.get("measured_by") or (None if sec.get("from_earlier_run") or prev_meta.get("merged_from")
+                                            else {k: prev_meta.get(k) for k in _PROV})
+            results[p] = {**sec, "from_earlier_run": True, **({"measured_by": by} if by else {})}
 
     def save(update: dict) -> None:
         results.update(update)
