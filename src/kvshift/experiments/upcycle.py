@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from kvshift.experiments import upcycle_heads as heads
-from kvshift.experiments.base import Experiment, RunOptions, fmt, write_summary
+from kvshift.experiments import upcycle_report as report
+from kvshift.experiments.base import Experiment, RunOptions, write_summary
 from kvshift.experiments.lm.runs import (RUN_FILES, _publish, _status, ensure_trained, key_hash, read_coefficients,
                                          run_key)
 from kvshift.data.checks import encodes_like_shards
@@ -42,7 +43,7 @@ from kvshift.experiments.lm.spec import data_identity
 from kvshift.train.checkpoint import list_checkpoints
 from kvshift.train.config import load_config
 from kvshift.train.metrics import read_metrics
-from kvshift.utils.io import file_sha256, write_text_atomic
+from kvshift.utils.io import file_sha256
 from kvshift.utils.provenance import provenance
 
 ARMS = {"vanilla": "vanilla", "kvshift": "kvshift", "kshift": "kshift", "kvshift-fast": "kvshift"}
@@ -294,8 +295,10 @@ def verdict(runs: dict) -> tuple[str, str, dict]:
     by_dom = {dom: statistics.mean(runs["kvshift"][s]["final"][dom] - runs[BASELINE][s]["final"][dom] for s in both)
               for dom in ("prose", "code") if all(runs[a][s]["final"].get(dom) is not None
                                                    for a in (BASELINE, "kvshift") for s in both)}
-    text = (f"kvshift − vanilla final held-out loss {mean:+.4f} (per seed {', '.join(f'{x:+.4f}' for x in d)}; "
-            f"seed spread {spread:.4f}; n={len(both)})" + "".join(f"; {k} {x:+.4f}" for k, x in by_dom.items()))
+    rel = 100 * mean / statistics.mean(fin[BASELINE])
+    text = (f"kvshift − vanilla final held-out loss {mean:+.4f} ({rel:+.2f}% of vanilla's; per seed "
+            f"{', '.join(f'{x:+.4f}' for x in d)}; seed spread {spread:.4f}; n={len(both)})"
+            + "".join(f"; {k} {x:+.4f}" for k, x in by_dom.items()))
     return v, text, {"diff": d, "mean_diff": mean, "spread": spread, "diff_by_domain": by_dom, "seeds": both}
 
 
@@ -311,7 +314,16 @@ def summarize(opts: RunOptions, out: Path) -> dict:
     others = {a: d for a in ARMS if a not in (BASELINE, "kvshift") and (d := arm_diffs(runs, a))}
     text += "".join(f"; {a} − vanilla {statistics.mean(d.values()):+.4f} (per seed "
                     + ", ".join(f"s{k} {x:+.4f}" for k, x in d.items()) + ")" for a, d in others.items())
+    moved = [(a, r["coefficients"]) for a in ARMS if a != BASELINE for r in runs.get(a, {}).values()
+             if r.get("coefficients")]
+    if moved:  # how much the shifted arms use the shift at all: the size of what the verdict compares
+        text += (f"; heads using the shift at the end (previous-token share ≥ {MOVED_SHARE}): at most "
+                 f"{max(c['k_heads_moved'] for _, c in moved)} key and {max(c['v_heads_moved'] for _, c in moved)} "
+                 f"value heads of {moved[0][1]['heads']} in any shifted run")
     source_heads = heads.counts(heads.read(out / "source-analysis.json"))
+    tps = {a: {str(k): r["tokens_per_s"] / runs[BASELINE][k]["tokens_per_s"] for k, r in sorted(runs.get(a, {}).items())
+               if r.get("tokens_per_s") and (runs[BASELINE].get(k) or {}).get("tokens_per_s")}
+           for a in ARMS if a != BASELINE and a in runs} if BASELINE in runs else {}
     starts = [r["start"]["all"] for a in runs.values() for r in a.values() if r["start"]]
     same_start = bool(starts) and max(starts) - min(starts) < 1e-3
     prov = provenance()
@@ -324,62 +336,13 @@ def summarize(opts: RunOptions, out: Path) -> dict:
     s = {"experiment": "upcycle", "scale": opts.scale, "verdict": v, "verdict_text": text, **prov,
          "shift_lr_mult": SHIFT_LR_MULT, "arm_shift_lr_mult": ARM_SHIFT_LR_MULT, "moved_share": MOVED_SHARE,
          "identical_start": same_start, **extra, "other_arms_diff": others,
-         "head_score": heads.HEAD_SCORE, "source_heads": source_heads,
+         "head_score": heads.HEAD_SCORE, "source_heads": source_heads, "tokens_per_s_ratio": tps,
          "runs": {a: {str(k): {x: y for x, y in r.items() if x != "curve"} for k, r in sorted(runs[a].items())}
                   for a in ARMS if a in runs}}
     write_summary(out, s)
-    _plot(out, runs)
-    _readme(out, s)
+    report.plot(out, runs)
+    report.readme(out, s, RULE)
     return s
-
-
-def _plot(out: Path, runs: dict) -> None:
-    from kvshift.utils.plot import pyplot, save_figure
-
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, dom in zip(axes, ("all", "prose", "code")):
-        for arm, by in runs.items():
-            for i, (seed, r) in enumerate(sorted(by.items())):
-                pts = [(c["tokens"], c[dom]) for c in r["curve"] if c.get(dom) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), marker=".", color={"vanilla": "C0", "kvshift": "C3", "kshift": "C2", "kvshift-fast": "C1"}[arm],
-                            alpha=0.9 if i == 0 else 0.5, label=arm if i == 0 else None)
-        ax.set_title(f"held-out loss: {dom}")
-        ax.set_xlabel("tokens")
-    axes[0].set_ylabel("nats/token")
-    axes[0].legend()
-    save_figure(fig, out / "plot.png")
-
-
-def _readme(out: Path, s: dict) -> None:
-    rates = ", ".join(f"{a} × {m:g}" for a, m in ARM_SHIFT_LR_MULT.items())
-    src = s.get("source_heads")
-    hs = s["head_score"]
-    lines = [f"# upcycle ({s['scale']})", "", f"**{s['verdict']}** — {s['verdict_text']}", "",
-             f"Rule: {RULE}", "", f"Shift coefficients: learning rate × {SHIFT_LR_MULT:g} ({rates}); a head uses the "
-             f"shift when the previous token's share |c2|/(|c1|+|c2|) ≥ {MOVED_SHARE}. Arms start identical: "
-             f"{s['identical_start']}.", "",
-             f"Heads (repeated random tokens after BOS; a head counts when its score is ≥ {hs}): induction = prefix "
-             f"matching, prev = previous token. Source model before training: "
-             + (f"{src['induction_heads']}/{src['heads']} induction heads (max {src['max_prefix_matching']:.3f}), "
-                f"{src['previous_token_heads']} previous-token heads." if src else "not analysed.")
-             + " Runs without a count were trained before the analysis existed (their checkpoints are gone).", "",
-             "| arm | seed | start | final (all) | prose | code | tokens | tokens/s | K heads moved | V heads moved "
-             "| induction heads (max) | prev heads |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for arm, by in s["runs"].items():
-        for seed, r in by.items():
-            c = r.get("coefficients") or {}
-            f = r["final"] or {}
-            h = r.get("heads")
-            hcell = f"{h['induction_heads']}/{h['heads']} ({h['max_prefix_matching']:.3f}) | {h['previous_token_heads']}" \
-                if h else "— | —"
-            lines.append(f"| {arm} | {seed} | {fmt((r['start'] or {}).get('all'))} | {fmt(f.get('all'))} | "
-                         f"{fmt(f.get('prose'))} | {fmt(f.get('code'))} | {r['tokens']:,} | {fmt(r['tokens_per_s'], ',.0f')} | "
-                         f"{c.get('k_heads_moved', '—')}/{c.get('heads', '—')} | {c.get('v_heads_moved', '—')}/{c.get('heads', '—')} | "
-                         f"{hcell} |")
-    write_text_atomic(out / "README.md", "\n".join(lines) + "\n")
 
 
 EXPERIMENTS = [
