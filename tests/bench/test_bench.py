@@ -13,7 +13,7 @@ from kvshift.bench.decode import decode_prompt
 from kvshift.bench.e2e import train_batch
 from kvshift.bench.plan import PARTS, check_nonzero, device_slug, fused_available
 from kvshift.bench.report import ARMS, ATTN_ARMS, TARGETS, check_target, compute_targets, render_markdown, target_summary
-from kvshift.bench.run import merge_results
+from kvshift.bench.run import kept_part, merge_results
 from kvshift.bench.timing import measure, percentile, summarize
 from kvshift.cli import main
 from kvshift.models import ModelConfig
@@ -284,6 +284,26 @@ def test_merge_takes_each_part_from_its_run(tmp_path):
         [("a", ["block", "decode"]), ("early", ["decode"]), ("d", ["e2e"])]
     assert res["decode"]["marker"] == 1 and "from_earlier_run" not in res["decode"]
     assert "measured_by" not in res["decode"] and "from_earlier_run" not in res["e2e"]
+    # the run that measured the kept part is merged too: its own copy stands, the kept one is not listed twice
+    a2 = {**a, "meta": {**a["meta"], "command": "early", "time_utc": "t1", "git_commit": "g"},
+          "decode": {"batches": {}, "settings": {}, "marker": 2}}
+    pa2 = tmp_path / "a2.json"
+    pa2.write_text(json.dumps(a2))
+    res = merge_results([pa2, pb, pd], tmp_path / "out")
+    assert [m["command"] for m in res["meta"]["merged_from"]].count("early") == 1 and res["decode"]["marker"] == 2
+    # kept from a merged file: the runs that hold the part, a list; a third run keeps what the second recorded
+    merged_meta = {"merged_from": [{"command": "x", "time_utc": "1", "git_commit": "g", "parts": ["e2e"]},
+                                   {"command": "y", "time_utc": "2", "git_commit": "g", "parts": ["e2e", "block"]}]}
+    k = kept_part("e2e", {"models": {}}, merged_meta)
+    assert k["from_earlier_run"] and [m["command"] for m in k["measured_by"]] == ["x", "y"]
+    assert kept_part("e2e", k, {"command": "z"})["measured_by"] == k["measured_by"]
+    assert kept_part("e2e", {"models": {}}, {"command": "z", "time_utc": "3"})["measured_by"]["command"] == "z"
+    assert "measured_by" not in kept_part("e2e", {"models": {}, "from_earlier_run": True}, {"command": "z"})
+    pk = tmp_path / "k.json"
+    pk.write_text(json.dumps({**b, "meta": {**b["meta"], "command": "k"}, "block": k | {"shapes": {}, "settings": {}}}))
+    res = merge_results([pb, pk], tmp_path / "out")
+    assert [(m["command"], m["parts"]) for m in res["meta"]["merged_from"]] == \
+        [("b", ["e2e"]), ("x", ["block"]), ("y", ["block"]), ("k", ["e2e"])]
     pb.write_text(json.dumps({**b, "meta": {**b["meta"], "device": "Y"}}))
     with pytest.raises(ValueError, match="different devices"):
         merge_results([pa, pb], tmp_path / "out")

@@ -3,6 +3,7 @@ aten ops stand in for kernels), profiled generate(N) minus generate(1) per token
 a failing profile leaves the timing; a merge keeps the profiles of a case's arms."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -39,7 +40,8 @@ def test_generate_profile_records_the_kernels_of_one_decode_step(one_thread):
         p = r["profile"]
         assert "error" not in p, (arm, p)
         assert p["new_tokens"] == min(4, PROFILE_NEW_TOKENS) and "prefill excluded" in p["method"]
-        assert p["ms_per_token"] > 0 and p["kernels_per_token"] > 0
+        # the time is a difference of two profiled calls: on a busy CPU its sign is noise (on a GPU, kernel time)
+        assert math.isfinite(p["ms_per_token"]) and p["kernels_per_token"] > 0
         assert sum(p["families_ms_per_token"].values()) == pytest.approx(p["ms_per_token"], abs=1e-5)
         assert set(p["families_ms_per_token"]) <= {"attention", "matmul", "triton/elementwise", "other"}
         assert 0 < len(p["top"]) <= 8 and all(t["calls_per_token"] > 0 for t in p["top"])

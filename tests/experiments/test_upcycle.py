@@ -1,6 +1,7 @@
 """The upcycle experiment at cpu scale on a tiny random Llama converted with the identity shift."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -72,7 +73,16 @@ def test_end_to_end(setup):
     assert van_rep["scores"] != src["scores"]  # analysed after training, not the source again
     for f in ("summary.json", "README.md", "plot.png"):
         assert (out / f).is_file()
-    assert "induction heads" in (out / "README.md").read_text()
+    src_line = f"Source model before training: {s['source_heads']['induction_heads']}/8 induction heads"
+    assert src_line in (out / "README.md").read_text()
+    # a published run without its analysis (trained before it existed) still summarizes, with empty head cells;
+    # a temporary directory a cut publish left behind is not a run
+    (out / "runs" / "kvshift-s1" / "analysis.json").unlink()
+    (out / "runs" / "kvshift-s0.tmp").mkdir()
+    again = U.summarize(_opts(root, shards, model, seeds=[0, 1], out=out), out)
+    assert again["runs"]["kvshift"]["1"]["heads"] is None and "— | —" in (out / "README.md").read_text()
+    assert set(U.published_runs(out, root / "runs")) == {f"{a}-s{k}" for a in U.ARMS for k in (0, 1)}
+    shutil.rmtree(out / "runs" / "kvshift-s0.tmp")
     assert not list((root / "runs" / "upcycle").glob("*/checkpoints"))  # checkpoints are not kept
     # a second run finds every run done and trains nothing
     again = run_experiment("upcycle", _opts(root, shards, model, seeds=[0, 1], out=out))
@@ -243,3 +253,20 @@ def test_gpu_scale_config_for_smollm2(tmp_path):
     mc = c.model_config()
     assert (mc.n_layers, mc.n_kv_heads, mc.tie_embeddings, mc.attention) == (30, 3, True, "kvshift")
     assert cfgs["vanilla"].model_config().non_embedding_params() == mc.non_embedding_params() - 30 * 2 * 3 * 2
+
+
+def test_a_failed_head_analysis_costs_the_counts_not_the_run(setup, tmp_path, monkeypatch):
+    root, shards, model = setup
+
+    def boom(*a, **k):
+        raise RuntimeError("analysis exploded")
+
+    monkeypatch.setattr(H, "write_report", boom)
+    logs = []
+    opts = RunOptions(scale="cpu", runs=tmp_path / "runs", shards=shards, inputs=[f"model={model}"], log=logs.append,
+                      arms=["vanilla", "kvshift"], seeds=[0], out=tmp_path / "o", keep_checkpoints=True)
+    s = run_experiment("upcycle", opts)
+    assert all(s["runs"][a]["0"]["status"] == "finished" and s["runs"][a]["0"]["heads"] is None
+               for a in ("vanilla", "kvshift"))
+    assert s["source_heads"] is None and not (tmp_path / "o" / "source-analysis.json").exists()
+    assert sum("analysis exploded" in m for m in logs) == 3  # the source model and both runs, each logged

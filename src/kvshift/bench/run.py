@@ -82,6 +82,17 @@ def _load_previous(path: Path, meta: dict) -> tuple[dict, dict]:
     return {p: prev[p] for p in PARTS if p in prev}, pm
 
 
+def kept_part(part: str, sec: dict, prev_meta: dict) -> dict:
+    """An earlier result's part that this run keeps, marked from_earlier_run, with measured_by: the run that
+    measured it (or, from a merged file, the runs that hold it) for a later merge to name."""
+    by = sec.get("measured_by")
+    if by is None and prev_meta.get("merged_from"):
+        by = [{k: m.get(k) for k in _PROV} for m in prev_meta["merged_from"] if part in m.get("parts", ())]
+    elif by is None and not sec.get("from_earlier_run"):
+        by = {k: prev_meta.get(k) for k in _PROV}
+    return {**sec, "from_earlier_run": True, **({"measured_by": by} if by else {})}
+
+
 def write_results(results: dict, out: Path) -> tuple[Path, Path]:
     results["targets"] = compute_targets(results)
     results["summary"] = target_summary(results["targets"])
@@ -111,7 +122,8 @@ def _union_arms(before: dict, case: dict) -> dict:
 def merge_results(paths: list[str | Path], out: str | Path) -> dict:
     """One result from several runs of the same device (parts run as separate processes on separate GPUs
     of one machine): each part's cases (block shapes, e2e models, decode batches) are the union over the
-    files, a later file winning a case both hold; meta.merged_from lists the files."""
+    files, a later file winning a case both hold; meta.merged_from lists the runs that measured them (a part
+    a run kept from an earlier run into the same --out counts as that run's)."""
     if len(paths) < 2:
         raise ValueError("--merge needs at least two result files")
     runs = []
@@ -125,15 +137,22 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
         raise ValueError(f"the results come from different devices or modes: {sorted(map(str, devices))}")
     meta = dict(runs[0][1]["meta"])
     meta["merged_from"] = []
-    sources = []  # (merged_from entry, {part: section}) in order: a file's earlier parts before its own
+    sources = []  # (merged_from entries, {part: section}) in order: a file's earlier parts before its own
+    key = lambda m: (m.get("command"), m.get("time_utc"))  # noqa: E731
+    # the runs that the files measured themselves (a file merged before lists its own sources)
+    measured = {key(m) for _, r in runs for m in (r["meta"].get("merged_from") or [r["meta"]])}
     for p, r in runs:
-        src = lambda m, parts: {"file": Path(p).name, **{k: m.get(k) for k in _PROV}, "parts": parts}  # noqa: E731
-        # a part kept from an earlier run into the same --out (bench.sh twice in one job) names that run
-        early = [k for k in PARTS if k in r and r[k].get("from_earlier_run") and r[k].get("measured_by")]
-        for k in early:
-            sources.append(([src(r[k]["measured_by"], [k])], {k: r[k]}))
+        def src(m: dict, parts: list[str], name: str = Path(p).name) -> dict:
+            return {"file": name, **{k: m.get(k) for k in _PROV}, "parts": parts}
+
+        # a part kept from an earlier run into the same --out (bench.sh twice in one job) names that run (or
+        # the runs of a merged file); it is merged as theirs, unless one of the files merged here is that run
+        for k in PARTS:
+            by = r.get(k, {}).get("measured_by") if r.get(k, {}).get("from_earlier_run") else None
+            by = [by] if isinstance(by, dict) else by or []
+            if by and not all(key(m) in measured for m in by):
+                sources.append(([src(m, [k]) for m in by], {k: r[k]}))
         own = [k for k in PARTS if k in r and not r[k].get("from_earlier_run")]
-        # a file merged before lists its own sources: they are kept, not the file
         sources.append((r["meta"].get("merged_from") or [src(r["meta"], own)], {k: r[k] for k in own}))
     results: dict = {"meta": meta}
     cases = CASES
@@ -169,10 +188,8 @@ def run_bench(plan: Plan, out: str | Path, *, device: torch.device | None = None
     results: dict = {"meta": meta}
     previous, prev_meta = _load_previous(out / f"{meta['device_slug']}.json", meta)
     for p, sec in previous.items():
-        if p not in plan.parts:  # measured_by: the run that measured it (a merge takes it from there)
-            by = sec.get("measured_by") or (None if sec.get("from_earlier_run") or prev_meta.get("merged_from")
-                                            else {k: prev_meta.get(k) for k in _PROV})
-            results[p] = {**sec, "from_earlier_run": True, **({"measured_by": by} if by else {})}
+        if p not in plan.parts:
+            results[p] = kept_part(p, sec, prev_meta)
 
     def save(update: dict) -> None:
         results.update(update)

@@ -27,6 +27,7 @@ once (source-analysis.json) and every run's final checkpoint (its analysis.json)
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -196,13 +197,18 @@ def run_one(opts: RunOptions, model: Path, ident: dict, fields: dict, arm: str, 
                            log=opts.log, label=label)
     if st == "interrupted":
         return st
-    if s is not None:
-        ck = list_checkpoints(rd / "checkpoints")
-        if ck and (ck[-1] / "model.safetensors").is_file():
-            layers = read_coefficients(ck[-1] / "model.safetensors", cfg.model_config())
-            (rd / "coefficients.jsonl").write_text(json.dumps({"step": s["steps"], "layers": layers}) + "\n")
-            if not (rd / "analysis.json").is_file():
+    # from the final checkpoint whenever it is there (also for a run trained by an earlier, cut call)
+    ck = list_checkpoints(rd / "checkpoints")
+    if ck and (ck[-1] / "model.safetensors").is_file():
+        layers = read_coefficients(ck[-1] / "model.safetensors", cfg.model_config())
+        step = int(ck[-1].name.rpartition("_")[2])
+        (rd / "coefficients.jsonl").write_text(json.dumps({"step": step, "layers": layers}) + "\n")
+        if not (rd / "analysis.json").is_file():
+            try:  # an analysis failure must not cost the trained run: it is published without the head counts
                 heads.write_report(ck[-1], rd / "analysis.json", bos=heads._bos(model))
+            except Exception as e:  # noqa: BLE001
+                opts.log(f"{label}: head analysis failed ({type(e).__name__}: {e}); published without it")
+    if s is not None:
         opts.log(f"{label}: {st}, val loss {s['final_val_loss']}, {s['tokens_per_s'] or 0:,.0f} tokens/s")
     if not opts.keep_checkpoints:
         shutil.rmtree(rd / "checkpoints", ignore_errors=True)
@@ -224,7 +230,10 @@ def run(opts: RunOptions, out: Path) -> dict:
     fields = model_fields(model)
     check_match(model, shards, fields)
     ident = {**data_identity(shards), "init_sha256": file_sha256(model / "model.safetensors")}
-    heads.source_report(out, model, log=opts.log)
+    try:  # once per experiment directory; a failure costs the head counts, not the training
+        heads.source_report(out, model, log=opts.log)
+    except Exception as e:  # noqa: BLE001
+        opts.log(f"[upcycle] head analysis of the source model failed ({type(e).__name__}: {e})")
     for seed in opts.seed_list(SCALES[opts.scale]["seeds"]):
         for arm in arms:
             if run_one(opts, model, ident, fields, arm, seed, out, shards) == "interrupted":
@@ -233,11 +242,17 @@ def run(opts: RunOptions, out: Path) -> dict:
     return summarize(opts, out)
 
 
+def run_dirs(out: Path) -> list[Path]:
+    """out/runs/ARM-sSEED directories (never a temporary one that a publish left behind)."""
+    d = out / "runs"
+    return sorted(p for p in d.iterdir() if p.is_dir() and re.fullmatch(r".+-s\d+", p.name)) if d.is_dir() else []
+
+
 def published_runs(out: Path, runs: Path) -> dict[str, Path]:
     """{ARM-sSEED: scratch directory} of the finished runs published in out/runs (what the summary reports),
     found by the hash of each run's key: the models to score, never another run left in `runs`."""
     found = {}
-    for d in sorted((Path(out) / "runs").glob("*-s*")):
+    for d in run_dirs(Path(out)):
         if (d / "run.json").is_file() and (d / "summary.json").is_file() and \
                 json.loads((d / "summary.json").read_text()).get("status") == "finished":
             found[d.name] = Path(runs) / "upcycle" / key_hash(json.loads((d / "run.json").read_text())["key"])
@@ -304,7 +319,7 @@ def verdict(runs: dict) -> tuple[str, str, dict]:
 
 def summarize(opts: RunOptions, out: Path) -> dict:
     runs: dict = {}
-    for d in sorted((out / "runs").glob("*-s*")) if (out / "runs").is_dir() else []:
+    for d in run_dirs(out):
         arm, _, seed = d.name.rpartition("-s")
         if arm in ARMS and (d / "summary.json").is_file():
             runs.setdefault(arm, {})[int(seed)] = run_stats(d)
@@ -321,13 +336,14 @@ def summarize(opts: RunOptions, out: Path) -> dict:
                  f"{max(c['k_heads_moved'] for _, c in moved)} key and {max(c['v_heads_moved'] for _, c in moved)} "
                  f"value heads of {moved[0][1]['heads']} in any shifted run")
     source_heads = heads.counts(heads.read(out / "source-analysis.json"))
+    ok = lambda r: r.get("status") == "finished" and r.get("tokens_per_s")  # noqa: E731
     tps = {a: {str(k): r["tokens_per_s"] / runs[BASELINE][k]["tokens_per_s"] for k, r in sorted(runs.get(a, {}).items())
-               if r.get("tokens_per_s") and (runs[BASELINE].get(k) or {}).get("tokens_per_s")}
+               if ok(r) and ok(runs[BASELINE].get(k) or {})}
            for a in ARMS if a != BASELINE and a in runs} if BASELINE in runs else {}
     starts = [r["start"]["all"] for a in runs.values() for r in a.values() if r["start"]]
     same_start = bool(starts) and max(starts) - min(starts) < 1e-3
     prov = provenance()
-    infos = [json.loads((d / "run.json").read_text()) for d in (out / "runs").glob("*-s*") if (d / "run.json").is_file()]
+    infos = [json.loads((d / "run.json").read_text()) for d in run_dirs(out) if (d / "run.json").is_file()]
     if infos:  # where the runs trained, not where this summary is written
         for k in ("git_commit", "device", "torch"):
             prov[k] = "; ".join(dict.fromkeys(str(i["provenance"].get(k)) for i in infos))

@@ -40,8 +40,8 @@ def readme(out: Path, s: dict, rule: str) -> None:
              + (f"{src['induction_heads']}/{src['heads']} induction heads (max {src['max_prefix_matching']:.3f}), "
                 f"{src['previous_token_heads']} previous-token heads." if src else "not analysed.")
              + " Runs without a count were trained before the analysis existed (their checkpoints are gone).", "",
-             "Training tokens/s against vanilla of the same seed (separate calls, and for seed 0 separate GPUs: "
-             "indicative only; the controlled cost comparison is `kvshift bench`'s e2e part): "
+             "Training tokens/s against vanilla of the same seed (each run in its own process, possibly another call or "
+             "GPU: indicative only; the controlled cost comparison is `kvshift bench`'s e2e part): "
              + ("; ".join(f"{a} " + ", ".join(f"s{k} {x:.3f}" for k, x in by.items())
                           for a, by in s.get("tokens_per_s_ratio", {}).items() if by) or "—") + ".", "",
              "| arm | seed | start | final (all) | prose | code | tokens | tokens/s | K heads moved | V heads moved "
