@@ -97,6 +97,12 @@ def test_eval_two_tasks_offline_on_tiny_model(exported, tmp_path, monkeypatch, c
     ppl, acc = _lambada_by_hand(lm, tok, 8)
     assert rep["results"]["lambada"]["acc"] == pytest.approx(acc)
     assert rep["results"]["lambada"]["perplexity"] == pytest.approx(ppl, rel=1e-4)
+    # per document, 0/1, in document order: their means are the reported accuracies
+    assert set(rep["per_doc"]["lambada"]) == {"acc"} and set(rep["per_doc"]["hellaswag"]) == {"acc", "acc_norm"}
+    for t, ms in rep["per_doc"].items():
+        for m, bits in ms.items():
+            assert len(bits) == 8 and set(bits) <= {"0", "1"}
+            assert bits.count("1") / 8 == pytest.approx(rep["results"][t][m])
 
 
 def test_eval_cli_reports_bad_arguments(exported, capsys):

@@ -95,6 +95,31 @@ def test_task_rows_standard_errors_and_significance():
     assert not p["kvshift"]["significant"]  # 0.1 is 1.43 standard errors: not enough
     h = rows["hellaswag"]  # scored by acc_norm
     assert h["metric"] == "acc_norm" and h["kvshift"]["diff"] == pytest.approx(0.15) and h["kvshift"]["significant"]
+    assert not p["kvshift"]["paired"]
+
+
+def test_task_rows_pair_the_documents_when_both_keep_them():
+    """Two models that differ on 6 of 200 documents (same answers elsewhere): the paired SE is that of the mean
+    per-document difference, far below the two-sample one, so +0.03 counts; without per-document results (or
+    with other documents) the two-sample SE stands and it does not."""
+    base = "01" * 100
+    better = "11" * 6 + base[12:]  # documents 0, 2, ..., 10 turn right
+
+    def ev(bits):
+        acc = bits.count("1") / len(bits)
+        return {"results": {"piqa": {"acc": acc}}, "n_samples": {"piqa": {"effective": len(bits)}},
+                "per_doc": {"piqa": {"acc": bits}}}
+
+    r = downstream.task_rows({"vanilla": ev(base), "kvshift": ev(better)}, ["piqa"])["piqa"]["kvshift"]
+    d = [1] * 6 + [0] * 194
+    mean = 6 / 200
+    se = (sum((x - mean) ** 2 for x in d) / 199 / 200) ** 0.5
+    assert r["paired"] and r["diff"] == pytest.approx(0.03) and r["diff_se"] == pytest.approx(se)
+    assert r["significant"] and downstream.paired_se(ev(better), ev(base), "piqa", "acc") == pytest.approx(se)
+    unpaired = ev(better) | {"per_doc": {}}
+    r2 = downstream.task_rows({"vanilla": ev(base), "kvshift": unpaired}, ["piqa"])["piqa"]["kvshift"]
+    assert not r2["paired"] and not r2["significant"] and r2["diff_se"] > 4 * se
+    assert downstream.paired_se(ev(better), ev(base[:100]), "piqa", "acc") is None  # other documents
 
 
 def test_downstream_from_evaluation_files(pair, tmp_path):

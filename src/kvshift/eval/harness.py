@@ -190,7 +190,7 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
         quiet = _QuietCustomDataset()
         logging.getLogger("lm_eval.api.task").addFilter(quiet)
         t0 = time.time()
-        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=False,
+        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=True,
                               bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
                               torch_random_seed=seed, fewshot_random_seed=seed)
         elapsed = time.time() - t0
@@ -213,6 +213,9 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
         "tasks": names,
         "results": metrics,
         "n_samples": {t: v for t, v in (res.get("n-samples") or {}).items()},
+        # per document, in doc_id order, "1"/"0" per accuracy metric: comparisons of two models on the same
+        # documents can use the paired standard error (kvshift.experiments.downstream.task_rows)
+        "per_doc": per_doc(res.get("samples") or {}),
         "n_shot": res.get("n-shot"),
         "setup": {"limit": limit, "batch_size": batch_size, "device": str(device),
                   "dtype": str(next(hf.parameters()).dtype),
@@ -233,6 +236,17 @@ def run_eval(model, tasks=PAPER_TASKS, *, limit: int | float | None = None, toke
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return report
+
+
+def per_doc(samples: dict) -> dict:
+    """{task: {metric: "0110..."}} of lm-eval's logged samples: each 0/1 metric (acc, acc_norm) per document,
+    in doc_id order."""
+    out = {}
+    for task, rows in samples.items():
+        rows = sorted(rows, key=lambda r: r["doc_id"])
+        out[task] = {m: "".join("1" if r[m] else "0" for r in rows) for m in ("acc", "acc_norm")
+                     if rows and all(m in r and float(r[m]) in (0.0, 1.0) for r in rows)}
+    return out
 
 
 # ---- offloaded evaluation (kvshift.eval.offload): lm-eval with recorded / replayed loglikelihoods ----------

@@ -103,9 +103,24 @@ def heads(report: dict, kind: str, threshold: float = HEAD_THRESHOLD) -> list[li
     return [[i, j] for i, row in enumerate(report["scores"][kind]) for j, v in enumerate(row) if v > threshold]
 
 
+def paired_se(a: dict, b: dict, task: str, metric: str) -> float | None:
+    """Standard error of a's accuracy minus b's on the same documents, from their per-document results (the
+    SE of the mean of the per-document differences); None unless both evaluations keep them for the same
+    documents."""
+    x = (a.get("per_doc") or {}).get(task, {}).get(metric)
+    y = (b.get("per_doc") or {}).get(task, {}).get(metric)
+    if not x or not y or len(x) != len(y) or len(x) < 2:
+        return None
+    d = [int(u) - int(v) for u, v in zip(x, y)]
+    n = len(d)
+    mean = sum(d) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n)
+
+
 def task_rows(evals: dict[str, dict], tasks, base_arm: str = "vanilla") -> dict:
     """Per task: each model's accuracy ± binomial SE, and each other model's difference from `base_arm`
-    (where that model was evaluated) with its SE and whether it exceeds twice that."""
+    (where that model was evaluated) with its SE (paired over documents where both evaluations keep
+    per-document results, else of two independent samples) and whether it exceeds twice that."""
     rows = {}
     for t in tasks:
         row = {"chance": CHANCE.get(t)}
@@ -115,12 +130,15 @@ def task_rows(evals: dict[str, dict], tasks, base_arm: str = "vanilla") -> dict:
             row[arm] = {"acc": acc, "se": math.sqrt(max(acc * (1 - acc), 1e-12) / n), "n": n,
                         **({"perplexity": res["perplexity"]} if "perplexity" in res else {})}
         base = row.get(base_arm)
+        metric = "acc_norm" if t in ("hellaswag", "arc_easy", "arc_challenge") else "acc"
         for arm in evals if base is not None else ():
             if arm != base_arm:
                 d = row[arm]["acc"] - base["acc"]
-                se = math.hypot(row[arm]["se"], base["se"])
-                row[arm] |= {"diff": d, "diff_se": se, "significant": abs(d) > 2 * se}
-        row["metric"] = "acc_norm" if t in ("hellaswag", "arc_easy", "arc_challenge") else "acc"
+                se, paired = paired_se(evals[arm], evals[base_arm], t, metric), True
+                if se is None:  # no per-document results on both sides: two independent samples
+                    se, paired = math.hypot(row[arm]["se"], base["se"]), False
+                row[arm] |= {"diff": d, "diff_se": se, "paired": paired, "significant": abs(d) > 2 * se}
+        row["metric"] = metric
         rows[t] = row
     return rows
 
@@ -235,12 +253,13 @@ def _readme(s: dict, path: Path) -> None:
         lines += [""]
     lines += ["Zero-shot, lm-evaluation-harness with the offline task files of `kvshift eval`; accuracy (acc_norm for "
              "HellaSwag and ARC) ± binomial standard error; Δ counts (*) beyond twice the standard error of the "
-             "difference.", "",
+             "difference (p: paired over the documents, where both evaluations keep per-document results).", "",
              "| task | n | chance | " + " | ".join(arms) + " | " + " | ".join(f"Δ {a}" for a in other) + " |",
              "|---|---|---|" + "---|" * (len(arms) + len(other))]
     for t, r in s["tasks"].items():
         cells = [f"{r[a]['acc']:.4f} ± {r[a]['se']:.4f}" for a in arms]
-        deltas = [f"{r[a]['diff']:+.4f}{' *' if r[a]['significant'] else ''}" for a in other]
+        deltas = [f"{r[a]['diff']:+.4f}{' *' if r[a]['significant'] else ''}{' p' if r[a].get('paired') else ''}"
+                  for a in other]
         lines.append(f"| {t} ({r['metric']}) | {r['vanilla']['n']} | {r['chance']} | " + " | ".join(cells + deltas) + " |")
     lines += ["", "Heads (layer, head) with a score above 0.5 on repeated random tokens (`kvshift analyze`):", "",
               "| arm | induction heads | previous-token heads | max prefix matching | max previous token |", "|---|---|---|---|---|"]

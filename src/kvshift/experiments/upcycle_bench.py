@@ -163,12 +163,15 @@ def _readme(s: dict, path: Path) -> None:
         lines += [f"*Note:* {s['note']}", ""]
     lines += [f"Zero-shot, lm-evaluation-harness with the offline task files of `kvshift eval`, {lim} of each task; "
               "accuracy (acc_norm for HellaSwag and ARC) ± binomial standard error; Δ against the vanilla arm "
-              "of the same seed, starred beyond twice the standard error of the difference.", "",
+              "of the same seed, starred beyond twice the standard error of the difference (marked p: the paired "
+              "standard error over the documents, where both evaluations keep per-document results; else that of "
+              "two independent samples).", "",
               "| task | n | chance | " + " | ".join(models) + "".join(f" | Δ {a}" for a in arms) + " |",
               "|---|---|---|" + "---|" * (len(models) + len(arms))]
     for t, r in s["tasks"].items():
         cells = [f"{r[m]['acc']:.4f} ± {r[m]['se']:.4f}" for m in models]
-        cells += [f"{r[a]['diff']:+.4f}{' *' if r[a]['significant'] else ''}" if "diff" in r[a] else "–"
+        cells += [f"{r[a]['diff']:+.4f}{' *' if r[a]['significant'] else ''}{' p' if r[a].get('paired') else ''}"
+                  if "diff" in r[a] else "–"
                   for a in arms]
         lines.append(f"| {t} ({r['metric']}) | {r['source']['n']} | {r['chance']} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines + [""]))
