@@ -205,7 +205,7 @@ def run_one(opts: RunOptions, model: Path, ident: dict, fields: dict, arm: str, 
         (rd / "coefficients.jsonl").write_text(json.dumps({"step": step, "layers": layers}) + "\n")
         if not (rd / "analysis.json").is_file():
             try:  # an analysis failure must not cost the trained run: it is published without the head counts
-                heads.write_report(ck[-1], rd / "analysis.json", bos=heads._bos(model))
+                heads.write_report(ck[-1], rd / "analysis.json", bos=heads.bos_id(model))
             except Exception as e:  # noqa: BLE001
                 opts.log(f"{label}: head analysis failed ({type(e).__name__}: {e}); published without it")
     if s is not None:

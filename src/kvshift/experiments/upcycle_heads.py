@@ -18,7 +18,7 @@ ANALYSIS = dict(n=64, batch=8, seed=0)
 SCORES = ("prefix_matching", "previous_token")
 
 
-def _bos(path: Path) -> int | None:
+def bos_id(path: Path) -> int | None:
     """The BOS id of a model directory or of a training checkpoint's model config (None when it has none)."""
     for cand in (path / "config.json", path / "model_config.json"):
         if cand.is_file():
@@ -40,7 +40,7 @@ def head_report(model_path: str | Path, bos: int | None) -> dict:
 def write_report(model_path: str | Path, dst: Path, bos: int | None = None) -> dict:
     from kvshift.utils.io import write_text_atomic
 
-    bos = _bos(Path(model_path)) if bos is None else bos
+    bos = bos_id(Path(model_path)) if bos is None else bos
     rep = head_report(model_path, bos)
     write_text_atomic(dst, json.dumps(rep) + "\n")
     return rep
