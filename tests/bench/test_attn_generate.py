@@ -166,6 +166,12 @@ def test_report_targets_come_from_the_new_parts_only():
     assert tg and not any(k.startswith(("block/", "decode/")) for k in tg)
     md = render_markdown(old)
     assert "## Superseded: attention block" in md and "## Superseded: decode" in md and "0.611" in md
+    # the training-step profile: beside the kernels' total, what the timed step spends outside them
+    for name, m in old["e2e"]["models"].items():
+        for arm, a in m["arms"].items():
+            if isinstance(a, dict) and "top" in a.get("profile", {}):
+                tot = a["profile"]["total_ms_per_step"]
+                assert f"| {name} | {arm} | {tot:.2f} | {a['step']['median_ms'] - tot:.2f} |" in md
     attn = {"settings": {}, "shapes": {"B8-T2048-H16-D128-cudnn-eager": {
         "B": 8, "T": 2048, "H": 16, "H_kv": 16, "D": 128, "family": "cudnn", "mode": "eager", "gqa": "native",
         "arms": {"vanilla": _arm(4.0, 3.9), "fused-sdpa": _arm(4.4), "fused": _arm(3.8, 3.7)},

@@ -304,6 +304,11 @@ def test_merge_takes_each_part_from_its_run(tmp_path):
     res = merge_results([pb, pk], tmp_path / "out")
     assert [(m["command"], m["parts"]) for m in res["meta"]["merged_from"]] == \
         [("b", ["e2e"]), ("x", ["block"]), ("y", ["block"]), ("k", ["e2e"])]
+    # one file alone: written again as it is (its sources, parts and cases), the markdown from the current report
+    again = merge_results([tmp_path / "out" / "x.json"], tmp_path / "again")
+    assert again["meta"]["merged_from"] == res["meta"]["merged_from"] and again["e2e"] == res["e2e"]
+    with pytest.raises(ValueError, match="at least one"):
+        merge_results([], tmp_path / "out")
     pb.write_text(json.dumps({**b, "meta": {**b["meta"], "device": "Y"}}))
     with pytest.raises(ValueError, match="different devices"):
         merge_results([pa, pb], tmp_path / "out")

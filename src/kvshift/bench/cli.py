@@ -137,5 +137,6 @@ def register(sub) -> None:
                         "new tokens minus generate with 1, per token: time by family, top kernels, kernels and "
                         "launches per token); on a CPU aten ops stand in for kernels")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="merge result files of one device (parts run on separate GPUs) into --out; runs nothing")
+                   help="merge result files of one device (parts run on separate GPUs) into --out; runs nothing "
+                        "(one file: its targets and markdown written again)")
     p.set_defaults(func=_run)

@@ -194,16 +194,21 @@ def render_markdown(results: dict) -> str:
                              f"{_f(tr)} | {_f(mr)} |")
         lines.append("")
 
-    profiled = [(name, arm, a["profile"]) for name, m in (e2e or {}).get("models", {}).items()
+    profiled = [(name, arm, a) for name, m in (e2e or {}).get("models", {}).items()
                 for arm, a in m.get("arms", {}).items() if isinstance(a, dict) and "top" in a.get("profile", {})]
     if profiled:
         lines += ["## GPU kernels of one training step (torch.profiler, ms per step)", "",
-                  "| model | arm | total | by family | top kernels |", "|---|---|---|---|---|"]
-        for name, arm, p in profiled:
+                  "outside: the timed step's median minus the kernels' total (time the GPU waits on the host, "
+                  "within the noise of two measurements).", "",
+                  "| model | arm | total | outside | by family | top kernels |", "|---|---|---|---|---|---|"]
+        for name, arm, a in profiled:
+            p = a["profile"]
             fam = ", ".join(f"{k} {v:.2f}" for k, v in p["families_ms_per_step"].items())
             top = "<br>".join(f"{t['ms_per_step']:.2f} ms × {t['calls_per_step']:g}: `{t['kernel'][:70]}`"
                               for t in p["top"][:6])
-            lines.append(f"| {name} | {arm} | {p['total_ms_per_step']:.2f} | {fam} | {top} |")
+            step = (a.get("step") or {}).get("median_ms")
+            out = _f(None if step is None else step - p["total_ms_per_step"], "{:.2f}")
+            lines.append(f"| {name} | {arm} | {p['total_ms_per_step']:.2f} | {out} | {fam} | {top} |")
         lines.append("")
 
     dec = results.get("decode")

@@ -123,9 +123,10 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
     """One result from several runs of the same device (parts run as separate processes on separate GPUs
     of one machine): each part's cases (block shapes, e2e models, decode batches) are the union over the
     files, a later file winning a case both hold; meta.merged_from lists the runs that measured them (a part
-    a run kept from an earlier run into the same --out counts as that run's)."""
-    if len(paths) < 2:
-        raise ValueError("--merge needs at least two result files")
+    a run kept from an earlier run into the same --out counts as that run's). One file alone is written again:
+    its targets and markdown from its JSON, as the current report renders them."""
+    if not paths:
+        raise ValueError("--merge needs at least one result file (one alone: its markdown and targets written again)")
     runs = []
     for p in paths:
         try:

@@ -38,7 +38,7 @@ def rows(results: Path) -> list[dict]:
         speed = [k for k in t if k.endswith(("tokens_per_s_ratio", "time_ratio")) or k.startswith("generate/")]
         verdict = ("reproduced" if not missed else
                    "partly reproduced" if not set(missed) & set(speed) else "not reproduced")
-        parts = [f"{k}: {v['measured']:.3f} ({v['op']} {v['target']}{'' if v['met'] else ', missed'})"
+        parts = [f"{k}: {v['measured']:.4f} ({v['op']} {v['target']}{'' if v['met'] else ', missed'})"
                  for k, v in t.items()]
         out.append({"experiment": "bench", "scale": "gpu", "device": meta.get("device", "?"),
                     "command": "bash scripts/device/bench.sh", "verdict": verdict,
