@@ -8,22 +8,41 @@ from kvshift.experiments.base import fmt
 from kvshift.utils.io import write_text_atomic
 
 
-def plot(out: Path, runs: dict) -> None:
+COLORS = {"vanilla": "C0", "kvshift": "C3", "kshift": "C2", "kvshift-fast": "C1"}
+
+
+def plot(out: Path, runs: dict, baseline: str = "vanilla") -> None:
+    """Held-out loss per domain for every arm and seed, and each shifted run's difference from the baseline of
+    its seed at the same evaluations (the curves overlap at this scale; the differences are the comparison)."""
     from kvshift.utils.plot import pyplot, save_figure
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for ax, dom in zip(axes, ("all", "prose", "code")):
         for arm, by in runs.items():
             for i, (seed, r) in enumerate(sorted(by.items())):
                 pts = [(c["tokens"], c[dom]) for c in r["curve"] if c.get(dom) is not None]
                 if pts:
-                    ax.plot(*zip(*pts), marker=".", color={"vanilla": "C0", "kvshift": "C3", "kshift": "C2", "kvshift-fast": "C1"}[arm],
-                            alpha=0.9 if i == 0 else 0.5, label=arm if i == 0 else None)
+                    ax.plot(*zip(*pts), marker=".", color=COLORS[arm], alpha=0.9 if i == 0 else 0.5,
+                            label=arm if i == 0 else None)
         ax.set_title(f"held-out loss: {dom}")
         ax.set_xlabel("tokens")
     axes[0].set_ylabel("nats/token")
     axes[0].legend()
+    ax = axes[3]
+    for arm, by in runs.items():
+        for seed, r in sorted(by.items()) if arm != baseline else ():
+            base = {c["tokens"]: c["all"] for c in (runs.get(baseline, {}).get(seed) or {}).get("curve", [])}
+            pts = [(c["tokens"], c["all"] - base[c["tokens"]]) for c in r["curve"]
+                   if c.get("all") is not None and base.get(c["tokens"]) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", color=COLORS[arm], linestyle="-" if seed == 0 else "--",
+                        label=f"{arm} s{seed}")
+    ax.axhline(0.0, color="C0", linewidth=0.8)
+    ax.set_title(f"all: arm − {baseline} (same seed)")
+    ax.set_xlabel("tokens")
+    if ax.lines[1:]:
+        ax.legend(fontsize=7)
     save_figure(fig, out / "plot.png")
 
 
