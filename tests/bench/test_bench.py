@@ -93,6 +93,9 @@ def test_quick_run_end_to_end(tmp_path, one_thread, capsys):
         assert set(m["ratios"]) == {"tokens_per_s", "peak_mem"}
         prof = m["arms"]["vanilla"]["profile"]
         assert "error" not in prof and prof["steps"] == 2 and isinstance(prof["top"], list)
+        host = prof["host"]  # on a CPU: no launches, no GPU to wait for, the aten ops' host time
+        assert host["launches_per_step"] == 0 and host["syncs_per_step"] == {} and host["self_cpu_ms_per_step"] > 0
+        assert host["top"] and all(t["self_cpu_ms_per_step"] >= 0 for t in host["top"])
 
     dec = res["decode"]
     assert dec["context"] == 40 and list(dec["batches"]) == ["batch1", "batch2"]
@@ -378,3 +381,27 @@ def test_the_larger_e2e_cases_are_what_the_issue_names():
     preset, over, T, B, layout = E2E_MORE["bench-1b"]
     assert 0.9e9 < n_params(ModelConfig.from_name(preset, **over)) < 1.2e9 and T == 4096
     assert E2E_MORE["bench-246m-16k"][2] == 16384 and E2E_MORE["bench-162m-packed"][4] == "packed"
+
+
+def test_host_summary_counts_launches_and_syncs_per_step():
+    from types import SimpleNamespace as E
+
+    from kvshift.bench.profile import host_summary
+    from kvshift.bench.report import _host_cell
+
+    events = [E(key="cudaLaunchKernel", count=40, self_cpu_time_total=400.0),
+              E(key="cudaStreamSynchronize", count=6, self_cpu_time_total=3000.0),
+              E(key="aten::mm", count=8, self_cpu_time_total=100.0), E(key="idle", count=1, self_cpu_time_total=0.0)]
+    h = host_summary(SimpleProf(events), steps=2)
+    assert h["launches_per_step"] == 20 and h["syncs_per_step"] == {"cudaStreamSynchronize": 3}
+    assert h["self_cpu_ms_per_step"] == pytest.approx(1.75) and [t["event"] for t in h["top"]][0] == "cudaStreamSynchronize"
+    assert "idle" not in [t["event"] for t in h["top"]]
+    assert _host_cell(h) == "20 launches; cudaStreamSynchronize 3" and _host_cell(None) == "–"
+
+
+class SimpleProf:
+    def __init__(self, events):
+        self.events = events
+
+    def key_averages(self):
+        return self.events

@@ -25,6 +25,9 @@ from kvshift.bench.timing import synchronize
 KERNEL_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
                    "cudaLaunchCooperativeKernel")
 GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
+# host calls that wait for the GPU: the host stops issuing work, so the GPU idles behind them
+HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cuStreamSynchronize", "cuCtxSynchronize", "cuMemcpyDtoH_v2")
 CPU_MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul")
 GRAPH_INVISIBLE = "kernels inside a CUDA graph are not visible to the profiler (graph launches counted only)"
 
@@ -84,7 +87,23 @@ def profile_kernels(step: Callable[[], None], device: torch.device, steps: int =
     return {"steps": steps, "total_ms_per_step": sum(r[2] for r in rows) / steps,
             "families_ms_per_step": {k: round(v, 4) for k, v in _families(rows, steps).items()},
             "top": [{"kernel": k[:160], "calls_per_step": c / steps, "ms_per_step": round(t / steps, 4)}
-                    for k, c, t in rows[:top]]}
+                    for k, c, t in rows[:top]],
+            "host": host_summary(prof, steps)}
+
+
+def host_summary(prof, steps: int, top: int = 8) -> dict:
+    """The host side of `steps` profiled steps, per step: kernel launches, calls that wait for the GPU
+    (synchronizations and copies to the host, HOST_SYNCS) by name, and the host events with the most self
+    CPU time (what keeps the host from issuing kernels when the GPU waits on it)."""
+    ev = prof.key_averages()
+    syncs = {e.key: e.count / steps for e in ev if e.key in HOST_SYNCS}
+    hosts = sorted(((e.key, e.count, e.self_cpu_time_total) for e in ev if e.self_cpu_time_total > 0),
+                   key=lambda r: -r[2])
+    return {"launches_per_step": sum(e.count for e in ev if e.key in KERNEL_LAUNCHES) / steps,
+            "syncs_per_step": syncs,
+            "self_cpu_ms_per_step": round(sum(r[2] for r in hosts) / 1e3 / steps, 4),
+            "top": [{"event": k[:120], "calls_per_step": c / steps, "self_cpu_ms_per_step": round(t / 1e3 / steps, 4)}
+                    for k, c, t in hosts[:top]]}
 
 
 def _profile_call(call: Callable[[torch.Tensor, int], torch.Tensor], ids: torch.Tensor, k: int,

@@ -94,6 +94,14 @@ def target_summary(targets: dict[str, dict]) -> dict:
 
 
 # ---- markdown -----------------------------------------------------------------------------------
+def _host_cell(h: dict | None) -> str:
+    """Launches and GPU-waiting calls per step of a training-step profile ('–' for profiles made before)."""
+    if not h:
+        return "–"
+    syncs = ", ".join(f"{k} {v:g}" for k, v in h.get("syncs_per_step", {}).items()) or "no syncs"
+    return f"{h.get('launches_per_step', 0):g} launches; {syncs}"
+
+
 def _f(x, fmt="{:.3f}", none="–"):
     return none if x is None else fmt.format(x)
 
@@ -199,8 +207,9 @@ def render_markdown(results: dict) -> str:
     if profiled:
         lines += ["## GPU kernels of one training step (torch.profiler, ms per step)", "",
                   "outside: the timed step's median minus the kernels' total (time the GPU waits on the host, "
-                  "within the noise of two measurements).", "",
-                  "| model | arm | total | outside | by family | top kernels |", "|---|---|---|---|---|---|"]
+                  "within the noise of two measurements); host: kernel launches and calls that wait for the GPU "
+                  "per step (CUDA).", "",
+                  "| model | arm | total | outside | host | by family | top kernels |", "|---|---|---|---|---|---|---|"]
         for name, arm, a in profiled:
             p = a["profile"]
             fam = ", ".join(f"{k} {v:.2f}" for k, v in p["families_ms_per_step"].items())
@@ -208,7 +217,8 @@ def render_markdown(results: dict) -> str:
                               for t in p["top"][:6])
             step = (a.get("step") or {}).get("median_ms")
             out = _f(None if step is None else step - p["total_ms_per_step"], "{:.2f}")
-            lines.append(f"| {name} | {arm} | {p['total_ms_per_step']:.2f} | {out} | {fam} | {top} |")
+            lines.append(f"| {name} | {arm} | {p['total_ms_per_step']:.2f} | {out} | {_host_cell(p.get('host'))} | "
+                         f"{fam} | {top} |")
         lines.append("")
 
     dec = results.get("decode")
