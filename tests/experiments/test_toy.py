@@ -139,10 +139,10 @@ def test_report_rows_from_bench_targets(tmp_path):
                     "targets": {"block/z/time_ratio": {"measured": 0.6, "op": "<=", "target": 1.03, "met": True}}})
     rows = [line for line in render(tmp_path).splitlines() if line.startswith("| Sec. 2 (cost)")]
     assert len(rows) == 2
-    assert "**partly reproduced**" in rows[0] and "GPU-A" in rows[0] and "peak_mem_ratio: 1.070 (<= 1.0, missed)" in rows[0]
+    assert "**partly reproduced**" in rows[0] and "GPU-A" in rows[0] and "peak_mem_ratio: 1.0700 (<= 1.0, missed)" in rows[0]
     assert "Not yet measured: attn, generate" in rows[0]
     assert "**not reproduced**" in rows[1] and "(../results/bench/gpu-b.md)" in rows[1]
-    assert "attn/y/time_ratio: 1.200 (<= 1.03, missed)" in rows[1] and "block/z" not in rows[1]
+    assert "attn/y/time_ratio: 1.2000 (<= 1.03, missed)" in rows[1] and "block/z" not in rows[1]
     assert "Superseded, not counted: block" in rows[1]
 
 
