@@ -331,3 +331,19 @@ def test_igsm_adopts_a_summary_written_before_runs_were_published(tmp_path):
     (out / "runs" / "kvshift-Tr12-Te15-s1.metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="kvshift-Tr12-Te15-s1 was trained with"):
         run_experiment("igsm", RunOptions(scale="gpu", out=out, summarize_only=True, log=lambda m: None))
+
+
+def test_hopk_the_same_command_again_trains_only_what_is_not_published(tmp_path, tiny_hopk, monkeypatch):
+    """A run published with the same model and training settings is not trained again (a cut multi-seed command
+    continues where it stopped, even without its scratch checkpoints); other settings train again."""
+    opts = lambda **kw: RunOptions(out=tmp_path, runs=tmp_path / "runs", log=lambda m: None, **kw)  # noqa: E731
+    first = run_experiment("hopk", opts(seeds=[0]))
+    trained = []
+    real = hopk_exp.train_arm
+    monkeypatch.setattr(hopk_exp, "train_arm", lambda name, *a, **k: trained.append((name, k["seed"])) or real(name, *a, **k))
+    again = run_experiment("hopk", opts(seeds=[0, 1]))
+    assert sorted(trained) == [(f"{a}-{L}L", 1) for a in ("kvshift", "vanilla") for L in (1, 2)]
+    assert [r for r in again["runs"] if r["seed"] == 0] == first["runs"]  # seed 0's published runs stand
+    trained.clear()
+    run_experiment("hopk", opts(seeds=[0], steps=4))  # other settings: trained again
+    assert len(trained) == 4

@@ -118,6 +118,15 @@ def run(variant: str, opts: RunOptions, out: Path) -> dict:
     return summarize(variant, opts, out)
 
 
+def _published(path: Path, cfg: ModelConfig, spec) -> bool:
+    """A run published at `path` with this model and training spec (a run of other settings is trained again)."""
+    if not path.is_file():
+        return False
+    rec = json.loads(path.read_text())
+    same = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples as the JSON holds them: lists)
+    return rec.get("model") == same(cfg.to_dict()) and rec.get("train") == same(spec.to_dict())
+
+
 def train_runs(exp: str, s: dict, opts: RunOptions, out: Path, arms: dict[str, dict], depths: list[int]) -> None:
     """Trains every (seed, depth, arm) of a hop-k setting `s` (arms: name -> model options beyond s["model"]),
     every arm of a seed on one shared data stream, and publishes each run into out/runs/L<depth>/."""
@@ -134,6 +143,10 @@ def train_runs(exp: str, s: dict, opts: RunOptions, out: Path, arms: dict[str, d
                 name = f"{att}-{L}L"
                 cfg = ModelConfig(vocab_size=vocab.vocab_size, dim=s["dim"], n_layers=L, n_heads=s["heads"],
                                   ffn_dim=s["ffn"], max_seq_len=s["seq"], name=name, **{**s["model"], **model})
+                rd = out / "runs" / f"L{L}"
+                if _published(rd / f"{att}-s{seed}.json", cfg, spec):  # the same command again continues
+                    opts.log(f"[{name}] seed {seed}: published in {rd} with these settings; not trained again")
+                    continue
                 r = train_arm(name, cfg, StreamSource(stream, hopk_batch), spec, seq_len=s["seq"], seed=seed,
                               evaluator=eval_fn, run_dir=opts.runs / f"{exp}-{opts.scale}" / f"{name}-s{seed}",
                               device=device, log=opts.log)
@@ -143,7 +156,6 @@ def train_runs(exp: str, s: dict, opts: RunOptions, out: Path, arms: dict[str, d
                        "train_seconds": sm["train_time_s"], "wall_seconds": sm["wall_time_s"],
                        "diverged_at": sm["diverged_step"], "non_embedding_params": sm["non_embedding_params"],
                        "provenance": provenance(device)}
-                rd = out / "runs" / f"L{L}"
                 rd.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(rd / f"{att}-s{seed}.json", rec)
                 write_text_atomic(rd / f"{att}-s{seed}.metrics.jsonl",
