@@ -293,17 +293,16 @@ def arm_diffs(runs: dict, arm: str) -> dict[int, float]:
 
 
 def verdict(runs: dict) -> tuple[str, str, dict]:
-    seeds = sorted({s for a in runs.values() for s in a})
-    both = [s for s in seeds if all(runs.get(a, {}).get(s, {}).get("status") == "finished" for a in (BASELINE, "kvshift"))]
+    dk = arm_diffs(runs, "kvshift")  # the seeds where both finished
+    both = list(dk)
     if len(both) < 2:
-        seen = "".join(f"; seed {s}: kvshift − vanilla final held-out loss "
-                       f"{runs['kvshift'][s]['final']['all'] - runs[BASELINE][s]['final']['all']:+.4f} "
+        seen = "".join(f"; seed {s}: kvshift − vanilla final held-out loss {dk[s]:+.4f} "
                        f"({runs[BASELINE][s]['final']['all']:.4f} → {runs['kvshift'][s]['final']['all']:.4f}, "
                        f"{runs['kvshift'][s]['tokens']:,} tokens)" for s in both)
         return "inconclusive", (f"{len(both)} seed(s) with both vanilla and kvshift finished; the rule needs ≥ 2"
                                 + seen), {}
     fin = {a: [runs[a][s]["final"]["all"] for s in both] for a in (BASELINE, "kvshift")}
-    d = [k - v for k, v in zip(fin["kvshift"], fin[BASELINE])]
+    d = list(dk.values())
     spread = max(statistics.stdev(x) for x in fin.values())
     mean = statistics.mean(d)
     v = "reproduced" if all(x < -spread for x in d) else "partly reproduced" if mean < 0 else "not reproduced"

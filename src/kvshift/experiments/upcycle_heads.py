@@ -15,7 +15,6 @@ from pathlib import Path
 HEAD_SCORE = 0.3
 MOVED_SHARE = 0.1
 ANALYSIS = dict(n=64, batch=8, seed=0)
-SCORES = ("prefix_matching", "previous_token")
 
 
 def bos_id(path: Path) -> int | None:
