@@ -214,6 +214,11 @@ def test_width_verdict_needs_a_setup_that_learns():
     assert toy.width_verdict(summ)[0] == "reproduced"
 
 
+def test_width_verdict_of_one_published_arm_names_the_arm_still_to_run():
+    v, text = toy.width_verdict({"arms": {"kvshift-1L": _arm(0.3)}})  # an --arms job that finished first
+    assert v == "inconclusive" and "Still to run: vanilla-2L" in text, text
+
+
 def test_an_option_the_experiment_does_not_read_is_refused(tmp_path):
     with pytest.raises(ValueError, match="induction-depth does not use --only, --shards"):
         run_experiment("induction-depth", RunOptions(out=tmp_path, only=["10m"], shards=tmp_path))

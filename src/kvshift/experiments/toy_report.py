@@ -58,7 +58,7 @@ Commit: `{s['git_commit']}` · device: {s['device']} · torch {s['torch']} · wa
 
 **Paper:** {s['paper']}
 
-**Setting:** {s['train']['steps']} steps, batch {s['train']['batch_size']}, AdamW β=(0.9, 0.95), wd 0.1, lr {s['train']['lr']} with {s['train']['warmup']} warm-up steps then constant, clip 1; every arm sees the same data stream and starts from the same shared weights; accuracy on {s['n_eval_sequences']} held-out sequences every {s['train']['eval_every']} steps; seeds: {s['seeds']}.
+**Setting:** {s['train']['steps']} steps, batch {s['train']['batch_size']}, AdamW β=(0.9, 0.95), wd 0.1, lr {s['train']['lr']} with {s['train']['warmup']} warm-up steps then constant, clip 1, {'bf16 autocast' if s['train'].get('bf16') else 'fp32'}; every arm sees the same data stream and starts from the same shared weights; accuracy on {s['n_eval_sequences']} held-out sequences every {s['train']['eval_every']} steps; seeds: {s['seeds']}.
 
 {_table(s)}
 
