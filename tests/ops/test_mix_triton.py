@@ -33,6 +33,8 @@ DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 CU_SMALL = (0, 3, 3, 4, 11)  # an empty and a length-1 document among them
 CU_LONG = (0, 1, 40, 40, 63)
+_MANY = (0, 2, 0, 0, 1, 5, 0, 3, 1, 1, 0, 7, 2, 0, 0, 4, 1, 0, 2, 3, 0, 0, 1, 6, 0, 2, 1, 1, 0, 3, 0, 0, 2, 1, 0, 0, 0)
+CU_MANY = tuple(sum(_MANY[:i]) for i in range(len(_MANY) + 1))  # 37 documents, 15 of them empty
 
 
 def _case(dt, W, chan, *, B=2, T=7, H=3, D=5, cu=None, prev=False, res=False, mask=None):
@@ -61,6 +63,10 @@ def _cases():
                 _case("bf16", W, chan, H=3, D=40, cu=CU_LONG, prev=True, res=W == 1, mask="d"),
             ]
     out += [_case("fp16", 2, True, H=3, D=24, cu=CU_SMALL, prev=True, res=True, mask="hd")]
+    out += [  # many documents, empty ones first, in runs and last: the kernels' binary search over cu
+        _case("fp32", 2, True, H=2, D=5, cu=CU_MANY, prev=True, res=True, mask="d"),
+        _case("fp32", 3, False, H=2, D=6, cu=CU_MANY, prev=False),
+    ]
     return out
 
 

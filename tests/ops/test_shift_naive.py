@@ -145,3 +145,24 @@ def test_device_mismatch():
         kv_shift(torch.randn(1, 2, 3, 4), torch.randn(3, 2, device="meta"))
     with pytest.raises(ValueError, match="prev is on meta"):
         kv_shift(torch.randn(1, 2, 3, 4), torch.randn(3, 2), prev=torch.randn(1, 1, 3, 4, device="meta"))
+
+
+@pytest.mark.parametrize("W", [1, 2, 3, 4])
+@pytest.mark.parametrize("with_prev", [False, True])
+def test_shift_step_is_the_one_token_shift_unrounded(W, with_prev):
+    """The compiled decode step's form: equal to the per-token definition (float64), and for bf16 inputs equal
+    to the fp32 computation of the same taps (one rounding later, at the cache write)."""
+    from kvshift.ops.shift import naive
+    g = torch.Generator().manual_seed(W)
+    x = torch.randn(3, 1, 5, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(5, W, generator=g, dtype=torch.float64)
+    prev = torch.randn(3, W - 1, 5, 6, generator=g, dtype=torch.float64) if with_prev else None
+    torch.testing.assert_close(naive.shift_step(x, w, prev), loop_reference(x, w, prev=prev))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    pb = prev.bfloat16() if with_prev else None
+    out = naive.shift_step(xb, wb, pb)
+    assert out.dtype == torch.float32
+    want = loop_reference(xb.float(), wb.float(), prev=None if pb is None else pb.float())
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="one token per row"):
+        naive.shift_step(torch.zeros(3, 2, 5, 6), w, prev)

@@ -32,6 +32,8 @@ DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # packed documents: an empty one and a length-1 one among them
 CU_SMALL = (0, 3, 3, 4, 11)
 CU_LONG = (0, 1, 40, 40, 63)
+_MANY = (0, 2, 0, 0, 1, 5, 0, 3, 1, 1, 0, 7, 2, 0, 0, 4, 1, 0, 2, 3, 0, 0, 1, 6, 0, 2, 1, 1, 0, 3, 0, 0, 2, 1, 0, 0, 0)
+CU_MANY = tuple(sum(_MANY[:i]) for i in range(len(_MANY) + 1))  # 37 documents, 15 of them empty
 
 
 def _case(kind, W, dt, *, B=2, T=7, H=3, D=5, cu=None, prev=False, bcast_cos=False):
@@ -68,6 +70,11 @@ def _cases():
     out += [
         _case("shift", 2, "fp16", B=2, T=63, H=3, D=24, prev=True),
         _case("rope", 3, "fp16", H=3, D=40, cu=CU_SMALL, prev=True),
+    ]
+    out += [  # many documents, empty ones first, in runs and last: the kernels' binary search over cu
+        _case("shift", 3, "fp32", H=2, D=5, cu=CU_MANY, prev=True),
+        _case("rope", 2, "fp32", H=2, D=6, cu=CU_MANY, prev=True),
+        _case("rope", 4, "bf16", H=2, D=24, cu=CU_MANY, prev=False),
     ]
     return out
 

@@ -247,11 +247,11 @@ class Attention(nn.Module):
         coef_k, coef_v = self._coefficients("k"), self._coefficients("v")
         if self.position == "rope":
             q = apply_rope(q, ctx.cos, ctx.sin)
-            k_hat = (apply_rope(k, ctx.cos, ctx.sin) if coef_k is None
-                     else naive_shift.shift_rope(k, coef_k, ctx.cos, ctx.sin, prev=prev_k))
+            # fp32 shift, RoPE, one rounding at the cache write: the fused decode kernel's arithmetic
+            k_hat = apply_rope(k if coef_k is None else naive_shift.shift_step(k, coef_k, prev_k), ctx.cos, ctx.sin)
         else:
-            k_hat = k if coef_k is None else naive_shift.shift_padded(k, coef_k, prev_k)
-        v_hat = v if coef_v is None else naive_shift.shift_padded(v, coef_v, prev_v)
+            k_hat = k if coef_k is None else naive_shift.shift_step(k, coef_k, prev_k)
+        v_hat = v if coef_v is None else naive_shift.shift_step(v, coef_v, prev_v)
         k_all, v_all = cache.write_static(L, ctx.slot, k_hat, v_hat, k, v)  # (B, S, Hkv, D)
         H, G, hd = self.n_heads, self.n_kv_heads, self.head_dim
         S = k_all.shape[1]

@@ -54,17 +54,14 @@ def effective_weight(weight: Tensor, H: int, D: int, residual: bool, channel_mas
 
 
 def _rows(x: Tensor, cu_seqlens: Optional[Tensor]):
-    """(N, T, B, pos, doc, cu): rows of (H, D); T = 0 and int32 pos/doc/cu arrays when packed."""
+    """(N, T, B, cu, nsteps): rows of (H, D); packed: T = 0, cu the int32 offsets the kernels binary-search
+    (nsteps halvings) for each row's document, so nothing is built per call."""
     if cu_seqlens is None:
         B, T = x.shape[:2]
-        return B * T, T, B, None, None, None
-    N = x.shape[0]
+        return B * T, T, B, None, 1
     cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()  # (B+1,)
-    rows = torch.arange(N, device=x.device, dtype=torch.int32)
-    # searchsorted instead of repeat_interleave: no host sync, and empty documents are skipped
-    doc = torch.searchsorted(cu[1:], rows, right=True, out_int32=True)  # (N,)
-    pos = rows - cu.index_select(0, doc)  # (N,) position inside its document
-    return N, 0, cu.numel() - 1, pos, doc, cu
+    B = cu.numel() - 1
+    return x.shape[0], 0, B, cu, max(1, int(B).bit_length())
 
 
 def _block_t(block_d: int, N: int) -> int:
@@ -78,7 +75,7 @@ def launch_fwd(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Op
     w = weight.contiguous()
     H, D = x.shape[-2:]
     y = torch.empty_like(x)
-    N, T, _, pos, doc, _ = _rows(x, cu_seqlens)
+    N, T, B, cu, nsteps = _rows(x, cu_seqlens)
     if N == 0 or H == 0 or D == 0:
         return y
     W = w.shape[-1] - 1
@@ -86,8 +83,8 @@ def launch_fwd(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Op
     block_t = _block_t(block_d, N)
     varlen = cu_seqlens is not None
     mix_fwd_kernel[(triton.cdiv(N, block_t), H)](
-        x, w, x if prev is None else prev.contiguous(), pos if varlen else x, doc if varlen else x, y,
-        N, T, H, D, W=W, HAS_PREV=prev is not None, VARLEN=varlen, BLOCK_T=block_t, BLOCK_D=block_d,
+        x, w, x if prev is None else prev.contiguous(), cu if varlen else x, B if varlen else 0, y,
+        N, T, H, D, W=W, HAS_PREV=prev is not None, VARLEN=varlen, BLOCK_T=block_t, BLOCK_D=block_d, NSTEP=nsteps,
     )
     return y
 
@@ -100,7 +97,7 @@ def launch_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor],
     w = weight.contiguous()
     H, D = x.shape[-2:]
     W = w.shape[-1] - 1
-    N, T, B, pos, doc, cu = _rows(x, cu_seqlens)
+    N, T, B, cu, nsteps = _rows(x, cu_seqlens)
     varlen = cu_seqlens is not None
     dx = torch.empty_like(x)
     if N == 0 or H == 0 or D == 0:
@@ -114,10 +111,10 @@ def launch_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor],
         nprog = triton.cdiv(nblk, iters)
         dwp = torch.empty(nprog, H, D, W + 1, device=x.device, dtype=torch.float32)  # per-program sums
         mix_bwd_kernel[(nprog, H)](
-            x, w, x if prev is None else prev.contiguous(), pos if varlen else x, doc if varlen else x,
-            cu if varlen else x, dy, dx, dwp, N, T, H, D, iters,
+            x, w, x if prev is None else prev.contiguous(), cu if varlen else x, B if varlen else 0,
+            dy, dx, dwp, N, T, H, D, iters,
             W=W, HAS_PREV=prev is not None, VARLEN=varlen, BLOCK_T=block_t, BLOCK_D=block_d,
-            BLOCK_K=triton.next_power_of_2(W + 1),
+            BLOCK_K=triton.next_power_of_2(W + 1), NSTEP=nsteps,
         )
         dw = dwp.sum(0).to(weight.dtype)  # fixed-order reduction: deterministic
     if prev is None:

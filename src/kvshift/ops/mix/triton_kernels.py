@@ -25,14 +25,14 @@ def _load_weight(WT, h, cols, mask_d, D, j: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def mix_fwd_kernel(X, WT, PREV, POS, DOC, Y, N, T, H, D,
+def mix_fwd_kernel(X, WT, PREV, CU, NDOC, Y, N, T, H, D,
                    W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NSTEP: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = row < N
-    p, b = pos_doc(row, mask_t, POS, DOC, T, VARLEN)
+    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
     cols = tl.arange(0, BLOCK_D)
     mask_d = cols < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -44,9 +44,10 @@ def mix_fwd_kernel(X, WT, PREV, POS, DOC, Y, N, T, H, D,
 
 
 @triton.jit
-def mix_bwd_kernel(X, WT, PREV, POS, DOC, CU, DY, DX, DWP, N, T, H, D, ITERS,
+def mix_bwd_kernel(X, WT, PREV, CU, NDOC, DY, DX, DWP, N, T, H, D, ITERS,
                    W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                   NSTEP: tl.constexpr):
     """Program (pid, h) owns ITERS consecutive row blocks of head h:
     dx[s] = sum_j WT[h, :, j] g[s + j] (s + j inside s's document);
     DWP[pid, h, :, j] = sum over its rows t of g[t] * x[t - j]."""
@@ -60,7 +61,7 @@ def mix_bwd_kernel(X, WT, PREV, POS, DOC, CU, DY, DX, DWP, N, T, H, D, ITERS,
     while it < ITERS:  # a while loop: the interpreter cannot index range() with a scalar argument
         row = (pid * ITERS + it) * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = row < N
-        p, b = pos_doc(row, mask_t, POS, DOC, T, VARLEN)
+        p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
         if VARLEN:
             end = tl.load(CU + b + 1, mask=mask_t, other=0)  # exclusive end row of the document
         else:

@@ -45,6 +45,25 @@ def shift_padded(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor | Non
     return out.to(x.dtype)
 
 
+def shift_step(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per row: x (B, 1, H, D), prev (B, W-1, H, D) or None -> (B, 1, H, D) in fp32 (fp64 for fp64),
+    NOT rounded to x's dtype, so RoPE after it rounds once, as the fused decode kernel does.
+
+    `shift_padded` for T = 1 written for torch.compile (the compiled decode step): each tap is a plain slice of
+    prev, with no concatenation of prev and x. Inductor keeps a cat's inputs as separate buffers when they
+    are not trivial loads, which split the shifted-and-rotated key into extra kernels on the GPU."""
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"x must be one token per row (B, 1, H, D), got shape {tuple(x.shape)}")
+    W = weight.shape[1]
+    ct = _compute_dtype(x.dtype)
+    H = x.shape[2]
+    out = x.to(ct) * weight[:, 0].to(ct).view(1, 1, H, 1)
+    for j in range(1, W):  # x[t - j] is prev[:, W-1-j]; zero without prev (the row's first token)
+        if prev is not None:
+            out = out + prev[:, W - 1 - j:W - j].to(ct) * weight[:, j].to(ct).view(1, 1, H, 1)
+    return out
+
+
 def shift_masked(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Padded layout where each row may start late (left padding) or hold several documents.
 

@@ -38,25 +38,25 @@ def is_available() -> bool:
 
 
 class _Layout:
-    """Row view of the input: N rows of (H, D); padded (T > 0) or packed (pos/doc arrays)."""
+    """Row view of the input: N rows of (H, D); padded (T > 0), or packed: cu (B+1,) int32, the kernels find
+    each row's document by a binary search of it (nsteps halvings), so nothing is built per call."""
 
     def __init__(self, x: Tensor, cu_seqlens: Optional[Tensor]):
         if cu_seqlens is None:
             B, T, H, D = x.shape
             self.N, self.T, self.B = B * T, T, B
-            self.pos = self.doc = self.cu = None
+            self.cu = None
         else:
             N, H, D = x.shape
             self.N, self.T, self.B = N, 0, cu_seqlens.numel() - 1
-            cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
-            rows = torch.arange(N, device=x.device, dtype=torch.int32)
-            # searchsorted instead of repeat_interleave: no host sync, and empty documents are skipped
-            doc = torch.searchsorted(cu[1:], rows, right=True, out_int32=True)  # (N,)
-            self.doc = doc
-            self.pos = rows - cu.index_select(0, doc)  # (N,) position inside its document
-            self.cu = cu
+            self.cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()  # a no-op for the model's
         self.H, self.D = H, D
         self.varlen = cu_seqlens is not None
+        self.nsteps = max(1, int(self.B).bit_length()) if self.varlen else 1
+
+    def doc_args(self, x: Tensor):
+        """(CU, NDOC) kernel arguments: x stands in for the unused pointer of a padded layout."""
+        return (self.cu, self.B) if self.varlen else (x, 0)
 
 
 def _rope_strides(cos: Optional[Tensor], sin: Optional[Tensor], lay: _Layout):
@@ -96,10 +96,9 @@ def launch_shift_fwd(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqle
     block_t, block_d = _blocks(lay, rope)
     grid = (triton.cdiv(lay.N, block_t), lay.H)
     shift_fwd_kernel[grid](
-        x, w, prev_c, lay.pos if lay.varlen else x, lay.doc if lay.varlen else x,
-        cos if rope else x, sin if rope else x, y,
+        x, w, prev_c, *lay.doc_args(x), cos if rope else x, sin if rope else x, y,
         lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
-        W=W, HAS_PREV=has_prev, VARLEN=lay.varlen, ROPE=rope, BLOCK_T=block_t, BLOCK_D=block_d,
+        W=W, HAS_PREV=has_prev, VARLEN=lay.varlen, ROPE=rope, BLOCK_T=block_t, BLOCK_D=block_d, NSTEP=lay.nsteps,
     )
     return y
 
@@ -119,13 +118,13 @@ def launch_shift_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tenso
     block_t, block_d = _blocks(lay, rope)
     nblk = triton.cdiv(lay.N, block_t)
     dx = torch.empty_like(x)
-    dwp = torch.zeros(nblk, H, W, device=x.device, dtype=torch.float32)  # per-program partial sums
+    dwp = torch.empty(nblk, H, W, device=x.device, dtype=torch.float32)  # per-program partial sums, all written
     if nblk > 0 and lay.D > 0 and H > 0:
         shift_bwd_kernel[(nblk, H)](
-            x, w, prev_c, lay.pos if lay.varlen else x, lay.doc if lay.varlen else x,
-            lay.cu if lay.varlen else x, cos if rope else x, sin if rope else x, dy, dx, dwp,
+            x, w, prev_c, *lay.doc_args(x), cos if rope else x, sin if rope else x, dy, dx, dwp,
             lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
             W=W, HAS_PREV=has_prev, VARLEN=lay.varlen, ROPE=rope, BLOCK_T=block_t, BLOCK_D=block_d,
+            NSTEP=lay.nsteps,
         )
     dw = dwp.sum(0).to(weight.dtype)  # fixed-order reduction: deterministic
     if prev is None:

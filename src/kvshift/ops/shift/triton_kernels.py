@@ -2,7 +2,7 @@
 
 Layout: every tensor is contiguous; tokens are flattened to rows, so a padded (B, T, H, D) input is
 read as (B*T, H, D) rows with pos = row % T, doc = row // T, and a packed (N, H, D) input reads
-pos/doc from two precomputed int32 (N,) arrays. A program owns BLOCK_T rows of one head.
+pos/doc by a binary search of cu_seqlens in the kernel. A program owns BLOCK_T rows of one head.
 
     y[t] = sum_j w[h, j] * x[t - j]       x[t - j] = 0 when pos[t] < j, or prev[doc, W-1+pos-j] if given
 
@@ -17,10 +17,22 @@ import triton.language as tl
 
 
 @triton.jit
-def pos_doc(row, mask_t, POS, DOC, T, VARLEN: tl.constexpr):
+def pos_doc(row, mask_t, CU, NDOC, T, VARLEN: tl.constexpr, NSTEP: tl.constexpr):
+    """(position inside its document, document) of each row. Packed: a binary search of CU (NDOC + 1 int32
+    offsets) for the first document whose end lies past the row, NSTEP >= bit_length(NDOC) halvings, so
+    empty documents are skipped and no (N,) index array is built per call (each would be a launch)."""
     if VARLEN:
-        p = tl.load(POS + row, mask=mask_t, other=0)
-        b = tl.load(DOC + row, mask=mask_t, other=0)
+        lo = tl.zeros_like(row)
+        hi = tl.zeros_like(row) + NDOC
+        for _ in tl.static_range(NSTEP):
+            live = lo < hi
+            mid = (lo + hi) // 2
+            end = tl.load(CU + mid + 1, mask=mask_t & live, other=0)
+            right = live & (end <= row)
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(live & ~right, mid, hi)
+        b = lo
+        p = row - tl.load(CU + b, mask=mask_t, other=0)
     else:
         p = row % T
         b = row // T
@@ -55,15 +67,16 @@ def tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D,
 
 
 @triton.jit
-def shift_fwd_kernel(X, WT, PREV, POS, DOC, COS, SIN, Y,
+def shift_fwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, Y,
                       N, T, H, D, HALF, stride_cb, stride_ct,
                       W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
-                      ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                      ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NSTEP: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = row < N
-    p, b = pos_doc(row, mask_t, POS, DOC, T, VARLEN)
+    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
     cols = tl.arange(0, BLOCK_D)
     ncol = HALF if ROPE else D  # width of the first column block
     mask_d = cols < ncol
@@ -108,16 +121,17 @@ def _grad_tile(DY, COS, SIN, r, q, b, h, cols, m_t, mask_d, H, D, HALF, stride_c
 
 
 @triton.jit
-def shift_bwd_kernel(X, WT, PREV, POS, DOC, CU, COS, SIN, DY, DX, DWP,
+def shift_bwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, DY, DX, DWP,
                       N, T, H, D, HALF, stride_cb, stride_ct,
                       W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
-                      ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                      ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NSTEP: tl.constexpr):
     """dx[s] = sum_j w[j] g[s+j] (s+j inside s's document); DWP[pid, h, j] = <g[t], x[t-j]> over the block."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = row < N
-    p, b = pos_doc(row, mask_t, POS, DOC, T, VARLEN)
+    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
     if VARLEN:
         end = tl.load(CU + b + 1, mask=mask_t, other=0)  # exclusive end row of the document
     else:
