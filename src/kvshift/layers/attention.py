@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kvshift.layers.stateless import stateless_attention
-from kvshift.ops.rope import apply_rope
+from kvshift.ops.rope import apply_rope, apply_rope_pointwise
 from kvshift.ops.shift import dispatch_shift, dispatch_shift_rope, use_triton
 from kvshift.ops.shift import naive as naive_shift
 from kvshift.ops.shift.attention import ATTENTION_BACKENDS, flash_supported, shift_attention
@@ -248,7 +248,8 @@ class Attention(nn.Module):
         if self.position == "rope":
             q = apply_rope(q, ctx.cos, ctx.sin)
             # fp32 shift, RoPE, one rounding at the cache write: the fused decode kernel's arithmetic
-            k_hat = apply_rope(k if coef_k is None else naive_shift.shift_step(k, coef_k, prev_k), ctx.cos, ctx.sin)
+            k_hat = (apply_rope(k, ctx.cos, ctx.sin) if coef_k is None  # as vanilla's step, kernel for kernel
+                     else apply_rope_pointwise(naive_shift.shift_step(k, coef_k, prev_k), ctx.cos, ctx.sin))
         else:
             k_hat = k if coef_k is None else naive_shift.shift_step(k, coef_k, prev_k)
         v_hat = v if coef_v is None else naive_shift.shift_step(v, coef_v, prev_v)

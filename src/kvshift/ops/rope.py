@@ -28,3 +28,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
     return out.to(x.dtype)
+
+
+def apply_rope_pointwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` (same shapes, the same fp32 products: equal bit for bit) written without a concatenation,
+    for torch.compile: out = x * [c, c] + roll(x, D/2) * [-s, s]. Inductor keeps the inputs of a cat that are
+    not trivial loads in their own kernel, so where x is itself computed (the compiled decode step's shifted
+    key) apply_rope's cat costs a kernel and a buffer per layer; here the rotation is a pointwise index."""
+    D = x.shape[-1]
+    half = D // 2
+    xf = x.float()
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    rep = [1] * (c.dim() - 1) + [2]
+    sign = torch.where(torch.arange(D, device=x.device) < half, -1.0, 1.0)
+    out = xf * c.repeat(rep) + torch.roll(xf, half, dims=-1) * sign * s.repeat(rep)
+    return out.to(x.dtype)
