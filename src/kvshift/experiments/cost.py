@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-from kvshift.bench.plan import LEGACY_PARTS, Plan
+from kvshift.bench.plan import LEGACY_PARTS, MIXER_ARMS, Plan
 from kvshift.bench.report import compute_targets
 from kvshift.bench.run import run_bench
 from kvshift.experiments.base import Experiment, RunOptions
@@ -54,6 +55,51 @@ def rows(results: Path) -> list[dict]:
     return out
 
 
+FAMILY_TOKENS, FAMILY_MEM = 0.995, 1.01  # "negligible": the bench's tokens/s target; memory within 1%
+
+
+def family_plan(scale: str) -> Plan:
+    """The e2e part at the bench's first model (162M on the GPU) with KV shift's fused arm and every mixer."""
+    plan = Plan.full() if scale == "gpu" else Plan.quick_plan(False)
+    return dataclasses.replace(plan, parts=("e2e",), e2e_models=plan.e2e_models[:1],
+                               e2e_arms=("vanilla", "fused", *MIXER_ARMS))
+
+
+def family_run(opts: RunOptions, out: Path) -> dict:
+    return run_bench(family_plan(opts.scale), out)
+
+
+def family_rows(results: Path) -> list[dict]:
+    """One row per bench JSON and e2e model that measured the mixers: each member's training tokens/s and peak
+    memory over vanilla's, from one process (vanilla first, the same compile, data and steps)."""
+    out = []
+    for f in sorted((results / "bench").glob("*.json")):
+        b = json.loads(f.read_text())
+        for label, m in (b.get("e2e") or {}).get("models", {}).items():
+            arms = m.get("arms", {})
+            van = arms.get("vanilla") or {}
+            members = [a for a in ("fused", *MIXER_ARMS) if (arms.get(a) or {}).get("tokens_per_s")]
+            if not van.get("tokens_per_s") or not set(members) & set(MIXER_ARMS):
+                continue
+            ratio = {a: (arms[a]["tokens_per_s"] / van["tokens_per_s"],
+                         arms[a]["peak_mem_bytes"] / van["peak_mem_bytes"]) for a in members}
+            name = lambda a: "kvshift" if a == "fused" else a  # noqa: E731
+            cheap = [name(a) for a, (t, mem) in ratio.items() if t >= FAMILY_TOKENS and mem <= FAMILY_MEM]
+            verdict = ("reproduced" if len(cheap) == len(ratio) else "not reproduced" if not cheap
+                       else "partly reproduced")
+            parts = ", ".join(f"{name(a)} {t:.3f} / {mem:.3f}" for a, (t, mem) in ratio.items())
+            missing = [name(a) for a in ("fused", *MIXER_ARMS) if a not in members]
+            text = (f"{label} (batch {m.get('batch')} × {m.get('seq_len')}, {m.get('layout', 'dense')}), one "
+                    f"training step, tokens/s / peak memory vs vanilla: {parts}. Negligible (tokens/s ≥ "
+                    f"{FAMILY_TOKENS}, memory ≤ {FAMILY_MEM}): {', '.join(cheap) or 'none'}."
+                    + (f" Not measured: {', '.join(missing)}." if missing else ""))
+            meta = b.get("meta", {})
+            out.append({"experiment": "family-cost", "scale": "gpu", "device": meta.get("device", "?"),
+                        "command": "kvshift experiment family-cost --scale gpu", "verdict": verdict,
+                        "verdict_text": text, "_dir": "bench", "_readme": f"bench/{f.stem}.md"})
+    return out
+
+
 EXPERIMENTS = [
     Experiment(
         "bench", "Sec. 2 (cost)", "KV shifting adds negligible cost (O(N·D)).",
@@ -61,4 +107,12 @@ EXPERIMENTS = [
         "process); partly: only memory or MFU targets missed; not reproduced: a speed target missed.",
         "Cost: vanilla vs KV shift (naive, fused) block, training step and decode in one process", run,
         report_rows=rows, results_dir=lambda opts: Path("results/bench"), scales=("gpu",)),
+    Experiment(
+        "family-cost", "Family (beyond the paper)",
+        "Every member of the family (KV shift, dconv, Canon, key offset, smear) adds negligible training cost.",
+        f"per member on its fused path, one process with vanilla: negligible when tokens/s ≥ {FAMILY_TOKENS} and "
+        f"peak memory ≤ {FAMILY_MEM} × vanilla's; reproduced: every member negligible; partly: some; not "
+        "reproduced: none.",
+        "Cost of each family member in a training step (bench e2e at 162M: vanilla, KV shift, the mixers)",
+        family_run, report_rows=family_rows, results_dir=lambda opts: Path("results/bench"), scales=("gpu",)),
 ]
