@@ -30,6 +30,19 @@ def test_family_row_names_the_members_that_cost_nothing(tmp_path):
     _write(tmp_path, {"vanilla": _arm(1000.0, 100), "fused": _arm(900.0, 100), "canon": _arm(700.0, 150)})
     [row] = cost.family_rows(tmp_path)
     assert row["verdict"] == "not reproduced" and "Not measured: dconv, keyoffset, smear." in row["verdict_text"]
+    # every member measured is negligible, but not every member was measured: the claim is about all of them
+    _write(tmp_path, {"vanilla": _arm(1000.0, 100), "dconv": _arm(999.0, 100)})
+    [row] = cost.family_rows(tmp_path)
+    assert row["verdict"] == "inconclusive" and "Not measured: kvshift, canon, keyoffset, smear." in row["verdict_text"]
+
+
+def test_family_row_without_memory_figures(tmp_path):
+    """Off CUDA the bench records no peak memory (None): the row says so instead of failing, and no member counts
+    as negligible without it."""
+    arms = {a: {"tokens_per_s": 1000.0, "peak_mem_bytes": None} for a in ("vanilla", "fused", *MIXER_ARMS)}
+    _write(tmp_path, arms)
+    [row] = cost.family_rows(tmp_path)
+    assert "kvshift 1.000 / –" in row["verdict_text"] and row["verdict"] == "not reproduced"
 
 
 def test_a_bench_without_mixer_arms_gives_no_family_row(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvshift import LM, ModelConfig
+from kvshift.layers.attention import SHIFT_KINDS
 from kvshift.models.static_decode import STATIC_BUCKET, static_decoder, static_step
 
 TOL = 1e-4  # fp32 max |Δlogit|, static step vs eager cached decode
@@ -62,6 +63,10 @@ def test_static_step_logits_equal_eager_cached_decode(kind, window, position, ex
         assert (got - ref).abs().max().item() <= TOL
     assert int(dec.slot) == eager.length and torch.equal(dec.cache.seen, eager.seen)
     assert torch.equal(dec.cache.valid[:, :eager.length], eager.valid[:, :eager.length])
+    # RoPE models that shift keys keep a copy of the raw key window rolled by half the head dim, in step with it
+    assert (dec.cache.raw_k_rolled is not None) == (position == "rope" and SHIFT_KINDS[kind][0])
+    for rolled, raw in zip(dec.cache.raw_k_rolled or (), dec.cache.raw_k):
+        assert torch.equal(rolled, torch.roll(raw, raw.shape[-1] // 2, dims=-1))
 
 
 @pytest.mark.parametrize("kind", ["vanilla", "kvshift", "kshift"])

@@ -33,7 +33,8 @@ DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CU_SMALL = (0, 3, 3, 4, 11)
 CU_LONG = (0, 1, 40, 40, 63)
 _MANY = (0, 2, 0, 0, 1, 5, 0, 3, 1, 1, 0, 7, 2, 0, 0, 4, 1, 0, 2, 3, 0, 0, 1, 6, 0, 2, 1, 1, 0, 3, 0, 0, 2, 1, 0, 0, 0)
-CU_MANY = tuple(sum(_MANY[:i]) for i in range(len(_MANY) + 1))  # 37 documents, 15 of them empty
+# 37 documents, 17 of them empty; 147 rows, so the kernels run several row blocks
+CU_MANY = tuple(3 * sum(_MANY[:i]) for i in range(len(_MANY) + 1))
 
 
 def _case(kind, W, dt, *, B=2, T=7, H=3, D=5, cu=None, prev=False, bcast_cos=False):
@@ -184,6 +185,18 @@ def test_backward_is_deterministic():
     a, b = _run(fused_fn, inp), _run(fused_fn, inp)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_empty_head_dim_gives_zero_weight_grad(packed):
+    """D = 0: no kernel runs, and the weight's gradient is zero, not the sum of an unwritten buffer."""
+    from kvshift import kv_shift
+    shape = (11, 3, 0) if packed else (2, 5, 3, 0)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE) if packed else None
+    x = torch.zeros(shape, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 2, device=DEVICE, requires_grad=True)
+    kv_shift(x, w, cu_seqlens=cu, impl="triton").sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
 
 
 def test_fp64_falls_back_to_naive():

@@ -267,7 +267,7 @@ def width_verdict(summ: dict) -> tuple[str, str]:
     row's repeated tokens) cannot test the claim: inconclusive."""
     missing = [n for n in ("kvshift-1L", "vanilla-2L") if n not in summ["arms"]]
     if missing:  # jobs split by --arms: the claim needs both
-        done = "; ".join(f"{n} {a['final_accuracy']:.1%} final" for n, a in summ["arms"].items())
+        done = "; ".join(f"{n} {a['final_accuracy']:.1%} final" for n, a in summ["arms"].items()) or "none"
         return "inconclusive", f"Runs so far: {done}. Still to run: {', '.join(missing)}."
     kv, v2 = _final(summ, "kvshift-1L"), _final(summ, "vanilla-2L")
     text = f"KV shift 1-layer {kv:.1%} vs vanilla 2-layer {v2:.1%} final accuracy at hidden size 8."

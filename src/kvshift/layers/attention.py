@@ -236,24 +236,39 @@ class Attention(nn.Module):
         return self._attend(q, k_hat, v_hat, ctx, B, T)
 
     def _decode_static(self, q, k, v, ctx: "AttentionContext", B: int) -> torch.Tensor:
-        """One token per row (B, 1, ...) against the cache's whole allocation: the shift and RoPE of the eager
-        path in pure PyTorch (naive, whatever shift_impl says: inside torch.compile it fuses anyway), the
-        write by index at ctx.slot (`KVCache.write_static`), and attention over every slot with ctx.mask
-        hiding unwritten and pad slots. Shapes never change from step to step and nothing is read back to
+        """One token per row (B, 1, ...) against the cache's whole allocation: the shift and RoPE in pure PyTorch
+        (whatever shift_impl says: inside torch.compile it fuses anyway) with the fused decode kernel's arithmetic
+        (an fp32 shift, rounded once at the cache write; the naive eager path rounds the shifted key before RoPE
+        too), written so inductor makes one kernel of each side's shift, RoPE and cache write: no torch.cat, and
+        RoPE's partner channels read from a copy of the raw key window rolled by D/2 (`KVCache.raw_k_rolled`)
+        so the window's in-place update touches only channels its own element read. The write goes by index at
+        ctx.slot (`KVCache.write_static`), and attention runs over every slot with ctx.mask hiding unwritten
+        and pad slots. Shapes never change from step to step and nothing is read back to
         the host. GQA: a KV group's query heads become the query rows of one SDPA call, so the cache is
         never repeated per query head (the eager path's repeat_interleave copies it)."""
         cache, L = ctx.cache, self.layer_idx
         prev_k, prev_v = cache.raw(L) if cache.window else (None, None)
         coef_k, coef_v = self._coefficients("k"), self._coefficients("v")
+        rolled = None
         if self.position == "rope":
             q = apply_rope(q, ctx.cos, ctx.sin)
             # fp32 shift, RoPE, one rounding at the cache write: the fused decode kernel's arithmetic
-            k_hat = (apply_rope(k, ctx.cos, ctx.sin) if coef_k is None  # as vanilla's step, kernel for kernel
-                     else apply_rope_pointwise(naive_shift.shift_step(k, coef_k, prev_k), ctx.cos, ctx.sin))
+            if coef_k is None:
+                k_hat = apply_rope(k, ctx.cos, ctx.sin)  # as vanilla's step, kernel for kernel
+            else:
+                shifted = naive_shift.shift_step(k, coef_k, prev_k)
+                if cache.raw_k_rolled is not None:
+                    # RoPE pairs channel d with d ± D/2: shifting a rolled copy of the window too means no
+                    # element reads a channel another one writes, so the window update fuses into this kernel
+                    rolled = torch.roll(k, k.shape[-1] // 2, dims=-1)
+                    rot = naive_shift.shift_step(rolled, coef_k, cache.raw_k_rolled[L])
+                    k_hat = apply_rope_pointwise(shifted, ctx.cos, ctx.sin, rolled=rot)
+                else:
+                    k_hat = apply_rope_pointwise(shifted, ctx.cos, ctx.sin)
         else:
             k_hat = k if coef_k is None else naive_shift.shift_step(k, coef_k, prev_k)
         v_hat = v if coef_v is None else naive_shift.shift_step(v, coef_v, prev_v)
-        k_all, v_all = cache.write_static(L, ctx.slot, k_hat, v_hat, k, v)  # (B, S, Hkv, D)
+        k_all, v_all = cache.write_static(L, ctx.slot, k_hat, v_hat, k, v, rolled)  # (B, S, Hkv, D)
         H, G, hd = self.n_heads, self.n_kv_heads, self.head_dim
         S = k_all.shape[1]
         qh = q.reshape(B, G, H // G, hd)  # head h = g * (H/G) + r reads KV head g, as after repeat_interleave

@@ -67,6 +67,9 @@ class KVCache(SlotIndex):
         self._init_slots(batch_size, max_seq_len, device)
         self.window = window
         self.mixer: dict[str, torch.Tensor] = {}  # the mixers' raw history per key (kvshift.layers.mixers)
+        # the compiled decode step's copy of raw_k rolled by half the head dim (kvshift.models.static_decode);
+        # None everywhere else
+        self.raw_k_rolled: list[torch.Tensor] | None = None
 
     def raw(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The last `window` raw k, v tokens of each row (oldest first; zeros before the start)."""
@@ -102,7 +105,8 @@ class KVCache(SlotIndex):
         return q_rot, self.k[layer][:, :pos + 1], self.v[layer][:, :pos + 1]
 
     def write_static(self, layer: int, slot: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor,
-                     k_raw: torch.Tensor, v_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     k_raw: torch.Tensor, v_raw: torch.Tensor,
+                     k_raw_rolled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`update` for one decode token (B, 1, H, D) with static shapes, for the compiled decode step
         (`kvshift.models.static_decode`): the write goes to `slot`, a (1,) long device tensor, by index,
         the raw window shifts in place (its tensors keep their addresses: a CUDA graph replays on them),
@@ -112,12 +116,16 @@ class KVCache(SlotIndex):
         self.k[layer].index_copy_(1, slot, k_hat.to(dt))
         self.v[layer].index_copy_(1, slot, v_hat.to(dt))
         if self.window:
-            for raw, new in ((self.raw_k[layer], k_raw), (self.raw_v[layer], v_raw)):
+            pairs = [(self.raw_k[layer], k_raw), (self.raw_v[layer], v_raw)]
+            if self.raw_k_rolled is not None and k_raw_rolled is not None:  # in step with raw_k (k_raw rolled)
+                pairs.append((self.raw_k_rolled[layer], k_raw_rolled))
+            for raw, new in pairs:
                 raw.copy_(torch.cat([raw[:, 1:], new.to(raw.dtype)], 1))
         return self.k[layer], self.v[layer]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder rows (beam search)."""
-        self._reorder_slots(index, self.k, self.v, self.raw_k, self.raw_v)
+        rolled = [self.raw_k_rolled] if self.raw_k_rolled is not None else []
+        self._reorder_slots(index, self.k, self.v, self.raw_k, self.raw_v, *rolled)
         for key, t in self.mixer.items():
             self.mixer[key] = t.index_select(0, index.to(t.device))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kvshift.layers.attention import AttentionContext
+from kvshift.layers.attention import SHIFT_KINDS, AttentionContext
 from kvshift.models.cache import KVCache
 from kvshift.ops.rope import rope_cos_sin
 
@@ -95,7 +95,10 @@ class StaticDecoder:
         self.raw = (list(self.cache.raw_k), list(self.cache.raw_v))  # the pinned windows
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         c = self.cache
-        for t in (*c.k, *c.v, *c.raw_k, *c.raw_v, c.valid, c.seen, self.slot):
+        if model.config.position == "rope" and c.window and SHIFT_KINDS[model.config.attention][0]:
+            # shifted keys under RoPE: the window rolled by D/2 as well (Attention._decode_static says why)
+            c.raw_k_rolled = [torch.zeros_like(t) for t in c.raw_k]
+        for t in (*c.k, *c.v, *c.raw_k, *c.raw_v, *(c.raw_k_rolled or ()), c.valid, c.seen, self.slot):
             # the same addresses every step and call: CUDA graphs read and write them in place, no copy; no
             # guard on their identity (the default differs across torch versions): a new decoder of a shape
             # seen before reuses dynamo's graph, and a CUDA graph re-records if an address changed
@@ -112,7 +115,7 @@ class StaticDecoder:
         c = self.cache
         for lst, pinned in zip((c.raw_k, c.raw_v), self.raw):
             lst[:] = pinned
-        for t in (*c.k, *c.v, *c.raw_k, *c.raw_v, c.valid, c.seen):
+        for t in (*c.k, *c.v, *c.raw_k, *c.raw_v, *(c.raw_k_rolled or ()), c.valid, c.seen):
             t.zero_()
         c.length, c._pending, c.padded = 0, 0, False
         c.mixer.clear()
@@ -128,6 +131,8 @@ class StaticDecoder:
                 if t is not pinned[i]:
                     pinned[i].copy_(t)
                     lst[i] = pinned[i]
+        for rolled, raw in zip(c.raw_k_rolled or (), c.raw_k):  # the prefill's last raw keys, rolled by D/2
+            rolled.copy_(torch.roll(raw, raw.shape[-1] // 2, dims=-1))
         self.slot.fill_(c.length)
         if cfg.position == "learned" and last_slot >= cfg.max_seq_len and last_slot >= c.length:
             hi = int(c.seen.max()) + last_slot - c.length  # one sync, before the first step

@@ -30,16 +30,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
-def apply_rope_pointwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope_pointwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         rolled: torch.Tensor | None = None) -> torch.Tensor:
     """`apply_rope` (same shapes, the same fp32 products: equal bit for bit) written without a concatenation,
     for torch.compile: out = x * [c, c] + roll(x, D/2) * [-s, s]. Inductor keeps the inputs of a cat that are
     not trivial loads in their own kernel, so where x is itself computed (the compiled decode step's shifted
-    key) apply_rope's cat costs a kernel and a buffer per layer; here the rotation is a pointwise index."""
+    key) apply_rope's cat costs a kernel and a buffer per layer; here the rotation is a pointwise index.
+    rolled: roll(x, D/2) computed by the caller (the decode step shifts a rolled copy of the raw window, so no
+    element reads another's channel), else rolled here."""
     D = x.shape[-1]
     half = D // 2
     xf = x.float()
+    xr = torch.roll(xf, half, dims=-1) if rolled is None else rolled.float()
     c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     rep = [1] * (c.dim() - 1) + [2]
-    sign = torch.where(torch.arange(D, device=x.device) < half, -1.0, 1.0)
-    out = xf * c.repeat(rep) + torch.roll(xf, half, dims=-1) * sign * s.repeat(rep)
+    sign = torch.where(torch.arange(D, device=x.device) < half, -1.0, 1.0).to(xf.dtype)
+    out = xf * c.repeat(rep) + xr * sign * s.repeat(rep)
     return out.to(x.dtype)

@@ -20,6 +20,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from kvshift.ops.shift.triton import search_steps  # the packed layout's binary search, one rule
+
 from . import naive
 from .triton_kernels import mix_bwd_kernel, mix_dprev_kernel, mix_fwd_kernel
 
@@ -61,7 +63,7 @@ def _rows(x: Tensor, cu_seqlens: Optional[Tensor]):
         return B * T, T, B, None, 1
     cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()  # (B+1,)
     B = cu.numel() - 1
-    return x.shape[0], 0, B, cu, max(1, int(B).bit_length())
+    return x.shape[0], 0, B, cu, search_steps(B)
 
 
 def _block_t(block_d: int, N: int) -> int:

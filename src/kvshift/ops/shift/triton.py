@@ -37,6 +37,12 @@ def is_available() -> bool:
 # launch helpers
 
 
+def search_steps(n_docs: int) -> int:
+    """Halvings of the kernels' binary search over n_docs documents: bit_length(n_docs) suffices; rounded up to
+    a multiple of 4 (at least 8) so a batch's changing document count rarely compiles a new kernel variant."""
+    return max(8, -(-int(n_docs).bit_length() // 4) * 4)
+
+
 class _Layout:
     """Row view of the input: N rows of (H, D); padded (T > 0), or packed: cu (B+1,) int32, the kernels find
     each row's document by a binary search of it (nsteps halvings), so nothing is built per call."""
@@ -49,10 +55,10 @@ class _Layout:
         else:
             N, H, D = x.shape
             self.N, self.T, self.B = N, 0, cu_seqlens.numel() - 1
-            self.cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()  # a no-op for the model's
+            self.cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()  # no copy for the model's
         self.H, self.D = H, D
         self.varlen = cu_seqlens is not None
-        self.nsteps = max(1, int(self.B).bit_length()) if self.varlen else 1
+        self.nsteps = search_steps(self.B) if self.varlen else 1
 
     def doc_args(self, x: Tensor):
         """(CU, NDOC) kernel arguments: x stands in for the unused pointer of a padded layout."""
@@ -118,15 +124,17 @@ def launch_shift_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tenso
     block_t, block_d = _blocks(lay, rope)
     nblk = triton.cdiv(lay.N, block_t)
     dx = torch.empty_like(x)
-    dwp = torch.empty(nblk, H, W, device=x.device, dtype=torch.float32)  # per-program partial sums, all written
     if nblk > 0 and lay.D > 0 and H > 0:
+        dwp = torch.empty(nblk, H, W, device=x.device, dtype=torch.float32)  # per-program sums: every one written
         shift_bwd_kernel[(nblk, H)](
             x, w, prev_c, *lay.doc_args(x), cos if rope else x, sin if rope else x, dy, dx, dwp,
             lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
             W=W, HAS_PREV=has_prev, VARLEN=lay.varlen, ROPE=rope, BLOCK_T=block_t, BLOCK_D=block_d,
             NSTEP=lay.nsteps,
         )
-    dw = dwp.sum(0).to(weight.dtype)  # fixed-order reduction: deterministic
+        dw = dwp.sum(0).to(weight.dtype)  # fixed-order reduction: deterministic
+    else:  # nothing to launch: no rows, heads or channels contribute
+        dw = torch.zeros(H, W, device=x.device, dtype=weight.dtype)
     if prev is None:
         return dx, dw, x.new_zeros(0)
     if has_prev and lay.B > 0 and lay.D > 0 and H > 0:
