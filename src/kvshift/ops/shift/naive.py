@@ -58,8 +58,8 @@ def shift_step(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor | None 
     ct = _compute_dtype(x.dtype)
     H = x.shape[2]
     out = x.to(ct) * weight[:, 0].to(ct).view(1, 1, H, 1)
-    for j in range(1, W):  # x[t - j] is prev[:, W-1-j]; zero without prev (the row's first token)
-        if prev is not None:
+    if prev is not None:  # x[t - j] is prev[:, W-1-j]; without prev (a row's first token) the taps are zero
+        for j in range(1, W):
             out = out + prev[:, W - 1 - j:W - j].to(ct) * weight[:, j].to(ct).view(1, 1, H, 1)
     return out
 
