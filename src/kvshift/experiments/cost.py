@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from kvshift.bench.plan import LEGACY_PARTS, MIXER_ARMS, Plan
-from kvshift.bench.report import compute_targets
+from kvshift.bench.report import compute_targets, ratio as _ratio
 from kvshift.bench.run import merge_results, run_bench
 from kvshift.experiments.base import Experiment, RunOptions
 
@@ -73,10 +73,6 @@ def family_run(opts: RunOptions, out: Path) -> dict:
     name = f"{res['meta']['device_slug']}.json"
     earlier = out / name
     return merge_results(([earlier] if earlier.exists() else []) + [scratch / name], out)
-
-
-def _ratio(a, b) -> float | None:
-    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 else None
 
 
 def family_rows(results: Path) -> list[dict]:
