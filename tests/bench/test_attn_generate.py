@@ -270,3 +270,23 @@ def test_bench_options_refuse_unknown_values(args, what, capsys, tmp_path):
 
     assert main(["bench", "--quick", "--out", str(tmp_path), "--only", "attn", *args]) == 2
     assert what in capsys.readouterr().err and not list(tmp_path.iterdir())  # refused before running anything
+
+
+def test_a_compiled_step_follows_its_family(monkeypatch):
+    """A compiled step chooses its SDPA kernel inside the traced function: the graph compiled for one family
+    is not replayed for the next (on an H200 the flash rows once ran the cuDNN kernels of the previous
+    family's graph). On a CPU: math, then flash, whose CPU kernel is its own aten op."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager"))
+    torch._dynamo.reset()
+    inp = attn_inputs(1, 16, 2, 2, 8, device="cpu", dtype=torch.float32)
+    ops = {}
+    for family in ("math", "flash"):
+        step = attn_step("vanilla", inp, family, compiled=True)
+        step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        ops[family] = {e.key for e in prof.key_averages()}
+    flash_op = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert flash_op in ops["flash"] and flash_op not in ops["math"]
+    torch._dynamo.reset()

@@ -69,9 +69,16 @@ def attn_forward(arm: str, inp: dict, family: str, gqa: str = "native") -> Calla
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     cos, sin, wo = inp["cos"], inp["sin"], inp["wo"]
-    fused_backend = FAMILIES[family][1]
+    sdpa_backend, fused_backend = FAMILIES[family]
 
     def forward(q, k, v, w_k, w_v):
+        # the family is chosen inside the traced function: torch.compile guards on it, so a graph compiled
+        # for one family is never reused for another (dynamo does not guard an sdpa_kernel context entered
+        # outside the compiled function, and its cache is keyed by this function's code)
+        with sdpa_kernel([sdpa_backend]):
+            return _forward(q, k, v, w_k, w_v)
+
+    def _forward(q, k, v, w_k, w_v):
         B, T, H, D = q.shape
         qr = apply_rope(q, cos, sin)
         if arm == "fused":  # Attention._shift_attend
