@@ -8,6 +8,7 @@ so margin >= 0 means met with that much room and margin < 0 means missed by |mar
 
 from __future__ import annotations
 
+from kvshift.bench.explain import explain_missed
 from kvshift.bench.report_parts import (ATTN_ARMS, GEN_ARMS, GEN_RATIOS, GEN_TARGET_RATIOS,  # noqa: F401 (re-exported)
                                         render_attn, render_generate)
 
@@ -249,6 +250,10 @@ def render_markdown(results: dict) -> str:
             margin = "–" if t["margin"] is None else f"{t['margin']:+.4f} ({t['margin_pct']:+.2f}%)"
             lines.append(f"| {key} | {_f(t['measured'], '{:.4f}')} | {t['op']} {t['target']} | {met} | {margin} |")
         lines.append("")
+        missed = explain_missed(results, tg)
+        if missed:
+            lines += ["### Why the missed targets were missed (from this file's own measurements and profiles)", "",
+                      *missed, ""]
     errors = []
     for part, coll in CASES.items():
         for k, case in results.get(part, {}).get(coll, {}).items():

@@ -1,0 +1,107 @@
+"""Why each missed target was missed, from the measurements and profiles the result itself holds.
+
+Every line is computed, never written by hand: a block target sets the two arms' GPU kernel times beside the
+time an iteration takes back to back beyond its kernels (host time the GPU waits for) and names the host
+events the profiler charged most to the fused op; an end-to-end target compares the two arms' kernel
+families and the time outside the kernels; an eager decode target is set beside the compiled step of the
+same shape. Where the run holds no profile, the line says so and names the option that records one."""
+
+from __future__ import annotations
+
+from kvshift.bench.report_parts import GEN_RATIOS
+
+def _kernels(a: dict) -> float | None:
+    return (a.get("kernels") or {}).get("total_ms_per_step")
+
+
+def _host_top(a: dict, n: int = 2) -> str:
+    top = ((a.get("kernels") or {}).get("host") or {}).get("top") or []
+    ops = [t for t in top if "::" in t["event"] and not t["event"].startswith("aten::")] or top
+    return ", ".join(f"`{t['event']}` {t['self_cpu_ms_per_step']:.2f} ms" for t in ops[:n])
+
+
+def _attn(case: dict, bound: float) -> str:
+    arms = case.get("arms", {})
+    f, v = arms.get("fused", {}), arms.get("vanilla", {})
+    fb, vb = (f.get("b2b") or {}).get("median_ms"), (v.get("b2b") or {}).get("median_ms")
+    fk, vk = _kernels(f), _kernels(v)
+    if None in (fb, vb, fk, vk) or not vk > 0:
+        return "no GPU kernels profiled in this case (the attn part profiles them on CUDA)"
+    kr = fk / vk
+    parts = [f"GPU kernels fused {fk:.3f} vs vanilla {vk:.3f} ms ({kr:.3f}); an iteration back to back beyond its "
+             f"kernels (host time the GPU waits for) fused {fb - fk:.3f} vs vanilla {vb - vk:.3f} ms"]
+    if fb - fk > vb - vk:
+        parts.append(f"host self time of the fused op: {_host_top(f)}")
+    if kr > bound:
+        names = {u["kernel"] for u in (v.get("kernels") or {}).get("top", [])}
+        extra = [t["kernel"][:40] for t in (f.get("kernels") or {}).get("top", [])
+                 if t["kernel"] not in names and not t["kernel"].startswith("triton_")]
+        parts.append("the kernels miss too: the shift's passes over K and V"
+                     + (f" ({', '.join(f'`{e}`' for e in extra[:3])})" if extra else ""))
+    return "; ".join(parts)
+
+
+def _e2e(model: dict) -> str:
+    arms = model.get("arms", {})
+    f, v = (arms.get("fused") or {}).get("profile") or {}, (arms.get("vanilla") or {}).get("profile") or {}
+    if not f.get("families_ms_per_step") or not v.get("families_ms_per_step"):
+        return "not profiled in the run that measured it (`kvshift bench --only e2e --models <model> --profile`)"
+    ff, vf = f["families_ms_per_step"], v["families_ms_per_step"]
+    diff = sorted(((k, ff.get(k, 0.0) - vf.get(k, 0.0)) for k in set(ff) | set(vf)), key=lambda x: -x[1])
+    fs, vs = (arms["fused"].get("step") or {}).get("median_ms"), (arms["vanilla"].get("step") or {}).get("median_ms")
+    out = [f"kernels {f['total_ms_per_step']:.2f} vs {v['total_ms_per_step']:.2f} ms per step; by family "
+           + ", ".join(f"{k} {d:+.2f}" for k, d in diff[:3])]
+    if fs is not None and vs is not None:
+        out.append(f"outside the kernels {fs - f['total_ms_per_step']:.2f} vs {vs - v['total_ms_per_step']:.2f} ms")
+    return "; ".join(out)
+
+
+def _mem(model: dict) -> str:
+    arms = model.get("arms", {})
+    fb, vb = (arms.get("fused") or {}).get("peak_mem_bytes"), (arms.get("vanilla") or {}).get("peak_mem_bytes")
+    if fb is None or vb is None:
+        return "peak memory of an arm missing"
+    return f"fused peaks {(fb - vb) / 2 ** 20:+.1f} MiB from vanilla's {vb / 2 ** 30:.2f} GiB"
+
+
+def _generate(case: dict, ratio_name: str) -> str:
+    arms = case.get("arms", {})
+    ms = {a: r.get("ms_per_token") for a, r in arms.items() if isinstance(r, dict) and r.get("ms_per_token")}
+    num, den = GEN_RATIOS.get(ratio_name.removesuffix("_ratio"), (None, None))
+    if num in ms and den in ms and num.endswith("-compiled"):
+        pn, pd = (arms[num].get("profile") or {}), (arms[den].get("profile") or {})
+        if not pn.get("kernels_per_token") or not pd.get("kernels_per_token"):
+            return (f"{num} {ms[num]:.3f} vs {den} {ms[den]:.3f} ms per token; not profiled in the run that "
+                    "measured it (`--profile`)")
+        return (f"{num} {ms[num]:.3f} vs {den} {ms[den]:.3f} ms per token; GPU kernels {pn['ms_per_token']:.3f} vs "
+                f"{pd['ms_per_token']:.3f} ms in {pn['kernels_per_token']:g} vs {pd['kernels_per_token']:g} "
+                "kernels per token")
+    compiled = {a: m for a, m in ms.items() if a.endswith("-compiled")}
+    pair = ", ".join(f"{a} {ms[a]:.2f}" for a in (num, den) if a in ms)
+    if not compiled:
+        return f"eager steps ({pair} ms per token); no compiled arm in this case"
+    best = min(compiled, key=compiled.get)
+    return (f"eager steps ({pair} ms per token) against {compiled[best]:.2f} ms for {best}, the compiled step of "
+            "the same shape on the same GPU: an eager step is mostly host time (kernel launches), so this ratio "
+            "compares host paths; the compiled ratios measure the GPU")
+
+
+def explain_missed(results: dict, targets: dict[str, dict]) -> list[str]:
+    """One markdown bullet per missed target."""
+    lines = []
+    for key, t in targets.items():
+        if t.get("met") is not False:
+            continue
+        part, case, what = key.split("/", 2)
+        coll = {"attn": "shapes", "e2e": "models", "generate": "cases"}.get(part)
+        c = results.get(part, {}).get(coll, {}).get(case, {}) if coll else {}
+        if part == "attn":
+            why = _attn(c, t["target"])
+        elif part == "e2e":
+            why = _mem(c) if what == "peak_mem_ratio" else _e2e(c)
+        elif part == "generate":
+            why = _generate(c, what)
+        else:
+            why = "no explanation rule for this part"
+        lines.append(f"- {key} ({t['measured']:.4f} {t['op']} {t['target']}): {why}.")
+    return lines
