@@ -9,7 +9,7 @@ from kvshift.experiments.registry import EXPERIMENTS, get
 from kvshift.experiments.report import write_report
 
 QUICK = ("induction-depth", "landscape")
-FULL_CPU = ("induction-depth", "induction-width", "ngram", "shift-dynamics", "landscape")
+FULL_CPU = ("induction-depth", "induction-control", "induction-width", "ngram", "shift-dynamics", "landscape")
 
 
 def _csv(text: str | None) -> list[str] | None:

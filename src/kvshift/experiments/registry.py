@@ -8,6 +8,7 @@ from kvshift.experiments import (
     family_probes,
     hopk,
     igsm,
+    induction_control,
     landscape,
     lm,
     pipeline,
@@ -17,11 +18,13 @@ from kvshift.experiments import (
 )
 from kvshift.experiments.base import Experiment
 
-_MODULES = (landscape, toy, hopk, igsm, lm, family_probes, downstream, upcycle, upcycle_bench, cost, pipeline)
-_ORDER = ("theorem2", "induction-depth", "induction-width", "landscape", "ngram", "shift-dynamics", "hopk-norepeat",
-          "hopk", "igsm", "lm-main", "lm-seeds", "lm-lr", "lm-scaling", "lm-variants", "shift-coefficients",
-          "shift-coupling", "lm-gqa", "lm-family", "family-induction", "family-hopk", "family-cost", "lm-downstream",
-          "upcycle", "upcycle-benchmarks", "bench", "pipeline", "corpus")
+_MODULES = (landscape, toy, induction_control, hopk, igsm, lm, family_probes, downstream, upcycle, upcycle_bench,
+            cost, pipeline)
+_ORDER = ("theorem2", "induction-depth", "induction-control", "induction-width", "landscape", "ngram",
+          "shift-dynamics", "hopk-norepeat", "hopk", "igsm", "lm-main", "lm-seeds", "lm-lr", "lm-scaling",
+          "lm-variants", "shift-coefficients", "shift-coupling", "lm-gqa", "lm-family", "family-induction",
+          "family-hopk", "family-cost", "lm-downstream", "upcycle", "upcycle-benchmarks", "bench", "pipeline",
+          "corpus")
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for m in _MODULES for e in m.EXPERIMENTS}
 assert sorted(EXPERIMENTS) == sorted(_ORDER), "every experiment is listed once in _ORDER"
