@@ -16,13 +16,16 @@ TINY = dict(vocab=64, seq=24, segment=8, dim=16, heads=2, ffn=32, batch=4, steps
 def test_a_tiny_run_writes_every_file_with_the_three_arms(monkeypatch, tmp_path):
     monkeypatch.setitem(ic.CONTROL, "cpu", dict(TINY))
     out = tmp_path / "ctl"
-    summary = run_experiment("induction-control", RunOptions(out=out, runs=tmp_path / "runs", log=lambda m: None))
+    opts = RunOptions(out=out, runs=tmp_path / "runs", seeds=[0], log=lambda m: None)
+    summary = run_experiment("induction-control", opts)
     for f in ("metrics.jsonl", "summary.json", "plot.png", "README.md"):
         assert (out / f).stat().st_size > 0, f
     s = json.loads((out / "summary.json").read_text())
     assert set(s["arms"]) == set(ic.ARMS) and s["segment"] == 8 and s["verdict"] in VERDICTS
     assert s["verdict"] == summary["verdict"] == "inconclusive"  # one seed: no verdict beyond that
     assert "Fewer than 3 seeds" in s["verdict_text"]
+    again = run_experiment("induction-control", RunOptions(out=out, summarize_only=True, log=lambda m: None))
+    assert again["segment"] == 8 and "segment of 8 distinct tokens" in (out / "README.md").read_text()
 
 
 def _summ(kv50, kv90, v2_50, v1_best=0.02):
@@ -42,14 +45,39 @@ def _summ(kv50, kv90, v2_50, v1_best=0.02):
 KV50, KV90, V2 = [300, 300, 400], [400, 400, 500], [2000, 2400, 1600]
 
 
+def _drop(summ, seed, arm):
+    """A seed whose job has not run `arm` yet (e.g. cut after its 1-layer arms)."""
+    del summ["per_seed"][seed]["arms"][arm]
+    summ["arms"] = aggregate(summ["per_seed"])
+    return summ
+
+
 @pytest.mark.parametrize("summ,verdict,phrase", [
     (_summ(KV50, KV90, V2), "reproduced", "6.7× (median of 3 seed(s), range 4.0–8.0)"),
-    (_summ(KV50, [400, None, 500], V2), "partly reproduced", "6.7×"),
+    (_summ(KV50, [400, None, 500], V2), "partly reproduced", "first in 3 of 3 seeds"),
     (_summ(KV50, KV90, [2000, None, 1600]), "inconclusive", "did not reach 50% in every seed"),
     (_summ(KV50[:2], KV90[:2], V2[:2]), "inconclusive", "Fewer than 3 seeds"),
-    (_summ(KV50, KV90, V2, v1_best=0.5), "not reproduced", "6.7×"),
+    (_drop(_summ(KV50, KV90, V2), 2, "vanilla-2L"), "inconclusive", "still to run) of: vanilla-2L"),
+    (_summ(KV50, KV90, V2, v1_best=0.5), "not reproduced", "Vanilla 1-layer reached 20%"),
+    (_summ(KV50, KV90, [2000, None, 1600], v1_best=0.5), "not reproduced", "Vanilla 1-layer reached 20%"),
     (_summ([3000, 3000, 400], [3500, 3500, 500], V2), "not reproduced", "0.8× (median of 3 seed(s), range 0.7–4.0)"),
+    (_summ([300, None, None], [400, None, None], V2), "not reproduced", "first in 1 of 3 seeds"),
+    (_summ([300, 3000, 400], [400, 3500, 500], V2), "partly reproduced", "first in 2 of 3 seeds"),
 ])
 def test_the_verdict_rule(summ, verdict, phrase):
     v, text = ic.control_verdict(summ)
     assert v == verdict and phrase in text, text
+
+
+def test_three_seeds_by_default(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run_arms(name, arms, sampler, spec, n_eval, *, opts, out, paper, extra=None):
+        seen.append(opts.seed_list())
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(ic, "run_arms", fake_run_arms)
+    for seeds, want in ((None, [0, 1, 2]), ([4], [4])):
+        with pytest.raises(RuntimeError, match="stop"):
+            ic.induction_control(RunOptions(out=tmp_path, seeds=seeds), tmp_path)
+        assert seen.pop() == want

@@ -10,6 +10,14 @@ from __future__ import annotations
 
 from kvshift.bench.report_parts import GEN_RATIOS
 
+
+def _failed(*arms: dict) -> str | None:
+    """'fused errored' etc. when an arm holds an error or was skipped, else None."""
+    bad = [f"{n} {'errored' if 'error' in a else 'was skipped'}" for n, a in arms if isinstance(a, dict)
+           and ('error' in a or 'skipped' in a)]
+    return "; ".join(bad) or None
+
+
 def _kernels(a: dict) -> float | None:
     return (a.get("kernels") or {}).get("total_ms_per_step")
 
@@ -23,15 +31,19 @@ def _host_top(a: dict, n: int = 2) -> str:
 def _attn(case: dict, bound: float) -> str:
     arms = case.get("arms", {})
     f, v = arms.get("fused", {}), arms.get("vanilla", {})
+    if _failed(("fused", f), ("vanilla", v)):
+        return _failed(("fused", f), ("vanilla", v))
     fb, vb = (f.get("b2b") or {}).get("median_ms"), (v.get("b2b") or {}).get("median_ms")
     fk, vk = _kernels(f), _kernels(v)
     if None in (fb, vb, fk, vk) or not vk > 0:
         return "no GPU kernels profiled in this case (the attn part profiles them on CUDA)"
     kr = fk / vk
-    parts = [f"GPU kernels fused {fk:.3f} vs vanilla {vk:.3f} ms ({kr:.3f}); an iteration back to back beyond its "
-             f"kernels (host time the GPU waits for) fused {fb - fk:.3f} vs vanilla {vb - vk:.3f} ms"]
-    if fb - fk > vb - vk:
-        parts.append(f"host self time of the fused op: {_host_top(f)}")
+    parts = [f"GPU kernels fused {fk:.3f} vs vanilla {vk:.3f} ms ({kr:.3f}); back-to-back median minus the kernels' "
+             f"sum (separate measurements: near zero is noise, more is time the GPU waits on the host) fused "
+             f"{fb - fk:.3f} vs vanilla {vb - vk:.3f} ms"]
+    host = _host_top(f)
+    if fb - fk > vb - vk and host:
+        parts.append(f"host self time of the fused op under the profiler: {host}")
     if kr > bound:
         names = {u["kernel"] for u in (v.get("kernels") or {}).get("top", [])}
         extra = [t["kernel"][:40] for t in (f.get("kernels") or {}).get("top", [])
@@ -43,6 +55,8 @@ def _attn(case: dict, bound: float) -> str:
 
 def _e2e(model: dict) -> str:
     arms = model.get("arms", {})
+    if _failed(("fused", arms.get("fused")), ("vanilla", arms.get("vanilla"))):
+        return _failed(("fused", arms.get("fused")), ("vanilla", arms.get("vanilla")))
     f, v = (arms.get("fused") or {}).get("profile") or {}, (arms.get("vanilla") or {}).get("profile") or {}
     if not f.get("families_ms_per_step") or not v.get("families_ms_per_step"):
         return "not profiled in the run that measured it (`kvshift bench --only e2e --models <model> --profile`)"
@@ -52,7 +66,8 @@ def _e2e(model: dict) -> str:
     out = [f"kernels {f['total_ms_per_step']:.2f} vs {v['total_ms_per_step']:.2f} ms per step; by family "
            + ", ".join(f"{k} {d:+.2f}" for k, d in diff[:3])]
     if fs is not None and vs is not None:
-        out.append(f"outside the kernels {fs - f['total_ms_per_step']:.2f} vs {vs - v['total_ms_per_step']:.2f} ms")
+        out.append(f"step median minus the kernels' sum (separate measurements) {fs - f['total_ms_per_step']:.2f} "
+                   f"vs {vs - v['total_ms_per_step']:.2f} ms")
     return "; ".join(out)
 
 
@@ -78,12 +93,15 @@ def _generate(case: dict, ratio_name: str) -> str:
                 "kernels per token")
     compiled = {a: m for a, m in ms.items() if a.endswith("-compiled")}
     pair = ", ".join(f"{a} {ms[a]:.2f}" for a in (num, den) if a in ms)
+    if not pair:
+        return _failed(*((a, arms.get(a)) for a in (num, den))) or "neither arm of this ratio has a timing"
     if not compiled:
         return f"eager steps ({pair} ms per token); no compiled arm in this case"
     best = min(compiled, key=compiled.get)
+    eager = min(ms[a] for a in (num, den) if a in ms)
     return (f"eager steps ({pair} ms per token) against {compiled[best]:.2f} ms for {best}, the compiled step of "
-            "the same shape on the same GPU: an eager step is mostly host time (kernel launches), so this ratio "
-            "compares host paths; the compiled ratios measure the GPU")
+            f"the same shape on the same GPU ({compiled[best] / eager:.0%} of the faster eager step): the rest of "
+            "an eager step is host time, which this ratio compares; the compiled ratios measure the GPU")
 
 
 def explain_missed(results: dict, targets: dict[str, dict]) -> list[str]:
@@ -97,6 +115,8 @@ def explain_missed(results: dict, targets: dict[str, dict]) -> list[str]:
         c = results.get(part, {}).get(coll, {}).get(case, {}) if coll else {}
         if part == "attn":
             why = _attn(c, t["target"])
+        elif part == "e2e" and what == "mfu":
+            why = "MFU is the fused arm's own efficiency, not a comparison with vanilla: " + _e2e(c)
         elif part == "e2e":
             why = _mem(c) if what == "peak_mem_ratio" else _e2e(c)
         elif part == "generate":

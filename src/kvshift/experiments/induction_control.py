@@ -10,6 +10,7 @@ to a fixed relative position. This is a control beside the paper's setting, labe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def control_arms(scale: str) -> list[Arm]:
 
 def induction_control(opts: RunOptions, out: Path) -> dict:
     s = CONTROL[opts.scale]
+    opts = opts if opts.seeds is not None else dataclasses.replace(opts, seeds=[0, 1, 2])  # the verdict needs 3
     sampler = functools.partial(_sample, s["vocab"], s["seq"], s["segment"])
     summ = run_arms("induction-control", control_arms(opts.scale), sampler, _spec(s, opts.steps), s["n_eval"],
                     opts=opts, out=out, paper=PAPER, extra={"segment": s["segment"]})
@@ -55,6 +57,7 @@ def induction_control(opts: RunOptions, out: Path) -> dict:
 
 
 def _finish(summ: dict, out: Path) -> dict:
+    summ.setdefault("segment", CONTROL[summ["scale"]]["segment"])  # --summarize rebuilds without it
     summ["crossing_ratio"] = {t: toy_runs.crossing_ratios(summ["arms"], "vanilla-2L", "kvshift-1L", t)
                               for t in ("0.5", "0.9")}
     summ["verdict"], summ["verdict_text"] = control_verdict(summ)
@@ -69,36 +72,35 @@ def _finish(summ: dict, out: Path) -> dict:
 
 
 def control_verdict(summ: dict) -> tuple[str, str]:
-    """Per seed: each arm's step to 50% and 90% held-out accuracy. Reproduced: in every seed (>= 3) KV shift
-    1L reaches 90%, vanilla 2L reaches 50%, vanilla 1L stays below 20%, and KV shift 1L reaches 50% before
-    vanilla 2L; partly: vanilla 2L and KV shift 1L both learn and KV shift is faster on the median, without
-    every condition; inconclusive: fewer than 3 seeds, or vanilla 2L misses 50% in some seed (no ratio);
-    not reproduced otherwise (vanilla 2L as fast or faster, or vanilla 1L learns)."""
+    """Per seed: each arm's step to 50% and 90% held-out accuracy. Not reproduced when vanilla 1L reaches 20%;
+    inconclusive with fewer than 3 seeds of every arm, or when vanilla 2L misses 50% in some seed (no ratio
+    there); otherwise KV shift 1L is faster in a seed when it reaches 50% before vanilla 2L does. Reproduced:
+    faster in every seed and at 90% in every seed; partly: faster in most seeds; not reproduced otherwise."""
     arms, seeds = summ["arms"], summ.get("seeds", 0)
-    missing = [n for n in ARMS if n not in arms]
     steps, batch = summ["train"]["steps"], summ["train"]["batch_size"]
     done = "; ".join(f"{n} {a['final_accuracy']:.1%} final" + _steps_text(a) for n, a in arms.items())
     text = f"After {steps} steps of batch {batch}, {seeds} seed(s): {done}."
-    if missing:
-        return "inconclusive", text + f" Still to run: {', '.join(missing)}."
+    short = [n for n in ARMS if len(arms.get(n, {}).get("seeds", [])) < max(seeds, 3)]
+    if short:
+        return "inconclusive", text + f" Fewer than 3 seeds (or a seed still to run) of: {', '.join(short)}."
     r = summ.get("crossing_ratio", {})
     for t in ("0.5", "0.9"):
         x = r.get(t)
         if x:
             text += (f" Steps to {float(t):.0%}, vanilla 2-layer / KV shift 1-layer: {x['median']:.1f}× (median of "
                      f"{x['n']} seed(s), range {x['min']:.1f}–{x['max']:.1f}).")
-    reached = lambda n, t: arms[n]["steps_to"][t]["reached"]  # noqa: E731 - "k/n"
-    every = lambda n, t: reached(n, t).split("/")[0] == reached(n, t).split("/")[1]  # noqa: E731
-    v1_best = max(s["arms"]["vanilla-1L"]["best_accuracy"] for s in summ["per_seed"] if "vanilla-1L" in s["arms"])
-    if seeds < 3 or not every("vanilla-2L", "0.5"):
+    per = lambda n, t: arms[n]["steps_to"][t]["per_seed"]  # noqa: E731 - {seed: step or None}
+    if max(s["arms"]["vanilla-1L"]["best_accuracy"] for s in summ["per_seed"] if "vanilla-1L" in s["arms"]) >= 0.2:
+        return "not reproduced", text + " Vanilla 1-layer reached 20%."
+    v2, kv = per("vanilla-2L", "0.5"), per("kvshift-1L", "0.5")
+    if any(v is None for v in v2.values()):
         return "inconclusive", text + (" Vanilla 2-layer did not reach 50% in every seed, so the ratio is not "
-                                       "measured in all of them." if seeds >= 3 else " Fewer than 3 seeds.")
-    ratio = r.get("0.5")
-    if v1_best >= 0.2 or ratio is None or ratio["median"] <= 1.0:
-        return "not reproduced", text
-    if every("kvshift-1L", "0.9") and ratio["min"] > 1.0:
+                                       "measured in all of them.")
+    faster = sum(kv.get(s) is not None and kv[s] < v2[s] for s in v2)
+    text += f" KV shift 1-layer reached 50% first in {faster} of {len(v2)} seeds."
+    if faster == len(v2) and all(v is not None for v in per("kvshift-1L", "0.9").values()):
         return "reproduced", text
-    return "partly reproduced", text
+    return ("partly reproduced" if 2 * faster > len(v2) else "not reproduced"), text
 
 
 EXPERIMENTS = [
