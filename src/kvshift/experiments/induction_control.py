@@ -3,9 +3,9 @@
 On the paper's task (`induction-depth`) a vanilla two-layer model stays on its plateau for every budget we
 could afford, so that row cannot say how much faster KV shifting learns. Here the same arms train on the task
 of the induction-head literature (`kvshift.tasks.repeat`), where a vanilla two-layer model with RoPE does form
-an induction head after a plateau of a couple of thousand steps on a CPU: the ratio of crossing steps is
-measurable. The gap between the two copies varies per row, so a one-layer model cannot solve it by attending
-to a fixed relative position. This is a control beside the paper's setting, labelled as such in the report.
+an induction head after a plateau of one to two thousand steps of batch 16 on a CPU: the ratio of crossing
+steps is measurable. The gap between the two copies varies per row, so a one-layer model cannot solve it by
+attending to a fixed relative position. This is a control beside the paper's setting, labelled as such in the report.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from kvshift.experiments.toy import _cfg, _resummarize, _spec, _steps_text, run_
 from kvshift.experiments.toy_report import plot_accuracy, write_readme
 from kvshift.tasks import repeat
 
-# cpu: 4,000 steps of batch 16 (~35 min for 3 seeds on 2 cores); vanilla 2L left its plateau near step 2,000 in a
-# probe. gpu: the paper's vocabulary and length, a 192-token segment, with a 4-layer arm as in Fig. 1a.
+# cpu: 4,000 steps of batch 16 (~40 min for 3 seeds on 2 cores; vanilla 2L left its plateau at 1,300-1,600).
+# gpu: the paper's vocabulary and length, a 192-token segment, with a 4-layer arm as in Fig. 1a.
 CONTROL = {
     "gpu": dict(vocab=8000, seq=512, segment=192, dim=256, heads=4, ffn=704, batch=64, steps=3000,
                 lr=1e-3, warmup=100, eval_every=50, n_eval=256, compile=False, bf16=True),
