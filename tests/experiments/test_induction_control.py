@@ -21,14 +21,14 @@ def test_a_tiny_run_writes_every_file_with_the_three_arms(monkeypatch, tmp_path)
     for f in ("metrics.jsonl", "summary.json", "plot.png", "README.md"):
         assert (out / f).stat().st_size > 0, f
     s = json.loads((out / "summary.json").read_text())
-    assert set(s["arms"]) == set(ic.ARMS) and s["segment"] == 8 and s["verdict"] in VERDICTS
+    assert set(s["arms"]) == {*ic.ARMS, "vanilla-4L"} and s["segment"] == 8 and s["verdict"] in VERDICTS
     assert s["verdict"] == summary["verdict"] == "inconclusive"  # one seed: no verdict beyond that
     assert "Fewer than 3 seeds" in s["verdict_text"]
     again = run_experiment("induction-control", RunOptions(out=out, summarize_only=True, log=lambda m: None))
     assert again["segment"] == 8 and "segment of 8 distinct tokens" in (out / "README.md").read_text()
 
 
-def _summ(kv50, kv90, v2_50, v1_best=0.02):
+def _summ(kv50, kv90, v2_50, v1_best=0.02, v4_50=None):
     """Synthetic published runs: per seed, the step each arm crossed 50% / 90% (None: never)."""
     def arm(s50, s90, best):
         return {"final_accuracy": best, "best_accuracy": best, "non_embedding_params": 1, "wall_seconds": 1.0,
@@ -37,6 +37,8 @@ def _summ(kv50, kv90, v2_50, v1_best=0.02):
                                      "vanilla-1L": arm(None, None, v1_best),
                                      "vanilla-2L": arm(v2_50[i], None, 0.8 if v2_50[i] else 0.03)}}
                 for i in range(len(kv50))]
+    for i, s in enumerate(per_seed if v4_50 else []):
+        s["arms"]["vanilla-4L"] = arm(v4_50[i], None, 0.8)
     arms = aggregate(per_seed)
     return {"arms": arms, "per_seed": per_seed, "seeds": len(per_seed), "train": {"steps": 4000, "batch_size": 16},
             "crossing_ratio": {t: crossing_ratios(arms, "vanilla-2L", "kvshift-1L", t) for t in ("0.5", "0.9")}}
@@ -54,6 +56,7 @@ def _drop(summ, seed, arm):
 
 @pytest.mark.parametrize("summ,verdict,phrase", [
     (_summ(KV50, KV90, V2), "reproduced", "6.7× (median of 3 seed(s), range 4.0–8.0)"),
+    (_summ(KV50, KV90, V2, v4_50=[1000, 2400, 3200]), "reproduced", "4-layer / 2-layer steps to 50%: 1.00× (median"),
     (_summ(KV50, [400, None, 500], V2), "partly reproduced", "first in 3 of 3 seeds"),
     (_summ(KV50, KV90, [2000, None, 1600]), "inconclusive", "did not reach 50% in every seed"),
     (_summ(KV50[:2], KV90[:2], V2[:2]), "inconclusive", "Fewer than 3 seeds"),
