@@ -109,12 +109,10 @@ def attn_step(arm: str, inp: dict, family: str, *, compiled: bool = False, gqa: 
     fwd = torch.compile(fwd) if compiled else fwd
     q, k, v, go = inp["q"], inp["k"], inp["v"], inp["grad_out"]
     wrt = (q, k, v) if arm == "vanilla" else (q, k, v, inp["w_k"], inp["w_v"])
-    backend = FAMILIES[family][0]
 
-    def step():
-        with sdpa_kernel([backend]):
-            out = fwd(q, k, v, inp["w_k"], inp["w_v"])
-            torch.autograd.grad(out, wrt, go)
+    def step():  # the family's kernels are chosen inside the forward (attn_forward)
+        out = fwd(q, k, v, inp["w_k"], inp["w_v"])
+        torch.autograd.grad(out, wrt, go)
 
     return step
 

@@ -31,8 +31,8 @@ def _host_top(a: dict, n: int = 2) -> str:
 def _attn(case: dict, bound: float) -> str:
     arms = case.get("arms", {})
     f, v = arms.get("fused", {}), arms.get("vanilla", {})
-    if _failed(("fused", f), ("vanilla", v)):
-        return _failed(("fused", f), ("vanilla", v))
+    if failed := _failed(("fused", f), ("vanilla", v)):
+        return failed
     fb, vb = (f.get("b2b") or {}).get("median_ms"), (v.get("b2b") or {}).get("median_ms")
     fk, vk = _kernels(f), _kernels(v)
     if None in (fb, vb, fk, vk) or not vk > 0:
@@ -55,8 +55,8 @@ def _attn(case: dict, bound: float) -> str:
 
 def _e2e(model: dict) -> str:
     arms = model.get("arms", {})
-    if _failed(("fused", arms.get("fused")), ("vanilla", arms.get("vanilla"))):
-        return _failed(("fused", arms.get("fused")), ("vanilla", arms.get("vanilla")))
+    if failed := _failed(("fused", arms.get("fused")), ("vanilla", arms.get("vanilla"))):
+        return failed
     f, v = (arms.get("fused") or {}).get("profile") or {}, (arms.get("vanilla") or {}).get("profile") or {}
     if not f.get("families_ms_per_step") or not v.get("families_ms_per_step"):
         return "not profiled in the run that measured it (`kvshift bench --only e2e --models <model> --profile`)"
