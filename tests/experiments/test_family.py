@@ -3,6 +3,7 @@ their pure verdict and ratio functions on hand-made inputs."""
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -38,15 +39,19 @@ def test_lm_family_end_to_end_shares_runs_with_lm_seeds(shards, tmp_path):
     logs = []
     kw = dict(runs=tmp_path / "runs", shards=shards, steps=3, log=logs.append)
     run_experiment("lm-seeds", RunOptions(out=tmp_path / "seeds", seeds=[0], **kw))
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine: only the published results travel
     out = tmp_path / "family"
     logs.clear()
     run_experiment("lm-family", RunOptions(out=out, seeds=[0, 1], **kw))
     s = _check(out, "lm-family")
     for f in ("summary.json", "README.md", "plot.png"):
         assert (out / f).stat().st_size > 0
-    # lm-seeds' 10m runs of seed 0 are the same runs: found in the scratch directory, not trained again
-    shared = [m for m in logs if "the same run is in" in m]
-    assert len(shared) == 2 and all(" 10m " in m and " s0:" in m for m in shared)
+    # lm-seeds' 10m runs of seed 0 are the same runs: found among its published results, not trained again
+    shared = [m for m in logs if "the same run is published in" in m]
+    assert len(shared) == 2 and all(" 10m " in m and " s0:" in m and "seeds" in m for m in shared)
+    for arm in ("vanilla", "kvshift"):
+        a, b = (json.loads((d / "runs/10m" / f"{arm}-s0/summary.json").read_text()) for d in (tmp_path / "seeds", out))
+        assert a == b
     assert sum("training 3 steps" in m for m in logs) == 2 * 2 * len(FAMILY_ARMS) - 2
     assert set(s["arms"]) == {"10m", "50m"}
     for size, table in s["arms"].items():

@@ -5,6 +5,8 @@ resolved config, the data identity and the device type: a run that another exper
 interrupted command) already trained is reused or resumed there, never retrained. Finished runs are
 copied without checkpoints into <results>/runs/<part>/<arm>-s<seed>/, and every summary is rebuilt from
 the runs present there, so jobs split over several commands merge by copying their results into one tree.
+A run with the same key that another experiment already published under results/ (lm-family's vanilla and
+KV-shift runs are lm-seeds' runs) is copied from there, on any machine, without its scratch directory.
 """
 
 from __future__ import annotations
@@ -103,6 +105,18 @@ def _status(run_dir: Path, key: dict) -> str | None:
     return st if st in ("finished", "diverged") else None
 
 
+def find_published(results: Path, key: dict, skip: Path | None = None) -> Path | None:
+    """A finished (or diverged) run with this key published by any experiment under `results`
+    (<results>/<experiment>/runs/<part>/<run>/), other than `skip`; None when there is none."""
+    for rj in sorted(Path(results).glob("*/runs/*/*/run.json")):
+        d = rj.parent
+        if skip is not None and d.resolve() == Path(skip).resolve():
+            continue
+        if _status(d, key) is not None:
+            return d
+    return None
+
+
 def _publish(src: Path, dst: Path) -> None:
     """Copies a run's small files (never checkpoints) to dst, replacing it as a whole."""
     tmp = dst.with_name(dst.name + ".tmp")
@@ -148,6 +162,10 @@ def run_one(exp: str, opts: RunOptions, part: Part, arm: str, seed: int, out: Pa
     if st := _status(res, key):
         log(f"[lm] {exp} {part.name} {arm} s{seed}: already in {res} ({st})")
         return st
+    if (src := find_published(out.parent, key, skip=res)) is not None:
+        _publish(src, res)
+        log(f"[lm] {exp} {part.name} {arm} s{seed}: the same run is published in {src}, copied")
+        return _status(res, key)
     rd = opts.runs / "lm" / key_hash(key)
     hook = CoefficientRecorder(rd, cfg) if arm == part.coefficients else None
     label = f"[lm] {exp} {part.name} {arm} s{seed}"
