@@ -92,7 +92,14 @@ def test_lm_family_10m_is_lm_seeds_config_and_jobs_fit_a_command(shards):
         assert a == b
     assert run_config("gpu", fam[1], "kvshift_canon", 0, shards).model_config().mixer == "canon"
     jobs = [(j, sec) for j, _, sec in plan("gpu") if j.startswith("lm-family")]
-    assert len(jobs) == 11 and all(sec <= 9 * 60 for _, sec in jobs)
+    assert len(jobs) == 12 and all(sec < 9.5 * 60 for _, sec in jobs)
+
+
+def test_peak_memory_is_read_only_where_the_trainer_reset_it():
+    assert family.peak_memory({"peak_memory_bytes": 7, "peak_memory_scope": "launch"}) == 7
+    # written before the reset: possibly an earlier run's peak in the same process
+    assert family.peak_memory({"peak_memory_bytes": 7}) is None
+    assert family.peak_memory({"peak_memory_bytes": None, "peak_memory_scope": None}) is None
 
 
 def test_tokens_to_reach_ratio():

@@ -35,6 +35,7 @@ def test_end_to_end_synthetic_then_resume(tmp_path):
     for k in ("config", "final_val_loss", "best_val_loss", "tokens", "epochs", "wall_time_s", "tokens_per_s",
               "mfu", "device_name", "torch", "git_commit", "diverged", "diverged_step"):
         assert k in s, k
+    assert s["peak_memory_bytes"] is None and s["peak_memory_scope"] is None  # CPU: no CUDA peak to record
     assert json.loads((out / "summary.json").read_text())["final_val_loss"] == s["final_val_loss"]
     assert recs[0]["lr"] == pytest.approx(3e-3 / 5)  # linear warm-up over 5 steps, then constant
     assert recs[-1]["lr"] == 3e-3

@@ -144,6 +144,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
     if tc.threads:
         torch.set_num_threads(tc.threads)
     d = D.setup(tc.device, fsdp)
+    if d.device.type == "cuda":  # the peak below is this launch's, not that of an earlier run in this process
+        torch.cuda.reset_peak_memory_stats(d.device)
     log = log or ((lambda s: print(s, file=sys.stderr, flush=True)) if d.is_main else (lambda s: None))
     out = Path(out)
     ckpt_root = out / "checkpoints"
@@ -358,8 +360,10 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, fsdp: bool =
         "mfu": (tps * fpt / (tc.peak_flops * d.world_size)) if (tps and d.device.type == "cuda") else None,
         "params": sum(p.numel() for p in model.parameters()) if d.mode != "fsdp" else None,
         "non_embedding_params": mcfg.non_embedding_params(),
-        # peak allocated CUDA memory of this process (of the last segment, for a resumed run); None on CPU
+        # peak allocated CUDA memory since this launch began (of the last segment, for a resumed run); None on
+        # CPU. Summaries without peak_memory_scope predate the reset and may hold an earlier run's peak.
         "peak_memory_bytes": torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else None,
+        "peak_memory_scope": "launch" if d.device.type == "cuda" else None,
         "resumed_from": ckpt, "init_from": init_info, **env, "config": cfg.to_dict(), "model_config": mcfg.to_dict(),
     }
     if d.mode == "fsdp":

@@ -65,6 +65,13 @@ def _agg(xs: list[float]) -> dict:
             "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
+def peak_memory(summary: dict) -> int | None:
+    """A run's own peak CUDA memory: None on CPU, and for summaries written before the trainer reset the peak at
+    the start of each launch (no peak_memory_scope): those can hold the peak of an earlier, larger run of the
+    same process (the first lm-family runs did: three arms recorded Canon's peak)."""
+    return summary.get("peak_memory_bytes") if summary.get("peak_memory_scope") == "launch" else None
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -75,7 +82,8 @@ def arm_table(runs: dict[str, dict[int, Path]]) -> dict:
             for arm, by in runs.items()}
     base = summ.get("vanilla", {})
     mean = lambda xs: statistics.fmean(xs) if xs else None  # noqa: E731
-    bq = {k: mean([s[k] for s in base.values() if s.get(k)]) for k in ("tokens_per_s", "peak_memory_bytes")}
+    bq = {"tokens_per_s": mean([s["tokens_per_s"] for s in base.values() if s.get("tokens_per_s")]),
+          "peak_memory_bytes": mean([m for s in base.values() if (m := peak_memory(s))])}
     b0 = next(iter(base.values()), None)
     out = {}
     for arm, by in summ.items():
@@ -102,8 +110,8 @@ def arm_table(runs: dict[str, dict[int, Path]]) -> dict:
             and b0.get("flops_per_token") else None,
             "tokens_per_s_ratio": _ratio(mean([s["tokens_per_s"] for s in by.values() if s.get("tokens_per_s")]),
                                          bq["tokens_per_s"]),
-            "peak_memory_ratio": _ratio(mean([s["peak_memory_bytes"] for s in by.values()
-                                              if s.get("peak_memory_bytes")]), bq["peak_memory_bytes"]),
+            "peak_memory_ratio": _ratio(mean([m for s in by.values() if (m := peak_memory(s))]),
+                                        bq["peak_memory_bytes"]),
             "diverged": sum(bool(s["diverged"]) for s in by.values())}
     return out
 
@@ -257,7 +265,9 @@ training tokens (< 1: the arm gets there sooner; — when no seed reached it). F
 FLOPs per token (6·non-embedding params + head + attention) vs vanilla's; each mixer weight is used once per
 token, so 6 FLOPs per weight and token is the mixers' own conv work (keyoffset's copy and smear's gate are not
 counted: ≈ 0). Tokens/s: the trainer's steady-state throughput; peak memory: `torch.cuda.max_memory_allocated`
-(CUDA runs; — on CPU or for runs trained before it was recorded).
+since the run's launch (CUDA runs; — on CPU, and for runs trained before the trainer reset the peak at each
+launch: several runs share a process, so such a record can be an earlier run's peak). The members' cost
+measured in one process, vanilla beside each, is the bench's family-cost row.
 """
 
 
