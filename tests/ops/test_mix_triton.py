@@ -183,6 +183,34 @@ def test_backward_with_several_row_blocks_per_program(monkeypatch, cu):
         _assert_close(name, a, b, torch.float32)
 
 
+def _saved_during(fn):
+    """The tensors autograd saves while fn() runs (packed by the saved-tensor hooks)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("cu", [None, CU_MANY], ids=["padded", "packed"])
+def test_constant_weight_keeps_no_x_and_matches_naive(cu):
+    """Key offset's and smear's fixed taps: the backward needs only dy and the weight, so x is not saved;
+    dx and dprev still equal the reference. A learned weight keeps x (its gradient reads x's taps)."""
+    c = dict(dt="fp32", W=2, chan=True, B=2, T=63, H=2, D=6, cu=cu, prev=True, res=False, mask="d")
+    inp = _inputs(c)
+    kw = dict(cu_seqlens=inp["cu"], channel_mask=inp["mask"])
+    x, prev = (inp[k].detach().clone().requires_grad_(True) for k in ("x", "prev"))
+    big = lambda t: t.numel() >= x.numel()  # noqa: E731  (x itself or a copy of it)
+    y, saved = _saved_during(lambda: tm.causal_mix(x, inp["w"], prev=prev, **kw))
+    assert not any(big(t) for t in saved), [tuple(t.shape) for t in saved]
+    got = torch.autograd.grad(y, (x, prev), inp["dy"])
+    xr, pr = (inp[k].detach().clone().requires_grad_(True) for k in ("x", "prev"))
+    ref = torch.autograd.grad(naive.causal_mix(xr, inp["w"], prev=pr, **kw), (xr, pr), inp["dy"])
+    for name, a, b in zip(("dx", "dprev"), got, ref):
+        _assert_close(name, a, b, torch.float32)
+    _, saved = _saved_during(lambda: tm.causal_mix(x, inp["w"].clone().requires_grad_(True), prev=prev, **kw))
+    assert any(big(t) for t in saved)
+
+
 def test_fp64_falls_back_to_naive():
     x = torch.randn(2, 7, 3, 5, dtype=torch.float64, device=DEVICE)
     w = torch.randn(3, 5, 3, dtype=torch.float64, device=DEVICE)
@@ -221,22 +249,25 @@ def test_opcheck_mix_fwd(prev, packed):
     torch.library.opcheck(torch.ops.kvshift.mix_fwd.default, (req(x), req(w), req(p), cu))
 
 
-def test_opcheck_mix_bwd():
+@pytest.mark.parametrize("with_x", [True, False], ids=["dweight", "no-dweight"])
+def test_opcheck_mix_bwd(with_x):
     x, w, p, cu = _op_args()
-    torch.library.opcheck(torch.ops.kvshift.mix_bwd.default, (torch.randn_like(x), x, w, p, cu))
+    torch.library.opcheck(torch.ops.kvshift.mix_bwd.default, (torch.randn_like(x), x if with_x else None, w, p, cu))
 
 
 def _layer(x, w, prev, mask):
     return (tm.causal_mix(x, w, prev=prev, residual=True, channel_mask=mask).square()).sum()
 
 
+@pytest.mark.parametrize("learned", [True, False], ids=["learned-weight", "constant-weight"])
 @pytest.mark.parametrize("backend", ["aot_eager"] + (["inductor"] if DEVICE == "cuda" else []))
-def test_compile_fullgraph_keeps_the_op(backend):
+def test_compile_fullgraph_keeps_the_op(backend, learned):
     """No graph break around the custom op, which stays a node of the graph; fwd and bwd equal eager."""
     x, w, p, _ = _op_args(packed=False)
     w = w[..., 0, :].contiguous()  # per-head weight (H, W+1)
     mask = torch.arange(6, device=DEVICE) < 4
-    x, w, p = (t.clone().requires_grad_(True) for t in (x, w, p))
+    x, p = (t.clone().requires_grad_(True) for t in (x, p))
+    w = w.clone().requires_grad_(learned)
     graphs = []
 
     def record(gm, example_inputs):
@@ -248,10 +279,11 @@ def test_compile_fullgraph_keeps_the_op(backend):
     assert any(n.target is torch.ops.kvshift.mix_fwd.default for gm in graphs for n in gm.graph.nodes)
     torch._dynamo.reset()
     compiled = torch.compile(_layer, fullgraph=True, backend=backend)
+    leaves = (x, w, p) if learned else (x, p)
     comp_out = compiled(x, w, p, mask)
-    comp_grads = torch.autograd.grad(comp_out, (x, w, p))
+    comp_grads = torch.autograd.grad(comp_out, leaves)
     eager_out = _layer(x, w, p, mask)
-    eager_grads = torch.autograd.grad(eager_out, (x, w, p))
+    eager_grads = torch.autograd.grad(eager_out, leaves)
     _assert_close("out", comp_out.detach(), eager_out.detach(), torch.float32)
     for a, b in zip(comp_grads, eager_grads):
         _assert_close("grad", a, b, torch.float32)

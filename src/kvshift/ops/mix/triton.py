@@ -8,7 +8,9 @@ Per-head weights, the residual and the channel mask are folded into one per-chan
 user's weight (summing a head's channels, keeping only masked channels). The fused ops
 `kvshift::mix_fwd` and `kvshift::mix_bwd` then run a depthwise causal conv over time; they have
 fake and autograd rules, so torch.compile(fullgraph=True) keeps them in the graph. The backward
-recomputes the taps from x and prev; fp64 inputs fall back to the naive reference.
+recomputes the taps from x and prev; fp64 inputs fall back to the naive reference. When the weight needs
+no gradient (key offset's and smear's fixed taps), x is not kept for the backward at all: dx and dprev
+need only the output gradient and the weight.
 
 This module deliberately does not use `from __future__ import annotations`: custom_op infers its
 schema from the real annotations.
@@ -91,34 +93,40 @@ def launch_fwd(x: Tensor, weight: Tensor, prev: Optional[Tensor], cu_seqlens: Op
     return y
 
 
-def launch_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor],
+def launch_bwd(dy: Tensor, x: Optional[Tensor], weight: Tensor, prev: Optional[Tensor],
                cu_seqlens: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight (H, D, W+1), dprev); dprev is an empty (0,) tensor when prev is None."""
-    x = x.contiguous()
+    """(dx, dweight (H, D, W+1), dprev); dprev is an empty (0,) tensor when prev is None. x None: no weight
+    gradient (dweight is an empty (0,) tensor) and x is never read."""
+    need_dw = x is not None
     dy = dy.contiguous()
+    x = x.contiguous() if need_dw else dy  # without dweight the kernel reads no tap of x (or prev)
     w = weight.contiguous()
     H, D = x.shape[-2:]
     W = w.shape[-1] - 1
     N, T, B, cu, nsteps = _rows(x, cu_seqlens)
     varlen = cu_seqlens is not None
     dx = torch.empty_like(x)
+    dw = x.new_empty(0, dtype=weight.dtype)
     if N == 0 or H == 0 or D == 0:
-        dw = torch.zeros(w.shape, device=w.device, dtype=weight.dtype)
         dx = torch.zeros_like(x)
+        if need_dw:
+            dw = torch.zeros(w.shape, device=w.device, dtype=weight.dtype)
     else:
         block_d = triton.next_power_of_2(D)
         block_t = _block_t(block_d, N)
         nblk = triton.cdiv(N, block_t)
         iters = triton.cdiv(nblk, max(1, _MAX_PROGRAMS // H))  # row blocks per program
         nprog = triton.cdiv(nblk, iters)
-        dwp = torch.empty(nprog, H, D, W + 1, device=x.device, dtype=torch.float32)  # per-program sums
+        # per-program sums of dweight
+        dwp = torch.empty(nprog if need_dw else 0, H, D, W + 1, device=x.device, dtype=torch.float32)
         mix_bwd_kernel[(nprog, H)](
-            x, w, x if prev is None else prev.contiguous(), cu if varlen else x, B if varlen else 0,
-            dy, dx, dwp, N, T, H, D, iters,
-            W=W, HAS_PREV=prev is not None, VARLEN=varlen, BLOCK_T=block_t, BLOCK_D=block_d,
-            BLOCK_K=triton.next_power_of_2(W + 1), NSTEP=nsteps,
+            x, w, x if prev is None or not need_dw else prev.contiguous(), cu if varlen else x,
+            B if varlen else 0, dy, dx, dwp, N, T, H, D, iters,
+            W=W, HAS_PREV=prev is not None and need_dw, VARLEN=varlen, BLOCK_T=block_t, BLOCK_D=block_d,
+            BLOCK_K=triton.next_power_of_2(W + 1), NSTEP=nsteps, NEED_DW=need_dw,
         )
-        dw = dwp.sum(0).to(weight.dtype)  # fixed-order reduction: deterministic
+        if need_dw:
+            dw = dwp.sum(0).to(weight.dtype)  # fixed-order reduction: deterministic
     if prev is None:
         return dx, dw, x.new_zeros(0)
     if B == 0 or H == 0 or D == 0:
@@ -147,29 +155,31 @@ def _(x, weight, prev, cu_seqlens):
 
 
 @torch.library.custom_op("kvshift::mix_bwd", mutates_args=())
-def mix_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tensor],
+def mix_bwd(dy: Tensor, x: Optional[Tensor], weight: Tensor, prev: Optional[Tensor],
             cu_seqlens: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dprev); dprev is an empty (0,) tensor when prev is None."""
+    """(dx, dweight, dprev); dprev is an empty (0,) tensor when prev is None, dweight when x is None."""
     return launch_bwd(dy, x, weight, prev, cu_seqlens)
 
 
 @mix_bwd.register_fake
 def _(dy, x, weight, prev, cu_seqlens):
-    dprev = x.new_empty(0) if prev is None else torch.empty_like(prev, memory_format=torch.contiguous_format)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format), dprev)
+    dprev = dy.new_empty(0) if prev is None else torch.empty_like(prev, memory_format=torch.contiguous_format)
+    dw = (weight.new_empty(0) if x is None else torch.empty_like(weight, memory_format=torch.contiguous_format))
+    return torch.empty_like(dy, memory_format=torch.contiguous_format), dw, dprev
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, prev, cu_seqlens = inputs
     ctx.has_prev = prev is not None
-    ctx.save_for_backward(x, weight, prev, cu_seqlens)
+    ctx.need_dw = ctx.needs_input_grad[1]
+    # a constant weight needs no taps of x in the backward: x is not kept (prev only for dprev's shape)
+    ctx.save_for_backward(x if ctx.need_dw else None, weight, prev, cu_seqlens)
 
 
 def _backward(ctx, dy):
     x, weight, prev, cu_seqlens = ctx.saved_tensors
     dx, dw, dprev = mix_bwd(dy, x, weight, prev, cu_seqlens)
-    return dx, dw, (dprev if ctx.has_prev else None), None
+    return dx, (dw if ctx.need_dw else None), (dprev if ctx.has_prev else None), None
 
 
 mix_fwd.register_autograd(_backward, setup_context=_setup_context)

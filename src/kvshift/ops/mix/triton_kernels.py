@@ -47,10 +47,11 @@ def mix_fwd_kernel(X, WT, PREV, CU, NDOC, Y, N, T, H, D,
 def mix_bwd_kernel(X, WT, PREV, CU, NDOC, DY, DX, DWP, N, T, H, D, ITERS,
                    W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                   NSTEP: tl.constexpr):
+                   NSTEP: tl.constexpr, NEED_DW: tl.constexpr):
     """Program (pid, h) owns ITERS consecutive row blocks of head h:
     dx[s] = sum_j WT[h, :, j] g[s + j] (s + j inside s's document);
-    DWP[pid, h, :, j] = sum over its rows t of g[t] * x[t - j]."""
+    DWP[pid, h, :, j] = sum over its rows t of g[t] * x[t - j] (NEED_DW only: without it X, PREV and DWP
+    are never read or written, so a constant weight's caller need not keep x)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
@@ -72,8 +73,9 @@ def mix_bwd_kernel(X, WT, PREV, CU, NDOC, DY, DX, DWP, N, T, H, D, ITERS,
         dx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(W + 1):
             wj = _load_weight(WT, h, cols, mask_d, D, j, W + 1)
-            part = tl.sum(g * tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W + 1, HAS_PREV), 0)
-            dw += tl.where(kk[None, :] == j, part[:, None], 0.0)
+            if NEED_DW:
+                part = tl.sum(g * tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W + 1, HAS_PREV), 0)
+                dw += tl.where(kk[None, :] == j, part[:, None], 0.0)
             if j == 0:
                 dx += wj[None, :] * g
             else:
@@ -81,8 +83,9 @@ def mix_bwd_kernel(X, WT, PREV, CU, NDOC, DY, DX, DWP, N, T, H, D, ITERS,
                 dx += wj[None, :] * tl.load(DY + off + j * H * D, mask=mr, other=0.0).to(tl.float32)
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
         it += 1
-    doff = ((pid * H + h) * D + cols)[:, None] * (W + 1) + kk[None, :]
-    tl.store(DWP + doff, dw, mask=mask_d[:, None] & (kk < W + 1)[None, :])
+    if NEED_DW:
+        doff = ((pid * H + h) * D + cols)[:, None] * (W + 1) + kk[None, :]
+        tl.store(DWP + doff, dw, mask=mask_d[:, None] & (kk < W + 1)[None, :])
 
 
 @triton.jit
