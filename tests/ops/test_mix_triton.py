@@ -249,10 +249,13 @@ def test_opcheck_mix_fwd(prev, packed):
     torch.library.opcheck(torch.ops.kvshift.mix_fwd.default, (req(x), req(w), req(p), cu))
 
 
-@pytest.mark.parametrize("with_x", [True, False], ids=["dweight", "no-dweight"])
-def test_opcheck_mix_bwd(with_x):
+@pytest.mark.parametrize("with_x,dy_dtype", [(True, None), (False, None), (True, torch.bfloat16)],
+                         ids=["dweight", "no-dweight", "dweight-bf16-dy"])
+def test_opcheck_mix_bwd(with_x, dy_dtype):
+    """The fake matches the real op, also when dy's dtype differs from x's (dx takes x's)."""
     x, w, p, cu = _op_args()
-    torch.library.opcheck(torch.ops.kvshift.mix_bwd.default, (torch.randn_like(x), x if with_x else None, w, p, cu))
+    dy = torch.randn_like(x, dtype=dy_dtype)
+    torch.library.opcheck(torch.ops.kvshift.mix_bwd.default, (dy, x if with_x else None, w, p, cu))
 
 
 def _layer(x, w, prev, mask):

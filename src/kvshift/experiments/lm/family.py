@@ -68,7 +68,8 @@ def _agg(xs: list[float]) -> dict:
 def peak_memory(summary: dict) -> int | None:
     """A run's own peak CUDA memory: None on CPU, and for summaries written before the trainer reset the peak at
     the start of each launch (no peak_memory_scope): those can hold the peak of an earlier, larger run of the
-    same process (the first lm-family runs did: three arms recorded Canon's peak)."""
+    same process (the first lm-family runs did: key offset and smear in every seed, and vanilla's and KV
+    shift's seed-2 runs, recorded Canon's peak)."""
     return summary.get("peak_memory_bytes") if summary.get("peak_memory_scope") == "launch" else None
 
 

@@ -82,8 +82,8 @@ LRS = (1e-4, 2e-4, 1e-3, 1e-2)
 TOKENS_PER_S = {"3m": 2.4e6, "10m": 1.7e6, "25m": 1.05e6, "50m": 0.6e6, "85m": 0.4e6}
 # slow-down of an arm with a mixer: vanilla's tokens/s over the arm's, measured on the H200 at 10m (lm-family,
 # results/lm-family-gpu: 0.893 dconv, 0.668 canon, 0.963 keyoffset, 0.957 smear, 0.598 kvshift + canon);
-# 1.15 for a mixer not measured yet
-MIXER_SLOWDOWN = {"dconv": 1.12, "canon": 1.50, "keyoffset": 1.04, "smear": 1.05}
+# 1.15 for an arm with a mixer not measured yet
+MIXER_SLOWDOWN = {"dconv": 1.12, "canon": 1.50, "keyoffset": 1.04, "smear": 1.05, "kvshift_canon": 1.67}
 
 
 @dataclass
@@ -205,9 +205,8 @@ def plan(scale: str = "gpu") -> list[tuple[str, int, float]]:
         seeds_opt = [int(x) for x in opts["seeds"].split(",")] if "seeds" in opts else None
         for p, arms, seeds in select(parts(name, scale), seeds=seeds_opt, **sel):
             for arm in arms:
-                mixer = ARM_MODELS[arm].get("mixer", "none")
-                slow = 1.0 if mixer == "none" else MIXER_SLOWDOWN.get(mixer, 1.15)
-                slow *= 1.06 if mixer != "none" and ARM_MODELS[arm]["attention"] != "vanilla" else 1.0
+                has_mixer = ARM_MODELS[arm].get("mixer", "none") != "none"
+                slow = MIXER_SLOWDOWN.get(arm, 1.15) if has_mixer else 1.0
                 for _ in seeds:
                     n += 1
                     secs += p.steps * sc.batch * sc.seq_len / TOKENS_PER_S[p.size] * 1.12 * slow  # +12%: evaluations

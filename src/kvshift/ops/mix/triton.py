@@ -163,9 +163,10 @@ def mix_bwd(dy: Tensor, x: Optional[Tensor], weight: Tensor, prev: Optional[Tens
 
 @mix_bwd.register_fake
 def _(dy, x, weight, prev, cu_seqlens):
-    dprev = dy.new_empty(0) if prev is None else torch.empty_like(prev, memory_format=torch.contiguous_format)
+    ref = dy if x is None else x  # dx takes x's dtype (dy's when there is no x), as launch_bwd's
+    dprev = ref.new_empty(0) if prev is None else torch.empty_like(prev, memory_format=torch.contiguous_format)
     dw = (weight.new_empty(0) if x is None else torch.empty_like(weight, memory_format=torch.contiguous_format))
-    return torch.empty_like(dy, memory_format=torch.contiguous_format), dw, dprev
+    return torch.empty_like(ref, memory_format=torch.contiguous_format), dw, dprev
 
 
 def _setup_context(ctx, inputs, output):
