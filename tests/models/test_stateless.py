@@ -219,3 +219,34 @@ def test_score_domain_decode_in_bf16_is_close_to_the_reference():
         st.DECODE_MAX_T = old
     err = (fast.float() - ref.float()).abs().max() / ref.float().abs().max()
     assert err < 0.03, err
+
+
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
+@pytest.mark.parametrize("window", [1, 3])
+def test_score_domain_decode_reads_the_cached_keys_once(window, rope):
+    """Every tap's query goes through one matmul against the cached keys (and one for the values): the cache
+    is read once per step, however wide the shift, as a vanilla decode step reads it."""
+    from types import SimpleNamespace
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from kvshift.layers.stateless import decode_attend
+
+    g = torch.Generator().manual_seed(7)
+    B, H, Hk, T, S, D, W = 2, 4, 2, 1, 9, 8, window + 1
+    q, C, V = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hk, S, D, generator=g), torch.randn(B, Hk, S, D,
+                                                                                                       generator=g)
+    coef_k, coef_v = torch.randn(Hk, W, generator=g), torch.randn(Hk, W, generator=g)
+    pos = torch.arange(S).expand(B, S)
+    cos, sin = rotation_tables(window, D, 10_000.0, dtype=torch.float32) if rope else (None, None)
+    attn = SimpleNamespace(position="rope" if rope else "none")
+    ctx = SimpleNamespace(mask=None, causal=False)
+    fn = lambda q, C, V: decode_attend(attn, q, C, V, coef_k, coef_v, pos, cos, sin, ctx)  # noqa: E731
+    graph = make_fx(fn)(q, C, V).graph
+    matmuls = [n for n in graph.nodes if n.op == "call_function"
+               and n.target in (torch.ops.aten.bmm.default, torch.ops.aten.mm.default)]
+    assert len(matmuls) == 2, [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    # the same scores as the reference read: the cache shifted, then plain attention
+    k_hat, v_hat = read_shifted(C, V, coef_k, coef_v, pos, cos, sin)
+    ref = torch.softmax(q.view(B, Hk, H // Hk, D) @ k_hat.transpose(-1, -2) * D ** -0.5, -1) @ v_hat
+    assert torch.allclose(fn(q, C, V), ref.view(B, H, T, D), atol=1e-5)

@@ -153,11 +153,16 @@ def decode_attend(attn, q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, coef_
         scores = torch.matmul(qg, C.transpose(-1, -2)).to(ct)
     else:
         w = coef_k.to(device=q.device, dtype=ct)
+        W, R = coef_k.shape[1], rep * T
+        # every tap's query R_j^T q in one matmul, so the cache's keys are read once (not once per tap); without
+        # RoPE all taps share the one query
+        qs = [qg] + ([] if cos is None else [
+            rotate(qg.to(ct), cos[j].to(device=q.device, dtype=ct), -sin[j].to(device=q.device, dtype=ct)).to(q.dtype)
+            for j in range(1, W)])
+        m_all = torch.matmul(torch.cat(qs, dim=2), C.transpose(-1, -2)).to(ct)  # (B, Hk, len(qs) * R, S)
         scores = None
-        for j in range(coef_k.shape[1]):
-            qj = qg if j == 0 or cos is None else rotate(qg.to(ct), cos[j].to(device=q.device, dtype=ct),
-                                                        -sin[j].to(device=q.device, dtype=ct)).to(q.dtype)
-            m = torch.matmul(qj, C.transpose(-1, -2)).to(ct)  # m[..., s] = q_j · c_s
+        for j in range(W):
+            m = m_all[:, :, (j if cos is not None else 0) * R:][:, :, :R]  # m[..., s] = q_j · c_s
             if j:
                 m = torch.nn.functional.pad(m, (j, 0))[..., :S]  # -> q_j · c_{s-j}
             term = m * keep(j) * w[:, j].view(1, Hk, 1, 1)

@@ -5,8 +5,9 @@ resolved config, the data identity and the device type: a run that another exper
 interrupted command) already trained is reused or resumed there, never retrained. Finished runs are
 copied without checkpoints into <results>/runs/<part>/<arm>-s<seed>/, and every summary is rebuilt from
 the runs present there, so jobs split over several commands merge by copying their results into one tree.
-A run with the same key that another experiment already published under results/ (lm-family's vanilla and
-KV-shift runs are lm-seeds' runs) is copied from there, on any machine, without its scratch directory.
+A run with the same key that another experiment already published under results/ (lm-family's 10m vanilla
+and KV-shift runs have lm-seeds' settings) is copied from there, on any machine, without its scratch
+directory; the key names the device type, not the GPU model or the torch version.
 """
 
 from __future__ import annotations

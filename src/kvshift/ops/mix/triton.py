@@ -117,8 +117,9 @@ def launch_bwd(dy: Tensor, x: Optional[Tensor], weight: Tensor, prev: Optional[T
         nblk = triton.cdiv(N, block_t)
         iters = triton.cdiv(nblk, max(1, _MAX_PROGRAMS // H))  # row blocks per program
         nprog = triton.cdiv(nblk, iters)
-        # per-program sums of dweight
-        dwp = torch.empty(nprog if need_dw else 0, H, D, W + 1, device=x.device, dtype=torch.float32)
+        # per-program sums of dweight; without them the kernel gets dx as a placeholder it never touches (an
+        # empty CUDA tensor's null pointer is not a safe kernel argument)
+        dwp = torch.empty(nprog, H, D, W + 1, device=x.device, dtype=torch.float32) if need_dw else dx
         mix_bwd_kernel[(nprog, H)](
             x, w, x if prev is None or not need_dw else prev.contiguous(), cu if varlen else x,
             B if varlen else 0, dy, dx, dwp, N, T, H, D, iters,
