@@ -102,6 +102,29 @@ def test_peak_memory_is_read_only_where_the_trainer_reset_it():
     assert family.peak_memory({"peak_memory_bytes": None, "peak_memory_scope": None}) is None
 
 
+def _fake_run(d, loss, tps, mem, device):
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens": 100, "val_loss": loss}) + "\n")
+    (d / "summary.json").write_text(json.dumps({
+        "final_val_loss": loss, "diverged": False, "tokens": 100, "non_embedding_params": 10,
+        "flops_per_token": 60.0, "tokens_per_s": tps, "peak_memory_bytes": mem, "peak_memory_scope": "launch",
+        "device_name": device}))
+    return d
+
+
+def test_throughput_and_memory_ratios_compare_one_kind_of_device(tmp_path):
+    runs = {"vanilla": {0: _fake_run(tmp_path / "v0", 2.0, 100.0, 50, "H200")},
+            "kvshift": {0: _fake_run(tmp_path / "k0", 1.9, 95.0, 50, "H200")}}
+    t = family.arm_table(runs)
+    assert t["kvshift"]["tokens_per_s_ratio"] == pytest.approx(0.95) and t["kvshift"]["peak_memory_ratio"] == 1.0
+    assert t["kvshift"]["delta"]["mean"] == pytest.approx(-0.1)
+    # a run adopted from results measured on another GPU: no ratio across devices, the losses still compare
+    runs["dconv"] = {0: _fake_run(tmp_path / "d0", 1.95, 80.0, 60, "A100")}
+    t = family.arm_table(runs)
+    assert all(t[a]["tokens_per_s_ratio"] is None and t[a]["peak_memory_ratio"] is None for a in t)
+    assert t["dconv"]["delta"]["mean"] == pytest.approx(-0.05)
+
+
 def test_tokens_to_reach_ratio():
     curve = [(100, 3.0), (200, 2.5), (300, 2.2), (400, 2.0)]
     assert family.tokens_to_reach_ratio(curve, 2.5, 400) == 0.5

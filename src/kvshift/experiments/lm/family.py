@@ -86,6 +86,9 @@ def arm_table(runs: dict[str, dict[int, Path]]) -> dict:
     bq = {"tokens_per_s": mean([s["tokens_per_s"] for s in base.values() if s.get("tokens_per_s")]),
           "peak_memory_bytes": mean([m for s in base.values() if (m := peak_memory(s))])}
     b0 = next(iter(base.values()), None)
+    # throughput and memory compare only runs of one kind of device (a run adopted from another experiment's
+    # results may come from another GPU)
+    same_device = len({s.get("device_name") for by in summ.values() for s in by.values()}) <= 1
     out = {}
     for arm, by in summ.items():
         deltas, ratios = {}, {}
@@ -110,9 +113,9 @@ def arm_table(runs: dict[str, dict[int, Path]]) -> dict:
             "flops_added": (s0["flops_per_token"] / b0["flops_per_token"] - 1) if b0 and s0.get("flops_per_token")
             and b0.get("flops_per_token") else None,
             "tokens_per_s_ratio": _ratio(mean([s["tokens_per_s"] for s in by.values() if s.get("tokens_per_s")]),
-                                         bq["tokens_per_s"]),
+                                         bq["tokens_per_s"]) if same_device else None,
             "peak_memory_ratio": _ratio(mean([m for s in by.values() if (m := peak_memory(s))]),
-                                        bq["peak_memory_bytes"]),
+                                        bq["peak_memory_bytes"]) if same_device else None,
             "diverged": sum(bool(s["diverged"]) for s in by.values())}
     return out
 
@@ -267,8 +270,9 @@ FLOPs per token (6·non-embedding params + head + attention) vs vanilla's; each 
 token, so 6 FLOPs per weight and token is the mixers' own conv work (keyoffset's copy and smear's gate are not
 counted: ≈ 0). Tokens/s: the trainer's steady-state throughput; peak memory: `torch.cuda.max_memory_allocated`
 since the run's launch (CUDA runs; — on CPU, and for runs trained before the trainer reset the peak at each
-launch: several runs share a process, so such a record can be an earlier run's peak). The members' cost
-measured in one process, vanilla beside each, is the bench's family-cost row.
+launch: several runs share a process, so such a record can be an earlier run's peak); both ratios are left
+out (—) when a size's runs come from different kinds of GPU. The members' cost measured in one process,
+vanilla beside each, is the bench's family-cost row.
 """
 
 
