@@ -2,8 +2,9 @@
 
 Arms (spec.FAMILY_ARMS): vanilla, kvshift, and vanilla attention with one mixer each (dconv, canon, keyoffset,
 smear; `ModelConfig.mixer`), plus KV shift with Canon layers (kvshift_canon), at the lm presets ~10M (1200 steps,
-seeds 0-2: lm-seeds' runs, so its vanilla/KV-shift runs train once) and ~50M (1400 steps, seeds 0-1). Runs
-train through the lm spec machinery (`kvshift.experiments.lm.runs`), keyed by config hash and resumable.
+seeds 0-2: lm-seeds' settings, so its vanilla/KV-shift runs are copied where lm-seeds published them on the same
+data build) and ~50M (1400 steps, seeds 0-1). Runs train through the lm spec machinery
+(`kvshift.experiments.lm.runs`), keyed by config hash and resumable.
 
 Per arm and size: final validation loss Δ vs vanilla of the same seed (mean, min-max, std), the tokens at which
 the arm's evaluation curve first reaches vanilla's final loss as a share of vanilla's tokens, non-embedding
