@@ -36,6 +36,15 @@ ngpu=${#gpus[@]}
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader 2>/dev/null
 
 names=$(for j in "$@"; do echo "${j%% *}"; done | sort -u)
+# The device resets results/ to the carried tree at every call, but keeps ignored folders while the machine is
+# warm: what earlier calls published is mirrored in runs/published/ and restored here (the tree's own files
+# win), so the summaries and the archive of a later call hold every run of the warm machine's calls.
+KEEP=runs/published
+for n in $names; do
+  if [ -d "$KEEP/$n-gpu" ]; then
+    mkdir -p "results/$n-gpu" && cp -rn "$KEEP/$n-gpu/." "results/$n-gpu/" && echo "== restored $KEEP/$n-gpu"
+  fi
+done
 pack_results() {  # atomic: a job finishing meanwhile never leaves a torn archive
   local tmp="$OUT/.results.$1.tgz" dirs=()
   for n in $names; do [ -d "results/$n-gpu" ] && dirs+=("results/$n-gpu"); done
@@ -66,6 +75,9 @@ wait
 # rebuild every touched summary built from published runs (language models, iGSM) from all runs present (parallel jobs may have summarised early)
 for n in $names; do
   case $n in lm-*|shift-coefficients|upcycle|igsm) "$PY" -m kvshift.cli experiment "$n" --scale gpu --summarize 2>&1 | tail -n 2;; esac
+done
+for n in $names; do  # mirrored for the next call on this machine (one process here: no job is writing)
+  [ -d "results/$n-gpu" ] && mkdir -p "$KEEP/$n-gpu" && cp -r "results/$n-gpu/." "$KEEP/$n-gpu/"
 done
 pack_results final
 echo "== total $(( $(date +%s) - start ))s; results in \$OUT/results.tgz"

@@ -4,8 +4,10 @@ analysis functions on hand-made inputs."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,18 @@ def test_device_script_smoke(shards, tmp_path):
     assert s["scale"] == "gpu" and s["command"].startswith("kvshift experiment lm-main --only 10m --steps 2")
     assert s["parts"]["10m"]["runs"]["kvshift"]["0"]["non_embedding_params"] > 10e6  # the real lm-10m model
     assert (tmp_path / "out/results.tgz").stat().st_size > 1000
+    # the next call on the warm machine: results/ is the carried tree's again (the device resets it), runs/ is
+    # kept; a job of other runs still summarises and returns every run the machine published
+    shutil.rmtree(work / "results")
+    (work / "results").mkdir()
+    shutil.rmtree(work / "runs/lm")  # not trained again from the scratch copy: restored from runs/published
+    job2 = job.replace("--only 10m", "--only 50m --arms vanilla")
+    r = subprocess.run(["bash", "scripts/device/lm.sh", job2], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads((work / "results/lm-main-gpu/summary.json").read_text())
+    assert set(s["parts"]) == {"10m", "50m"} and set(s["parts"]["10m"]["runs"]) == {"vanilla", "kvshift"}
+    with tarfile.open(tmp_path / "out/results.tgz") as tf:
+        names = tf.getnames()
+    assert {f"results/lm-main-gpu/runs/{p}/summary.json" for p in ("10m/vanilla-s0", "10m/kvshift-s0",
+                                                                    "50m/vanilla-s0")} <= set(names)
