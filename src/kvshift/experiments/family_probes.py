@@ -86,13 +86,18 @@ def induction_verdict(arms: dict) -> tuple[str, str, dict]:
     return "partly reproduced", text + ".", extra
 
 
+# induction-depth trains vanilla-1L and kvshift-1L on this very task, data stream and evaluation set: its runs
+# of the same setting (same device kind) are copied instead of trained again
+IND_SOURCES = ("induction-depth",)
+
+
 def family_induction(opts: RunOptions, out: Path) -> dict:
     opts = _with_default_seeds(opts)
     s = toy.INDUCTION[opts.scale]
     summ = toy.run_arms("family-induction", induction_arms(opts.scale), toy._induction_sampler(s),
                         # one thread at cpu scale, as hop-k's cpu setting (spinning threads on shared cores)
                         toy._spec(s, opts.steps, threads=1 if opts.scale == "cpu" else None), s["n_eval"],
-                        opts=opts, out=out, paper=IND_PAPER)
+                        opts=opts, out=out, paper=IND_PAPER, sources=IND_SOURCES)
     return _finish_induction(summ, out)
 
 
@@ -124,6 +129,8 @@ IND_RULE = ("median over seeds of the steps to 90% held-out induction accuracy p
 # ---- family-hopk --------------------------------------------------------------------------------------
 FAMILY_HOPK = {"gpu": dict(hopk.HOPK["norepeat"]["gpu"], depths=(4,)),
                "cpu": dict(hopk.HOPK["norepeat"]["cpu"], depths=(2,))}
+# hopk-norepeat's setting but for its depths: its vanilla and kvshift runs at a shared depth are copied
+HOPK_SOURCES = ("hopk-norepeat",)
 HOPK_PAPER = ("Beyond the paper: App. H shows KV shift solving more hops than vanilla at L = 5; here every member of "
               "the family at L = 4, the paper's hop-k setting (no adjacent repeats, learned positions, GELU).")
 
@@ -137,7 +144,7 @@ def family_hopk(opts: RunOptions, out: Path) -> dict:
     if opts.arms and set(opts.arms) - set(MEMBERS):
         raise ValueError(f"--arms: family-hopk has arms {list(MEMBERS)}, got {sorted(set(opts.arms) - set(MEMBERS))}")
     arms = {a: m for a, m in MEMBERS.items() if not opts.arms or a in opts.arms}
-    hopk.train_runs("family-hopk", s, opts, out, arms, depths)
+    hopk.train_runs("family-hopk", s, opts, out, arms, depths, sources=HOPK_SOURCES)
     return summarize_hopk(opts, out)
 
 

@@ -127,11 +127,15 @@ def _published(path: Path, cfg: ModelConfig, spec) -> bool:
     return rec.get("model") == same(cfg.to_dict()) and rec.get("train") == same(spec.to_dict())
 
 
-def train_runs(exp: str, s: dict, opts: RunOptions, out: Path, arms: dict[str, dict], depths: list[int]) -> None:
+def train_runs(exp: str, s: dict, opts: RunOptions, out: Path, arms: dict[str, dict], depths: list[int],
+               sources: tuple[str, ...] = ()) -> None:
     """Trains every (seed, depth, arm) of a hop-k setting `s` (arms: name -> model options beyond s["model"]),
-    every arm of a seed on one shared data stream, and publishes each run into out/runs/L<depth>/."""
+    every arm of a seed on one shared data stream, and publishes each run into out/runs/L<depth>/.
+    sources: experiments with the same setting `s` (so the same data stream and evaluation sets); a run one of
+    them published beside `out` with the same model, training setting, depth and kind of device is copied."""
     spec = _spec(s, opts.steps)
     device = default_device()
+    dev_name = provenance(device)["device"]
     vocab = hopk.HopKVocab(s["alphabet"], s["max_hops"])
     sampler = functools.partial(_sample_hopk, s["seq"], s["alphabet"], s["max_hops"],
                                 no_adjacent_repeats=s["no_adjacent_repeats"])
@@ -146,6 +150,13 @@ def train_runs(exp: str, s: dict, opts: RunOptions, out: Path, arms: dict[str, d
                 rd = out / "runs" / f"L{L}"
                 if _published(rd / f"{att}-s{seed}.json", cfg, spec):  # the same command again continues
                     opts.log(f"[{name}] seed {seed}: published in {rd} with these settings; not trained again")
+                    continue
+                setting = {"train": spec.to_dict(), "model": cfg.to_dict(), "depth": L, "device": dev_name}
+                src_dirs = [out.parent / f"{e}-{opts.scale}" / "runs" / f"L{L}" for e in sources if e != exp]
+                src = toy_runs.find_run(src_dirs, f"{att}-s{seed}", setting)
+                if src is not None:
+                    toy_runs.adopt(src, rd, f"{att}-s{seed}")
+                    opts.log(f"[{name}] seed {seed}: the same run is published in {src}; copied, not trained")
                     continue
                 r = train_arm(name, cfg, StreamSource(stream, hopk_batch), spec, seq_len=s["seq"], seed=seed,
                               evaluator=eval_fn, run_dir=opts.runs / f"{exp}-{opts.scale}" / f"{name}-s{seed}",

@@ -76,10 +76,16 @@ def _spec(s: dict, steps: int | None, **kw) -> TrainSpec:
 
 
 def run_arms(name: str, arms: list[Arm], sampler, spec: TrainSpec, n_eval: int, *, opts: RunOptions, out: Path,
-             paper: str, extra: dict | None = None) -> dict:
+             paper: str, extra: dict | None = None, sources: tuple[str, ...] = ()) -> dict:
     """Train every selected arm (--arms) on the same stream for each seed (init seed s, data seed 1000 + s),
-    publish each run into out/runs/, then summarise every run published there (`toy_runs`)."""
+    publish each run into out/runs/, then summarise every run published there (`toy_runs`).
+
+    sources: experiments that train the same task with the same sampler and evaluation set; a run one of them
+    published beside `out` (<out's parent>/<source>-<scale>/runs/) with the same training setting, model,
+    evaluation size and kind of device is copied instead of trained again (its record says `adopted_from`)."""
     device = default_device()
+    dev_name = provenance(device)["device"]
+    src_dirs = [out.parent / f"{e}-{opts.scale}" / toy_runs.RUNS for e in sources if e != name]
     if opts.arms:
         unknown = sorted(set(opts.arms) - {a.name for a in arms})
         if unknown:
@@ -89,11 +95,24 @@ def run_arms(name: str, arms: list[Arm], sampler, spec: TrainSpec, n_eval: int, 
     evaluator = functools.partial(target_accuracy, ev_tokens, ev_mask, device)
     seeds = opts.seed_list()
     for seed in seeds:
-        stream = DataStream(sampler, spec.batch_size, spec.steps, seed=1000 + seed)
-        seq_len = stream.tokens.shape[-1] - 1
+        todo = []
         for order, arm in enumerate(arms):
             if opts.arms and arm.name not in opts.arms:
                 continue
+            setting = {"train": spec.to_dict(), "model": arm.config.to_dict(), "n_eval_sequences": n_eval,
+                       "device": dev_name}
+            keep = opts.keep_checkpoints and seed == seeds[0]  # a copied run has no model to keep
+            src = None if keep else toy_runs.find_run(src_dirs, f"{arm.name}-s{seed}", setting)
+            if src is not None:
+                toy_runs.adopt(src, out / toy_runs.RUNS, f"{arm.name}-s{seed}", order=order)
+                opts.log(f"[{arm.name}] seed {seed}: the same run is published in {src}; copied, not trained")
+            else:
+                todo.append((order, arm))
+        if not todo:
+            continue
+        stream = DataStream(sampler, spec.batch_size, spec.steps, seed=1000 + seed)
+        seq_len = stream.tokens.shape[-1] - 1
+        for order, arm in todo:
             r = train_arm(arm.name, arm.config, StreamSource(stream), spec, seq_len=seq_len, seed=seed,
                           evaluator=evaluator, run_dir=opts.runs / f"{name}-{opts.scale}" / f"{arm.name}-s{seed}",
                           device=device, keep_model=opts.keep_checkpoints and seed == seeds[0], log=opts.log)

@@ -28,6 +28,58 @@ def publish(out: Path, arm: str, seed: int, record: dict, records: list[dict]) -
     write_json_atomic(rd / f"{arm}-s{seed}.json", {**record, "arm": arm, "seed": seed})
 
 
+def _json(d):
+    return json.loads(json.dumps(d))  # tuples as a published record holds them: lists
+
+
+def _model(d: dict) -> dict:
+    """A model record with the defaults of options added since it was written (an unknown key: as it is)."""
+    from kvshift.models import ModelConfig
+    try:
+        return _json(ModelConfig.from_dict(d).to_dict())
+    except (TypeError, ValueError):
+        return d
+
+
+def same_run(rec: dict, setting: dict) -> bool:
+    """Whether a published record was made with this setting: {"train": …, "model": …, "device": …, and any
+    further record key that must match, e.g. "n_eval_sequences" or "depth"}."""
+    want = _json(setting)
+    for k, v in want.items():
+        got = rec.get("provenance", {}).get("device") if k == "device" else rec.get(k)
+        if k == "model":
+            got, v = _model(got or {}), _model(v)
+        if got != v:
+            return False
+    return True
+
+
+def find_run(dirs: list[Path], name: str, setting: dict) -> Path | None:
+    """The first of dirs/<name>.json (dirs: runs folders, this experiment's own first) published with this
+    setting; None when none was. Another experiment's run counts only where it trains the same task with the
+    same data stream and evaluation set (its caller names such experiments)."""
+    for d in dirs:
+        f = Path(d) / f"{name}.json"
+        if f.is_file():
+            try:
+                if same_run(read_json(f), setting):
+                    return f
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def adopt(src: Path, dst_dir: Path, name: str, **fields) -> None:
+    """Copies the published run src (+ its records) to dst_dir/<name>.json, noting where it came from: the
+    records first, so that a summary built meanwhile never sees a run without them."""
+    parts = src.parts
+    at = len(parts) - 1 - parts[::-1].index(RUNS) if RUNS in parts else len(parts) - 1
+    rec = {**read_json(src), **fields, "adopted_from": "/".join(parts[max(0, at - 1):])}  # <experiment>/runs/…
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(dst_dir / f"{name}.metrics.jsonl", src.with_suffix(".metrics.jsonl").read_text())
+    write_json_atomic(dst_dir / f"{name}.json", rec)
+
+
 def published(out: Path) -> list[dict]:
     """Every published run, ordered by seed then in the order the arms were defined (their `order`)."""
     runs = [read_json(f) for f in sorted((out / RUNS).glob("*-s*.json"))]
@@ -50,8 +102,8 @@ def check_same_setting(runs: list[dict], out: Path) -> None:
         if r["train"] != first["train"]:
             raise ValueError(f"{out / RUNS}: {r['arm']}-s{r['seed']} was trained with {r['train']}, but "
                              f"{first['arm']}-s{first['seed']} with {first['train']}; move the older runs away")
-        m = models.setdefault(r["arm"], r["model"])
-        if r["model"] != m:
+        m = models.setdefault(r["arm"], _model(r["model"]))
+        if _model(r["model"]) != m:  # a copied run may predate options added since (their defaults)
             raise ValueError(f"{out / RUNS}: the runs of arm {r['arm']} have different models; move the older "
                              "runs away")
 

@@ -1,0 +1,129 @@
+"""The family probes reuse the paper experiments' runs of the same setting: family-induction copies
+induction-depth's vanilla-1L and kvshift-1L, family-hopk copies hopk-norepeat's vanilla and kvshift at a shared
+depth — only when the task, data stream, evaluation set, model, training setting and kind of device all match."""
+
+import dataclasses
+import json
+
+from kvshift.experiments import family_probes as fp
+from kvshift.experiments import hopk, toy, toy_runs
+from kvshift.experiments.base import RunOptions
+from kvshift.experiments.cli import run_experiment
+
+TINY = dict(vocab=64, seq=24, pool=16, dim=16, heads=2, ffn=32, batch=4, steps=6, lr=1e-3, warmup=2,
+            eval_every=3, n_eval=8, compile=False, bf16=False)
+TINY_HOPK = dict(seq=24, dim=16, heads=2, ffn=32, batch=8, steps=6, warmup=2, eval_every=3, n_eval=4)
+
+
+def _opts(out, tmp_path, logs, **kw):
+    return RunOptions(out=out, runs=tmp_path / "scratch", seeds=[0], log=logs.append, **kw)
+
+
+def test_gpu_settings_are_shared():
+    """What makes the copies valid at the scale they are used: the same sampler setting, training spec,
+    evaluation size and arm models as the source experiments."""
+    s = toy.INDUCTION["gpu"]
+    ours = {a.name: a.config for a in fp.induction_arms("gpu")}
+    theirs = {a.name: a.config for a in toy.depth_arms("gpu")}
+    for arm in ("vanilla-1L", "kvshift-1L"):
+        assert ours[arm] == theirs[arm]
+    # family_induction builds its spec with threads=None at gpu scale, induction_depth without: the same
+    assert toy._spec(s, None, threads=None) == toy._spec(s, None)
+    assert fp.IND_SOURCES == ("induction-depth",) and fp.HOPK_SOURCES == ("hopk-norepeat",)
+    for scale in ("gpu", "cpu"):
+        mine = {k: v for k, v in fp.FAMILY_HOPK[scale].items() if k != "depths"}
+        assert mine == {k: v for k, v in hopk.HOPK["norepeat"][scale].items() if k != "depths"}
+    assert set(fp.FAMILY_HOPK["gpu"]["depths"]) <= set(hopk.HOPK["norepeat"]["gpu"]["depths"])
+
+
+def test_family_induction_copies_induction_depth_runs(monkeypatch, tmp_path):
+    monkeypatch.setitem(toy.INDUCTION, "cpu", dict(TINY))
+    s = toy.INDUCTION["cpu"]
+    spec = toy._spec(s, None, threads=1)  # family-induction's cpu spec
+    both = [a for a in fp.induction_arms("cpu") if a.name in ("vanilla-1L", "kvshift-1L")]
+    src = tmp_path / "induction-depth-cpu"
+    toy.run_arms("induction-depth", both, toy._induction_sampler(s), spec, s["n_eval"],
+                 opts=_opts(src, tmp_path, []), out=src, paper="p")
+    logs = []
+    out = tmp_path / "family-induction-cpu"
+    summ = run_experiment("family-induction", _opts(out, tmp_path, logs))
+    copied = [m for m in logs if "copied, not trained" in m]
+    assert len(copied) == 2 and all("induction-depth-cpu" in m for m in copied), logs
+    for arm in ("vanilla-1L", "kvshift-1L"):
+        rec = json.loads((out / "runs" / f"{arm}-s0.json").read_text())
+        orig = json.loads((src / "runs" / f"{arm}-s0.json").read_text())
+        assert rec["adopted_from"] == f"induction-depth-cpu/runs/{arm}-s0.json"
+        assert rec["result"] == orig["result"] and rec["order"] == [a.name for a in fp.induction_arms("cpu")].index(arm)
+        assert (out / "runs" / f"{arm}-s0.metrics.jsonl").read_text() == \
+            (src / "runs" / f"{arm}-s0.metrics.jsonl").read_text()
+    assert list(summ["arms"]) == [f"{a}-1L" for a in fp.MEMBERS]  # the copies summarised with the trained arms
+    # a second seed has nothing to copy: every arm trains
+    logs.clear()
+    run_experiment("family-induction", RunOptions(out=out, runs=tmp_path / "scratch", seeds=[1], log=logs.append))
+    assert not any("copied" in m for m in logs)
+
+
+def test_find_run_refuses_any_difference(tmp_path):
+    rec = {"train": {"steps": 6, "betas": [0.9, 0.95]}, "model": {"dim": 16, "n_layers": 1, "vocab_size": 64},
+           "n_eval_sequences": 8, "provenance": {"device": "NVIDIA H200"}}
+    d = tmp_path / "x-gpu" / "runs"
+    d.mkdir(parents=True)
+    (d / "kvshift-1L-s0.json").write_text(json.dumps(rec))
+    base = {"train": {"steps": 6, "betas": (0.9, 0.95)}, "model": dict(rec["model"]), "n_eval_sequences": 8,
+            "device": "NVIDIA H200"}
+    assert toy_runs.find_run([d], "kvshift-1L-s0", base) == d / "kvshift-1L-s0.json"
+    assert toy_runs.find_run([d], "kvshift-1L-s1", base) is None
+    for k, v in (("device", "NVIDIA H100"), ("n_eval_sequences", 16), ("train", {"steps": 7, "betas": (0.9, 0.95)}),
+                 ("model", {**rec["model"], "dim": 32})):
+        assert toy_runs.find_run([d], "kvshift-1L-s0", {**base, k: v}) is None, k
+    # an option added to ModelConfig since a record was written counts at its default
+    full = toy_runs._model({"dim": 16, "n_layers": 1, "vocab_size": 64})
+    assert full["mixer"] == "none"
+    assert toy_runs.find_run([d], "kvshift-1L-s0", {**base, "model": full}) is not None
+    assert toy_runs.find_run([d], "kvshift-1L-s0", {**base, "model": {**full, "mixer": "dconv"}}) is None
+
+
+def test_family_hopk_copies_hopk_norepeat_runs(monkeypatch, tmp_path):
+    tiny = dict(hopk.HOPK["norepeat"]["cpu"], depths=(2,), **TINY_HOPK)
+    monkeypatch.setitem(hopk.HOPK["norepeat"], "cpu", tiny)
+    monkeypatch.setitem(fp.FAMILY_HOPK, "cpu", dict(tiny))
+    src = tmp_path / "hopk-norepeat-cpu"
+    run_experiment("hopk-norepeat", _opts(src, tmp_path, []))
+    logs = []
+    out = tmp_path / "family-hopk-cpu"
+    summ = run_experiment("family-hopk", _opts(out, tmp_path, logs))
+    copied = [m for m in logs if "copied, not trained" in m]
+    assert len(copied) == 2 and all("hopk-norepeat-cpu" in m for m in copied), logs
+    for arm in ("vanilla", "kvshift"):
+        rec = json.loads((out / "runs" / "L2" / f"{arm}-s0.json").read_text())
+        orig = json.loads((src / "runs" / "L2" / f"{arm}-s0.json").read_text())
+        assert rec["adopted_from"] == f"hopk-norepeat-cpu/runs/L2/{arm}-s0.json" and rec["final"] == orig["final"]
+    assert list(summ["by_depth"]["2"]) == list(fp.MEMBERS)
+    # another kind of device: not the same run
+    other = dataclasses.replace(_opts(tmp_path / "family-hopk-cpu", tmp_path, logs), seeds=[0])
+    for f in (src / "runs" / "L2").glob("*-s0.json"):
+        rec = json.loads(f.read_text())
+        rec["provenance"]["device"] = "NVIDIA H200"
+        f.write_text(json.dumps(rec))
+    for f in (tmp_path / "family-hopk-cpu" / "runs" / "L2").glob("*"):
+        f.unlink()
+    logs.clear()
+    run_experiment("family-hopk", other)
+    assert not any("copied" in m for m in logs)
+
+
+def test_a_run_whose_model_is_kept_is_trained(monkeypatch, tmp_path):
+    """--keep-checkpoints needs the trained model of the first seed: that run is never a copy."""
+    monkeypatch.setitem(toy.INDUCTION, "cpu", dict(TINY))
+    s = toy.INDUCTION["cpu"]
+    spec = toy._spec(s, None, threads=1)
+    both = [a for a in fp.induction_arms("cpu") if a.name == "vanilla-1L"]
+    src = tmp_path / "induction-depth-cpu"
+    toy.run_arms("induction-depth", both, toy._induction_sampler(s), spec, s["n_eval"],
+                 opts=_opts(src, tmp_path, []), out=src, paper="p")
+    logs = []
+    out = tmp_path / "family-induction-cpu"
+    toy.run_arms("family-induction", both, toy._induction_sampler(s), spec, s["n_eval"],
+                 opts=_opts(out, tmp_path, logs, keep_checkpoints=True), out=out, paper="p",
+                 sources=fp.IND_SOURCES)
+    assert not any("copied" in m for m in logs)
