@@ -88,3 +88,31 @@ def test_an_arm_that_failed_is_named_not_explained_away():
     assert "fused errored" in by["attn/c/time_ratio"]
     assert "fused errored; vanilla was skipped" in by["e2e/m/tokens_per_s_ratio"]
     assert "lm-kvshift errored; lm-vanilla errored" in by["generate/g/lm_ratio"]
+
+
+def test_e2e_miss_gets_the_designs_memory_floor():
+    """The floor: SHIFT_PASSES extra passes over one layer's K-sized bf16 tensor per layer, at the device's
+    peak bandwidth, set beside vanilla's step; only for a known device and a model the preset names."""
+    from kvshift.bench.explain import PEAK_BANDWIDTH, SHIFT_PASSES, shift_floor
+    from kvshift.models import ModelConfig
+
+    cfg = ModelConfig.from_name("bench-246m")
+    arm = lambda ms: {"step": {"median_ms": ms}, "tokens_per_s": 1.0 / ms}  # noqa: E731
+    model = {"preset": "bench-246m", "overrides": {}, "batch": 16, "seq_len": 2048,
+             "arms": {"vanilla": arm(100.0), "fused": arm(101.5)}, "ratios": {"tokens_per_s": {"fused": 100 / 101.5}}}
+    fl = shift_floor(model, "NVIDIA H200")
+    unit = 16 * 2048 * cfg.n_kv_heads * (cfg.dim // cfg.n_heads) * 2
+    assert fl["unit_bytes"] == unit and fl["bytes"] == SHIFT_PASSES * unit * cfg.n_layers
+    assert abs(fl["ms"] - fl["bytes"] / PEAK_BANDWIDTH["h200"] * 1e3) < 1e-12
+    assert abs(fl["ratio"] - 100.0 / (100.0 + fl["ms"])) < 1e-12
+    # GQA 16/4 at this size: a floor far above the measured gap's ratio, so bytes alone do not explain the miss
+    assert fl["ratio"] > 0.99
+    assert shift_floor(model, "Some Other GPU") is None
+    assert shift_floor({**model, "preset": None}, "NVIDIA H200") is None
+    res = {"meta": {"device": "NVIDIA H200"}, "e2e": {"models": {"m": model}}}
+    missed = {"e2e/m/tokens_per_s_ratio": {"met": False, "measured": 100 / 101.5, "op": ">=", "target": 0.995}}
+    line = explain_missed(res, missed)[0]
+    assert f"{fl['ms']:.2f} ms at 4.8 TB/s" in line and f"<= {fl['ratio']:.4f}" in line and "+1.50 ms" in line
+    assert "not profiled" in line
+    res["meta"]["device"] = "cpu"
+    assert "memory floor" not in explain_missed(res, missed)[0]

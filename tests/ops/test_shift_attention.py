@@ -29,11 +29,11 @@ TOL = 2e-2 if CUDA else 2e-5  # max abs error relative to max(1, max |reference|
 TOL_W = 5e-2 if CUDA else 2e-5
 
 
-def _inputs(B, T, H, Hk, D, W, cu, seed=0):
+def _inputs(B, T, H, Hk, D, W, cu, seed=0, Wv=None):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     q, k, v = r(B, T, H, D), r(B, T, Hk, D), r(B, T, Hk, D)
-    w_k, w_v = torch.rand(Hk, W, generator=g), torch.rand(Hk, W, generator=g)
+    w_k, w_v = torch.rand(Hk, W, generator=g), torch.rand(Hk, Wv or W, generator=g)
     cos, sin = rope_cos_sin(torch.arange(T).view(1, T), D)
     if cu is not None:  # one packed row of N = B*T tokens
         N = B * T
@@ -84,6 +84,18 @@ def test_fused_matches_reference(B, T, H, Hk, D, W, cu, backend):
     assert attention_backend(inp["q"], inp["cu"], backend) == expect
     ref = _run(inp, "naive", torch.float32)
     got = _run(inp, "triton", DTYPE, backend)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dw_k", "dw_v"), got, ref):
+        _close(name, a, b)
+
+
+@pytest.mark.parametrize("Wk,Wv", [(2, 3), (3, 1), (1, 2)])
+@pytest.mark.parametrize("cu", [None, (0, 4, 5, 11, 18)], ids=["padded", "packed"])
+def test_fused_k_and_v_windows_differ(Wk, Wv, cu):
+    """K and V are shifted by one kernel launch (and un-shifted by one): each keeps its own window."""
+    inp = _inputs(2, 9, 4, 2, 8, Wk, cu, Wv=Wv)
+    ref = _run(inp, "naive", torch.float32)
+    got = _run(inp, "triton", DTYPE)
+    assert got[4].shape == (2, Wk) and got[5].shape == (2, Wv)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dw_k", "dw_v"), got, ref):
         _close(name, a, b)
 

@@ -4,7 +4,10 @@ Every line is computed, never written by hand: a block target sets the two arms'
 time an iteration takes back to back beyond its kernels (host time the GPU waits for) and names the host
 events the profiler charged most to the fused op; an end-to-end target compares the two arms' kernel
 families and the time outside the kernels; an eager decode target is set beside the compiled step of the
-same shape. Where the run holds no profile, the line says so and names the option that records one."""
+same shape. Where the run holds no profile, the line says so and names the option that records one.
+
+An end-to-end tokens/s target also gets the design's memory floor (`shift_floor`): the bytes the shift must
+move beyond vanilla's at vanilla's memory, at the GPU's peak bandwidth."""
 
 from __future__ import annotations
 
@@ -53,7 +56,52 @@ def _attn(case: dict, bound: float) -> str:
     return "; ".join(parts)
 
 
-def _e2e(model: dict) -> str:
+# HBM bandwidth per device (bytes/s, the vendors' figures), for the memory floor; other devices: no floor line
+PEAK_BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
+# Passes over one layer's K-sized tensor (B*T*H_kv*D elements) that a training step of the fused op makes
+# beyond vanilla's, at vanilla's memory (only raw k and v kept): forward, v read and v̂ written (2; K's pass
+# replaces vanilla's RoPE pass); backward, k̂ and v̂ recomputed (4), v̂'s gradient read, dv written and v read
+# for the V coefficients (3; K's un-shift replaces vanilla's RoPE backward), k read for the K coefficients (1).
+SHIFT_PASSES = 10
+
+
+def shift_floor(model: dict, device: str) -> dict | None:
+    """{bytes, ms, ratio}: the extra bytes per step the fused op must move (SHIFT_PASSES x one layer's K-sized
+    bf16 tensor x layers), that time at the device's peak bandwidth, and the tokens/s ratio vanilla's step
+    would allow with only that added; None without the model's preset, vanilla's step or a known device."""
+    from kvshift.models import ModelConfig
+
+    bw = next((v for k, v in PEAK_BANDWIDTH.items() if k in (device or "").lower()), None)
+    vs = ((model.get("arms", {}).get("vanilla") or {}).get("step") or {}).get("median_ms")
+    if bw is None or not vs or not model.get("preset") or not model.get("batch") or not model.get("seq_len"):
+        return None
+    try:
+        cfg = ModelConfig.from_name(model["preset"], **(model.get("overrides") or {}))
+    except (KeyError, ValueError, TypeError):
+        return None
+    unit = model["batch"] * model["seq_len"] * cfg.n_kv_heads * (cfg.dim // cfg.n_heads) * 2
+    extra = SHIFT_PASSES * unit * cfg.n_layers
+    ms = extra / bw * 1e3
+    return {"bytes": extra, "unit_bytes": unit, "ms": ms, "ratio": vs / (vs + ms), "bandwidth": bw}
+
+
+def _floor_text(model: dict, device: str) -> str | None:
+    fl = shift_floor(model, device)
+    fs = ((model.get("arms", {}).get("fused") or {}).get("step") or {}).get("median_ms")
+    vs = ((model.get("arms", {}).get("vanilla") or {}).get("step") or {}).get("median_ms")
+    if fl is None or fs is None:
+        return None
+    return (f"memory floor of the design: {SHIFT_PASSES} extra passes of {fl['unit_bytes'] / 1e6:.0f} MB per layer, "
+            f"{fl['bytes'] / 1e9:.2f} GB per step, {fl['ms']:.2f} ms at {fl['bandwidth'] / 1e12:.2g} TB/s (tokens/s "
+            f"ratio <= {fl['ratio']:.4f} from bytes alone); the step measured {fs - vs:+.2f} ms")
+
+
+def _e2e(model: dict, device: str = "") -> str:
+    floor = _floor_text(model, device)
+    return "; ".join(x for x in (_e2e_kernels(model), floor) if x)
+
+
+def _e2e_kernels(model: dict) -> str:
     arms = model.get("arms", {})
     if failed := _failed(("fused", arms.get("fused")), ("vanilla", arms.get("vanilla"))):
         return failed
@@ -106,6 +154,7 @@ def _generate(case: dict, ratio_name: str) -> str:
 
 def explain_missed(results: dict, targets: dict[str, dict]) -> list[str]:
     """One markdown bullet per missed target."""
+    device = (results.get("meta") or {}).get("device", "")
     lines = []
     for key, t in targets.items():
         if t.get("met") is not False:
@@ -116,9 +165,9 @@ def explain_missed(results: dict, targets: dict[str, dict]) -> list[str]:
         if part == "attn":
             why = _attn(c, t["target"])
         elif part == "e2e" and what == "mfu":
-            why = "MFU is the fused arm's own efficiency, not a comparison with vanilla: " + _e2e(c)
+            why = "MFU is the fused arm's own efficiency, not a comparison with vanilla: " + _e2e_kernels(c)
         elif part == "e2e":
-            why = _mem(c) if what == "peak_mem_ratio" else _e2e(c)
+            why = _mem(c) if what == "peak_mem_ratio" else _e2e(c, device)
         elif part == "generate":
             why = _generate(c, what)
         else:

@@ -173,9 +173,8 @@ def _flat(x: Tensor) -> Tensor:
 
 def _shifted(k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor,
              cu_seqlens: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    from .triton import launch_shift_fwd  # triton is an optional dependency (the triton extra)
-    return (launch_shift_fwd(k, w_k, None, cu_seqlens, cos, sin),
-            launch_shift_fwd(v, w_v, None, cu_seqlens, None, None))
+    from .triton import launch_shift_kv_fwd  # triton is an optional dependency (the triton extra)
+    return launch_shift_kv_fwd(k, v, w_k, w_v, cu_seqlens, cos, sin)  # K and V in one launch
 
 
 @torch.library.custom_op("kvshift::shift_attn_fwd", mutates_args=())
@@ -203,9 +202,11 @@ def _(q, k, v, w_k, w_v, cos, sin, cu_seqlens, max_len, scale, backend):
 @torch.library.custom_op("kvshift::shift_attn_bwd", mutates_args=())
 def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor,
                    sin: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Optional[Tensor], max_len: int,
-                   scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dw_k, dw_v): recompute k̂, v̂, attention backward, then the shift backward."""
-    from .triton import launch_shift_bwd  # triton is an optional dependency (the triton extra)
+                   scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dw): recompute k̂, v̂ (one launch), attention backward, then the shift backward of K and V
+    (one launch and one reduction); dw (H_kv, W_k + W_v) fp32 holds both coefficient grads, K's first (one
+    tensor: a custom op's outputs may not alias each other, and splitting outside costs no launch)."""
+    from .triton import launch_shift_kv_bwd  # triton is an optional dependency (the triton extra)
     k_hat, v_hat = _shifted(k, v, w_k, w_v, cos, sin, cu_seqlens)
     if backend == "cudnn":
         dq, dk_hat, dv_hat = _cudnn_bwd(dout, q, k_hat, v_hat, out, lse, scale)
@@ -214,15 +215,15 @@ def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w
         dq, dk_hat, dv_hat = _attn_bwd(_flat(dout), _flat(q).contiguous(), _flat(k_hat), _flat(v_hat),
                                        _flat(out), lse, cu, max_len, scale)
     del k_hat, v_hat
-    dk, dw_k, _ = launch_shift_bwd(dk_hat.view(k.shape), k, w_k, None, cu_seqlens, cos, sin)
-    dv, dw_v, _ = launch_shift_bwd(dv_hat.view(v.shape), v, w_v, None, cu_seqlens, None, None)
-    return dq.reshape(q.shape).contiguous(), dk, dv, dw_k, dw_v
+    dk, dv, dw = launch_shift_kv_bwd(dk_hat.view(k.shape), dv_hat.view(v.shape), k, v, w_k, w_v, cu_seqlens,
+                                     cos, sin)
+    return dq.reshape(q.shape).contiguous(), dk, dv, dw
 
 
 @shift_attn_bwd.register_fake
 def _(dout, q, k, v, w_k, w_v, cos, sin, out, lse, cu_seqlens, max_len, scale, backend):
     e = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
-    return e(q), e(k), e(v), e(w_k), e(w_v)
+    return e(q), e(k), e(v), w_k.new_empty((w_k.shape[0], w_k.shape[1] + w_v.shape[1]), dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
@@ -234,8 +235,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, w_k, w_v, cos, sin, cu_seqlens, out, lse = ctx.saved_tensors
-    dq, dk, dv, dw_k, dw_v = shift_attn_bwd(dout, q, k, v, w_k, w_v, cos, sin, out, lse, cu_seqlens,
-                                            ctx.max_len, ctx.scale, ctx.backend)
+    dq, dk, dv, dw = shift_attn_bwd(dout, q, k, v, w_k, w_v, cos, sin, out, lse, cu_seqlens,
+                                    ctx.max_len, ctx.scale, ctx.backend)
+    wk = w_k.shape[1]
+    dw_k, dw_v = dw[:, :wk].to(w_k.dtype), dw[:, wk:].to(w_v.dtype)
     return dq, dk, dv, dw_k, dw_v, None, None, None, None, None, None
 
 

@@ -23,7 +23,14 @@ import triton
 from kvshift.ops.rope import apply_rope
 
 from . import naive
-from .triton_kernels import decode_kernel, shift_bwd_kernel, shift_dprev_kernel, shift_fwd_kernel
+from .triton_kernels import (
+    decode_kernel,
+    shift_bwd_kernel,
+    shift_dprev_kernel,
+    shift_fwd_kernel,
+    shift_kv_bwd_kernel,
+    shift_kv_fwd_kernel,
+)
 
 Tensor = torch.Tensor
 
@@ -147,6 +154,58 @@ def launch_shift_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tenso
     else:
         dprev = torch.zeros(prev.shape, device=prev.device, dtype=prev.dtype)
     return dx, dw, dprev
+
+
+def _kv_blocks(lay: _Layout):
+    """(BLOCK_T, BLOCK_DK, BLOCK_DV) of the one-launch K+V kernels: K's tile is two half-width RoPE tiles, V's
+    one full-width tile: the same number of elements, so the row block of either alone fits both."""
+    block_t, block_dk = _blocks(lay, True)
+    return block_t, block_dk, triton.next_power_of_2(max(lay.D, 1))
+
+
+def launch_shift_kv_fwd(k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cu_seqlens: Optional[Tensor],
+                        cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
+    """(RoPE(shift(k)), shift(v)) of one layer in one launch; k and v share their shape (no prev)."""
+    k, v = k.contiguous(), v.contiguous()
+    wk, wv = w_k.contiguous(), w_v.contiguous()
+    lay = _Layout(k, cu_seqlens)
+    yk, yv = torch.empty_like(k), torch.empty_like(v)
+    if lay.N == 0 or lay.H == 0 or lay.D == 0:
+        return yk, yv
+    cos, sin, scb, sct = _rope_strides(cos, sin, lay)
+    block_t, block_dk, block_dv = _kv_blocks(lay)
+    shift_kv_fwd_kernel[(triton.cdiv(lay.N, block_t), lay.H)](
+        k, v, wk, wv, *lay.doc_args(k), cos, sin, yk, yv,
+        lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
+        WKN=wk.shape[1], WVN=wv.shape[1], VARLEN=lay.varlen, BLOCK_T=block_t, BLOCK_DK=block_dk,
+        BLOCK_DV=block_dv, NSTEP=lay.nsteps,
+    )
+    return yk, yv
+
+
+def launch_shift_kv_bwd(dk_hat: Tensor, dv_hat: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor,
+                        cu_seqlens: Optional[Tensor], cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backward of `launch_shift_kv_fwd` in one launch plus one reduction: (dk, dv, dw) with dw (H, Wk + Wv)
+    fp32, K's coefficient grads first (the caller splits it)."""
+    k, v = k.contiguous(), v.contiguous()
+    dk_hat, dv_hat = dk_hat.contiguous(), dv_hat.contiguous()
+    wk, wv = w_k.contiguous(), w_v.contiguous()
+    lay = _Layout(k, cu_seqlens)
+    H, Wk, Wv = lay.H, wk.shape[1], wv.shape[1]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    block_t, block_dk, block_dv = _kv_blocks(lay)
+    nblk = triton.cdiv(lay.N, block_t)
+    if nblk == 0 or lay.D == 0 or H == 0:  # nothing to launch: no rows, heads or channels contribute
+        return dk.zero_(), dv.zero_(), torch.zeros(H, Wk + Wv, device=k.device, dtype=torch.float32)
+    cos, sin, scb, sct = _rope_strides(cos, sin, lay)
+    dwp = torch.empty(nblk, H, Wk + Wv, device=k.device, dtype=torch.float32)  # every entry written
+    shift_kv_bwd_kernel[(nblk, H)](
+        k, v, wk, wv, *lay.doc_args(k), cos, sin, dk_hat, dv_hat, dk, dv, dwp,
+        lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
+        WKN=Wk, WVN=Wv, VARLEN=lay.varlen, BLOCK_T=block_t, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+        NSTEP=lay.nsteps,
+    )
+    return dk, dv, dwp.sum(0)  # fixed-order reduction: deterministic
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,4 +347,5 @@ def shift_rope_decode(q: Tensor, k_new: Tensor, v_new: Tensor, w_k: Tensor, w_v:
 
 
 __all__ = ["is_available", "kv_shift", "shift_rope", "shift_rope_decode", "shift_rope_decode_naive",
-           "shift_fwd", "shift_bwd", "launch_shift_fwd", "launch_shift_bwd"]
+           "shift_fwd", "shift_bwd", "launch_shift_fwd", "launch_shift_bwd", "launch_shift_kv_fwd",
+           "launch_shift_kv_bwd"]

@@ -67,23 +67,17 @@ def tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D,
 
 
 @triton.jit
-def shift_fwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, Y,
-                      N, T, H, D, HALF, stride_cb, stride_ct,
-                      W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
-                      ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                      NSTEP: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = row < N
-    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+def _fwd_rows(X, WT, PREV, COS, SIN, Y, row, p, b, h, mask_t, H, D, HALF, stride_cb, stride_ct,
+              W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr, ROPE: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Y[row, h] = (RoPE of) sum_j w[h, j] x[row - j] for one tile of rows of one head."""
     cols = tl.arange(0, BLOCK_D)
     ncol = HALF if ROPE else D  # width of the first column block
     mask_d = cols < ncol
     m = mask_t[:, None] & mask_d[None, :]
     yoff = ((row.to(tl.int64) * H + h) * D)[:, None] + cols[None, :]
-    acc1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    acc1 = tl.zeros([row.shape[0], BLOCK_D], dtype=tl.float32)
+    acc2 = tl.zeros([row.shape[0], BLOCK_D], dtype=tl.float32)
     for j in tl.static_range(W):
         wj = tl.load(WT + h * W + j).to(tl.float32)
         acc1 += wj * tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W, HAS_PREV)
@@ -97,6 +91,39 @@ def shift_fwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, Y,
         tl.store(Y + yoff + HALF, (acc2 * c + acc1 * s).to(Y.dtype.element_ty), mask=m)
     else:
         tl.store(Y + yoff, acc1.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def shift_fwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, Y,
+                      N, T, H, D, HALF, stride_cb, stride_ct,
+                      W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
+                      ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NSTEP: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = row < N
+    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+    _fwd_rows(X, WT, PREV, COS, SIN, Y, row, p, b, h, mask_t, H, D, HALF, stride_cb, stride_ct,
+              W, HAS_PREV, VARLEN, ROPE, BLOCK_D)
+
+
+@triton.jit
+def shift_kv_fwd_kernel(K, V, WK, WV, CU, NDOC, COS, SIN, YK, YV,
+                         N, T, H, D, HALF, stride_cb, stride_ct,
+                         WKN: tl.constexpr, WVN: tl.constexpr, VARLEN: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NSTEP: tl.constexpr):
+    """Both halves of a layer's shift in one launch: YK = RoPE(shift(K)), YV = shift(V) for the same rows and
+    KV head (K and V share their shape); the rows' documents are found once."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = row < N
+    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+    _fwd_rows(K, WK, K, COS, SIN, YK, row, p, b, h, mask_t, H, D, HALF, stride_cb, stride_ct,
+              WKN, False, VARLEN, True, BLOCK_DK)
+    _fwd_rows(V, WV, V, COS, SIN, YV, row, p, b, h, mask_t, H, D, HALF, stride_cb, stride_ct,
+              WVN, False, VARLEN, False, BLOCK_DV)
 
 
 @triton.jit
@@ -121,21 +148,11 @@ def _grad_tile(DY, COS, SIN, r, q, b, h, cols, m_t, mask_d, H, D, HALF, stride_c
 
 
 @triton.jit
-def shift_bwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, DY, DX, DWP,
-                      N, T, H, D, HALF, stride_cb, stride_ct,
-                      W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
-                      ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                      NSTEP: tl.constexpr):
-    """dx[s] = sum_j w[j] g[s+j] (s+j inside s's document); DWP[pid, h, j] = <g[t], x[t-j]> over the block."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = row < N
-    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
-    if VARLEN:
-        end = tl.load(CU + b + 1, mask=mask_t, other=0)  # exclusive end row of the document
-    else:
-        end = (b + 1) * T
+def _bwd_rows(X, WT, PREV, CU, COS, SIN, DY, DX, DWP, pid, row, p, b, end, h, mask_t, H, D, HALF,
+              stride_cb, stride_ct, W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
+              ROPE: tl.constexpr, BLOCK_D: tl.constexpr, WTOT: tl.constexpr, WOFF: tl.constexpr):
+    """dx of one tile of rows of one head, and the tile's weight-grad sums into DWP[pid, h, WOFF + j] (rows of
+    WTOT sums)."""
     cols = tl.arange(0, BLOCK_D)
     ncol = HALF if ROPE else D
     mask_d = cols < ncol
@@ -143,8 +160,8 @@ def shift_bwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, DY, DX, DWP,
 
     g1, g2 = _grad_tile(DY, COS, SIN, row, p, b, h, cols, mask_t, mask_d, H, D, HALF,
                         stride_cb, stride_ct, VARLEN, ROPE)
-    dx1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    dx2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dx1 = tl.zeros([row.shape[0], BLOCK_D], dtype=tl.float32)
+    dx2 = tl.zeros([row.shape[0], BLOCK_D], dtype=tl.float32)
     for j in tl.static_range(W):
         wj = tl.load(WT + h * W + j).to(tl.float32)
         # weight grad: the block's rows t against their taps x[t - j]
@@ -152,7 +169,7 @@ def shift_bwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, DY, DX, DWP,
         if ROPE:
             part += tl.sum(tl.sum(
                 g2 * tap(X, PREV, row, p, b, h, cols + HALF, mask_t, mask_d, H, D, j, W, HAS_PREV), 1), 0)
-        tl.store(DWP + (pid * H + h) * W + j, part)
+        tl.store(DWP + (pid * H + h) * WTOT + WOFF + j, part)
         # input grad: rows s feed the later rows s + j of the same document
         if j == 0:
             dx1 += wj * g1
@@ -167,6 +184,51 @@ def shift_bwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, DY, DX, DWP,
     tl.store(DX + xoff, dx1.to(DX.dtype.element_ty), mask=m)
     if ROPE:
         tl.store(DX + xoff + HALF, dx2.to(DX.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _doc_end(CU, b, mask_t, T, VARLEN: tl.constexpr):
+    if VARLEN:
+        end = tl.load(CU + b + 1, mask=mask_t, other=0)  # exclusive end row of the document
+    else:
+        end = (b + 1) * T
+    return end
+
+
+@triton.jit
+def shift_bwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, DY, DX, DWP,
+                      N, T, H, D, HALF, stride_cb, stride_ct,
+                      W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
+                      ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NSTEP: tl.constexpr):
+    """dx[s] = sum_j w[j] g[s+j] (s+j inside s's document); DWP[pid, h, j] = <g[t], x[t-j]> over the block."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = row < N
+    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+    end = _doc_end(CU, b, mask_t, T, VARLEN)
+    _bwd_rows(X, WT, PREV, CU, COS, SIN, DY, DX, DWP, pid, row, p, b, end, h, mask_t, H, D, HALF,
+              stride_cb, stride_ct, W, HAS_PREV, VARLEN, ROPE, BLOCK_D, W, 0)
+
+
+@triton.jit
+def shift_kv_bwd_kernel(K, V, WK, WV, CU, NDOC, COS, SIN, DYK, DYV, DK, DV, DWP,
+                         N, T, H, D, HALF, stride_cb, stride_ct,
+                         WKN: tl.constexpr, WVN: tl.constexpr, VARLEN: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NSTEP: tl.constexpr):
+    """The backward of shift_kv_fwd_kernel in one launch: dK (through the transposed rotation), dV, and the
+    weight-grad sums DWP[pid, h, :] = (K's WKN taps, then V's WVN)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = row < N
+    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+    end = _doc_end(CU, b, mask_t, T, VARLEN)
+    _bwd_rows(K, WK, K, CU, COS, SIN, DYK, DK, DWP, pid, row, p, b, end, h, mask_t, H, D, HALF,
+              stride_cb, stride_ct, WKN, False, VARLEN, True, BLOCK_DK, WKN + WVN, 0)
+    _bwd_rows(V, WV, V, CU, COS, SIN, DYV, DV, DWP, pid, row, p, b, end, h, mask_t, H, D, HALF,
+              stride_cb, stride_ct, WVN, False, VARLEN, False, BLOCK_DV, WKN + WVN, WKN)
 
 
 @triton.jit
