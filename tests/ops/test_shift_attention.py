@@ -88,16 +88,37 @@ def test_fused_matches_reference(B, T, H, Hk, D, W, cu, backend):
         _close(name, a, b)
 
 
-@pytest.mark.parametrize("Wk,Wv", [(2, 3), (3, 1), (1, 2)])
+@pytest.mark.parametrize("Wk,Wv,D", [(2, 3, 8), (3, 1, 8), (1, 2, 8), (2, 3, 48)])
 @pytest.mark.parametrize("cu", [None, (0, 4, 5, 11, 18)], ids=["padded", "packed"])
-def test_fused_k_and_v_windows_differ(Wk, Wv, cu):
-    """K and V are shifted by one kernel launch (and un-shifted by one): each keeps its own window."""
-    inp = _inputs(2, 9, 4, 2, 8, Wk, cu, Wv=Wv)
+def test_fused_k_and_v_windows_differ(Wk, Wv, D, cu):
+    """K and V are shifted by one kernel launch (and un-shifted by one): each keeps its own window; D = 48 (not a
+    power of 2) checks that K's two half tiles and V's full tile share the row block."""
+    inp = _inputs(2, 9, 4, 2, D, Wk, cu, Wv=Wv)
     ref = _run(inp, "naive", torch.float32)
     got = _run(inp, "triton", DTYPE)
     assert got[4].shape == (2, Wk) and got[5].shape == (2, Wv)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dw_k", "dw_v"), got, ref):
         _close(name, a, b)
+
+
+def test_coefficient_grads_leave_without_a_copy():
+    """The op's backward reduces both coefficient grads into one tensor, K's (H_kv, W_k) block then V's, each
+    contiguous, so autograd keeps the two views as .grad (no copy kernel per weight and step): both grads share
+    that tensor's storage. Weights in another dtype than fp32 get their grads in their own dtype."""
+    inp = _inputs(1, 7, 4, 2, 8, 2, None, Wv=3)
+    q, k, v = (inp[n].to(DTYPE).requires_grad_() for n in ("q", "k", "v"))
+    w_k, w_v = inp["w_k"].clone().requires_grad_(), inp["w_v"].clone().requires_grad_()
+    shift_attention(q, k, v, w_k, w_v, inp["cos"], inp["sin"], impl="triton").float().square().sum().backward()
+    assert w_k.grad.is_contiguous() and w_v.grad.is_contiguous()
+    assert w_k.grad.untyped_storage().data_ptr() == w_v.grad.untyped_storage().data_ptr()
+    ref = _run(inp, "naive", torch.float32)
+    w16 = [inp[n].to(torch.bfloat16).requires_grad_() for n in ("w_k", "w_v")]
+    out = shift_attention(*(inp[n].to(DTYPE) for n in ("q", "k", "v")), *w16, inp["cos"], inp["sin"], impl="triton")
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
+    got = torch.autograd.grad(out, w16, g)
+    for name, a, b in zip(("dw_k", "dw_v"), got, ref[4:]):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape, name
+        assert (a.float() - b).abs().max() <= 0.05 * max(1.0, b.abs().max().item()), name  # bf16 weights
 
 
 def test_reference_is_the_unfused_composition():

@@ -56,8 +56,9 @@ def _attn(case: dict, bound: float) -> str:
     return "; ".join(parts)
 
 
-# HBM bandwidth per device (bytes/s, the vendors' figures), for the memory floor; other devices: no floor line
-PEAK_BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
+# HBM bandwidth (bytes/s, the vendors' figures) by the device name torch reports, for the memory floor; any other
+# device (GH200, H100 NVL/PCIe, ...: other memories) gets no floor line
+PEAK_BANDWIDTH = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12}
 # Passes over one layer's K-sized tensor (B*T*H_kv*D elements) that a training step of the fused op makes
 # beyond vanilla's, at vanilla's memory (only raw k and v kept): forward, v read and v̂ written (2; K's pass
 # replaces vanilla's RoPE pass); backward, k̂ and v̂ recomputed (4), v̂'s gradient read, dv written and v read
@@ -71,7 +72,7 @@ def shift_floor(model: dict, device: str) -> dict | None:
     would allow with only that added; None without the model's preset, vanilla's step or a known device."""
     from kvshift.models import ModelConfig
 
-    bw = next((v for k, v in PEAK_BANDWIDTH.items() if k in (device or "").lower()), None)
+    bw = PEAK_BANDWIDTH.get((device or "").strip())
     vs = ((model.get("arms", {}).get("vanilla") or {}).get("step") or {}).get("median_ms")
     if bw is None or not vs or not model.get("preset") or not model.get("batch") or not model.get("seq_len"):
         return None
@@ -92,7 +93,7 @@ def _floor_text(model: dict, device: str) -> str | None:
     if fl is None or fs is None:
         return None
     return (f"memory floor of the design: {SHIFT_PASSES} extra passes of {fl['unit_bytes'] / 1e6:.0f} MB per layer, "
-            f"{fl['bytes'] / 1e9:.2f} GB per step, {fl['ms']:.2f} ms at {fl['bandwidth'] / 1e12:.2g} TB/s (tokens/s "
+            f"{fl['bytes'] / 1e9:.2f} GB per step, {fl['ms']:.2f} ms at {fl['bandwidth'] / 1e12:.3g} TB/s (tokens/s "
             f"ratio <= {fl['ratio']:.4f} from bytes alone); the step measured {fs - vs:+.2f} ms")
 
 

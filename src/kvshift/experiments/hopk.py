@@ -139,9 +139,11 @@ def train_runs(exp: str, s: dict, opts: RunOptions, out: Path, arms: dict[str, d
     vocab = hopk.HopKVocab(s["alphabet"], s["max_hops"])
     sampler = functools.partial(_sample_hopk, s["seq"], s["alphabet"], s["max_hops"],
                                 no_adjacent_repeats=s["no_adjacent_repeats"])
-    eval_fn = functools.partial(_hopk_eval, hopk_eval_sets(s), vocab.undefined_id, device)
+    sets = hopk_eval_sets(s)
+    fingerprint = toy_runs.eval_fingerprint(*(t for pair in sets for t in pair))
+    eval_fn = functools.partial(_hopk_eval, sets, vocab.undefined_id, device)
     for seed in opts.seed_list():
-        stream = DataStream(sampler, spec.batch_size, spec.steps, seed=1000 + seed)
+        stream = None  # drawn when the seed's first run trains (none may: published or copied)
         for L in depths:
             for att, model in arms.items():
                 name = f"{att}-{L}L"
@@ -151,13 +153,13 @@ def train_runs(exp: str, s: dict, opts: RunOptions, out: Path, arms: dict[str, d
                 if _published(rd / f"{att}-s{seed}.json", cfg, spec):  # the same command again continues
                     opts.log(f"[{name}] seed {seed}: published in {rd} with these settings; not trained again")
                     continue
-                setting = {"train": spec.to_dict(), "model": cfg.to_dict(), "depth": L, "device": dev_name}
+                setting = {"train": spec.to_dict(), "model": cfg.to_dict(), "depth": L,
+                           "eval_fingerprint": fingerprint, "device": dev_name}
                 src_dirs = [out.parent / f"{e}-{opts.scale}" / "runs" / f"L{L}" for e in sources if e != exp]
-                src = toy_runs.find_run(src_dirs, f"{att}-s{seed}", setting)
-                if src is not None:
-                    toy_runs.adopt(src, rd, f"{att}-s{seed}")
-                    opts.log(f"[{name}] seed {seed}: the same run is published in {src}; copied, not trained")
+                if toy_runs.copy_from(src_dirs, rd, f"{att}-s{seed}", setting, opts.log):
                     continue
+                if stream is None:
+                    stream = DataStream(sampler, spec.batch_size, spec.steps, seed=1000 + seed)
                 r = train_arm(name, cfg, StreamSource(stream, hopk_batch), spec, seq_len=s["seq"], seed=seed,
                               evaluator=eval_fn, run_dir=opts.runs / f"{exp}-{opts.scale}" / f"{name}-s{seed}",
                               device=device, log=opts.log)
@@ -166,7 +168,7 @@ def train_runs(exp: str, s: dict, opts: RunOptions, out: Path, arms: dict[str, d
                 rec = {"seed": seed, "depth": L, "arm": att, "model": cfg.to_dict(), "final": final, "train": spec.to_dict(),
                        "train_seconds": sm["train_time_s"], "wall_seconds": sm["wall_time_s"],
                        "diverged_at": sm["diverged_step"], "non_embedding_params": sm["non_embedding_params"],
-                       "provenance": provenance(device)}
+                       "eval_fingerprint": fingerprint, "provenance": provenance(device)}
                 rd.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(rd / f"{att}-s{seed}.json", rec)
                 write_text_atomic(rd / f"{att}-s{seed}.metrics.jsonl",

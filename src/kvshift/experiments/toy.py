@@ -17,7 +17,6 @@ from kvshift.experiments.arms import (
     StreamSource,
     TrainSpec,
     default_device,
-    steps_to,
     target_accuracy,
     train_arm,
 )
@@ -93,6 +92,7 @@ def run_arms(name: str, arms: list[Arm], sampler, spec: TrainSpec, n_eval: int, 
     g = torch.Generator().manual_seed(EVAL_SEED)
     ev_tokens, ev_mask = sampler(n_eval, g)
     evaluator = functools.partial(target_accuracy, ev_tokens, ev_mask, device)
+    fingerprint = toy_runs.eval_fingerprint(ev_tokens, ev_mask)
     seeds = opts.seed_list()
     for seed in seeds:
         todo = []
@@ -100,13 +100,10 @@ def run_arms(name: str, arms: list[Arm], sampler, spec: TrainSpec, n_eval: int, 
             if opts.arms and arm.name not in opts.arms:
                 continue
             setting = {"train": spec.to_dict(), "model": arm.config.to_dict(), "n_eval_sequences": n_eval,
-                       "device": dev_name}
+                       "eval_fingerprint": fingerprint, "device": dev_name}
             keep = opts.keep_checkpoints and seed == seeds[0]  # a copied run has no model to keep
-            src = None if keep else toy_runs.find_run(src_dirs, f"{arm.name}-s{seed}", setting)
-            if src is not None:
-                toy_runs.adopt(src, out / toy_runs.RUNS, f"{arm.name}-s{seed}", order=order)
-                opts.log(f"[{arm.name}] seed {seed}: the same run is published in {src}; copied, not trained")
-            else:
+            if keep or not toy_runs.copy_from(src_dirs, out / toy_runs.RUNS, f"{arm.name}-s{seed}", setting,
+                                              opts.log, order=order):
                 todo.append((order, arm))
         if not todo:
             continue
@@ -117,8 +114,10 @@ def run_arms(name: str, arms: list[Arm], sampler, spec: TrainSpec, n_eval: int, 
                           evaluator=evaluator, run_dir=opts.runs / f"{name}-{opts.scale}" / f"{arm.name}-s{seed}",
                           device=device, keep_model=opts.keep_checkpoints and seed == seeds[0], log=opts.log)
             toy_runs.publish(out, arm.name, seed, {
-                "order": order, "result": arm_summary(arm, r), "train": spec.to_dict(), "model": arm.config.to_dict(),
-                "n_eval_sequences": n_eval, "data_generation_seconds": stream.gen_seconds,
+                "order": order, "result": toy_runs.arm_summary(arm, r), "train": spec.to_dict(),
+                "model": arm.config.to_dict(),
+                "n_eval_sequences": n_eval, "eval_fingerprint": fingerprint,
+                "data_generation_seconds": stream.gen_seconds,
                 "provenance": provenance(device)}, r["records"])
     return summarize_runs(name, opts, out, paper, extra)
 
@@ -134,20 +133,6 @@ def summarize_runs(name: str, opts: RunOptions, out: Path, paper: str, extra: di
         "arms": arms, "per_seed": per_seed, "wall_seconds": sum(r["result"]["wall_seconds"] for r in runs),
         **(extra or {}),
     }
-
-
-def arm_summary(arm: Arm, run: dict) -> dict:
-    s, recs = run["summary"], run["records"]
-    evals = [r for r in recs if "accuracy" in r]
-    final = s["final_eval"] or {}
-    out = {"arm": arm.name, "model": arm.config.to_dict(), "non_embedding_params": s["non_embedding_params"],
-           "final_accuracy": final.get("accuracy"), "best_accuracy": max(r["accuracy"] for r in evals),
-           "final_target_loss": final.get("target_loss"), "steps_to": steps_to(evals),
-           "wall_seconds": s["wall_time_s"], "diverged_at": s["diverged_step"], **arm.extra}
-    coefs = [r["coefficients"] for r in recs if "coefficients" in r]
-    if arm.config.shifted and coefs:
-        out["final_coefficients"] = coefs[-1]
-    return out
 
 
 def _cfg(s: dict, attention: str, n_layers: int, dim: int | None = None, heads: int | None = None,

@@ -5,11 +5,12 @@ summary without training."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
-from kvshift.experiments.arms import THRESHOLDS
+from kvshift.experiments.arms import THRESHOLDS, steps_to
 from kvshift.experiments.base import ResultsLog
 from kvshift.utils.io import read_json, read_jsonl, write_json_atomic, write_text_atomic
 
@@ -41,11 +42,25 @@ def _model(d: dict) -> dict:
         return d
 
 
+def eval_fingerprint(*tensors) -> str:
+    """A short hash of an evaluation set. The set is drawn (at a fixed seed) by the sampler that also draws the
+    training stream, so equal fingerprints mean the same task parameters and the same generator code."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def same_run(rec: dict, setting: dict) -> bool:
-    """Whether a published record was made with this setting: {"train": …, "model": …, "device": …, and any
-    further record key that must match, e.g. "n_eval_sequences" or "depth"}."""
+    """Whether a published record was made with this setting: {"train": …, "model": …, "device": …,
+    "eval_fingerprint": …, and any further record key that must match, e.g. "n_eval_sequences" or "depth"}.
+    A record from before fingerprints were recorded has none: it matches on the rest, trusting the caller's
+    named sources to share the task's code (their settings are the same dicts; tests compare them)."""
     want = _json(setting)
     for k, v in want.items():
+        if k == "eval_fingerprint" and k not in rec:
+            continue
         got = rec.get("provenance", {}).get("device") if k == "device" else rec.get(k)
         if k == "model":
             got, v = _model(got or {}), _model(v)
@@ -54,30 +69,58 @@ def same_run(rec: dict, setting: dict) -> bool:
     return True
 
 
-def find_run(dirs: list[Path], name: str, setting: dict) -> Path | None:
-    """The first of dirs/<name>.json (dirs: runs folders, this experiment's own first) published with this
-    setting; None when none was. Another experiment's run counts only where it trains the same task with the
-    same data stream and evaluation set (its caller names such experiments)."""
+def find_run(dirs: list[Path], name: str, setting: dict) -> tuple[Path, dict] | None:
+    """(path, record) of the first dirs/<name>.json published with this setting, with its records beside it;
+    None when there is none. dirs are other experiments' runs folders: a run there counts only where that
+    experiment trains the same task with the same data stream and evaluation set (the caller names them)."""
     for d in dirs:
         f = Path(d) / f"{name}.json"
-        if f.is_file():
+        if f.is_file() and f.with_suffix(".metrics.jsonl").is_file():
             try:
-                if same_run(read_json(f), setting):
-                    return f
+                rec = read_json(f)
             except (OSError, ValueError):
                 continue
+            if same_run(rec, setting):
+                return f, rec
     return None
 
 
-def adopt(src: Path, dst_dir: Path, name: str, **fields) -> None:
-    """Copies the published run src (+ its records) to dst_dir/<name>.json, noting where it came from: the
-    records first, so that a summary built meanwhile never sees a run without them."""
+def adopt(found: tuple[Path, dict], dst_dir: Path, name: str, **fields) -> None:
+    """Copies a run `find_run` found (the record it checked, and its records) to dst_dir/<name>.json, noting
+    where it came from: the records first, so that a summary built meanwhile never sees a run without them."""
+    src, rec = found
     parts = src.parts
     at = len(parts) - 1 - parts[::-1].index(RUNS) if RUNS in parts else len(parts) - 1
-    rec = {**read_json(src), **fields, "adopted_from": "/".join(parts[max(0, at - 1):])}  # <experiment>/runs/…
+    rec = {**rec, **fields, "adopted_from": "/".join(parts[max(0, at - 1):])}  # <experiment>/runs/…
     dst_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(dst_dir / f"{name}.metrics.jsonl", src.with_suffix(".metrics.jsonl").read_text())
     write_json_atomic(dst_dir / f"{name}.json", rec)
+
+
+def copy_from(src_dirs: list[Path], dst_dir: Path, name: str, setting: dict, log, **fields) -> bool:
+    """Copies the run `name` from the first of src_dirs that published it with `setting` (find_run) into
+    dst_dir; False when none did."""
+    found = find_run(src_dirs, name, setting)
+    if found is None:
+        return False
+    adopt(found, dst_dir, name, **fields)
+    log(f"[{name}] the same run is published in {found[0]}; copied, not trained")
+    return True
+
+
+def arm_summary(arm, run: dict) -> dict:
+    """A finished arm's result row (arm: experiments.arms.Arm; run: train_arm's return)."""
+    s, recs = run["summary"], run["records"]
+    evals = [r for r in recs if "accuracy" in r]
+    final = s["final_eval"] or {}
+    out = {"arm": arm.name, "model": arm.config.to_dict(), "non_embedding_params": s["non_embedding_params"],
+           "final_accuracy": final.get("accuracy"), "best_accuracy": max(r["accuracy"] for r in evals),
+           "final_target_loss": final.get("target_loss"), "steps_to": steps_to(evals),
+           "wall_seconds": s["wall_time_s"], "diverged_at": s["diverged_step"], **arm.extra}
+    coefs = [r["coefficients"] for r in recs if "coefficients" in r]
+    if arm.config.shifted and coefs:
+        out["final_coefficients"] = coefs[-1]
+    return out
 
 
 def published(out: Path) -> list[dict]:

@@ -204,8 +204,9 @@ def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w
                    sin: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Optional[Tensor], max_len: int,
                    scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dw): recompute k̂, v̂ (one launch), attention backward, then the shift backward of K and V
-    (one launch and one reduction); dw (H_kv, W_k + W_v) fp32 holds both coefficient grads, K's first (one
-    tensor: a custom op's outputs may not alias each other, and splitting outside costs no launch)."""
+    (one launch and one reduction); dw (H_kv * (W_k + W_v),) fp32 holds both coefficient grads, K's (H_kv, W_k)
+    block first, each contiguous (one tensor: a custom op's outputs may not alias each other; the autograd
+    backward views the blocks apart, and autograd keeps a contiguous view as .grad without a copy)."""
     from .triton import launch_shift_kv_bwd  # triton is an optional dependency (the triton extra)
     k_hat, v_hat = _shifted(k, v, w_k, w_v, cos, sin, cu_seqlens)
     if backend == "cudnn":
@@ -223,7 +224,7 @@ def shift_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w
 @shift_attn_bwd.register_fake
 def _(dout, q, k, v, w_k, w_v, cos, sin, out, lse, cu_seqlens, max_len, scale, backend):
     e = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
-    return e(q), e(k), e(v), w_k.new_empty((w_k.shape[0], w_k.shape[1] + w_v.shape[1]), dtype=torch.float32)
+    return e(q), e(k), e(v), w_k.new_empty((w_k.numel() + w_v.numel(),), dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
@@ -237,8 +238,8 @@ def _backward(ctx, dout, dlse):
     q, k, v, w_k, w_v, cos, sin, cu_seqlens, out, lse = ctx.saved_tensors
     dq, dk, dv, dw = shift_attn_bwd(dout, q, k, v, w_k, w_v, cos, sin, out, lse, cu_seqlens,
                                     ctx.max_len, ctx.scale, ctx.backend)
-    wk = w_k.shape[1]
-    dw_k, dw_v = dw[:, :wk].to(w_k.dtype), dw[:, wk:].to(w_v.dtype)
+    nk = w_k.numel()  # two contiguous blocks
+    dw_k, dw_v = dw[:nk].view(w_k.shape).to(w_k.dtype), dw[nk:].view(w_v.shape).to(w_v.dtype)
     return dq, dk, dv, dw_k, dw_v, None, None, None, None, None, None
 
 

@@ -166,6 +166,7 @@ def _kv_blocks(lay: _Layout):
 def launch_shift_kv_fwd(k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cu_seqlens: Optional[Tensor],
                         cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
     """(RoPE(shift(k)), shift(v)) of one layer in one launch; k and v share their shape (no prev)."""
+    assert k.shape == v.shape and w_k.shape[0] == w_v.shape[0] == k.shape[-2], "k/v and w_k/w_v must match"
     k, v = k.contiguous(), v.contiguous()
     wk, wv = w_k.contiguous(), w_v.contiguous()
     lay = _Layout(k, cu_seqlens)
@@ -185,8 +186,11 @@ def launch_shift_kv_fwd(k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cu_seqle
 
 def launch_shift_kv_bwd(dk_hat: Tensor, dv_hat: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor,
                         cu_seqlens: Optional[Tensor], cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """The backward of `launch_shift_kv_fwd` in one launch plus one reduction: (dk, dv, dw) with dw (H, Wk + Wv)
-    fp32, K's coefficient grads first (the caller splits it)."""
+    """The backward of `launch_shift_kv_fwd` in one launch plus one reduction: (dk, dv, dw) with dw flat
+    (H * (Wk + Wv),) fp32: K's (H, Wk) coefficient grads, then V's (H, Wv), each block contiguous (the caller
+    views them apart, no copy)."""
+    assert k.shape == v.shape == dk_hat.shape == dv_hat.shape and w_k.shape[0] == w_v.shape[0] == k.shape[-2], \
+        "k/v, their grads and w_k/w_v must match"
     k, v = k.contiguous(), v.contiguous()
     dk_hat, dv_hat = dk_hat.contiguous(), dv_hat.contiguous()
     wk, wv = w_k.contiguous(), w_v.contiguous()
@@ -196,9 +200,9 @@ def launch_shift_kv_bwd(dk_hat: Tensor, dv_hat: Tensor, k: Tensor, v: Tensor, w_
     block_t, block_dk, block_dv = _kv_blocks(lay)
     nblk = triton.cdiv(lay.N, block_t)
     if nblk == 0 or lay.D == 0 or H == 0:  # nothing to launch: no rows, heads or channels contribute
-        return dk.zero_(), dv.zero_(), torch.zeros(H, Wk + Wv, device=k.device, dtype=torch.float32)
+        return dk.zero_(), dv.zero_(), torch.zeros(H * (Wk + Wv), device=k.device, dtype=torch.float32)
     cos, sin, scb, sct = _rope_strides(cos, sin, lay)
-    dwp = torch.empty(nblk, H, Wk + Wv, device=k.device, dtype=torch.float32)  # every entry written
+    dwp = torch.empty(nblk, H * (Wk + Wv), device=k.device, dtype=torch.float32)  # every entry written
     shift_kv_bwd_kernel[(nblk, H)](
         k, v, wk, wv, *lay.doc_args(k), cos, sin, dk_hat, dv_hat, dk, dv, dwp,
         lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,

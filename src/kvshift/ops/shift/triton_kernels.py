@@ -40,6 +40,17 @@ def pos_doc(row, mask_t, CU, NDOC, T, VARLEN: tl.constexpr, NSTEP: tl.constexpr)
 
 
 @triton.jit
+def _program_rows(CU, NDOC, N, T, VARLEN: tl.constexpr, BLOCK_T: tl.constexpr, NSTEP: tl.constexpr):
+    """A program's (block id, head, rows, row mask, in-document positions, documents): grid (row blocks, heads)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = row < N
+    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+    return pid, h, row, mask_t, p, b
+
+
+@triton.jit
 def _cs_offset(row, p, b, stride_cb, stride_ct, VARLEN: tl.constexpr):
     # row offset into cos/sin: packed (N, HALF) by row, padded (B or 1, T, HALF) by (doc, pos)
     if VARLEN:
@@ -69,15 +80,15 @@ def tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D,
 @triton.jit
 def _fwd_rows(X, WT, PREV, COS, SIN, Y, row, p, b, h, mask_t, H, D, HALF, stride_cb, stride_ct,
               W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr, ROPE: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Y[row, h] = (RoPE of) sum_j w[h, j] x[row - j] for one tile of rows of one head."""
     cols = tl.arange(0, BLOCK_D)
     ncol = HALF if ROPE else D  # width of the first column block
     mask_d = cols < ncol
     m = mask_t[:, None] & mask_d[None, :]
     yoff = ((row.to(tl.int64) * H + h) * D)[:, None] + cols[None, :]
-    acc1 = tl.zeros([row.shape[0], BLOCK_D], dtype=tl.float32)
-    acc2 = tl.zeros([row.shape[0], BLOCK_D], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for j in tl.static_range(W):
         wj = tl.load(WT + h * W + j).to(tl.float32)
         acc1 += wj * tap(X, PREV, row, p, b, h, cols, mask_t, mask_d, H, D, j, W, HAS_PREV)
@@ -99,13 +110,9 @@ def shift_fwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, Y,
                       W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
                       ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                       NSTEP: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = row < N
-    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+    pid, h, row, mask_t, p, b = _program_rows(CU, NDOC, N, T, VARLEN, BLOCK_T, NSTEP)
     _fwd_rows(X, WT, PREV, COS, SIN, Y, row, p, b, h, mask_t, H, D, HALF, stride_cb, stride_ct,
-              W, HAS_PREV, VARLEN, ROPE, BLOCK_D)
+              W, HAS_PREV, VARLEN, ROPE, BLOCK_T, BLOCK_D)
 
 
 @triton.jit
@@ -115,15 +122,11 @@ def shift_kv_fwd_kernel(K, V, WK, WV, CU, NDOC, COS, SIN, YK, YV,
                          BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NSTEP: tl.constexpr):
     """Both halves of a layer's shift in one launch: YK = RoPE(shift(K)), YV = shift(V) for the same rows and
     KV head (K and V share their shape); the rows' documents are found once."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = row < N
-    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+    pid, h, row, mask_t, p, b = _program_rows(CU, NDOC, N, T, VARLEN, BLOCK_T, NSTEP)
     _fwd_rows(K, WK, K, COS, SIN, YK, row, p, b, h, mask_t, H, D, HALF, stride_cb, stride_ct,
-              WKN, False, VARLEN, True, BLOCK_DK)
+              WKN, False, VARLEN, True, BLOCK_T, BLOCK_DK)
     _fwd_rows(V, WV, V, COS, SIN, YV, row, p, b, h, mask_t, H, D, HALF, stride_cb, stride_ct,
-              WVN, False, VARLEN, False, BLOCK_DV)
+              WVN, False, VARLEN, False, BLOCK_T, BLOCK_DV)
 
 
 @triton.jit
@@ -150,9 +153,10 @@ def _grad_tile(DY, COS, SIN, r, q, b, h, cols, m_t, mask_d, H, D, HALF, stride_c
 @triton.jit
 def _bwd_rows(X, WT, PREV, CU, COS, SIN, DY, DX, DWP, pid, row, p, b, end, h, mask_t, H, D, HALF,
               stride_cb, stride_ct, W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
-              ROPE: tl.constexpr, BLOCK_D: tl.constexpr, WTOT: tl.constexpr, WOFF: tl.constexpr):
-    """dx of one tile of rows of one head, and the tile's weight-grad sums into DWP[pid, h, WOFF + j] (rows of
-    WTOT sums)."""
+              ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, WTOT: tl.constexpr,
+              WOFF: tl.constexpr):
+    """dx of one tile of rows of one head, and the tile's weight-grad sums into program pid's row of H * WTOT
+    sums at H * WOFF + h * W + j: flat, so that each operand's (H, W) block is contiguous after the reduction."""
     cols = tl.arange(0, BLOCK_D)
     ncol = HALF if ROPE else D
     mask_d = cols < ncol
@@ -160,8 +164,8 @@ def _bwd_rows(X, WT, PREV, CU, COS, SIN, DY, DX, DWP, pid, row, p, b, end, h, ma
 
     g1, g2 = _grad_tile(DY, COS, SIN, row, p, b, h, cols, mask_t, mask_d, H, D, HALF,
                         stride_cb, stride_ct, VARLEN, ROPE)
-    dx1 = tl.zeros([row.shape[0], BLOCK_D], dtype=tl.float32)
-    dx2 = tl.zeros([row.shape[0], BLOCK_D], dtype=tl.float32)
+    dx1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dx2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for j in tl.static_range(W):
         wj = tl.load(WT + h * W + j).to(tl.float32)
         # weight grad: the block's rows t against their taps x[t - j]
@@ -169,7 +173,7 @@ def _bwd_rows(X, WT, PREV, CU, COS, SIN, DY, DX, DWP, pid, row, p, b, end, h, ma
         if ROPE:
             part += tl.sum(tl.sum(
                 g2 * tap(X, PREV, row, p, b, h, cols + HALF, mask_t, mask_d, H, D, j, W, HAS_PREV), 1), 0)
-        tl.store(DWP + (pid * H + h) * WTOT + WOFF + j, part)
+        tl.store(DWP + pid * H * WTOT + H * WOFF + h * W + j, part)
         # input grad: rows s feed the later rows s + j of the same document
         if j == 0:
             dx1 += wj * g1
@@ -202,14 +206,10 @@ def shift_bwd_kernel(X, WT, PREV, CU, NDOC, COS, SIN, DY, DX, DWP,
                       ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                       NSTEP: tl.constexpr):
     """dx[s] = sum_j w[j] g[s+j] (s+j inside s's document); DWP[pid, h, j] = <g[t], x[t-j]> over the block."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = row < N
-    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+    pid, h, row, mask_t, p, b = _program_rows(CU, NDOC, N, T, VARLEN, BLOCK_T, NSTEP)
     end = _doc_end(CU, b, mask_t, T, VARLEN)
     _bwd_rows(X, WT, PREV, CU, COS, SIN, DY, DX, DWP, pid, row, p, b, end, h, mask_t, H, D, HALF,
-              stride_cb, stride_ct, W, HAS_PREV, VARLEN, ROPE, BLOCK_D, W, 0)
+              stride_cb, stride_ct, W, HAS_PREV, VARLEN, ROPE, BLOCK_T, BLOCK_D, W, 0)
 
 
 @triton.jit
@@ -218,17 +218,13 @@ def shift_kv_bwd_kernel(K, V, WK, WV, CU, NDOC, COS, SIN, DYK, DYV, DK, DV, DWP,
                          WKN: tl.constexpr, WVN: tl.constexpr, VARLEN: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NSTEP: tl.constexpr):
     """The backward of shift_kv_fwd_kernel in one launch: dK (through the transposed rotation), dV, and the
-    weight-grad sums DWP[pid, h, :] = (K's WKN taps, then V's WVN)."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = row < N
-    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+    weight-grad sums DWP[pid, :] = (K's (H, WKN) block, then V's (H, WVN) block), flat."""
+    pid, h, row, mask_t, p, b = _program_rows(CU, NDOC, N, T, VARLEN, BLOCK_T, NSTEP)
     end = _doc_end(CU, b, mask_t, T, VARLEN)
     _bwd_rows(K, WK, K, CU, COS, SIN, DYK, DK, DWP, pid, row, p, b, end, h, mask_t, H, D, HALF,
-              stride_cb, stride_ct, WKN, False, VARLEN, True, BLOCK_DK, WKN + WVN, 0)
+              stride_cb, stride_ct, WKN, False, VARLEN, True, BLOCK_T, BLOCK_DK, WKN + WVN, 0)
     _bwd_rows(V, WV, V, CU, COS, SIN, DYV, DV, DWP, pid, row, p, b, end, h, mask_t, H, D, HALF,
-              stride_cb, stride_ct, WVN, False, VARLEN, False, BLOCK_DV, WKN + WVN, WKN)
+              stride_cb, stride_ct, WVN, False, VARLEN, False, BLOCK_T, BLOCK_DV, WKN + WVN, WKN)
 
 
 @triton.jit
