@@ -3,8 +3,8 @@
 The other kernel tests run the kernels through Triton's interpreter, which executes the Python source and never
 lowers it: a kernel can pass them and still fail to compile on the GPU (a shape that is not a compile-time
 constant, a helper call the compiler cannot inline). Triton compiles for a target it is told about without a
-device, through its own ptxas; this test does that for the shift kernels every KV-shift training step and
-decode step goes through, with the layouts and constants the launchers use. It runs in a subprocess because
+device, through its own ptxas; this test does that for the kernels every KV-shift and mixer training step goes
+through, with the argument types and constants the launchers use. It runs in a subprocess because
 TRITON_INTERPRET=1, set for the rest of the suite, turns every @triton.jit function into an interpreted one.
 """
 
@@ -18,43 +18,44 @@ import pytest
 triton = pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent('''
-    import json, sys
+    import json
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from kvshift.ops.mix import triton_kernels as mk
     from kvshift.ops.shift import triton_kernels as tk
 
-    ROW = {"N": "i32", "T": "i32", "H": "i32", "D": "i32", "HALF": "i32", "stride_cb": "i32", "stride_ct": "i32"}
-    DOC = {"CU": "*i32", "NDOC": "i32", "COS": "*fp32", "SIN": "*fp32"}
+    FP32 = {"WT", "WK", "WV", "COS", "SIN", "DWP"}  # weights, RoPE tables, weight-grad partial sums
+    I32 = {"N", "T", "H", "D", "HALF", "stride_cb", "stride_ct", "NDOC", "ITERS"}
 
-    def kv(names, extra):
-        return {**{n: "*bf16" for n in names[:2]}, "WK": "*fp32", "WV": "*fp32", **DOC,
-                **{n: "*bf16" for n in names[2:]}, **extra, **ROW}
+    def signature(fn, const):
+        """bf16 tensors, fp32 weights/tables/sums, int32 offsets (CU) and sizes: the launchers' argument types."""
+        out = {}
+        for a in fn.arg_names:
+            out[a] = ("constexpr" if a in const else "i32" if a in I32 else "*i32" if a == "CU"
+                      else "*fp32" if a in FP32 else "*bf16")
+        return out
 
-    def one(names):
-        return {"X": "*bf16", "WT": "*fp32", "PREV": "*bf16", **DOC, **{n: "*bf16" for n in names}}
-
-    C = lambda **kw: kw  # noqa: E731
     cases = []
     for varlen, d in ((False, 64), (True, 128)):  # the launchers' tiles: 2048 elements per K tile pair
         bt = max(16, min(64, 2048 // (d // 2)))
-        kvc = C(WKN=2, WVN=3, VARLEN=varlen, BLOCK_T=bt, BLOCK_DK=d // 2, BLOCK_DV=d, NSTEP=8 if varlen else 1)
-        cases.append(("shift_kv_fwd_kernel", kv(["K", "V", "YK", "YV"], {}), kvc))
-        cases.append(("shift_kv_bwd_kernel", kv(["K", "V", "DYK", "DYV", "DK", "DV"], {"DWP": "*fp32"}), kvc))
-    cases.append(("shift_fwd_kernel", {**one(["Y"]), **ROW},
-                  C(W=2, HAS_PREV=True, VARLEN=True, ROPE=True, BLOCK_T=64, BLOCK_D=32, NSTEP=8)))
-    cases.append(("shift_bwd_kernel", {**one(["DY", "DX"]), "DWP": "*fp32", **ROW},
-                  C(W=3, HAS_PREV=True, VARLEN=False, ROPE=False, BLOCK_T=64, BLOCK_D=64, NSTEP=1)))
+        kv = dict(WKN=2, WVN=3, VARLEN=varlen, BLOCK_T=bt, BLOCK_DK=d // 2, BLOCK_DV=d, NSTEP=8 if varlen else 1)
+        cases += [(tk.shift_kv_fwd_kernel, kv), (tk.shift_kv_bwd_kernel, kv)]
+    cases += [(tk.shift_fwd_kernel, dict(W=2, HAS_PREV=True, VARLEN=True, ROPE=True, BLOCK_T=64, BLOCK_D=32, NSTEP=8)),
+              (tk.shift_bwd_kernel, dict(W=3, HAS_PREV=True, VARLEN=False, ROPE=False, BLOCK_T=64, BLOCK_D=64,
+                                         NSTEP=1)),
+              (mk.mix_fwd_kernel, dict(W=2, HAS_PREV=False, VARLEN=True, BLOCK_T=32, BLOCK_D=64, NSTEP=8)),
+              (mk.mix_bwd_kernel, dict(W=3, HAS_PREV=True, VARLEN=False, BLOCK_T=32, BLOCK_D=64, BLOCK_K=4, NSTEP=1,
+                                       NEED_DW=True)),
+              (mk.mix_bwd_kernel, dict(W=1, HAS_PREV=False, VARLEN=True, BLOCK_T=32, BLOCK_D=64, BLOCK_K=2, NSTEP=8,
+                                       NEED_DW=False))]
     done = []
-    for name, sig, const in cases:
-        fn = getattr(tk, name)
-        args = list(fn.arg_names)
-        missing = set(args) - set(sig) - set(const)
-        assert not missing, (name, missing)  # the signature names every argument the kernel takes
-        sig = {a: ("constexpr" if a in const else sig[a]) for a in args}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
-        assert ".entry " + name in k.asm["ptx"], name
-        done.append(name)
+    for fn, const in cases:
+        assert set(const) <= set(fn.arg_names), (fn.__name__, set(const) - set(fn.arg_names))
+        k = triton.compile(ASTSource(fn=fn, signature=signature(fn, const), constexprs=const),
+                           target=GPUTarget("cuda", 90, 32))
+        assert ".entry " + fn.__name__ in k.asm["ptx"], fn.__name__
+        done.append(fn.__name__)
     print(json.dumps(done))
 ''')
 
@@ -76,4 +77,4 @@ def test_shift_kernels_compile_for_hopper(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == (
         '["shift_kv_fwd_kernel", "shift_kv_bwd_kernel", "shift_kv_fwd_kernel", "shift_kv_bwd_kernel", '
-        '"shift_fwd_kernel", "shift_bwd_kernel"]')
+        '"shift_fwd_kernel", "shift_bwd_kernel", "mix_fwd_kernel", "mix_bwd_kernel", "mix_bwd_kernel"]')
