@@ -15,7 +15,8 @@ Everything accumulates in fp32. The weight gradient is written as per-program pa
 import triton
 import triton.language as tl
 
-from kvshift.ops.shift.triton_kernels import pos_doc, tap  # a row's (position, document) and a tap: one definition
+# a program's rows and their (position, document), a document's end, a tap: one definition each
+from kvshift.ops.shift.triton_kernels import _doc_end, _program_rows, pos_doc, tap
 
 
 @triton.jit
@@ -28,11 +29,7 @@ def _load_weight(WT, h, cols, mask_d, D, j: tl.constexpr, K: tl.constexpr):
 def mix_fwd_kernel(X, WT, PREV, CU, NDOC, Y, N, T, H, D,
                    W: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NSTEP: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = row < N
-    p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
+    pid, h, row, mask_t, p, b = _program_rows(CU, NDOC, N, T, VARLEN, BLOCK_T, NSTEP)
     cols = tl.arange(0, BLOCK_D)
     mask_d = cols < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -63,10 +60,7 @@ def mix_bwd_kernel(X, WT, PREV, CU, NDOC, DY, DX, DWP, N, T, H, D, ITERS,
         row = (pid * ITERS + it) * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = row < N
         p, b = pos_doc(row, mask_t, CU, NDOC, T, VARLEN, NSTEP)
-        if VARLEN:
-            end = tl.load(CU + b + 1, mask=mask_t, other=0)  # exclusive end row of the document
-        else:
-            end = (b + 1) * T
+        end = _doc_end(CU, b, mask_t, T, VARLEN)  # exclusive end row of the document
         m = mask_t[:, None] & mask_d[None, :]
         off = ((row.to(tl.int64) * H + h) * D)[:, None] + cols[None, :]
         g = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
