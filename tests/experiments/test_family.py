@@ -148,9 +148,15 @@ def test_size_decision_counts_a_rival_only_beyond_the_seed_spread():
     # canon lower by 0.05 with spreads of 0.01: beaten
     d = family.size_decision(_table(kvshift=[-0.02, -0.03], **{**base, "canon": [-0.08, -0.07]}))
     assert not d["holds"] and d["beaten_by"] == ["canon"] and d["best_member"] == "canon"
+    assert d["closest"] == "canon" and d["closest_ahead"] == pytest.approx(0.05)
     # the same means with a wide KV-shift spread (0.1): within the spread, not beaten
     d = family.size_decision(_table(kvshift=[0.025, -0.075], **{**base, "canon": [-0.08, -0.07]}))
     assert d["holds"]
+    # the verdict says what the seeds could have shown: the closest member's gap and the margin it needed
+    assert ("closest member canon, 0.0500 ahead of KV shift; it needed more than 0.1000"
+            in family.family_verdict({"10m": d}, ["10m"])[1])
+    d = family.size_decision(_table(kvshift=[-0.04, -0.05], **base))
+    assert "closest member canon, 0.0200 behind KV shift" in family.family_verdict({"10m": d}, ["10m"])[1]
     # one seed of a rival: this size cannot decide
     assert family.size_decision(_table(kvshift=[-0.02, -0.03], **{**base, "smear": [0.0]})) is None
     # a divergence is a loss: KV shift diverging in a seed is beaten by the members that did not; a rival that

@@ -141,8 +141,20 @@ def size_decision(table: dict, min_seeds: int = 2) -> dict | None:
             beaten_by.append(r)
     ranking = sorted((a for a in table if table[a]["delta"]["n"]), key=lambda a: table[a]["delta"]["mean"])
     best_single = min(("kvshift", *RIVALS), key=lambda a: table[a]["delta"]["mean"])
+    closest = min(RIVALS, key=lambda a: table[a]["delta"]["mean"])
     return {"holds": not beaten_by, "beaten_by": beaten_by, "spread": margins, "ranking": ranking,
-            "best_member": best_single}
+            "best_member": best_single, "closest": closest,
+            "closest_ahead": kv["delta"]["mean"] - table[closest]["delta"]["mean"]}
+
+
+def _power(v: dict) -> str:
+    """How far the closest member is from beating KV shift: what the seeds could have shown."""
+    r = v.get("closest")
+    if r is None:
+        return ""
+    ahead, margin = v["closest_ahead"], v["spread"][r]
+    where = f"{ahead:.4f} ahead of" if ahead > 0 else f"{-ahead:.4f} behind"
+    return f" (closest member {r}, {where} KV shift; it needed more than {margin:.4f}, the seed spread, ahead)"
 
 
 def family_verdict(decisions: dict[str, dict | None], sizes: list[str]) -> tuple[str, str]:
@@ -154,7 +166,8 @@ def family_verdict(decisions: dict[str, dict | None], sizes: list[str]) -> tuple
     holds = [k for k, v in dec.items() if v["holds"]]
     missing = [k for k in sizes if k not in dec]
     why = "; ".join(f"{k}: best single member {v['best_member']}, KV shift "
-                    + ("not beaten beyond the seed spread" if v["holds"] else "beaten by " + ", ".join(v["beaten_by"]))
+                    + ("not beaten beyond the seed spread" + _power(v) if v["holds"]
+                       else "beaten by " + ", ".join(v["beaten_by"]))
                     for k, v in dec.items())
     if missing:
         why += f"; not decided at {', '.join(missing)} (not run, or fewer than 2 seeds of some arm)"
@@ -284,7 +297,8 @@ def write_readme(out: Path, s: dict) -> None:
         body += [f"### {pname}: per arm", "", *_arm_rows(table), "",
                  ("Too few seeds to decide at this size." if d is None else
                   f"Ranking by mean Δ: {', '.join(d['ranking'])}. Best single member: {d['best_member']}; KV shift "
-                  + ("not beaten beyond the seed spread." if d["holds"] else f"beaten by {', '.join(d['beaten_by'])}.")),
+                  + ("not beaten beyond the seed spread" + _power(d) + "." if d["holds"]
+                     else f"beaten by {', '.join(d['beaten_by'])}.")),
                  ""]
     text = f"""# {s['experiment']} ({s['scale']} scale)
 
