@@ -1,10 +1,10 @@
-"""The shift kernels compile for Hopper (sm_90) here, without a GPU.
+"""Every Triton kernel of the project compiles for Hopper (sm_90) here, without a GPU.
 
 The other kernel tests run the kernels through Triton's interpreter, which executes the Python source and never
 lowers it: a kernel can pass them and still fail to compile on the GPU (a shape that is not a compile-time
 constant, a helper call the compiler cannot inline). Triton compiles for a target it is told about without a
-device, through its own ptxas; this test does that for the kernels every KV-shift and mixer training step goes
-through, with the argument types and constants the launchers use. It runs in a subprocess because
+device, through its own ptxas; this test does that for every kernel (training, streaming, cached and paged decode),
+with the argument types and constants the launchers use. It runs in a subprocess because
 TRITON_INTERPRET=1, set for the rest of the suite, turns every @triton.jit function into an interpreted one.
 """
 
@@ -23,16 +23,21 @@ SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from kvshift.ops.mix import triton_kernels as mk
+    from kvshift.ops.shift import paged_decode as pd
     from kvshift.ops.shift import triton_kernels as tk
 
-    FP32 = {"WT", "WK", "WV", "COS", "SIN", "DWP"}  # weights, RoPE tables, weight-grad partial sums
-    I32 = {"N", "T", "H", "D", "HALF", "stride_cb", "stride_ct", "NDOC", "ITERS"}
+    # weights and coefficients, RoPE tables, weight-grad partial sums, the paged decode's split statistics
+    FP32 = {"WT", "WK", "WV", "CK", "CV", "COS", "SIN", "DWP", "M_OUT", "L_OUT", "ACC_OUT"}
+    I32 = {"N", "T", "H", "D", "HALF", "NDOC", "ITERS", "Hq", "GROUP", "blocks_per_split",
+           "skb", "skh", "svb", "svh"}
+    I32_PTR = {"CU", "TABLE", "SEQ", "START"}  # document offsets, block tables, sequence lengths and starts
 
     def signature(fn, const):
-        """bf16 tensors, fp32 weights/tables/sums, int32 offsets (CU) and sizes: the launchers' argument types."""
+        """bf16 tensors, fp32 weights/tables/sums, int32 offsets and sizes: the launchers' argument types."""
         out = {}
         for a in fn.arg_names:
-            out[a] = ("constexpr" if a in const else "i32" if a in I32 else "*i32" if a == "CU"
+            out[a] = ("constexpr" if a in const else "fp32" if a == "scale"
+                      else "i32" if a in I32 or a.startswith("stride_") else "*i32" if a in I32_PTR
                       else "*fp32" if a in FP32 else "*bf16")
         return out
 
@@ -48,7 +53,16 @@ SCRIPT = textwrap.dedent('''
               (mk.mix_bwd_kernel, dict(W=3, HAS_PREV=True, VARLEN=False, BLOCK_T=32, BLOCK_D=64, BLOCK_K=4, NSTEP=1,
                                        NEED_DW=True)),
               (mk.mix_bwd_kernel, dict(W=1, HAS_PREV=False, VARLEN=True, BLOCK_T=32, BLOCK_D=64, BLOCK_K=2, NSTEP=8,
-                                       NEED_DW=False))]
+                                       NEED_DW=False)),
+              # the gradient of a streamed chunk's history (prev), the cached decode step, the paged decode
+              (tk.shift_dprev_kernel, dict(W=2, VARLEN=True, ROPE=True, BLOCK_D=64)),
+              (mk.mix_dprev_kernel, dict(W=3, VARLEN=False, BLOCK_D=64)),
+              (tk.decode_kernel, dict(REP=2, WKN=2, WVN=3, BLOCK_H=32, BLOCK_D=64)),
+              (pd.paged_shift_decode_kernel, dict(BS=16, W=2, BLOCK_HALF=32, BLOCK_D=64, NUM_SPLITS=2))]
+    every = {n for m in (tk, mk, pd) for n, f in vars(m).items()
+             if n.endswith("_kernel") and isinstance(f, triton.runtime.jit.JITFunction)}
+    assert every == {fn.__name__ for fn, _ in cases}, ("kernels without a compile case",
+                                                       every - {fn.__name__ for fn, _ in cases})
     done = []
     for fn, const in cases:
         assert set(const) <= set(fn.arg_names), (fn.__name__, set(const) - set(fn.arg_names))
@@ -77,4 +91,5 @@ def test_shift_kernels_compile_for_hopper(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == (
         '["shift_kv_fwd_kernel", "shift_kv_bwd_kernel", "shift_kv_fwd_kernel", "shift_kv_bwd_kernel", '
-        '"shift_fwd_kernel", "shift_bwd_kernel", "mix_fwd_kernel", "mix_bwd_kernel", "mix_bwd_kernel"]')
+        '"shift_fwd_kernel", "shift_bwd_kernel", "mix_fwd_kernel", "mix_bwd_kernel", "mix_bwd_kernel", '
+        '"shift_dprev_kernel", "mix_dprev_kernel", "decode_kernel", "paged_shift_decode_kernel"]')
