@@ -128,7 +128,7 @@ IND_RULE = ("median over seeds of the steps to 90% held-out induction accuracy p
 
 # ---- family-hopk --------------------------------------------------------------------------------------
 FAMILY_HOPK = {"gpu": dict(hopk.HOPK["norepeat"]["gpu"], depths=(4,)),
-               "cpu": dict(hopk.HOPK["norepeat"]["cpu"], depths=(2,))}
+               "cpu": dict(hopk.HOPK["norepeat"]["cpu"], depths=(2, 4))}
 # hopk-norepeat's setting but for its depths: its vanilla and kvshift runs at a shared depth are copied
 HOPK_SOURCES = ("hopk-norepeat",)
 HOPK_PAPER = ("Beyond the paper: App. H shows KV shift solving more hops than vanilla at L = 5; here every member of "
