@@ -290,3 +290,28 @@ def test_a_compiled_step_follows_its_family(monkeypatch):
     flash_op = "aten::_scaled_dot_product_flash_attention_for_cpu"
     assert flash_op in ops["flash"] and flash_op not in ops["math"]
     torch._dynamo.reset()
+
+
+def test_scores_arm_reads_in_the_score_domain_inside_compile_and_restores_the_default(monkeypatch):
+    """hf-kvshift-static-scores-compiled differs from hf-kvshift-static-compiled only in the compiled decode
+    read: the flag is on during its generate calls, and back off after (also when the call fails)."""
+    from kvshift.bench.generate import gen_call
+    from kvshift.layers import stateless
+
+    seen = []
+
+    class Fake:
+        def generate(self, **kw):
+            seen.append((stateless.SCORE_DOMAIN_WHEN_COMPILED, kw["disable_compile"], kw["cache_implementation"]))
+            if kw["max_new_tokens"] == 2:
+                raise RuntimeError("boom")
+            return kw["input_ids"]
+
+    ids = torch.ones(1, 3, dtype=torch.long)
+    gen_call("hf-kvshift-static-scores-compiled", Fake())(ids, 1)
+    gen_call("hf-kvshift-static-compiled", Fake())(ids, 1)
+    with pytest.raises(RuntimeError):
+        gen_call("hf-kvshift-static-scores-compiled", Fake())(ids, 2)
+    assert seen == [(True, False, "static"), (False, False, "static"), (True, False, "static")]
+    assert stateless.SCORE_DOMAIN_WHEN_COMPILED is False
+    assert GEN_RATIOS["compiled-scores"] == ("hf-kvshift-static-scores-compiled", "hf-kvshift-static-compiled")

@@ -222,3 +222,25 @@ def test_pads_of_a_prefill_are_remembered_on_the_cache(later_mask):
         later = torch.ones_like(more) if later_mask == "new-only" else None
         got = model(more, attention_mask=later, cache=cache, use_cache=True).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_logits_to_keep_is_honoured_and_generate_asks_for_it():
+    """transformers' generate passes logits_to_keep=1 to a forward that names it (the prefill's logits at the
+    last position only; Llama does the same), and assisted generation the draft's length + 1."""
+    lm, model = hf()
+    x = torch.randint(1, 97, (2, 10))
+    assert model._supports_logits_to_keep()
+    full = model(x).logits
+    assert torch.allclose(model(x, logits_to_keep=4).logits, full[:, -4:], atol=1e-6)
+    cache = DynamicCache()
+    assert torch.allclose(model(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits, full[:, -1:],
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(x, labels=x, logits_to_keep=1)
+    rows = []
+    hook = model.model.output.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    try:
+        model.generate(x, max_new_tokens=3, **GREEDY)
+    finally:
+        hook.remove()
+    assert rows == [1, 1, 1]

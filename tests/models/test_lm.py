@@ -377,3 +377,24 @@ def test_rope_tables_equal_computed_rope():
     assert all(torch.equal(a, b) for a, b in zip(m._rope(far, cfg.max_seq_len + 3, False),
                                                  rope_cos_sin(far, cfg.head_dim, cfg.rope_base)))
     assert "rope_cos" not in m.state_dict()  # not a checkpoint entry
+
+
+def test_logits_to_keep_selects_positions_and_generate_prefills_only_the_last():
+    model = make("kvshift", 2)
+    x = torch.randint(0, 97, (2, 9))
+    full = model(x)
+    assert torch.allclose(model(x, logits_to_keep=3), full[:, -3:], atol=1e-6)
+    assert torch.allclose(model(x, logits_to_keep=20), full, atol=1e-6)  # more than T: every position
+    idx = torch.tensor([0, 4, 8])
+    assert torch.allclose(model(x, logits_to_keep=idx), full[:, idx], atol=1e-6)
+    for bad in (-1, 1.5, True, torch.tensor([[1]]), torch.tensor([0.5])):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(x, logits_to_keep=bad)
+    rows = []  # positions the output head sees per call: the prefill of a 9-token prompt needs only its last
+    hook = model.output.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    try:
+        out = model.generate(x, 3, temperature=0)
+    finally:
+        hook.remove()
+    assert rows == [1, 1, 1]
+    assert torch.equal(model(out[:, :-1])[:, 8:].argmax(-1), out[:, 9:])

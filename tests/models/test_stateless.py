@@ -250,3 +250,28 @@ def test_score_domain_decode_reads_the_cached_keys_once(window, rope):
     k_hat, v_hat = read_shifted(C, V, coef_k, coef_v, pos, cos, sin)
     ref = torch.softmax(q.view(B, Hk, H // Hk, D) @ k_hat.transpose(-1, -2) * D ** -0.5, -1) @ v_hat
     assert torch.allclose(fn(q, C, V), ref.view(B, H, T, D), atol=1e-5)
+
+
+@pytest.mark.parametrize("score_domain", [False, True], ids=["copy", "scores"])
+def test_compiled_decode_reads_through_the_shifted_copy(score_domain, monkeypatch):
+    """Inside torch.compile a decoding chunk takes the shifted copy + SDPA (vanilla's attention kernel), not the
+    score-domain read, unless SCORE_DOMAIN_WHEN_COMPILED asks for it; both give the uncompiled logits."""
+    import kvshift.layers.stateless as st
+
+    model = make("kvshift", 2, n_kv_heads=2)
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    chunks = [(0, 8)] + [(i, i + 1) for i in range(8, 12)]
+    want, _ = run_chunks(model, x, chunks)
+    calls = []
+    real = st.decode_attend
+    monkeypatch.setattr(st, "decode_attend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(st, "SCORE_DOMAIN_WHEN_COMPILED", score_domain)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager")
+    try:
+        got, _ = run_chunks(model, x, chunks)
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+    assert (got - want).abs().max() <= TOL
+    assert bool(calls) == score_domain

@@ -23,6 +23,9 @@ Arms (bf16 weights, random init; the timing does not depend on the tokens, greed
                                         off, for Llama as for us); KVShiftForCausalLM's step on a StaticCache
                                         traces whole (kvshift.hf.static_view), and the record counts the graph
                                         breaks and the graphs compiled while timed (both 0 when it does)
+  hf-kvshift-static-scores-compiled     hf-kvshift-static-compiled with the decode read in the score domain
+                                        inside the compiled step too (the default before the shifted copy +
+                                        SDPA; kvshift.layers.stateless): ratio "compiled-scores" against it
 Eager arms run with `disable_compile=True` (generate would otherwise compile a static-cache decode step on
 its own). ms per generated token = (t(prompt + N new) - t(prompt + 1 new)) / (N - 1): the decode steps
 through generate, prefill excluded; both generate calls are timed in every iteration, medians over the
@@ -122,7 +125,17 @@ def gen_call(arm: str, model: torch.nn.Module) -> Callable[[torch.Tensor, int], 
     def call(ids, n):
         mask = torch.ones_like(ids)
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw)
-    return call
+    if "-scores-" not in arm:
+        return call
+
+    def scores(ids, n):  # the decode read in the score domain inside torch.compile too (see kvshift.layers.stateless)
+        from kvshift.layers import stateless
+        old, stateless.SCORE_DOMAIN_WHEN_COMPILED = stateless.SCORE_DOMAIN_WHEN_COMPILED, True
+        try:
+            return call(ids, n)
+        finally:
+            stateless.SCORE_DOMAIN_WHEN_COMPILED = old
+    return scores
 
 
 def _drop_caches(model: torch.nn.Module) -> None:

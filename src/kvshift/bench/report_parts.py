@@ -6,7 +6,8 @@ ATTN_ARMS = ("vanilla", "fused-sdpa", "fused")
 GEN_ARMS = ("lm-vanilla", "lm-kvshift", "lm-kvshift-stateless", "hf-vanilla-static", "hf-kvshift-static",
             "llama-static", "llama-dynamic",
             "lm-vanilla-compiled", "lm-kvshift-compiled",
-            "hf-vanilla-static-compiled", "hf-kvshift-static-compiled", "llama-static-compiled")
+            "hf-vanilla-static-compiled", "hf-kvshift-static-compiled", "llama-static-compiled",
+            "hf-kvshift-static-scores-compiled")
 # ratio name -> (numerator arm, denominator arm); GEN_TARGET_RATIOS are the decode-latency targets (<= 1.02)
 GEN_RATIOS = {"lm": ("lm-kvshift", "lm-vanilla"),
               "hf-static": ("hf-kvshift-static", "hf-vanilla-static"),
@@ -16,7 +17,9 @@ GEN_RATIOS = {"lm": ("lm-kvshift", "lm-vanilla"),
               "lm-vs-llama-dynamic": ("lm-kvshift", "llama-dynamic"),
               "lm-stateless": ("lm-kvshift-stateless", "lm-kvshift"),
               "lm-compiled": ("lm-kvshift-compiled", "lm-vanilla-compiled"),
-              "lm-compiled-vs-llama": ("lm-kvshift-compiled", "llama-static-compiled")}
+              "lm-compiled-vs-llama": ("lm-kvshift-compiled", "llama-static-compiled"),
+              # the compiled step's decode read in the score domain (the default before) / the shifted copy + SDPA
+              "compiled-scores": ("hf-kvshift-static-scores-compiled", "hf-kvshift-static-compiled")}
 GEN_TARGET_RATIOS = ("lm", "hf-static-vs-llama", "compiled-vs-llama", "lm-compiled", "lm-compiled-vs-llama")
 
 ATTN_NOTE = (

@@ -42,7 +42,7 @@ _OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(
     else "past_key_values"
 
 # keyword arguments transformers' helpers may pass that carry nothing for this model
-_IGNORED_KWARGS = frozenset({"token_type_ids", "cache_position", "logits_to_keep", "num_items_in_batch",
+_IGNORED_KWARGS = frozenset({"token_type_ids", "cache_position", "num_items_in_batch",
                              "next_sequence_length", "is_first_iteration"})
 
 
@@ -209,12 +209,14 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, output_attentions: bool | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs):
         """Logits of kvshift.LM. `cache` (or `past_key_values`): a transformers Cache (rotated raw k and
         raw v per layer, shifted on read) or a KVShiftCache to extend; a DynamicCache is made when
         use_cache=True. attention_mask: (B, past+T) or (B, T), left padding only.
         position_ids are honoured only without mask and cache, as packed-document positions
-        (restarting at 0 at each document start)."""
+        (restarting at 0 at each document start). logits_to_keep: as `kvshift.LM.forward` (generate asks
+        for 1 at the prefill, and for the draft's length + 1 in assisted generation)."""
         state = kwargs.pop("cache", None)
         state = state if state is not None else past_key_values
         unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS)
@@ -224,6 +226,8 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
             raise ValueError("KVShiftForCausalLM takes input_ids, not inputs_embeds")
         if input_ids is None:
             raise ValueError("input_ids is required")
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("labels need the logits of every position: logits_to_keep must be 0 with labels")
         if output_attentions or output_hidden_states:
             raise ValueError("KVShiftForCausalLM does not return attentions or hidden states; "
                              "see kvshift.eval.analysis.attention_probs for attention maps")
@@ -243,11 +247,12 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
             kw = dict(head_dim=cfg.dim // cfg.n_heads, rope_base=cfg.rope_base, device=input_ids.device)
             if static_length(state):  # static shapes, no host read: what a compiled decode step traces
                 view = StaticCacheView(state, B, T, attention_mask, **kw)
-                return self._output(self.model(input_ids, cache=view), labels, state, return_dict)
+                return self._output(self.model(input_ids, cache=view, logits_to_keep=logits_to_keep), labels, state,
+                                    return_dict)
             view = TransformersCacheView(state, B, T, attention_mask, **kw)
             new = None if attention_mask is None else attention_mask[:, -T:]
             logits = self.model(input_ids, cache=view, attention_mask=None if new is None or bool(new.bool().all())
-                                else view.valid)
+                                else view.valid, logits_to_keep=logits_to_keep)
             return self._output(logits, labels, state, return_dict)
 
         mask = attention_mask
@@ -259,12 +264,12 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
         if state is not None:
             p = self.model.output.weight
             kv = state.reserve(self.model, B, T, p.dtype, p.device)
-            logits = self.model(input_ids, cache=kv, attention_mask=mask)
+            logits = self.model(input_ids, cache=kv, attention_mask=mask, logits_to_keep=logits_to_keep)
         else:
             pos = position_ids if (mask is None and position_ids is not None) else None
             if pos is not None and pos.dim() == 1:
                 pos = pos.unsqueeze(0).expand(B, T)
-            logits = self.model(input_ids, attention_mask=mask, position_ids=pos)
+            logits = self.model(input_ids, attention_mask=mask, position_ids=pos, logits_to_keep=logits_to_keep)
 
         return self._output(logits, labels, state, return_dict)
 

@@ -13,6 +13,7 @@ from kvshift.layers.mixers import Smear, block_mixers
 from kvshift.layers.mlp import make_mlp
 from kvshift.models.cache import KVCache
 from kvshift.models.config import ModelConfig
+from kvshift.models.sampling import logits_positions, sample_next
 from kvshift.ops.rope import rope_cos_sin
 from kvshift.ops.shift import check_cu_seqlens
 
@@ -281,15 +282,19 @@ class LM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V). Packed documents: one row (1, N) or (N,) with
-        `cu_seqlens`, or rows whose `position_ids` restart at 0 at every document start."""
+        `cu_seqlens`, or rows whose `position_ids` restart at 0 at every document start.
+        logits_to_keep (transformers' meaning): 0 = every position; n > 0 = the last n positions only
+        (B, n, V); a 1-D integer tensor = those positions. A prefill that samples from the last position
+        needs 1: at batch 128 and 8k tokens the full logits are 1M x vocab_size values."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int16):
             raise ValueError("input_ids must be an integer tensor")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        keep = logits_positions(logits_to_keep, input_ids.shape[1])
         if not torch.compiler.is_compiling() and input_ids.numel():
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync for both bounds
             if lo < 0 or hi >= self.config.vocab_size:
@@ -307,6 +312,8 @@ class LM(nn.Module):
         if cache is not None:
             cache.end(ctx.token_valid if ctx.token_valid is not None else
                       torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device))
+        if keep is not None:
+            h = h[:, keep]
         return self.output(self.norm(h))
 
     def __getstate__(self):
@@ -360,7 +367,7 @@ class LM(nn.Module):
             cache = RawKVCache.for_model(self, B, T + max_new_tokens)
         else:
             cache = self.new_cache(B, T + max_new_tokens)
-        logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+        logits = self(input_ids, cache=cache, attention_mask=attention_mask, logits_to_keep=1)[:, -1]
         step = (lambda nxt: self(nxt.view(B, 1), cache=cache)[:, -1]) if decoder is None else decoder.start(
             T + max_new_tokens - 2)  # the last decode slot: a host bound on every position
         out = [input_ids]
@@ -375,22 +382,3 @@ class LM(nn.Module):
                 break
             logits = step(nxt)
         return torch.cat(out, 1)
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) fp32 -> (B,) token ids."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).view(-1)
