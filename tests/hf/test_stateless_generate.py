@@ -232,15 +232,45 @@ def test_logits_to_keep_is_honoured_and_generate_asks_for_it():
     assert model._supports_logits_to_keep()
     full = model(x).logits
     assert torch.allclose(model(x, logits_to_keep=4).logits, full[:, -4:], atol=1e-6)
-    cache = DynamicCache()
-    assert torch.allclose(model(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits, full[:, -1:],
-                          atol=1e-5)
+    from kvshift.hf import KVShiftCache
+
+    for cache in (DynamicCache(), StaticCache(config=model.config, max_cache_len=16), KVShiftCache()):
+        got = model(x, past_key_values=cache, use_cache=True, logits_to_keep=2).logits
+        assert got.shape[1] == 2 and torch.allclose(got, full[:, -2:], atol=1e-5), type(cache).__name__
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(x, labels=x, logits_to_keep=1)
     rows = []
     hook = model.model.output.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
     try:
         model.generate(x, max_new_tokens=3, **GREEDY)
+        assert rows == [1, 1, 1]
+        rows.clear()  # prompt lookup: each verification step scores the candidates + 1 positions, no more
+        lookup = torch.cat([x[:1], x[:1, 2:8]], 1)
+        model.generate(lookup, max_new_tokens=6, prompt_lookup_num_tokens=3, **GREEDY)
     finally:
         hook.remove()
-    assert rows == [1, 1, 1]
+    assert rows and all(1 <= r <= 4 for r in rows)  # never the whole 16-token prompt
+
+
+@pytest.mark.skipif(not (__import__("os").environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
+                    reason="the Triton decode kernel needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_generate_through_the_decode_kernel_equals_uncached(static, mode, monkeypatch):
+    """transformers' generate on its own caches with every decoding step on the flash-decoding kernel
+    (DECODE_KERNEL "always"): the uncached tokens, for a left-padded batch, dynamic and static caches."""
+    import kvshift.layers.stateless_kernel as sk
+
+    dev = "cpu" if __import__("os").environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    _, model = hf(**VARIANTS["kvshift-w3"])
+    model = model.to(dev)
+    ids, mask = (t.to(dev) for t in left_padded([7, 4], torch.Generator().manual_seed(3)))
+    extra = dict(cache_implementation="static") if static else {}
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False, **MODES[mode], pad_token_id=0, eos_token_id=None)
+    calls = []
+    real = sk.kernel_decode
+    monkeypatch.setattr(sk, "kernel_decode", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(sk, "DECODE_KERNEL", "always")
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, **MODES[mode], pad_token_id=0, eos_token_id=None, **extra)
+    assert torch.equal(got, want)
+    assert calls

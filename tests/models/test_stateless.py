@@ -275,3 +275,88 @@ def test_compiled_decode_reads_through_the_shifted_copy(score_domain, monkeypatc
         torch._dynamo.reset()
     assert (got - want).abs().max() <= TOL
     assert bool(calls) == score_domain
+
+
+INTERPRETED = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+kernel_needed = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                   reason="the Triton decode kernel needs CUDA or TRITON_INTERPRET=1")
+KERNEL_DEVICE = "cpu" if INTERPRETED else "cuda"
+
+
+@kernel_needed
+@pytest.mark.parametrize("position", ["rope", "none", "learned"])
+@pytest.mark.parametrize("kind,window", [("kvshift", 1), ("kvshift", 3), ("kshift", 2), ("vshift", 1),
+                                         ("kvshift_gate", 2)])
+def test_decode_kernel_equals_the_pytorch_read(kind, window, position, monkeypatch):
+    """A one-token step takes the flash-decoding kernel (DECODE_KERNEL "always": on a CPU under the Triton
+    interpreter) when every row's real slots are one run; the logits equal the PyTorch read's, with GQA, left
+    padding and a row whose first real token arrives late."""
+    import kvshift.layers.stateless_kernel as sk
+
+    model = make(kind, window, position, n_kv_heads=2).float().to(KERNEL_DEVICE)
+    g = torch.Generator().manual_seed(11 + window)
+    x = torch.randint(0, 97, (3, 14), generator=g)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    mask[2, :9] = 0  # row 2: 9 pads, then its real tokens (the last chunks are single tokens)
+    x, mask = x.to(KERNEL_DEVICE), mask.to(KERNEL_DEVICE)
+    chunks = [(0, 10)] + [(i, i + 1) for i in range(10, 14)]
+    monkeypatch.setattr(sk, "DECODE_KERNEL", "never")
+    want, _ = run_chunks(model, x, chunks, mask)
+    calls = []
+    real = sk.kernel_decode
+    monkeypatch.setattr(sk, "kernel_decode", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(sk, "DECODE_KERNEL", "always")
+    got, _ = run_chunks(model, x, chunks, mask)
+    ok = mask.bool()
+    assert (got - want)[ok].abs().max() <= 1e-4
+    assert len(calls) == 4 * model.config.n_layers  # every single-token step, every layer
+
+
+def test_span_is_one_run_of_real_slots_or_none():
+    """The kernel's condition: each row's real slots one run of positions 0, 1, ... (pads before, empty slots
+    after); pads between tokens or a second document break it. Memoized per positions tensor and width."""
+    from types import SimpleNamespace
+
+    import kvshift.layers.stateless_kernel as sk
+
+    cache = SimpleNamespace()
+    pos = torch.tensor([[-1, -1, 0, 1, 2, -1], [0, 1, 2, 3, 4, 5]])
+    start, end = sk.span(cache, pos, pos)
+    assert start.tolist() == [2, 0] and end.tolist() == [5, 6]
+    assert sk.span(cache, pos, pos)[0] is start  # the same forward: no second host read
+    for bad in ([[0, 1, -1, 2]], [[0, 1, 0, 1]], [[1, 2, 3, 4]]):  # a hole, a second document, no start at 0
+        t = torch.tensor(bad)
+        assert sk.span(cache, t, t) is None, bad
+    empty = torch.full((1, 3), -1)
+    s, e = sk.span(cache, empty, empty)
+    assert s.tolist() == [0] and e.tolist() == [0]
+
+
+def test_a_failing_decode_kernel_under_auto_warns_once_and_falls_back(monkeypatch):
+    """"auto": a kernel that cannot build on this machine must not stop decoding: one warning, then the PyTorch
+    read for every later step (the same logits); "always" raises instead."""
+    import kvshift.layers.stateless_kernel as sk
+    import kvshift.ops.shift.paged_decode as pd
+
+    model = make("kvshift", 2, n_kv_heads=2).float()
+    x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    chunks = [(0, 6), (6, 7), (7, 8), (8, 9)]
+    monkeypatch.setattr(sk, "DECODE_KERNEL", "never")
+    want, _ = run_chunks(model, x, chunks)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("no such GPU")
+
+    monkeypatch.setattr(pd, "dense_shift_decode", broken)
+    monkeypatch.setattr(sk, "wanted", lambda q, attn: sk.DECODE_KERNEL != "never")
+    monkeypatch.setattr(sk, "DECODE_KERNEL", "auto")
+    with pytest.warns(RuntimeWarning, match="decode kernel failed"):
+        got, _ = run_chunks(model, x, chunks)
+    assert calls == [1] and sk.DECODE_KERNEL == "never"
+    assert (got - want).abs().max() <= 1e-6
+    monkeypatch.setattr(sk, "DECODE_KERNEL", "always")
+    with pytest.raises(RuntimeError, match="no such GPU"):
+        run_chunks(model, x, chunks)

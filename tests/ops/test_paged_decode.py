@@ -78,3 +78,42 @@ def test_bad_input_names_the_argument():
         paged_shift_decode(q, pool, pool, table, seq, c, c, cos[:, :2], sin)
     with pytest.raises(ValueError, match="num_splits"):
         paged_shift_decode(q, pool, pool, table, seq, c, c, cos, sin, num_splits=0)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+@pytest.mark.parametrize("W", [1, 2, 4])
+def test_dense_decode_reads_transformers_layout_in_place(W, num_splits):
+    """`dense_shift_decode`: the same kernel over a (B, H_kv, S, D) cache, a view of a larger allocation (a
+    RawKVCache's slots so far), rows left-padded and with unwritten slots after their end; equals the
+    reference read of each row's live slots."""
+    from kvshift.ops.shift.paged_decode import dense_shift_decode
+
+    g = torch.Generator().manual_seed(W * 7 + (num_splits or 0))
+    B, Hq, Hkv, D, S_alloc, S = 3, 4, 2, 8, 40, 29
+    start = torch.tensor([0, 3, 11])
+    seq_lens = torch.tensor([29, 29, 20])  # row 2 has 9 unwritten slots at the end (a static cache)
+    Ka = torch.randn(B, Hkv, S_alloc, D, generator=g)
+    Va = torch.randn(B, Hkv, S_alloc, D, generator=g)
+    C, V = Ka[:, :, :S], Va[:, :, :S]
+    q = torch.randn(B, Hq, D, generator=g)
+    ck, cv = torch.randn(Hkv, W, generator=g), torch.randn(Hkv, W, generator=g)
+    cos, sin = rotation_tables(W - 1, D, 10_000.0, dtype=torch.float32)
+    # the reference over a paged copy: blocks of BS slots in order
+    nb = -(-S // BS)
+    pad = torch.zeros(B, Hkv, nb * BS - S, D)
+    pool_k = torch.cat([C, pad], 2).permute(0, 2, 1, 3).reshape(B * nb, BS, Hkv, D)
+    pool_v = torch.cat([V, pad], 2).permute(0, 2, 1, 3).reshape(B * nb, BS, Hkv, D)
+    table = torch.arange(B * nb).view(B, nb)
+    want = reference(q, pool_k, pool_v, table, seq_lens, ck, cv, cos, sin, start)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    Ka_d, Va_d = dev(Ka), dev(Va)
+    for block in (8, 16):
+        got = dense_shift_decode(dev(q), Ka_d[:, :, :S], Va_d[:, :, :S], dev(start), dev(seq_lens), dev(ck),
+                                 dev(cv), dev(cos), dev(sin), block=block, num_splits=num_splits)
+        assert (got.cpu().double() - want).abs().max().item() <= 1e-5, block
+    with pytest.raises(ValueError, match="same strides"):
+        dense_shift_decode(dev(q), Ka_d[:, :, :S], dev(V.contiguous()), dev(start), dev(seq_lens), dev(ck), dev(cv),
+                           dev(cos), dev(sin))
+    with pytest.raises(ValueError, match="block"):
+        dense_shift_decode(dev(q), Ka_d[:, :, :S], Va_d[:, :, :S], dev(start), dev(seq_lens), dev(ck), dev(cv),
+                           dev(cos), dev(sin), block=12)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from kvshift.layers import stateless_kernel
 from kvshift.ops.rope import apply_rope
 
 _FLOAT = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -207,10 +208,16 @@ def stateless_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     C, Vc = cache.update(attn.layer_idx, k.transpose(1, 2), v.transpose(1, 2))
     coef_k, coef_v = attn._coefficients("k"), attn._coefficients("v")
     if coef_k is not None or coef_v is not None:
-        pos = cache.slot_positions()[:, : C.shape[2]]
+        every = cache.slot_positions()
+        pos = every[:, : C.shape[2]]
         cos = sin = None
         if attn.position == "rope" and coef_k is not None:
             cos, sin = cache.rotation(coef_k.shape[1], C.device)
+        run = stateless_kernel.span(cache, every, pos) if T == 1 and stateless_kernel.wanted(q, attn) else None
+        if run is not None:
+            out = stateless_kernel.kernel_decode(q[:, 0], C, Vc, coef_k, coef_v, run, cos, sin)
+            if out is not None:
+                return attn.wo(out.reshape(B, 1, attn.n_heads * attn.head_dim))
         if T <= DECODE_MAX_T and (SCORE_DOMAIN_WHEN_COMPILED or not torch.compiler.is_compiling()):
             out = decode_attend(attn, q.transpose(1, 2), C, Vc, coef_k, coef_v, pos, cos, sin, ctx)
             return attn.wo(out.transpose(1, 2).reshape(B, T, attn.n_heads * attn.head_dim))

@@ -150,19 +150,60 @@ def paged_shift_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
     R_0 .. R_{W-1} (`kvshift.layers.stateless.rotation_tables`; cos 1 / sin 0 without RoPE). start (B,) int:
     slot of each row's first real token (default 0). Returns (B, H_q, D) in q's dtype (fp32 accumulation)."""
     _check(q, k_pool, v_pool, block_table, seq_lens, coef_k, coef_v, cos, sin, start, num_splits)
+    dev = q.device
+    k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
+    seq = seq_lens.to(device=dev, dtype=torch.int32).contiguous()
+    n_blocks = max(1, -(-int(seq.max().item()) // k_pool.shape[1])) if q.shape[0] else 1
+    return _launch(q, k_pool, v_pool, block_table, seq, start, coef_k, coef_v, cos, sin, scale, num_splits,
+                   bs=k_pool.shape[1], n_blocks=n_blocks, strides=(k_pool.stride(0), k_pool.stride(1),
+                                                                     k_pool.stride(2)))
+
+
+def dense_shift_decode(q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, start: torch.Tensor, seq_lens: torch.Tensor,
+                       coef_k: torch.Tensor, coef_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                       block: int = 64, num_splits: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """The same kernel over a dense standard cache, transformers' layout: C, V (B, H_kv, S, D), rotated raw keys
+    and raw values, last dim contiguous and the same strides for both (a view of a larger allocation is
+    fine). No copy: a block table of `block`-slot tiles is made up whose entries address the tensor itself
+    (row b, tile i -> slot row b * stride(0) / stride(2) + i * block, in units of stride(2)). Row b's real
+    tokens are slots start[b] .. seq_lens[b] - 1 (left padding before them, unwritten slots after), the new
+    token's included; nothing outside that span is read as a key or a tap. num_splits: key splits per
+    (row, head), by default enough programs for about two waves on 132 SMs. No host synchronisation."""
+    if C.dim() != 4 or C.shape != V.shape or C.stride() != V.stride() or C.stride(3) != 1 \
+            or C.stride(0) % C.stride(2) or C.stride(1) % C.stride(2):
+        raise ValueError(f"C and V must be (B, H_kv, S, D) with the same strides, the last one 1, got "
+                         f"{tuple(C.shape)} {C.stride()} and {tuple(V.shape)} {V.stride()}")
+    B, Hkv, S, D = C.shape
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"block must be a power of two, got {block}")
+    n_blocks = max(1, -(-S // block))
+    if num_splits is None:
+        num_splits = max(1, min(n_blocks, -(-264 // max(1, B * q.shape[1]))))
+    row = C.stride(2)
+    table = (torch.arange(B, device=C.device, dtype=torch.int64).view(B, 1) * (C.stride(0) // row)
+             + torch.arange(n_blocks, device=C.device, dtype=torch.int64).view(1, n_blocks) * block)
+    if (B - 1) * (C.stride(0) // row) + (n_blocks - 1) * block >= 2 ** 31:
+        raise ValueError("the cache is too large for the kernel's int32 block table")
+    shape = torch.empty((1, block, Hkv, D), device="meta", dtype=C.dtype)  # the shapes _check knows (no memory)
+    _check(q, shape, shape, table, seq_lens, coef_k, coef_v, cos, sin, start, num_splits)
+    seq = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    return _launch(q, C, V, table, seq, start, coef_k, coef_v, cos, sin, scale, num_splits, bs=block,
+                   n_blocks=n_blocks, strides=(row, row, C.stride(1)))
+
+
+def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale, num_splits, *, bs, n_blocks,
+            strides):
+    """The kernel and the merge of its key splits; strides: (block, slot, head) of the pools, in elements."""
     B, Hq, D = q.shape
-    bs, Hkv = k_pool.shape[1], k_pool.shape[2]
+    Hkv = coef_k.shape[0]
     W = coef_k.shape[1]
     dev = q.device
     q = q.contiguous()
-    k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
     table = block_table.to(device=dev, dtype=torch.int32).contiguous()
-    seq = seq_lens.to(device=dev, dtype=torch.int32).contiguous()
     st = torch.zeros(B, dtype=torch.int32, device=dev) if start is None else start.to(device=dev, dtype=torch.int32)
     f32 = dict(device=dev, dtype=torch.float32)
     ck, cv = coef_k.to(**f32).contiguous(), coef_v.to(**f32).contiguous()
     cs, sn = cos[:W].to(**f32).contiguous(), sin[:W].to(**f32).contiguous()
-    n_blocks = max(1, -(-int(seq.max().item()) // bs)) if B else 1
     per_split = -(-n_blocks // num_splits)
     m = torch.empty(B, Hq, num_splits, **f32)
     lse = torch.empty(B, Hq, num_splits, **f32)
@@ -170,9 +211,9 @@ def paged_shift_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
     half = D // 2
     grid = (B, Hq, num_splits)
     paged_shift_decode_kernel[grid](
-        q, k_pool, v_pool, table, seq, st, ck, cv, cs, sn, m, lse, acc,
+        q, KP, VP, table, seq, st, ck, cv, cs, sn, m, lse, acc,
         scale if scale is not None else 1.0 / math.sqrt(D), Hq, Hq // Hkv, D, half, per_split,
-        q.stride(0), q.stride(1), table.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        q.stride(0), q.stride(1), table.stride(0), strides[0], strides[1], strides[2],
         BS=bs, W=W, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(D),
         NUM_SPLITS=num_splits)
     # merge the splits: log-sum-exp over the partial maxima (an empty split has m = -inf, l = 0)

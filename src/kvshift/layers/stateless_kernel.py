@@ -1,0 +1,93 @@
+"""The stateless decode step on the flash-decoding Triton kernel (`kvshift.ops.shift.paged_decode`).
+
+An eager decoding step (one new token per row) over a standard cache (rotated raw keys, raw values, shifted on
+read) goes to `dense_shift_decode`, which reads the cache in place, forms every tap's row in registers and
+runs the online softmax over key splits, instead of `kvshift.layers.stateless.decode_attend`'s PyTorch ops
+(about 60 per layer and step). The kernel takes each row's real slots as one run, start .. end - 1: left
+padding before it, unwritten slots after it. That is what generate produces; a row with pads between its
+tokens or with packed documents keeps the PyTorch read (`span` says which).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from kvshift.ops.shift.impl import triton_available
+
+# "auto": the kernel on CUDA (Triton installed), the PyTorch read elsewhere; "always": the kernel on any
+# device (the tests, on a CPU under TRITON_INTERPRET=1); "never": the PyTorch read everywhere.
+DECODE_KERNEL = "auto"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def wanted(q: torch.Tensor, attn) -> bool:
+    """Whether this decode step may take the kernel (the span is checked separately)."""
+    if DECODE_KERNEL == "never" or attn.position == "alibi" or torch.compiler.is_compiling():
+        return False
+    if DECODE_KERNEL == "always":
+        return True
+    return q.is_cuda and q.dtype in _DTYPES and triton_available()
+
+
+def span(cache, every: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(start, end) (B,) of every row's real slots in pos (the first slots of `every`, the cache's positions
+    tensor of this forward) when they are one run of positions 0, 1, ... (pads before, empty slots after), else
+    None. One host read per forward: memoized on the cache for `every` (each layer gets the same object)."""
+    memo = getattr(cache, "_kvshift_span", None)
+    if memo is not None and memo[0] is every and memo[1] == pos.shape[1]:
+        return memo[2]
+    S = pos.shape[1]
+    real = pos >= 0
+    n = real.sum(1)
+    start = torch.where(n > 0, real.to(torch.int32).argmax(1), torch.zeros_like(n))
+    s = torch.arange(S, device=pos.device).view(1, S)
+    inside = (s >= start[:, None]) & (s < (start + n)[:, None])
+    plain = bool(torch.where(inside, pos == s - start[:, None], ~real).all())
+    out = (start, start + n) if plain else None
+    cache._kvshift_span = (every, pos.shape[1], out)
+    return out
+
+
+def _taps(coef: torch.Tensor | None, W: int, Hk: int, device) -> torch.Tensor:
+    """(Hk, W) current-first coefficients; an unshifted side (None) is the identity [1, 0, ...]."""
+    if coef is None:
+        out = torch.zeros(Hk, W, device=device)
+        out[:, 0] = 1.0
+        return out
+    return torch.nn.functional.pad(coef.float(), (0, W - coef.shape[1]))
+
+
+def kernel_decode(q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, coef_k, coef_v, run, cos,
+                  sin) -> torch.Tensor | None:
+    """q (B, H, D) rotated; C, V (B, H_kv, S, D) as the cache holds them; run = `span(...)`; cos/sin: R_0..R_{W-1}
+    (W, D/2) for rotated keys with a shifted K side, else None (identity rotations). Returns (B, H, D), or None
+    when the kernel failed under "auto" (see `_give_up`)."""
+    from kvshift.ops.shift.paged_decode import dense_shift_decode
+
+    Hk, D = C.shape[1], C.shape[3]
+    W = max(c.shape[1] for c in (coef_k, coef_v) if c is not None)
+    ck, cv = _taps(coef_k, W, Hk, q.device), _taps(coef_v, W, Hk, q.device)
+    if cos is None:
+        cos = torch.ones(W, D // 2, device=q.device)
+        sin = torch.zeros(W, D // 2, device=q.device)
+    if C.stride() != V.stride():
+        C, V = C.contiguous(), V.contiguous()
+    if DECODE_KERNEL == "always":
+        return dense_shift_decode(q, C, V, run[0], run[1], ck, cv, cos, sin)
+    try:
+        return dense_shift_decode(q, C, V, run[0], run[1], ck, cv, cos, sin)
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot build here must not stop decoding
+        _give_up(e)
+        return None
+
+
+def _give_up(e: Exception) -> None:
+    """"auto" and the kernel failed (a Triton or driver problem on this machine): warn once, and every later
+    step takes the PyTorch read, which gives the same result."""
+    global DECODE_KERNEL
+    DECODE_KERNEL = "never"
+    warnings.warn(f"kvshift: the Triton decode kernel failed ({type(e).__name__}: {e}); decoding continues on the "
+                  "PyTorch read (kvshift.layers.stateless_kernel.DECODE_KERNEL = 'never')", RuntimeWarning,
+                  stacklevel=3)
