@@ -50,28 +50,29 @@ def span(cache, every: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, t
     return out
 
 
-def _taps(coef: torch.Tensor | None, W: int, Hk: int, device) -> torch.Tensor:
-    """(Hk, W) current-first coefficients; an unshifted side (None) is the identity [1, 0, ...]."""
-    if coef is None:
-        out = torch.zeros(Hk, W, device=device)
-        out[:, 0] = 1.0
-        return out
-    return torch.nn.functional.pad(coef.float(), (0, W - coef.shape[1]))
+_IDENTITY_ROTATIONS: dict = {}
 
 
-def kernel_decode(q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, coef_k, coef_v, run, cos,
+def _identity_rotations(W: int, half: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos 1 / sin 0 (W, half): the taps' rotations for keys that are not rotated; built once per shape."""
+    key = (W, half, str(device))
+    if key not in _IDENTITY_ROTATIONS:
+        _IDENTITY_ROTATIONS[key] = (torch.ones(W, half, device=device), torch.zeros(W, half, device=device))
+    return _IDENTITY_ROTATIONS[key]
+
+
+def kernel_decode(attn, q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, coef_k, coef_v, run, cos,
                   sin) -> torch.Tensor | None:
-    """q (B, H, D) rotated; C, V (B, H_kv, S, D) as the cache holds them; run = `span(...)`; cos/sin: R_0..R_{W-1}
+    """`attn`: the calling `Attention` (its identity coefficients for an unshifted side); q (B, H, D) rotated; C, V (B, H_kv, S, D) as the cache holds them; run = `span(...)`; cos/sin: R_0..R_{W-1}
     (W, D/2) for rotated keys with a shifted K side, else None (identity rotations). Returns (B, H, D), or None
     when the kernel failed under "auto" (see `_give_up`)."""
     from kvshift.ops.shift.paged_decode import dense_shift_decode
 
-    Hk, D = C.shape[1], C.shape[3]
     W = max(c.shape[1] for c in (coef_k, coef_v) if c is not None)
-    ck, cv = _taps(coef_k, W, Hk, q.device), _taps(coef_v, W, Hk, q.device)
+    ck, cv = (attn._identity(W, q.device) if c is None else c if c.shape[1] == W  # a narrower side: zero taps
+              else torch.nn.functional.pad(c, (0, W - c.shape[1])) for c in (coef_k, coef_v))
     if cos is None:
-        cos = torch.ones(W, D // 2, device=q.device)
-        sin = torch.zeros(W, D // 2, device=q.device)
+        cos, sin = _identity_rotations(W, C.shape[3] // 2, q.device)
     if C.stride() != V.stride():
         C, V = C.contiguous(), V.contiguous()
     if DECODE_KERNEL == "always":
