@@ -268,8 +268,10 @@ def test_generate_through_the_decode_kernel_equals_uncached(static, mode, monkey
     extra = dict(cache_implementation="static") if static else {}
     want = model.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False, **MODES[mode], pad_token_id=0, eos_token_id=None)
     calls = []
-    real = sk.kernel_decode
-    monkeypatch.setattr(sk, "kernel_decode", lambda *a: calls.append(1) or real(*a))
+    import kvshift.ops.shift.paged_decode as pd
+
+    real = pd.dense_shift_decode  # counted where the kernel launches (kernel_decode may decline a layout)
+    monkeypatch.setattr(pd, "dense_shift_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(sk, "DECODE_KERNEL", "always")
     got = model.generate(ids, attention_mask=mask, max_new_tokens=6, **MODES[mode], pad_token_id=0, eos_token_id=None, **extra)
     assert torch.equal(got, want)

@@ -304,8 +304,10 @@ def test_decode_kernel_equals_the_pytorch_read(kind, window, position, monkeypat
     monkeypatch.setattr(sk, "DECODE_KERNEL", "never")
     want, _ = run_chunks(model, x, chunks, mask)
     calls = []
-    real = sk.kernel_decode
-    monkeypatch.setattr(sk, "kernel_decode", lambda *a: calls.append(1) or real(*a))
+    import kvshift.ops.shift.paged_decode as pd
+
+    real = pd.dense_shift_decode  # counted where the kernel launches (kernel_decode may decline a layout)
+    monkeypatch.setattr(pd, "dense_shift_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(sk, "DECODE_KERNEL", "always")
     got, _ = run_chunks(model, x, chunks, mask)
     ok = mask.bool()
@@ -351,11 +353,12 @@ def test_a_failing_decode_kernel_under_auto_warns_once_and_falls_back(monkeypatc
         raise RuntimeError("no such GPU")
 
     monkeypatch.setattr(pd, "dense_shift_decode", broken)
-    monkeypatch.setattr(sk, "wanted", lambda q, attn: sk.DECODE_KERNEL != "never")
+    monkeypatch.setattr(sk, "_broken", False)
+    monkeypatch.setattr(sk, "wanted", lambda q, attn: sk.DECODE_KERNEL == "always" or not sk._broken)
     monkeypatch.setattr(sk, "DECODE_KERNEL", "auto")
     with pytest.warns(RuntimeWarning, match="decode kernel failed"):
         got, _ = run_chunks(model, x, chunks)
-    assert calls == [1] and sk.DECODE_KERNEL == "never"
+    assert calls == [1] and sk._broken and sk.DECODE_KERNEL == "auto"  # the user's setting is left alone
     assert (got - want).abs().max() <= 1e-6
     monkeypatch.setattr(sk, "DECODE_KERNEL", "always")
     with pytest.raises(RuntimeError, match="no such GPU"):

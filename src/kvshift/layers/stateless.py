@@ -215,7 +215,7 @@ def stateless_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             cos, sin = cache.rotation(coef_k.shape[1], C.device)
         run = stateless_kernel.span(cache, every, pos) if T == 1 and stateless_kernel.wanted(q, attn) else None
         if run is not None:
-            out = stateless_kernel.kernel_decode(attn, q[:, 0], C, Vc, coef_k, coef_v, run, cos, sin)
+            out = stateless_kernel.kernel_decode(attn, cache, q[:, 0], C, Vc, coef_k, coef_v, run, cos, sin)
             if out is not None:
                 return attn.wo(out.reshape(B, 1, attn.n_heads * attn.head_dim))
         if T <= DECODE_MAX_T and (SCORE_DOMAIN_WHEN_COMPILED or not torch.compiler.is_compiling()):

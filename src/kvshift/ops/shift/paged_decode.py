@@ -37,7 +37,7 @@ def _tap_rows(POOL, TABLE, b, s, start, seq_len, hk, cols, mask_c, stride_tb, st
     ok = (src >= start) & (s < seq_len)
     src_c = tl.where(ok, src, 0)
     blk = tl.load(TABLE + b * stride_tb + src_c // BS, mask=ok, other=0).to(tl.int64)
-    off = blk * stride_pb + (src_c % BS).to(tl.int64) * stride_ps + hk * stride_ph
+    off = blk * stride_pb + (src_c % BS).to(tl.int64) * stride_ps + hk.to(tl.int64) * stride_ph
     return tl.load(POOL + off[:, None] + cols[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
 
 
@@ -65,8 +65,11 @@ def paged_shift_decode_kernel(Q, KP, VP, TABLE, SEQ, START, CK, CV, COS, SIN, M_
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     rows = tl.arange(0, BS)
     first = sp * blocks_per_split
-    it = 0
-    while it < blocks_per_split:  # a while loop: the interpreter cannot range() over a runtime int
+    # only the split's tiles that hold live slots: none before the row's start, none from seq_len on (a static
+    # cache's unwritten slots, the empty splits of a short cache)
+    it = tl.maximum(start // BS - first, 0)
+    stop = tl.minimum(blocks_per_split, (seq_len + BS - 1) // BS - first)
+    while it < stop:  # a while loop: the interpreter cannot range() over a runtime int
         s = (first + it) * BS + rows
         k1 = tl.zeros([BS, BLOCK_HALF], dtype=tl.float32)
         k2 = tl.zeros([BS, BLOCK_HALF], dtype=tl.float32)
@@ -161,34 +164,53 @@ def paged_shift_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
 
 def dense_shift_decode(q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, start: torch.Tensor, seq_lens: torch.Tensor,
                        coef_k: torch.Tensor, coef_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                       block: int = 64, num_splits: int | None = None, scale: float | None = None) -> torch.Tensor:
+                       block: int = 64, num_splits: int | None = None, scale: float | None = None,
+                       table: torch.Tensor | None = None) -> torch.Tensor:
     """The same kernel over a dense standard cache, transformers' layout: C, V (B, H_kv, S, D), rotated raw keys
     and raw values, last dim contiguous and the same strides for both (a view of a larger allocation is
     fine). No copy: a block table of `block`-slot tiles is made up whose entries address the tensor itself
     (row b, tile i -> slot row b * stride(0) / stride(2) + i * block, in units of stride(2)). Row b's real
     tokens are slots start[b] .. seq_lens[b] - 1 (left padding before them, unwritten slots after), the new
     token's included; nothing outside that span is read as a key or a tap. num_splits: key splits per
-    (row, head), by default enough programs for about two waves on 132 SMs. No host synchronisation."""
-    if C.dim() != 4 or C.shape != V.shape or C.stride() != V.stride() or C.stride(3) != 1 \
-            or C.stride(0) % C.stride(2) or C.stride(1) % C.stride(2):
+    (row, head), by default enough programs for about two waves on 132 SMs. table: `dense_table(C, block)`, to
+    reuse one across the layers of a step. No host synchronisation."""
+    if not dense_layout_ok(C, V):
         raise ValueError(f"C and V must be (B, H_kv, S, D) with the same strides, the last one 1, got "
                          f"{tuple(C.shape)} {C.stride()} and {tuple(V.shape)} {V.stride()}")
     B, Hkv, S, D = C.shape
     if block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two, got {block}")
     n_blocks = max(1, -(-S // block))
-    if num_splits is None:
-        num_splits = max(1, min(n_blocks, -(-264 // max(1, B * q.shape[1]))))
-    row = C.stride(2)
-    table = (torch.arange(B, device=C.device, dtype=torch.int64).view(B, 1) * (C.stride(0) // row)
-             + torch.arange(n_blocks, device=C.device, dtype=torch.int64).view(1, n_blocks) * block)
-    if (B - 1) * (C.stride(0) // row) + (n_blocks - 1) * block >= 2 ** 31:
-        raise ValueError("the cache is too large for the kernel's int32 block table")
+    if num_splits is None:  # not bounded by the cache's length: the same compiled kernel while the cache grows;
+        # one off CUDA (the interpreter runs every program in Python)
+        num_splits = max(1, -(-264 // max(1, B * q.shape[1]))) if q.is_cuda else 1
+    table = dense_table(C, block) if table is None else table
     shape = torch.empty((1, block, Hkv, D), device="meta", dtype=C.dtype)  # the shapes _check knows (no memory)
     _check(q, shape, shape, table, seq_lens, coef_k, coef_v, cos, sin, start, num_splits)
     seq = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    row = C.stride(2)
     return _launch(q, C, V, table, seq, start, coef_k, coef_v, cos, sin, scale, num_splits, bs=block,
                    n_blocks=n_blocks, strides=(row, row, C.stride(1)))
+
+
+def dense_layout_ok(C: torch.Tensor, V: torch.Tensor) -> bool:
+    """Whether `dense_shift_decode` can address C and V in place (and its int32 block table reaches them)."""
+    if C.dim() != 4 or C.shape != V.shape or C.stride() != V.stride() or C.stride(3) != 1 or C.shape[3] % 2:
+        return False
+    B, row = C.shape[0], C.stride(2)
+    if B > 1 and C.stride(0) % row:
+        return False
+    return (B - 1) * (C.stride(0) // row) + C.shape[2] < 2 ** 31
+
+
+def dense_table(C: torch.Tensor, block: int) -> torch.Tensor:
+    """The made-up block table of a dense cache: row b, tile i -> slot row b * stride(0) / stride(2) + i * block
+    (the kernel multiplies it by stride(2)), int32 (B, ceil(S / block))."""
+    B, S, row = C.shape[0], C.shape[2], C.stride(2)
+    n_blocks = max(1, -(-S // block))
+    per_row = C.stride(0) // row if B > 1 else 0
+    return (torch.arange(B, device=C.device, dtype=torch.int32).view(B, 1) * per_row
+            + torch.arange(n_blocks, device=C.device, dtype=torch.int32).view(1, n_blocks) * block)
 
 
 def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale, num_splits, *, bs, n_blocks,
@@ -216,6 +238,8 @@ def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale,
         q.stride(0), q.stride(1), table.stride(0), strides[0], strides[1], strides[2],
         BS=bs, W=W, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(D),
         NUM_SPLITS=num_splits)
+    if num_splits == 1:
+        return (acc[:, :, 0] / lse.clamp_min(1e-30)).to(q.dtype)
     # merge the splits: log-sum-exp over the partial maxima (an empty split has m = -inf, l = 0)
     m_all = m.amax(dim=2, keepdim=True)
     m_all = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
