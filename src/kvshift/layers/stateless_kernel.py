@@ -72,10 +72,9 @@ def kernel_decode(attn, cache, q: torch.Tensor, C: torch.Tensor, V: torch.Tensor
     kernel failed under "auto" (see `_give_up`)."""
     from kvshift.ops.shift import paged_decode
 
-    if C.stride() != V.stride() or not paged_decode.dense_layout_ok(C, V) or max(
-            c.shape[1] for c in (coef_k, coef_v) if c is not None) > 4:
-        return None  # a layout the kernel cannot address in place: the PyTorch read (no copy of the cache)
     W = max(c.shape[1] for c in (coef_k, coef_v) if c is not None)
+    if W > 4 or not paged_decode.dense_layout_ok(C, V):
+        return None  # a layout the kernel cannot address in place: the PyTorch read (no copy of the cache)
     ck, cv = (attn._identity(W, q.device) if c is None else c if c.shape[1] == W  # a narrower side: zero taps
               else torch.nn.functional.pad(c, (0, W - c.shape[1])) for c in (coef_k, coef_v))
     if cos is None:
