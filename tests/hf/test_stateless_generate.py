@@ -258,7 +258,9 @@ def test_logits_to_keep_is_honoured_and_generate_asks_for_it():
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_generate_through_the_decode_kernel_equals_uncached(static, mode, monkeypatch):
     """transformers' generate on its own caches with every decoding step on the flash-decoding kernel
-    (DECODE_KERNEL "always"): the uncached tokens, for a left-padded batch, dynamic and static caches."""
+    (DECODE_KERNEL "always"): the uncached tokens, for a left-padded batch, dynamic and static caches. Eager
+    steps (disable_compile): on CUDA, generate compiles a static cache's step by default, and a compiled step
+    reads through the shifted copy + SDPA instead (checked last, as a user calls it)."""
     import kvshift.layers.stateless_kernel as sk
 
     dev = "cpu" if __import__("os").environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -266,13 +268,17 @@ def test_generate_through_the_decode_kernel_equals_uncached(static, mode, monkey
     model = model.to(dev)
     ids, mask = (t.to(dev) for t in left_padded([7, 4], torch.Generator().manual_seed(3)))
     extra = dict(cache_implementation="static") if static else {}
-    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False, **MODES[mode], pad_token_id=0, eos_token_id=None)
+    kw = dict(attention_mask=mask, max_new_tokens=6, **MODES[mode], pad_token_id=0, eos_token_id=None)
+    want = model.generate(ids, use_cache=False, **kw)
     calls = []
     import kvshift.ops.shift.paged_decode as pd
 
     real = pd.dense_shift_decode  # counted where the kernel launches (kernel_decode may decline a layout)
     monkeypatch.setattr(pd, "dense_shift_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(sk, "DECODE_KERNEL", "always")
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, **MODES[mode], pad_token_id=0, eos_token_id=None, **extra)
+    kw.update(extra)
+    got = model.generate(ids, disable_compile=True, **kw)
     assert torch.equal(got, want)
     assert calls
+    if dev == "cuda" and static:  # generate's own compile of the static step (no kernel inside the graph)
+        assert torch.equal(model.generate(ids, **kw), want)
