@@ -184,7 +184,7 @@ def _igsm_results(key, kv_test, va_test, kv_id=(0.9, 0.9), va_id=(0.9, 0.9), n=5
         "test_answer_accuracy_per_seed": {str(i): v for i, v in enumerate(test)},
         "in_distribution_answer_accuracy_per_seed": {str(i): v for i, v in enumerate(ind)}}
     return {key: {"train_max_operations": 6, "test_operations": 8, "steps": steps, "batch_size": 64, "n_test": n,
-                  "arms": {"vanilla": arm(va_test, va_id), "kvshift": arm(kv_test, kv_id)}}}
+                  "n_in_distribution": n, "arms": {"vanilla": arm(va_test, va_id), "kvshift": arm(kv_test, kv_id)}}}
 
 
 def test_igsm_verdict_rules():
@@ -201,6 +201,17 @@ def test_igsm_verdict_rules():
     assert v("Tr6-Te8", (0.5, 0.5), (0.9, 0.9))[0] == "not reproduced"
     both = {**_igsm_results("Tr12-Te15", (0.9, 0.9), (0.5, 0.5)), **_igsm_results("Tr6-Te8", (0.5, 0.5), (0.5, 0.5))}
     assert igsm_exp.igsm_verdict(both)[0] == "partly reproduced"
+
+
+def test_igsm_states_an_unequal_in_distribution_accuracy_when_the_ood_test_cannot_decide():
+    """Below the in-distribution bar the verdict stays inconclusive, but a clear in-distribution gap at the same
+    budget (learning speed) is stated with its SE; a gap within two SEs is not."""
+    verdict, text = igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.08, 0.09), (0.07, 0.06), kv_id=(0.77, 0.75),
+                                                        va_id=(0.43, 0.45), n=256))
+    assert verdict == "inconclusive"
+    assert "in-distribution KV shift − vanilla +0.320 ± 0.029 (256 problems, 2 seed(s))" in text
+    text = igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.08,), (0.07,), kv_id=(0.45,), va_id=(0.43,), n=256))[1]
+    assert "learned the training distribution unequally" not in text
 
 
 def test_igsm_ood_difference_se():

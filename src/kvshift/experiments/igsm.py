@@ -327,13 +327,15 @@ def setting_results(rs: list[dict]) -> dict:
 ID_LEARNED, MIN_SEEDS = 0.8, 2  # in-distribution answer accuracy every run needs, seeds a setting needs
 
 
-def ood_difference(r: dict) -> dict | None:
-    """KV shift − vanilla test answer accuracy over the seeds both arms ran: per seed, the mean, its SE."""
-    kv, va = r["arms"]["kvshift"]["test_answer_accuracy_per_seed"], r["arms"]["vanilla"]["test_answer_accuracy_per_seed"]
+def ood_difference(r: dict, part: str = "test") -> dict | None:
+    """KV shift − vanilla answer accuracy (part "test", the longer problems, or "in_distribution") over the seeds
+    both arms ran: per seed, the mean, its SE."""
+    kv, va = (r["arms"][a][f"{part}_answer_accuracy_per_seed"] for a in ("kvshift", "vanilla"))
     seeds = sorted(set(kv) & set(va), key=int)
     if not seeds:
         return None
-    var = sum(kv[x] * (1 - kv[x]) + va[x] * (1 - va[x]) for x in seeds) / r["n_test"]
+    n = r["n_test"] if part == "test" else r["n_in_distribution"]
+    var = sum(kv[x] * (1 - kv[x]) + va[x] * (1 - va[x]) for x in seeds) / n
     diffs = [kv[x] - va[x] for x in seeds]  # SE: the larger of the binomial one and the seed-to-seed one
     between = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
     return {"seeds": seeds, "per_seed": dict(zip(seeds, diffs)), "mean": sum(diffs) / len(diffs),
@@ -368,6 +370,11 @@ def igsm_verdict(results: dict) -> tuple[str, str]:
             text += (f" — inconclusive here: not every run reached {ID_LEARNED:.0%} in-distribution answer "
                      f"accuracy within {budget} ({r['steps'] * r['batch_size']:,} training rows), so out-of-distribution "
                      "accuracy tests nothing; a budget beyond that which reaches it is needed")
+            i = ood_difference(r, "in_distribution")
+            if i is not None and abs(i["mean"]) > 2 * i["se"]:  # what the run did show: how fast each arm learned
+                text += (f". At this budget the arms learned the training distribution unequally: in-distribution "
+                         f"KV shift − vanilla {i['mean']:+.3f} ± {i['se']:.3f} ({r['n_in_distribution']} problems, "
+                         f"{len(i['seeds'])} seed(s)), a difference in learning speed, not the paper's claim")
         elif d is None or len(d["seeds"]) < MIN_SEEDS:
             text += f" — inconclusive here: both arms learned, but fewer than {MIN_SEEDS} seeds ran both arms"
         else:
