@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent('''
 
     # weights and coefficients, RoPE tables, weight-grad partial sums, the paged decode's split statistics
     FP32 = {"WT", "WK", "WV", "CK", "CV", "COS", "SIN", "DWP", "M_OUT", "L_OUT", "ACC_OUT"}
-    I32 = {"N", "T", "H", "D", "HALF", "NDOC", "ITERS", "Hq", "GROUP", "blocks_per_split",
+    I32 = {"N", "T", "H", "D", "HALF", "NDOC", "ITERS", "Hq", "GROUP", "tiles_per_split",
            "skb", "skh", "svb", "svh"}
     I32_PTR = {"CU", "TABLE", "SEQ", "START"}  # document offsets, block tables, sequence lengths and starts
 
@@ -58,7 +58,10 @@ SCRIPT = textwrap.dedent('''
               (tk.shift_dprev_kernel, dict(W=2, VARLEN=True, ROPE=True, BLOCK_D=64)),
               (mk.mix_dprev_kernel, dict(W=3, VARLEN=False, BLOCK_D=64)),
               (tk.decode_kernel, dict(REP=2, WKN=2, WVN=3, BLOCK_H=32, BLOCK_D=64)),
-              (pd.paged_shift_decode_kernel, dict(BS=16, W=2, BLOCK_HALF=32, BLOCK_D=64, NUM_SPLITS=2))]
+              (pd.paged_shift_decode_kernel, dict(BS=16, TILE=64, W=2, GROUP=4, BLOCK_G=16, BLOCK_HALF=32, BLOCK_D=64,
+                                                  NUM_SPLITS=2, IEEE=False)),
+              (pd.paged_shift_decode_kernel, dict(BS=8, TILE=16, W=3, GROUP=1, BLOCK_G=16, BLOCK_HALF=16, BLOCK_D=16,
+                                                  NUM_SPLITS=1, IEEE=True))]
     every = {n for m in (tk, mk, pd) for n, f in vars(m).items()
              if n.endswith("_kernel") and isinstance(f, triton.runtime.jit.JITFunction)}
     assert every == {fn.__name__ for fn, _ in cases}, ("kernels without a compile case",
@@ -92,4 +95,5 @@ def test_shift_kernels_compile_for_hopper(tmp_path):
     assert r.stdout.strip().splitlines()[-1] == (
         '["shift_kv_fwd_kernel", "shift_kv_bwd_kernel", "shift_kv_fwd_kernel", "shift_kv_bwd_kernel", '
         '"shift_fwd_kernel", "shift_bwd_kernel", "mix_fwd_kernel", "mix_bwd_kernel", "mix_bwd_kernel", '
-        '"shift_dprev_kernel", "mix_dprev_kernel", "decode_kernel", "paged_shift_decode_kernel"]')
+        '"shift_dprev_kernel", "mix_dprev_kernel", "decode_kernel", "paged_shift_decode_kernel", '
+        '"paged_shift_decode_kernel"]')

@@ -2,15 +2,17 @@
 
 One query token per sequence (the decode step). The cache is a vanilla one: per physical block,
 rotated raw keys c_s = R_s k_s and raw values v_s, layout (n_blocks, block_size, H_kv, D) (vLLM's),
-addressed through a block table. For each tile (one cache block) the kernel reads the block's rows and,
-for taps j = 1..W-1, the rows j slots earlier (the last rows of the previous logical block, looked
-up through the same block table, at the tile's start), and forms in registers
+addressed through a block table. For each tile of slots the kernel reads its rows, each through the block
+table, and, for taps j = 1..W-1, the rows j slots earlier (at a tile's start, the last rows of the previous
+logical block), and forms in registers
 
     k̂_s = Σ_j α_j [s-j ≥ start] R_j c_{s-j}        v̂_s = Σ_j β_j [s-j ≥ start] v_{s-j}
 
 (R_j: RoPE rotation by j positions, half-split; identity tables for no RoPE), then runs the usual
-online softmax. The keys are split over `num_splits` programs per (sequence, query head) (split-K
-"flash decoding"); their partial results are merged with a log-sum-exp in PyTorch.
+online softmax. One program serves every query head of a KV head (grouped-query attention reads and shifts
+each cached row once, not once per query head), with the scores and outputs as small matmuls; tiles hold at
+least 16 slots and may span several blocks. The keys are split over `num_splits` programs per (sequence, KV
+head) (split-K "flash decoding"); their partial results are merged with a log-sum-exp in PyTorch.
 
 `start[b]`: the slot of row b's first real token (0 for a plain sequence, the pad count for a
 left-padded dense cache): slots before it are masked out of attention, and the shift's taps never
@@ -28,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+TILE_MIN = 16  # the smallest key tile: tl.dot's minimum on every dimension
+
 
 @triton.jit
 def _tap_rows(POOL, TABLE, b, s, start, seq_len, hk, cols, mask_c, stride_tb, stride_pb, stride_ps, stride_ph,
@@ -43,37 +47,46 @@ def _tap_rows(POOL, TABLE, b, s, start, seq_len, hk, cols, mask_c, stride_tb, st
 
 @triton.jit
 def paged_shift_decode_kernel(Q, KP, VP, TABLE, SEQ, START, CK, CV, COS, SIN, M_OUT, L_OUT, ACC_OUT,
-                              scale, Hq, GROUP, D, HALF, blocks_per_split,
+                              scale, Hq, D, HALF, tiles_per_split,
                               stride_qb, stride_qh, stride_tb, stride_pb, stride_ps, stride_ph,
-                              BS: tl.constexpr, W: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                              BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                              BS: tl.constexpr, TILE: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr,
+                              BLOCK_G: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                              NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+    """One program per (sequence, KV head, key split): the shifted, rotated key tile and the shifted value tile
+    are formed once and serve the GROUP query heads that share the KV head, as two small matmuls (scores
+    (TILE, BLOCK_G), outputs (BLOCK_G, BLOCK_D); BLOCK_G >= 16 rows, the padding masked). The operands stay
+    fp32: IEEE (an fp32 model) multiplies them exactly, otherwise as TF32 on tensor cores (a 10-bit mantissa,
+    finer than the bf16 / fp16 the cache holds)."""
     b = tl.program_id(0)
-    hq = tl.program_id(1)
+    hk = tl.program_id(1)
     sp = tl.program_id(2)
-    hk = hq // GROUP
     seq_len = tl.load(SEQ + b)
     start = tl.load(START + b)
     half = tl.arange(0, BLOCK_HALF)
     mask_h = half < HALF
     dcols = tl.arange(0, BLOCK_D)
     mask_d = dcols < D
+    g = tl.arange(0, BLOCK_G)
+    mask_g = g < GROUP
+    hq = hk * GROUP + g
     q_off = b * stride_qb + hq * stride_qh
-    q1 = tl.load(Q + q_off + half, mask=mask_h, other=0.0).to(tl.float32)
-    q2 = tl.load(Q + q_off + HALF + half, mask=mask_h, other=0.0).to(tl.float32)
-    m_i = tl.full([], -float("inf"), tl.float32)
-    l_i = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    rows = tl.arange(0, BS)
-    first = sp * blocks_per_split
+    qm = mask_g[:, None] & mask_h[None, :]
+    q1 = tl.load(Q + q_off[:, None] + half[None, :], mask=qm, other=0.0).to(tl.float32)  # (BLOCK_G, BLOCK_HALF)
+    q2 = tl.load(Q + q_off[:, None] + HALF + half[None, :], mask=qm, other=0.0).to(tl.float32)
+    m_i = tl.full([BLOCK_G], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    rows = tl.arange(0, TILE)
+    first = sp * tiles_per_split
     # only the split's tiles that hold live slots: none before the row's start, none from seq_len on (a static
     # cache's unwritten slots, the empty splits of a short cache)
-    it = tl.maximum(start // BS - first, 0)
-    stop = tl.minimum(blocks_per_split, (seq_len + BS - 1) // BS - first)
+    it = tl.maximum(start // TILE - first, 0)
+    stop = tl.minimum(tiles_per_split, (seq_len + TILE - 1) // TILE - first)
     while it < stop:  # a while loop: the interpreter cannot range() over a runtime int
-        s = (first + it) * BS + rows
-        k1 = tl.zeros([BS, BLOCK_HALF], dtype=tl.float32)
-        k2 = tl.zeros([BS, BLOCK_HALF], dtype=tl.float32)
-        v = tl.zeros([BS, BLOCK_D], dtype=tl.float32)
+        s = (first + it) * TILE + rows
+        k1 = tl.zeros([TILE, BLOCK_HALF], dtype=tl.float32)
+        k2 = tl.zeros([TILE, BLOCK_HALF], dtype=tl.float32)
+        v = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(W):
             a = tl.load(CK + hk * W + j)
             bb = tl.load(CV + hk * W + j)
@@ -88,20 +101,27 @@ def paged_shift_decode_kernel(Q, KP, VP, TABLE, SEQ, START, CK, CV, COS, SIN, M_
             v += bb * _tap_rows(VP, TABLE, b, s, start, seq_len, hk, dcols, mask_d, stride_tb, stride_pb,
                                 stride_ps, stride_ph, BS, j)
         live = (s >= start) & (s < seq_len)
-        score = (tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1)) * scale
-        score = tl.where(live, score, -float("inf"))
+        if IEEE:
+            score = tl.dot(k1, tl.trans(q1), input_precision="ieee") + tl.dot(k2, tl.trans(q2), input_precision="ieee")
+        else:
+            score = tl.dot(k1, tl.trans(q1), input_precision="tf32") + tl.dot(k2, tl.trans(q2), input_precision="tf32")
+        score = tl.where(live[:, None], score * scale, -float("inf"))  # (TILE, BLOCK_G)
         m_new = tl.maximum(m_i, tl.max(score, axis=0))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.where(live, tl.exp(score - m_safe), 0.0)
+        p = tl.where(live[:, None], tl.exp(score - m_safe[None, :]), 0.0)
         alpha = tl.where(m_i == -float("inf"), 0.0, tl.exp(m_i - m_safe))
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        if IEEE:
+            pv = tl.dot(tl.trans(p), v, input_precision="ieee")
+        else:
+            pv = tl.dot(tl.trans(p), v, input_precision="tf32")
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
         it += 1
     out = (b * Hq + hq) * NUM_SPLITS + sp
-    tl.store(M_OUT + out, m_i)
-    tl.store(L_OUT + out, l_i)
-    tl.store(ACC_OUT + out * D + dcols, acc, mask=mask_d)
+    tl.store(M_OUT + out, m_i, mask=mask_g)
+    tl.store(L_OUT + out, l_i, mask=mask_g)
+    tl.store(ACC_OUT + out[:, None] * D + dcols[None, :], acc, mask=mask_g[:, None] & mask_d[None, :])
 
 
 def _check(q, k_pool, v_pool, block_table, seq_lens, coef_k, coef_v, cos, sin, start, num_splits):
@@ -183,7 +203,7 @@ def dense_shift_decode(q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, start:
     n_blocks = max(1, -(-S // block))
     if num_splits is None:  # not bounded by the cache's length: the same compiled kernel while the cache grows;
         # one off CUDA (the interpreter runs every program in Python)
-        num_splits = max(1, -(-264 // max(1, B * q.shape[1]))) if q.is_cuda else 1
+        num_splits = max(1, -(-264 // max(1, B * Hkv))) if q.is_cuda else 1
     table = dense_table(C, block) if table is None else table
     shape = torch.empty((1, block, Hkv, D), device="meta", dtype=C.dtype)  # the shapes _check knows (no memory)
     _check(q, shape, shape, table, seq_lens, coef_k, coef_v, cos, sin, start, num_splits)
@@ -226,18 +246,22 @@ def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale,
     f32 = dict(device=dev, dtype=torch.float32)
     ck, cv = coef_k.to(**f32).contiguous(), coef_v.to(**f32).contiguous()
     cs, sn = cos[:W].to(**f32).contiguous(), sin[:W].to(**f32).contiguous()
-    per_split = -(-n_blocks // num_splits)
+    tile = max(TILE_MIN, bs)  # a tile may span several blocks: each row finds its own through the table
+    n_tiles = -(-(n_blocks * bs) // tile)
+    per_split = -(-n_tiles // num_splits)
     m = torch.empty(B, Hq, num_splits, **f32)
     lse = torch.empty(B, Hq, num_splits, **f32)
     acc = torch.empty(B, Hq, num_splits, D, **f32)
     half = D // 2
-    grid = (B, Hq, num_splits)
+    group = Hq // Hkv
+    grid = (B, Hkv, num_splits)
     paged_shift_decode_kernel[grid](
         q, KP, VP, table, seq, st, ck, cv, cs, sn, m, lse, acc,
-        scale if scale is not None else 1.0 / math.sqrt(D), Hq, Hq // Hkv, D, half, per_split,
+        scale if scale is not None else 1.0 / math.sqrt(D), Hq, D, half, per_split,
         q.stride(0), q.stride(1), table.stride(0), strides[0], strides[1], strides[2],
-        BS=bs, W=W, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(D),
-        NUM_SPLITS=num_splits)
+        BS=bs, TILE=tile, W=W, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_HALF=max(16, triton.next_power_of_2(half)), BLOCK_D=max(16, triton.next_power_of_2(D)),
+        NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32)
     if num_splits == 1:
         return (acc[:, :, 0] / lse.clamp_min(1e-30)).to(q.dtype)
     # merge the splits: log-sum-exp over the partial maxima (an empty split has m = -inf, l = 0)
