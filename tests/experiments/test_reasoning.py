@@ -209,7 +209,9 @@ def test_igsm_states_an_unequal_in_distribution_accuracy_when_the_ood_test_canno
     verdict, text = igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.08, 0.09), (0.07, 0.06), kv_id=(0.77, 0.75),
                                                         va_id=(0.43, 0.45), n=256))
     assert verdict == "inconclusive"
-    assert "in-distribution KV shift − vanilla +0.320 ± 0.029 (256 problems, 2 seed(s))" in text
+    assert "in-distribution KV shift − vanilla +0.320 ± 0.029 (256 problems, 2 seed(s)), a difference in" in text
+    text = igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.08,), (0.07,), kv_id=(0.77,), va_id=(0.43,), n=256))[1]
+    assert "(256 problems, 1 seed(s); the SE is the test sample's only" in text and "learning speed" not in text
     text = igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.08,), (0.07,), kv_id=(0.45,), va_id=(0.43,), n=256))[1]
     assert "learned the training distribution unequally" not in text
 

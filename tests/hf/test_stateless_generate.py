@@ -281,4 +281,6 @@ def test_generate_through_the_decode_kernel_equals_uncached(static, mode, monkey
     assert torch.equal(got, want)
     assert calls
     if dev == "cuda" and static:  # generate's own compile of the static step (no kernel inside the graph)
+        n = len(calls)
         assert torch.equal(model.generate(ids, **kw), want)
+        assert len(calls) == n and "_compiled_call" in vars(model)  # transformers' compiled forward, not the kernel

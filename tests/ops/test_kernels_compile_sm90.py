@@ -19,6 +19,7 @@ triton = pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent('''
     import json
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -28,7 +29,7 @@ SCRIPT = textwrap.dedent('''
 
     # weights and coefficients, RoPE tables, weight-grad partial sums, the paged decode's split statistics
     FP32 = {"WT", "WK", "WV", "CK", "CV", "COS", "SIN", "DWP", "M_OUT", "L_OUT", "ACC_OUT"}
-    I32 = {"N", "T", "H", "D", "HALF", "NDOC", "ITERS", "Hq", "GROUP", "tiles_per_split",
+    I32 = {"N", "T", "H", "D", "HALF", "NDOC", "ITERS", "Hq", "tiles_per_split",
            "skb", "skh", "svb", "svh"}
     I32_PTR = {"CU", "TABLE", "SEQ", "START"}  # document offsets, block tables, sequence lengths and starts
 
@@ -58,10 +59,11 @@ SCRIPT = textwrap.dedent('''
               (tk.shift_dprev_kernel, dict(W=2, VARLEN=True, ROPE=True, BLOCK_D=64)),
               (mk.mix_dprev_kernel, dict(W=3, VARLEN=False, BLOCK_D=64)),
               (tk.decode_kernel, dict(REP=2, WKN=2, WVN=3, BLOCK_H=32, BLOCK_D=64)),
-              (pd.paged_shift_decode_kernel, dict(BS=16, TILE=64, W=2, GROUP=4, BLOCK_G=16, BLOCK_HALF=32, BLOCK_D=64,
-                                                  NUM_SPLITS=2, IEEE=False)),
-              (pd.paged_shift_decode_kernel, dict(BS=8, TILE=16, W=3, GROUP=1, BLOCK_G=16, BLOCK_HALF=16, BLOCK_D=16,
-                                                  NUM_SPLITS=1, IEEE=True))]
+              # the decode kernel with its launcher's own constants: the dense cache's 64-slot tiles (bf16, TF32
+              # matmuls), an 8-slot paged block in fp32 (exact matmuls), a 128-wide head with a group of 8
+              (pd.paged_shift_decode_kernel, pd.launch_constants(64, 4, 64, 2, 2, torch.bfloat16)),
+              (pd.paged_shift_decode_kernel, pd.launch_constants(8, 1, 8, 3, 1, torch.float32)),
+              (pd.paged_shift_decode_kernel, pd.launch_constants(16, 8, 128, 4, 3, torch.float16))]
     every = {n for m in (tk, mk, pd) for n, f in vars(m).items()
              if n.endswith("_kernel") and isinstance(f, triton.runtime.jit.JITFunction)}
     assert every == {fn.__name__ for fn, _ in cases}, ("kernels without a compile case",
@@ -96,4 +98,4 @@ def test_shift_kernels_compile_for_hopper(tmp_path):
         '["shift_kv_fwd_kernel", "shift_kv_bwd_kernel", "shift_kv_fwd_kernel", "shift_kv_bwd_kernel", '
         '"shift_fwd_kernel", "shift_bwd_kernel", "mix_fwd_kernel", "mix_bwd_kernel", "mix_bwd_kernel", '
         '"shift_dprev_kernel", "mix_dprev_kernel", "decode_kernel", "paged_shift_decode_kernel", '
-        '"paged_shift_decode_kernel"]')
+        '"paged_shift_decode_kernel", "paged_shift_decode_kernel"]')

@@ -123,15 +123,16 @@ def test_dense_decode_reads_transformers_layout_in_place(W, num_splits):
 @pytest.mark.parametrize("group", [1, 3, 8])
 def test_one_program_serves_every_query_head_of_a_kv_head(group, dtype):
     """Grouped-query attention: 1, 3 (a group padded inside the program) and 8 query heads per KV head, a tile
-    of 16 slots spanning two 8-slot blocks; fp32 exact, bf16 (tiles rounded to bf16 for the matmuls, fp32
-    accumulation) within bf16's rounding of the reference."""
+    of 16 slots spanning two 8-slot blocks, a row starting after two whole tiles (tiles before its start are
+    skipped per split); fp32 and bf16 inputs (the interpreter multiplies exactly; on a GPU bf16 runs TF32)."""
     g = torch.Generator().manual_seed(group)
-    B, Hkv, D, n_blocks, W = 2, 2, 8, 10, 2
+    B, Hkv, D, n_blocks, W = 3, 2, 8, 20, 2
     Hq = Hkv * group
-    seq_lens, start = torch.tensor([37, 11]), torch.tensor([0, 4])
+    seq_lens, start = torch.tensor([37, 11, 45]), torch.tensor([0, 4, 35])
     k_pool = torch.randn(n_blocks, BS, Hkv, D, generator=g)
     v_pool = torch.randn(n_blocks, BS, Hkv, D, generator=g)
-    table = torch.randperm(n_blocks, generator=g)[:B * 5].view(B, 5).to(torch.int32)
+    table = torch.randperm(n_blocks, generator=g)[:B * 6].view(B, 6).to(torch.int32)
+    table[2, :4] = table[0, :4]  # row 2's first 32 slots are pads: sharing row 0's blocks changes nothing
     q = torch.randn(B, Hq, D, generator=g)
     ck, cv = torch.randn(Hkv, W, generator=g), torch.randn(Hkv, W, generator=g)
     cos, sin = rotation_tables(W - 1, D, 10_000.0, dtype=torch.float32)
@@ -139,7 +140,7 @@ def test_one_program_serves_every_query_head_of_a_kv_head(group, dtype):
     want = reference(r(q), r(k_pool), r(v_pool), table, seq_lens, ck, cv, cos, sin, start)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     got = paged_shift_decode(dev(q.to(dtype)), dev(k_pool.to(dtype)), dev(v_pool.to(dtype)), dev(table),
-                             dev(seq_lens), dev(ck), dev(cv), dev(cos), dev(sin), start=dev(start), num_splits=2)
+                             dev(seq_lens), dev(ck), dev(cv), dev(cos), dev(sin), start=dev(start), num_splits=3)
     assert got.dtype == dtype and got.shape == (B, Hq, D)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2 * want.abs().max().item()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2 * want.abs().max().item()  # bf16 output rounding
     assert (got.cpu().double() - want).abs().max().item() <= tol

@@ -374,7 +374,10 @@ def igsm_verdict(results: dict) -> tuple[str, str]:
             if i is not None and abs(i["mean"]) > 2 * i["se"]:  # what the run did show: how fast each arm learned
                 text += (f". At this budget the arms learned the training distribution unequally: in-distribution "
                          f"KV shift − vanilla {i['mean']:+.3f} ± {i['se']:.3f} ({r['n_in_distribution']} problems, "
-                         f"{len(i['seeds'])} seed(s)), a difference in learning speed, not the paper's claim")
+                         f"{len(i['seeds'])} seed(s)")
+                text += ("), a difference in learning speed, not the paper's claim" if len(i["seeds"]) >= MIN_SEEDS
+                         else "; the SE is the test sample's only: how much runs of other seeds differ is not yet "
+                              "measured), not the paper's claim")
         elif d is None or len(d["seeds"]) < MIN_SEEDS:
             text += f" — inconclusive here: both arms learned, but fewer than {MIN_SEEDS} seeds ran both arms"
         else:

@@ -192,7 +192,7 @@ def dense_shift_decode(q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, start:
     (row b, tile i -> slot row b * stride(0) / stride(2) + i * block, in units of stride(2)). Row b's real
     tokens are slots start[b] .. seq_lens[b] - 1 (left padding before them, unwritten slots after), the new
     token's included; nothing outside that span is read as a key or a tap. num_splits: key splits per
-    (row, head), by default enough programs for about two waves on 132 SMs. table: `dense_table(C, block)`, to
+    (row, KV head), by default enough programs for about two waves on 132 SMs. table: `dense_table(C, block)`, to
     reuse one across the layers of a step. No host synchronisation."""
     if not dense_layout_ok(C, V):
         raise ValueError(f"C and V must be (B, H_kv, S, D) with the same strides, the last one 1, got "
@@ -233,6 +233,15 @@ def dense_table(C: torch.Tensor, block: int) -> torch.Tensor:
             + torch.arange(n_blocks, device=C.device, dtype=torch.int32).view(1, n_blocks) * block)
 
 
+def launch_constants(bs: int, group: int, D: int, W: int, num_splits: int, dtype: torch.dtype) -> dict:
+    """The kernel's compile-time constants for a launch (the sm_90 compile test compiles with these). tl.dot
+    needs 16 or more on every dimension: the key tile, the padded group and both head-dim blocks."""
+    return dict(BS=bs, TILE=max(TILE_MIN, bs),  # a tile may span several blocks: each row finds its own
+                W=W, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+                BLOCK_HALF=max(16, triton.next_power_of_2(D // 2)), BLOCK_D=max(16, triton.next_power_of_2(D)),
+                NUM_SPLITS=num_splits, IEEE=dtype == torch.float32)
+
+
 def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale, num_splits, *, bs, n_blocks,
             strides):
     """The kernel and the merge of its key splits; strides: (block, slot, head) of the pools, in elements."""
@@ -246,22 +255,19 @@ def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale,
     f32 = dict(device=dev, dtype=torch.float32)
     ck, cv = coef_k.to(**f32).contiguous(), coef_v.to(**f32).contiguous()
     cs, sn = cos[:W].to(**f32).contiguous(), sin[:W].to(**f32).contiguous()
-    tile = max(TILE_MIN, bs)  # a tile may span several blocks: each row finds its own through the table
+    const = launch_constants(bs, Hq // Hkv, D, W, num_splits, q.dtype)
+    tile = const["TILE"]
     n_tiles = -(-(n_blocks * bs) // tile)
     per_split = -(-n_tiles // num_splits)
     m = torch.empty(B, Hq, num_splits, **f32)
     lse = torch.empty(B, Hq, num_splits, **f32)
     acc = torch.empty(B, Hq, num_splits, D, **f32)
-    half = D // 2
-    group = Hq // Hkv
     grid = (B, Hkv, num_splits)
     paged_shift_decode_kernel[grid](
         q, KP, VP, table, seq, st, ck, cv, cs, sn, m, lse, acc,
-        scale if scale is not None else 1.0 / math.sqrt(D), Hq, D, half, per_split,
+        scale if scale is not None else 1.0 / math.sqrt(D), Hq, D, D // 2, per_split,
         q.stride(0), q.stride(1), table.stride(0), strides[0], strides[1], strides[2],
-        BS=bs, TILE=tile, W=W, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_HALF=max(16, triton.next_power_of_2(half)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-        NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32)
+        num_warps=8 if const["BLOCK_D"] >= 128 else 4, **const)
     if num_splits == 1:
         return (acc[:, :, 0] / lse.clamp_min(1e-30)).to(q.dtype)
     # merge the splits: log-sum-exp over the partial maxima (an empty split has m = -inf, l = 0)
