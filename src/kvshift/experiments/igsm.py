@@ -12,10 +12,8 @@ the summary is built from every published run, so split jobs merge.
 from __future__ import annotations
 
 import functools
-import math
 import random
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from kvshift.experiments import igsm_report, toy_runs
+from kvshift.experiments.igsm_report import (  # noqa: F401 - the verdict, here under its old names too
+    ID_LEARNED, MIN_SEEDS, PAPER_SETTINGS, igsm_verdict, ood_difference)
 from kvshift.experiments.arms import (
     EVAL_SEED,
     DataStream,
@@ -194,7 +194,6 @@ def _trained_model(cfg: ModelConfig, run_dir: Path, device, keep: bool) -> LM:
 
 PAPER = ("iGSM final-answer accuracy, vanilla → KV shift: 0.8154 → 0.8909 (train ≤ 12 operations, test 15); "
          "0.8711 → 0.9062 (train ≤ 21, test 24).")
-PAPER_SETTINGS = ("Tr12-Te15", "Tr21-Te24")
 
 
 def igsm_experiment(opts: RunOptions, out: Path) -> dict:
@@ -322,77 +321,6 @@ def setting_results(rs: list[dict]) -> dict:
         a["non_embedding_params"] = rows[0]["non_embedding_params"]
         res["arms"][att] = a
     return res
-
-
-ID_LEARNED, MIN_SEEDS = 0.8, 2  # in-distribution answer accuracy every run needs, seeds a setting needs
-
-
-def ood_difference(r: dict, part: str = "test") -> dict | None:
-    """KV shift − vanilla answer accuracy (part "test", the longer problems, or "in_distribution") over the seeds
-    both arms ran: per seed, the mean, its SE."""
-    kv, va = (r["arms"][a][f"{part}_answer_accuracy_per_seed"] for a in ("kvshift", "vanilla"))
-    seeds = sorted(set(kv) & set(va), key=int)
-    if not seeds:
-        return None
-    n = r["n_test"] if part == "test" else r["n_in_distribution"]
-    var = sum(kv[x] * (1 - kv[x]) + va[x] * (1 - va[x]) for x in seeds) / n
-    diffs = [kv[x] - va[x] for x in seeds]  # SE: the larger of the binomial one and the seed-to-seed one
-    between = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    return {"seeds": seeds, "per_seed": dict(zip(seeds, diffs)), "mean": sum(diffs) / len(diffs),
-            "se": max(math.sqrt(var) / len(seeds), between, 1e-9), "kvshift_mean": sum(kv[x] for x in seeds) / len(seeds)}
-
-
-def igsm_verdict(results: dict) -> tuple[str, str]:
-    """A setting decides only when every run of both arms reached ID_LEARNED in-distribution answer accuracy,
-    over >= MIN_SEEDS seeds both arms ran. In a deciding setting KV shift wins when its mean test answer accuracy
-    beats vanilla's by more than two binomial standard errors of the mean difference, above chance.
-    'reproduced': every deciding setting won and one is the paper's own; 'partly': some won (or only a smaller
-    split did); 'not reproduced': none did; 'inconclusive': no setting decides."""
-    parts, decided = [], {}
-    for key, r in results.items():
-        arms = r["arms"]
-        budget = f"{r['steps']} steps × batch {r['batch_size']}"
-        if set(arms) != set(ARMS):
-            parts.append(f"{key}: only {', '.join(arms)} ran ({budget}); nothing to compare")
-            continue
-        ind = {a: arms[a]["in_distribution_answer_accuracy_per_seed"] for a in ARMS}
-        id_text = "; ".join(f"{a} " + ", ".join(f"s{x} {v:.3f}" for x, v in ind[a].items()) for a in ARMS)
-        d = ood_difference(r)
-        ood = "; ".join(f"{a} " + ", ".join(f"s{x} {v:.3f}" for x, v in arms[a]["test_answer_accuracy_per_seed"]
-                                             .items()) for a in ARMS)
-        text = (f"{key} ({budget}, {r['n_test']} test problems per seed): in-distribution answer accuracy {id_text}; "
-                f"test (Te{r['test_operations']}) answer accuracy {ood}")
-        if d is not None:
-            text += (f"; KV shift − vanilla {d['mean']:+.3f} ± {d['se']:.3f} (binomial SE, {len(d['seeds'])} "
-                     f"seed(s))")
-        learned = min(min(v.values()) for v in ind.values()) >= ID_LEARNED
-        if not learned:
-            text += (f" — inconclusive here: not every run reached {ID_LEARNED:.0%} in-distribution answer "
-                     f"accuracy within {budget} ({r['steps'] * r['batch_size']:,} training rows), so out-of-distribution "
-                     "accuracy tests nothing; a budget beyond that which reaches it is needed")
-            i = ood_difference(r, "in_distribution")
-            if i is not None and abs(i["mean"]) > 2 * i["se"]:  # what the run did show: how fast each arm learned
-                text += (f". At this budget the arms learned the training distribution unequally: in-distribution "
-                         f"KV shift − vanilla {i['mean']:+.3f} ± {i['se']:.3f} ({r['n_in_distribution']} problems, "
-                         f"{len(i['seeds'])} seed(s)")
-                text += ("), a difference in learning speed, not the paper's claim" if len(i["seeds"]) >= MIN_SEEDS
-                         else "; the SE is the test sample's only: how much runs of other seeds differ is not yet "
-                              "measured), not the paper's claim")
-        elif d is None or len(d["seeds"]) < MIN_SEEDS:
-            text += f" — inconclusive here: both arms learned, but fewer than {MIN_SEEDS} seeds ran both arms"
-        else:
-            decided[key] = d["mean"] > 2 * d["se"] and d["kvshift_mean"] > 2 / igsm.MOD
-        parts.append(text)
-    text = "; ".join(parts) + "."
-    if not decided:
-        return "inconclusive", text
-    paper = any(k in PAPER_SETTINGS for k in decided)
-    if all(decided.values()) and paper:
-        return "reproduced", text
-    note = "" if paper else f" Decided by {', '.join(decided)} only, a smaller split than the paper's."
-    if any(decided.values()):
-        return "partly reproduced", text + f" KV shift ahead in {', '.join(k for k, w in decided.items() if w)}.{note}"
-    return "not reproduced", text + note
 
 
 EXPERIMENTS = [
