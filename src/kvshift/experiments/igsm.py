@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kvshift.experiments import igsm_report, toy_runs
 from kvshift.experiments.igsm_report import (  # noqa: F401 - the verdict, here under its old names too
-    ID_LEARNED, MIN_SEEDS, PAPER_SETTINGS, igsm_verdict, ood_difference)
+    ARMS, ID_LEARNED, MIN_SEEDS, PAPER_SETTINGS, igsm_verdict, ood_difference)
 from kvshift.experiments.arms import (
     EVAL_SEED,
     DataStream,
@@ -38,7 +38,6 @@ from kvshift.train.checkpoint import latest_checkpoint, load_checkpoint
 from kvshift.utils.io import read_json, read_jsonl
 from kvshift.utils.provenance import command_line, provenance
 
-ARMS = ("vanilla", "kvshift")
 
 # iGSM. Each scale lists its settings (train n_ops uniform in 1..train_ops, test exactly test_ops) with their own
 # row length, steps and batch over the scale's shared model and optimiser; `--only Tr6-Te8` picks one.
