@@ -46,17 +46,61 @@ def _tap_rows(POOL, TABLE, b, s, start, seq_len, hk, cols, mask_c, stride_tb, st
 
 
 @triton.jit
+def _tile_step(KP, VP, TABLE, CK, CV, COS, SIN, b, hk, t, start, seq_len, q1, q2, m_i, l_i, acc, scale, HALF,
+               stride_tb, stride_pb, stride_ps, stride_ph, half, mask_h, dcols, mask_d,
+               BS: tl.constexpr, TILE: tl.constexpr, W: tl.constexpr, IEEE: tl.constexpr, BLOCK_HALF: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Key tile t: its shifted, rotated keys and shifted values formed in registers, then one step of the
+    online softmax for the group's queries. Returns the updated (m_i, l_i, acc)."""
+    s = t * TILE + tl.arange(0, TILE)
+    k1 = tl.zeros([TILE, BLOCK_HALF], dtype=tl.float32)
+    k2 = tl.zeros([TILE, BLOCK_HALF], dtype=tl.float32)
+    v = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(W):
+        a = tl.load(CK + hk * W + j)
+        bb = tl.load(CV + hk * W + j)
+        x1 = _tap_rows(KP, TABLE, b, s, start, seq_len, hk, half, mask_h, stride_tb, stride_pb, stride_ps,
+                       stride_ph, BS, j)
+        x2 = _tap_rows(KP, TABLE, b, s, start, seq_len, hk, HALF + half, mask_h, stride_tb, stride_pb,
+                       stride_ps, stride_ph, BS, j)
+        c = tl.load(COS + j * HALF + half, mask=mask_h, other=1.0)[None, :]
+        sn = tl.load(SIN + j * HALF + half, mask=mask_h, other=0.0)[None, :]
+        k1 += a * (x1 * c - x2 * sn)
+        k2 += a * (x2 * c + x1 * sn)
+        v += bb * _tap_rows(VP, TABLE, b, s, start, seq_len, hk, dcols, mask_d, stride_tb, stride_pb,
+                            stride_ps, stride_ph, BS, j)
+    live = (s >= start) & (s < seq_len)
+    if IEEE:
+        score = tl.dot(k1, tl.trans(q1), input_precision="ieee") + tl.dot(k2, tl.trans(q2), input_precision="ieee")
+    else:
+        score = tl.dot(k1, tl.trans(q1), input_precision="tf32") + tl.dot(k2, tl.trans(q2), input_precision="tf32")
+    score = tl.where(live[:, None], score * scale, -float("inf"))  # (TILE, BLOCK_G)
+    m_new = tl.maximum(m_i, tl.max(score, axis=0))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    p = tl.where(live[:, None], tl.exp(score - m_safe[None, :]), 0.0)
+    alpha = tl.where(m_i == -float("inf"), 0.0, tl.exp(m_i - m_safe))
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    if IEEE:
+        pv = tl.dot(tl.trans(p), v, input_precision="ieee")
+    else:
+        pv = tl.dot(tl.trans(p), v, input_precision="tf32")
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def paged_shift_decode_kernel(Q, KP, VP, TABLE, SEQ, START, CK, CV, COS, SIN, M_OUT, L_OUT, ACC_OUT,
                               scale, Hq, D, HALF, tiles_per_split,
                               stride_qb, stride_qh, stride_tb, stride_pb, stride_ps, stride_ph,
                               BS: tl.constexpr, TILE: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr,
                               BLOCK_G: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-                              NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                              NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, FOR_LOOP: tl.constexpr):
     """One program per (sequence, KV head, key split): the shifted, rotated key tile and the shifted value tile
     are formed once and serve the GROUP query heads that share the KV head, as two small matmuls (scores
     (TILE, BLOCK_G), outputs (BLOCK_G, BLOCK_D); BLOCK_G >= 16 rows, the padding masked). The operands stay
     fp32: IEEE (an fp32 model) multiplies them exactly, otherwise as TF32 on tensor cores (a 10-bit mantissa,
-    finer than the bf16 / fp16 the cache holds)."""
+    finer than the bf16 / fp16 the cache holds). FOR_LOOP (compiled kernels): the tiles run in a `for` loop
+    over runtime bounds, which the compiler software-pipelines (the next tile's loads in flight while this one
+    computes); the interpreter cannot range() over a loaded value, so it runs the same tiles in a `while`."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -76,48 +120,23 @@ def paged_shift_decode_kernel(Q, KP, VP, TABLE, SEQ, START, CK, CV, COS, SIN, M_
     m_i = tl.full([BLOCK_G], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    rows = tl.arange(0, TILE)
     first = sp * tiles_per_split
     # only the split's tiles that hold live slots: none before the row's start, none from seq_len on (a static
     # cache's unwritten slots, the empty splits of a short cache)
-    it = tl.maximum(start // TILE - first, 0)
-    stop = tl.minimum(tiles_per_split, (seq_len + TILE - 1) // TILE - first)
-    while it < stop:  # a while loop: the interpreter cannot range() over a runtime int
-        s = (first + it) * TILE + rows
-        k1 = tl.zeros([TILE, BLOCK_HALF], dtype=tl.float32)
-        k2 = tl.zeros([TILE, BLOCK_HALF], dtype=tl.float32)
-        v = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
-        for j in tl.static_range(W):
-            a = tl.load(CK + hk * W + j)
-            bb = tl.load(CV + hk * W + j)
-            x1 = _tap_rows(KP, TABLE, b, s, start, seq_len, hk, half, mask_h, stride_tb, stride_pb, stride_ps,
-                           stride_ph, BS, j)
-            x2 = _tap_rows(KP, TABLE, b, s, start, seq_len, hk, HALF + half, mask_h, stride_tb, stride_pb,
-                           stride_ps, stride_ph, BS, j)
-            c = tl.load(COS + j * HALF + half, mask=mask_h, other=1.0)[None, :]
-            sn = tl.load(SIN + j * HALF + half, mask=mask_h, other=0.0)[None, :]
-            k1 += a * (x1 * c - x2 * sn)
-            k2 += a * (x2 * c + x1 * sn)
-            v += bb * _tap_rows(VP, TABLE, b, s, start, seq_len, hk, dcols, mask_d, stride_tb, stride_pb,
-                                stride_ps, stride_ph, BS, j)
-        live = (s >= start) & (s < seq_len)
-        if IEEE:
-            score = tl.dot(k1, tl.trans(q1), input_precision="ieee") + tl.dot(k2, tl.trans(q2), input_precision="ieee")
-        else:
-            score = tl.dot(k1, tl.trans(q1), input_precision="tf32") + tl.dot(k2, tl.trans(q2), input_precision="tf32")
-        score = tl.where(live[:, None], score * scale, -float("inf"))  # (TILE, BLOCK_G)
-        m_new = tl.maximum(m_i, tl.max(score, axis=0))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.where(live[:, None], tl.exp(score - m_safe[None, :]), 0.0)
-        alpha = tl.where(m_i == -float("inf"), 0.0, tl.exp(m_i - m_safe))
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        if IEEE:
-            pv = tl.dot(tl.trans(p), v, input_precision="ieee")
-        else:
-            pv = tl.dot(tl.trans(p), v, input_precision="tf32")
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-        it += 1
+    lo = first + tl.maximum(start // TILE - first, 0)
+    hi = first + tl.minimum(tiles_per_split, (seq_len + TILE - 1) // TILE - first)
+    if FOR_LOOP:
+        for t in range(lo, hi):
+            m_i, l_i, acc = _tile_step(KP, VP, TABLE, CK, CV, COS, SIN, b, hk, t, start, seq_len, q1, q2, m_i, l_i,
+                                       acc, scale, HALF, stride_tb, stride_pb, stride_ps, stride_ph, half, mask_h,
+                                       dcols, mask_d, BS, TILE, W, IEEE, BLOCK_HALF, BLOCK_D)
+    else:
+        t = lo
+        while t < hi:
+            m_i, l_i, acc = _tile_step(KP, VP, TABLE, CK, CV, COS, SIN, b, hk, t, start, seq_len, q1, q2, m_i, l_i,
+                                       acc, scale, HALF, stride_tb, stride_pb, stride_ps, stride_ph, half, mask_h,
+                                       dcols, mask_d, BS, TILE, W, IEEE, BLOCK_HALF, BLOCK_D)
+            t += 1
     out = (b * Hq + hq) * NUM_SPLITS + sp
     tl.store(M_OUT + out, m_i, mask=mask_g)
     tl.store(L_OUT + out, l_i, mask=mask_g)
@@ -233,13 +252,15 @@ def dense_table(C: torch.Tensor, block: int) -> torch.Tensor:
             + torch.arange(n_blocks, device=C.device, dtype=torch.int32).view(1, n_blocks) * block)
 
 
-def launch_constants(bs: int, group: int, D: int, W: int, num_splits: int, dtype: torch.dtype) -> dict:
+def launch_constants(bs: int, group: int, D: int, W: int, num_splits: int, dtype: torch.dtype, *,
+                     compiled: bool = True) -> dict:
     """The kernel's compile-time constants for a launch (the sm_90 compile test compiles with these). tl.dot
-    needs 16 or more on every dimension: the key tile, the padded group and both head-dim blocks."""
+    needs 16 or more on every dimension: the key tile, the padded group and both head-dim blocks. compiled:
+    False under Triton's interpreter (the tile loop as a `while`)."""
     return dict(BS=bs, TILE=max(TILE_MIN, bs),  # a tile may span several blocks: each row finds its own
                 W=W, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
                 BLOCK_HALF=max(16, triton.next_power_of_2(D // 2)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-                NUM_SPLITS=num_splits, IEEE=dtype == torch.float32)
+                NUM_SPLITS=num_splits, IEEE=dtype == torch.float32, FOR_LOOP=compiled)
 
 
 def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale, num_splits, *, bs, n_blocks,
@@ -255,7 +276,7 @@ def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale,
     f32 = dict(device=dev, dtype=torch.float32)
     ck, cv = coef_k.to(**f32).contiguous(), coef_v.to(**f32).contiguous()
     cs, sn = cos[:W].to(**f32).contiguous(), sin[:W].to(**f32).contiguous()
-    const = launch_constants(bs, Hq // Hkv, D, W, num_splits, q.dtype)
+    const = launch_constants(bs, Hq // Hkv, D, W, num_splits, q.dtype, compiled=q.is_cuda)
     tile = const["TILE"]
     n_tiles = -(-(n_blocks * bs) // tile)
     per_split = -(-n_tiles // num_splits)
