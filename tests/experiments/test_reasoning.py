@@ -214,6 +214,11 @@ def test_igsm_states_an_unequal_in_distribution_accuracy_when_the_ood_test_canno
     assert "(256 problems, 1 seed(s); the SE is the test sample's only" in text and "learning speed" not in text
     text = igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.08,), (0.07,), kv_id=(0.45,), va_id=(0.43,), n=256))[1]
     assert "learned the training distribution unequally" not in text
+    assert "In distribution KV shift − vanilla +0.020 ± 0.044 (1 seed(s)): within two SE" in text
+    # two seeds that disagree: the seed-to-seed spread sets the in-distribution SE (|0.332 - 0.059| / 2)
+    text = igsm_exp.igsm_verdict(_igsm_results("Tr6-Te8", (0.08, 0.07), (0.07, 0.06), kv_id=(0.766, 0.727),
+                                               va_id=(0.434, 0.668), n=256))[1]
+    assert "unequally" not in text and "+0.195 ± 0.137 (2 seed(s)): within two SE" in text
 
 
 def test_igsm_ood_difference_se():

@@ -327,9 +327,9 @@ EXPERIMENTS = [
         "igsm", "App. I", "iGSM accuracy: 0.8154 → 0.8909 (train ≤ 12 ops, test 15); 0.8711 → 0.9062 (≤ 21 → 24).",
         f"a setting decides only when every run of both arms reaches {ID_LEARNED:.0%} in-distribution answer "
         f"accuracy over ≥ {MIN_SEEDS} seeds; there KV shift wins when its mean test answer accuracy beats vanilla's "
-        "by more than two binomial standard errors, above chance. reproduced: every deciding setting won and one is "
-        "the paper's; partly: some won, or only a smaller split (Tr6-Te8) did; not reproduced: none won; "
-        "inconclusive: no setting decides.",
+        "by more than two standard errors (the larger of the binomial and the seed-to-seed one), above chance. "
+        "reproduced: every deciding setting won and one is the paper's; partly: some won, or only a smaller split "
+        "(Tr6-Te8) did; not reproduced: none won; inconclusive: no setting decides.",
         "App. I: iGSM math, train on <= N operations, test on more; vanilla vs KV shift", igsm_experiment,
         summarize=summarize, options=("only", "arms", "runs")),
 ]

@@ -35,7 +35,8 @@ def ood_difference(r: dict, part: str = "test") -> dict | None:
 def igsm_verdict(results: dict) -> tuple[str, str]:
     """A setting decides only when every run of both arms reached ID_LEARNED in-distribution answer accuracy,
     over >= MIN_SEEDS seeds both arms ran. In a deciding setting KV shift wins when its mean test answer accuracy
-    beats vanilla's by more than two binomial standard errors of the mean difference, above chance.
+    beats vanilla's by more than two standard errors of the mean difference (the larger of the binomial
+    and the seed-to-seed one), above chance.
     'reproduced': every deciding setting won and one is the paper's own; 'partly': some won (or only a smaller
     split did); 'not reproduced': none did; 'inconclusive': no setting decides."""
     parts, decided = [], {}
@@ -53,8 +54,8 @@ def igsm_verdict(results: dict) -> tuple[str, str]:
         text = (f"{key} ({budget}, {r['n_test']} test problems per seed): in-distribution answer accuracy {id_text}; "
                 f"test (Te{r['test_operations']}) answer accuracy {ood}")
         if d is not None:
-            text += (f"; KV shift − vanilla {d['mean']:+.3f} ± {d['se']:.3f} (binomial SE, {len(d['seeds'])} "
-                     f"seed(s))")
+            text += (f"; KV shift − vanilla {d['mean']:+.3f} ± {d['se']:.3f} (SE: the larger of the binomial and the "
+                     f"seed-to-seed one, {len(d['seeds'])} seed(s))")
         learned = min(min(v.values()) for v in ind.values()) >= ID_LEARNED
         if not learned:
             text += (f" — inconclusive here: not every run reached {ID_LEARNED:.0%} in-distribution answer "
@@ -68,6 +69,9 @@ def igsm_verdict(results: dict) -> tuple[str, str]:
                 text += ("), a difference in learning speed, not the paper's claim" if len(i["seeds"]) >= MIN_SEEDS
                          else "; the SE is the test sample's only: how much runs of other seeds differ is not yet "
                               "measured), not the paper's claim")
+            elif i is not None:
+                text += (f". In distribution KV shift − vanilla {i['mean']:+.3f} ± {i['se']:.3f} "
+                         f"({len(i['seeds'])} seed(s)): within two SE, no clear difference in learning speed")
         elif d is None or len(d["seeds"]) < MIN_SEEDS:
             text += f" — inconclusive here: both arms learned, but fewer than {MIN_SEEDS} seeds ran both arms"
         else:

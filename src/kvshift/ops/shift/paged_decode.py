@@ -182,7 +182,8 @@ def _check(q, k_pool, v_pool, block_table, seq_lens, coef_k, coef_v, cos, sin, s
 def paged_shift_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                        seq_lens: torch.Tensor, coef_k: torch.Tensor, coef_v: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, *, start: torch.Tensor | None = None, scale: float | None = None,
-                       num_splits: int = 1) -> torch.Tensor:
+                       num_splits: int = 1, num_warps: int | None = None, num_stages: int | None = None
+                       ) -> torch.Tensor:
     """Attention of one rotated query per sequence over a paged standard cache, shifted on read.
 
     q (B, H_q, D): RoPE'd queries. k_pool / v_pool (n_blocks, block_size, H_kv, D): rotated raw keys and raw
@@ -190,7 +191,8 @@ def paged_shift_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
     seq_lens (B,) int: cached slots of each sequence, the current token's included. coef_k / coef_v (H_kv, W):
     current-first coefficients (identity columns [1, 0, ...] for an unshifted side). cos / sin (W, D/2):
     R_0 .. R_{W-1} (`kvshift.layers.stateless.rotation_tables`; cos 1 / sin 0 without RoPE). start (B,) int:
-    slot of each row's first real token (default 0). Returns (B, H_q, D) in q's dtype (fp32 accumulation)."""
+    slot of each row's first real token (default 0). num_warps / num_stages: Triton launch options, for tuning
+    (scripts/dev/decode_sweep.py). Returns (B, H_q, D) in q's dtype (fp32 accumulation)."""
     _check(q, k_pool, v_pool, block_table, seq_lens, coef_k, coef_v, cos, sin, start, num_splits)
     dev = q.device
     k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
@@ -198,13 +200,15 @@ def paged_shift_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
     n_blocks = max(1, -(-int(seq.max().item()) // k_pool.shape[1])) if q.shape[0] else 1
     return _launch(q, k_pool, v_pool, block_table, seq, start, coef_k, coef_v, cos, sin, scale, num_splits,
                    bs=k_pool.shape[1], n_blocks=n_blocks, strides=(k_pool.stride(0), k_pool.stride(1),
-                                                                     k_pool.stride(2)))
+                                                                     k_pool.stride(2)),
+                   num_warps=num_warps, num_stages=num_stages)
 
 
 def dense_shift_decode(q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, start: torch.Tensor, seq_lens: torch.Tensor,
                        coef_k: torch.Tensor, coef_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                        block: int = 64, num_splits: int | None = None, scale: float | None = None,
-                       table: torch.Tensor | None = None) -> torch.Tensor:
+                       table: torch.Tensor | None = None, num_warps: int | None = None,
+                       num_stages: int | None = None) -> torch.Tensor:
     """The same kernel over a dense standard cache, transformers' layout: C, V (B, H_kv, S, D), rotated raw keys
     and raw values, last dim contiguous and the same strides for both (a view of a larger allocation is
     fine). No copy: a block table of `block`-slot tiles is made up whose entries address the tensor itself
@@ -212,7 +216,8 @@ def dense_shift_decode(q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, start:
     tokens are slots start[b] .. seq_lens[b] - 1 (left padding before them, unwritten slots after), the new
     token's included; nothing outside that span is read as a key or a tap. num_splits: key splits per
     (row, KV head), by default enough programs for about two waves on 132 SMs. table: `dense_table(C, block)`, to
-    reuse one across the layers of a step. No host synchronisation."""
+    reuse one across the layers of a step. num_warps / num_stages: as in `paged_shift_decode`. No host
+    synchronisation."""
     if not dense_layout_ok(C, V):
         raise ValueError(f"C and V must be (B, H_kv, S, D) with the same strides, the last one 1, got "
                          f"{tuple(C.shape)} {C.stride()} and {tuple(V.shape)} {V.stride()}")
@@ -229,7 +234,7 @@ def dense_shift_decode(q: torch.Tensor, C: torch.Tensor, V: torch.Tensor, start:
     seq = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
     row = C.stride(2)
     return _launch(q, C, V, table, seq, start, coef_k, coef_v, cos, sin, scale, num_splits, bs=block,
-                   n_blocks=n_blocks, strides=(row, row, C.stride(1)))
+                   n_blocks=n_blocks, strides=(row, row, C.stride(1)), num_warps=num_warps, num_stages=num_stages)
 
 
 def dense_layout_ok(C: torch.Tensor, V: torch.Tensor) -> bool:
@@ -264,8 +269,13 @@ def launch_constants(bs: int, group: int, D: int, W: int, num_splits: int, dtype
 
 
 def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale, num_splits, *, bs, n_blocks,
-            strides):
-    """The kernel and the merge of its key splits; strides: (block, slot, head) of the pools, in elements."""
+            strides, num_warps=None, num_stages=None):
+    """The kernel and the merge of its key splits; strides: (block, slot, head) of the pools, in elements.
+    num_warps / num_stages: Triton's launch options (None: 8 warps for 128-wide heads, else 4; Triton's stages)."""
+    if num_warps is not None and (isinstance(num_warps, bool) or num_warps not in (1, 2, 4, 8, 16)):
+        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}")
+    if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1):
+        raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
     B, Hq, D = q.shape
     Hkv = coef_k.shape[0]
     W = coef_k.shape[1]
@@ -288,7 +298,8 @@ def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale,
         q, KP, VP, table, seq, st, ck, cv, cs, sn, m, lse, acc,
         scale if scale is not None else 1.0 / math.sqrt(D), Hq, D, D // 2, per_split,
         q.stride(0), q.stride(1), table.stride(0), strides[0], strides[1], strides[2],
-        num_warps=8 if const["BLOCK_D"] >= 128 else 4, **const)
+        num_warps=num_warps or (8 if const["BLOCK_D"] >= 128 else 4),
+        **({} if num_stages is None else {"num_stages": num_stages}), **const)
     if num_splits == 1:
         return (acc[:, :, 0] / lse.clamp_min(1e-30)).to(q.dtype)
     # merge the splits: log-sum-exp over the partial maxima (an empty split has m = -inf, l = 0)
