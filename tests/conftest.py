@@ -4,7 +4,9 @@ torch.empty / torch.empty_like results are filled with NaN, so an output element
 to write fails the comparison loudly instead of passing with leftover memory.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +33,17 @@ def poison_empty(monkeypatch):
 # fused kernels through the interpreter whatever test imports them first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def dev_script():
+    """Loads a module of scripts/dev/ (not a package) by path: `dev_script("decode_sweep")`."""
+    return _load_dev_script
+
+
+def _load_dev_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "scripts" / "dev" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

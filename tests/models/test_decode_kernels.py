@@ -1,20 +1,8 @@
 """The compiled decode step of KV shifting makes no more kernels than vanilla's under inductor's GPU scheduling
 rules (scripts/dev/decode_kernels.py: compiled on the CPU, counted from the post-fusion IR)."""
 
-import importlib.util
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "dev" / "decode_kernels.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("decode_kernels", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_kernel_count_reads_fused_and_lone_nodes():
+def test_kernel_count_reads_fused_and_lone_nodes(dev_script):
     log = "\n".join([
         "V... [0/0] [__ir_post_fusion] op0_op1: FusedSchedulerNode(SchedulerNode,SchedulerNode)",
         "V... [0/0] [__ir_post_fusion] op0: SchedulerNode(ComputedBuffer)",
@@ -23,11 +11,11 @@ def test_kernel_count_reads_fused_and_lone_nodes():
         "V... [0/0] [__ir_post_fusion] op3: SchedulerNode(ComputedBuffer)",
         "V... [0/0] [__ir_post_fusion] op4: NopKernelSchedulerNode(ConcatKernel)",
     ])
-    assert _script().kernels(log) == 2  # op0_op1 and op3
+    assert dev_script("decode_kernels").kernels(log) == 2  # op0_op1 and op3
 
 
-def test_kv_shift_decode_step_has_vanillas_kernel_count():
+def test_kv_shift_decode_step_has_vanillas_kernel_count(dev_script):
     """Each layer's shift, RoPE, cache write and raw-window update fuse into the kernels vanilla has anyway (on
     the H200 an unfused step ran 36 more kernels per token for 16 layers, 2-5% of decode time)."""
-    mod = _script()
+    mod = dev_script("decode_kernels")
     assert mod.count("kvshift") <= mod.count("vanilla")

@@ -1,27 +1,16 @@
 """scripts/dev/decode_sweep.py (the stateless decode kernel's launch configurations against SDPA) checks each
 configuration's output before timing it: here on the CPU through Triton's interpreter, tiny shapes."""
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "dev" / "decode_sweep.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("decode_sweep", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the kernel on the CPU needs TRITON_INTERPRET=1")
-def test_sweep_checks_and_times_each_configuration():
-    rows = _script().sweep(2, 40, 1, device="cpu",
-                           configs=[(16, "auto", 4, None), (16, "1", 4, None), (32, "3", 2, 2)])
+def test_sweep_checks_and_times_each_configuration(dev_script):
+    rows = dev_script("decode_sweep").sweep(2, 40, 1, device="cpu",
+                                            configs=[(16, "auto", 4, None), (16, "1", 4, None), (32, "3", 2, 2)])
     base, *configs = rows
     assert base["ratio"] == 1.0 and base["ms"] > 0
     assert len(configs) == 2  # "auto" is 1 off CUDA: the same configuration once
@@ -31,13 +20,13 @@ def test_sweep_checks_and_times_each_configuration():
 
 
 @pytest.mark.parametrize("cases", ["16by2048", "16x0", "16x2048x3", ""])
-def test_sweep_refuses_bad_cases(cases, capsys):
-    assert _script().main(["--cases", cases]) == 2
+def test_sweep_refuses_bad_cases(cases, capsys, dev_script):
+    assert dev_script("decode_sweep").main(["--cases", cases]) == 2
     assert "--cases must look like" in capsys.readouterr().err
 
 
-def test_sweep_wrong_output_is_reported_not_timed(monkeypatch):
-    mod = _script()
+def test_sweep_wrong_output_is_reported_not_timed(monkeypatch, dev_script):
+    mod = dev_script("decode_sweep")
     import kvshift.ops.shift.paged_decode as pd
 
     if os.environ.get("TRITON_INTERPRET") != "1":
