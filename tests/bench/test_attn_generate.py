@@ -221,6 +221,22 @@ def test_merge_unites_the_arms_of_a_generate_case(tmp_path):
     assert len(case["arms"]) == 7 and case["ratios"]["lm"] == pytest.approx(1.1)
     assert case["ratios"]["compiled"] == pytest.approx(1.1) and case["ratios"]["hf-static-vs-llama"] == pytest.approx(9 / 8)
     assert case["cross_run_ratios"] == ["hf-static-vs-llama"]
+    # a third run merged into that file: the mark of the first two runs' ratio stays (each arm names its run)
+    meta3 = {**meta, "time_utc": "2026-12-02T12:00:00Z"}
+    paths.append(tmp_path / "2.json")
+    paths[-1].write_text(json.dumps({**run({"lm-vanilla": 12.0, "lm-kvshift": 12.0}), "meta": meta3}))
+    case = merge_results([tmp_path / "out" / "x.json", paths[-1]], tmp_path / "out2")["generate"]["cases"]["b1-p8"]
+    assert case["ratios"]["lm"] == pytest.approx(1.0) and case["ratios"]["hf-static-vs-llama"] == pytest.approx(9 / 8)
+    assert case["cross_run_ratios"] == ["hf-static-vs-llama"]
+    assert case["arm_runs"]["lm-kvshift"] == "2026-12-02T12:00:00Z"
+    assert case["arm_runs"]["hf-kvshift-static"] != case["arm_runs"]["llama-static"]
+    # a target of two runs' arms is shown but neither met nor missed; one run's ratio is judged
+    res = json.loads((tmp_path / "out2" / "x.json").read_text())
+    cross, same = (res["targets"][f"generate/b1-p8/{r}_ratio"] for r in ("hf-static-vs-llama", "lm"))
+    assert cross["measured"] == pytest.approx(9 / 8) and cross["met"] is None and cross["cross_run"]
+    assert same["met"] is True and "cross_run" not in same
+    assert "| generate/b1-p8/hf-static-vs-llama_ratio | 1.1250 | <= 1.02 | n/a (arms of two runs) |" in \
+        (tmp_path / "out2" / "x.md").read_text()
 
 
 def test_compiled_lm_arms_ratios_and_targets():

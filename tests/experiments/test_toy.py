@@ -161,6 +161,19 @@ def test_cost_row_counts_a_target_without_data_as_not_measured(tmp_path):
     assert "lm-compiled-vs-llama_ratio: n/a" not in row
 
 
+def test_cost_row_does_not_judge_a_ratio_of_two_runs_arms(tmp_path):
+    """A merged generate case whose ratio pairs arms of different runs: named as not judged, not counted."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "gpu-d.json").write_text(json.dumps({
+        "meta": {"device": "GPU-D"},
+        "e2e": {"models": {"x": {"arms": {}, "ratios": {"tokens_per_s": {"fused": 1.0}, "peak_mem": {"fused": 0.99}}}}},
+        "generate": {"cases": {"b1-p8": {"arms": {"lm-vanilla": {}, "lm-kvshift": {}}, "ratios": {"lm": 1.5},
+                                         "cross_run_ratios": ["lm"]}}}}))
+    row = next(line for line in render(tmp_path).splitlines() if line.startswith("| Sec. 2 (cost)"))
+    assert "Targets missed: 0 of 2" in row and "**reproduced**" in row and "lm_ratio: 1.5" not in row
+    assert "Not judged, arms of two runs (merged): generate/b1-p8/lm_ratio." in row
+
+
 def _arm(final, best=None, s50=None, s90=None):
     return {"final_accuracy": final, "best_accuracy": best if best is not None else final,
             "steps_to": {"0.5": {"median_step": s50}, "0.9": {"median_step": s90}, "0.99": {"median_step": None}}}

@@ -284,7 +284,7 @@ def test_generate_through_the_decode_kernel_equals_uncached(static, mode, monkey
         n = len(calls)
         assert torch.equal(model.generate(ids, **kw), want)
         compiled = "_compiled_call" in vars(model)
-        # transformers compiles sampling's static step (the shifted copy + SDPA in the graph, the kernel stays
-        # out); its beam search runs eager steps, on the kernel
+        # transformers compiles the static step of its sampling loop, which greedy decoding runs (the shifted
+        # copy + SDPA in the graph, the kernel stays out); its beam search runs eager steps, on the kernel
         assert compiled == (mode == "greedy")
         assert (len(calls) == n) == compiled

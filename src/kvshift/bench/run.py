@@ -110,13 +110,25 @@ def write_results(results: dict, out: Path) -> tuple[Path, Path]:
 
 def _union_arms(before: dict, case: dict) -> dict:
     """A generate case measured by two runs: the arms of both (the later run wins an arm both hold), the ratios
-    recomputed; a ratio of two arms from different runs is marked in `cross_run_ratios`."""
+    recomputed; a ratio of two arms from different runs is marked in `cross_run_ratios`. `arm_runs` (arm -> the
+    run that measured it) carries that through later merges; a mark of a case merged before `arm_runs` existed
+    is kept while neither of its arms is replaced."""
     arms = {**before["arms"], **case["arms"]}
-    src = {**{a: 0 for a in before["arms"]}, **{a: 1 for a in case["arms"]}}
+    runs = {**before["arm_runs"], **case["arm_runs"]}
     ok = {a: v.get("ms_per_token") for a, v in arms.items() if isinstance(v, dict) and "error" not in v}
     ratios = {k: ratio(ok.get(a), ok.get(b)) for k, (a, b) in GEN_RATIOS.items()}
-    cross = sorted(k for k, (a, b) in GEN_RATIOS.items() if a in src and b in src and src[a] != src[b])
-    return {**before, **case, "arms": arms, "ratios": ratios, **({"cross_run_ratios": cross} if cross else {})}
+    kept = {k for k in before.get("cross_run_ratios", ())
+            if k in GEN_RATIOS and not set(GEN_RATIOS[k]) & set(case["arms"])}
+    cross = sorted(kept | {k for k, (a, b) in GEN_RATIOS.items() if a in runs and b in runs and runs[a] != runs[b]})
+    return {**before, **case, "arms": arms, "arm_runs": runs, "ratios": ratios,
+            **({"cross_run_ratios": cross} if cross else {})}
+
+
+def _tag_arm_runs(generate: dict, run_id: str) -> dict:
+    """The part's cases with `arm_runs` (arm -> run_id) where a case does not name its arms' runs yet."""
+    cases = {n: ({**c, "arm_runs": {a: run_id for a in c["arms"]}} if "arms" in c and "arm_runs" not in c else c)
+             for n, c in generate.get("cases", {}).items()}
+    return {**generate, "cases": cases}
 
 
 def merge_results(paths: list[str | Path], out: str | Path) -> dict:
@@ -157,9 +169,12 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
         sources.append((r["meta"].get("merged_from") or [src(r["meta"], own)], {k: r[k] for k in own}))
     results: dict = {"meta": meta}
     cases = CASES
-    for entries, parts in sources:
+    for i, (entries, parts) in enumerate(sources):
         meta["merged_from"] += entries
         r = {k: {x: y for x, y in v.items() if x not in ("from_earlier_run", "measured_by")} for k, v in parts.items()}
+        if "generate" in r:  # which run measured each arm: its time, or (a merged file, no time) the source
+            one = entries[0] if len(entries) == 1 else {}
+            r["generate"] = _tag_arm_runs(r["generate"], one.get("time_utc") or f"source {i} ({entries[0].get('file')})")
         for part in PARTS:
             if part in r:
                 if part in results:  # the same part from several runs (e.g. one e2e model per GPU): union of cases

@@ -33,6 +33,9 @@ def rows(results: Path) -> list[dict]:
         # a target whose ratio has no data (an arm of it not run in that case) is not measured, not missed
         unmeasured = [k for k, v in t.items() if v["measured"] is None]
         t = {k: v for k, v in t.items() if v["measured"] is not None}
+        # a ratio of arms from two runs (a merged file) is shown but not judged
+        cross = [k for k, v in t.items() if v.get("cross_run")]
+        t = {k: v for k, v in t.items() if not v.get("cross_run")}
         if not t:
             continue
         missed = [k for k, v in t.items() if not v["met"]]
@@ -50,7 +53,8 @@ def rows(results: Path) -> list[dict]:
                                        "generate)." if old else "")
                                     + (f" Not yet measured: {', '.join(pending)}." if pending else "")
                                     + (f" Targets without data (an arm not run in that case): {', '.join(unmeasured)}."
-                                       if unmeasured else ""),
+                                       if unmeasured else "")
+                                    + (f" Not judged, arms of two runs (merged): {', '.join(cross)}." if cross else ""),
                     "_dir": "bench", "_readme": f"bench/{f.stem}.md"})
     return out
 

@@ -7,7 +7,7 @@ and reordered (`reorder`, beam search) with no extra state.
 
 `LM.generate` keeps `KVCache` as its default (`generate(..., stateless=True)` uses this cache): on an
 H200 at batch 128 the stateless steps took 1.66x (2k prompt) and 3.10x (8k) the `KVCache`'s through the
-PyTorch read, and 1.72x (batch 16, 2k prompt) and 1.51x (batch 128, 8k) through the flash-decoding kernel
+PyTorch read, and 1.72x (batch 16, 2k prompt) and 1.51x (batch 128, 8k; one job) through the flash-decoding kernel
 that a one-token step on CUDA now takes (`kvshift.layers.stateless_kernel`). On one CPU thread,
 lm-3m, 4 rows, 64 + 192 tokens greedy: 0.97 s with `KVCache`, 1.4 s with `RawKVCache`. Use a
 `RawKVCache` (pass it as `cache=` to `LM.forward`) where rollback or a standard layout matters; the

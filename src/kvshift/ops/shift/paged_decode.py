@@ -25,6 +25,7 @@ test_paged_decode.py).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import triton
@@ -99,8 +100,9 @@ def paged_shift_decode_kernel(Q, KP, VP, TABLE, SEQ, START, CK, CV, COS, SIN, M_
     (TILE, BLOCK_G), outputs (BLOCK_G, BLOCK_D); BLOCK_G >= 16 rows, the padding masked). The operands stay
     fp32: IEEE (an fp32 model) multiplies them exactly, otherwise as TF32 on tensor cores (a 10-bit mantissa,
     finer than the bf16 / fp16 the cache holds). FOR_LOOP (compiled kernels): the tiles run in a `for` loop
-    over runtime bounds, which the compiler software-pipelines (the next tile's loads in flight while this one
-    computes); the interpreter cannot range() over a loaded value, so it runs the same tiles in a `while`."""
+    over runtime bounds, which the compiler software-pipelines (sm_90: asynchronous copies of the next tiles;
+    no speed-up measured over the `while`, docs/gpu.md); the interpreter cannot range() over a loaded value, so
+    it runs the same tiles in a `while`."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -141,6 +143,11 @@ def paged_shift_decode_kernel(Q, KP, VP, TABLE, SEQ, START, CK, CV, COS, SIN, M_
     tl.store(M_OUT + out, m_i, mask=mask_g)
     tl.store(L_OUT + out, l_i, mask=mask_g)
     tl.store(ACC_OUT + out[:, None] * D + dcols[None, :], acc, mask=mask_g[:, None] & mask_d[None, :])
+
+
+# whether the kernel is compiled (a JITFunction) or run by Triton's interpreter (TRITON_INTERPRET=1 when the module
+# was imported; the interpreter also accepts CUDA tensors, so the tensors' device cannot tell)
+COMPILED = isinstance(paged_shift_decode_kernel, triton.runtime.jit.JITFunction)
 
 
 def _check(q, k_pool, v_pool, block_table, seq_lens, coef_k, coef_v, cos, sin, start, num_splits):
@@ -257,6 +264,10 @@ def dense_table(C: torch.Tensor, block: int) -> torch.Tensor:
             + torch.arange(n_blocks, device=C.device, dtype=torch.int32).view(1, n_blocks) * block)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def launch_constants(bs: int, group: int, D: int, W: int, num_splits: int, dtype: torch.dtype, *,
                      compiled: bool = True) -> dict:
     """The kernel's compile-time constants for a launch (the sm_90 compile test compiles with these). tl.dot
@@ -272,10 +283,12 @@ def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale,
             strides, num_warps=None, num_stages=None):
     """The kernel and the merge of its key splits; strides: (block, slot, head) of the pools, in elements.
     num_warps / num_stages: Triton's launch options (None: 8 warps for 128-wide heads, else 4; Triton's stages)."""
-    if num_warps is not None and (isinstance(num_warps, bool) or num_warps not in (1, 2, 4, 8, 16)):
+    if num_warps is not None and not (_is_int(num_warps) and int(num_warps) in (1, 2, 4, 8, 16)):
         raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}")
-    if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1):
+    if num_stages is not None and not (_is_int(num_stages) and num_stages >= 1):
         raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
+    num_warps = None if num_warps is None else int(num_warps)
+    num_stages = None if num_stages is None else int(num_stages)
     B, Hq, D = q.shape
     Hkv = coef_k.shape[0]
     W = coef_k.shape[1]
@@ -286,7 +299,7 @@ def _launch(q, KP, VP, block_table, seq, start, coef_k, coef_v, cos, sin, scale,
     f32 = dict(device=dev, dtype=torch.float32)
     ck, cv = coef_k.to(**f32).contiguous(), coef_v.to(**f32).contiguous()
     cs, sn = cos[:W].to(**f32).contiguous(), sin[:W].to(**f32).contiguous()
-    const = launch_constants(bs, Hq // Hkv, D, W, num_splits, q.dtype, compiled=q.is_cuda)
+    const = launch_constants(bs, Hq // Hkv, D, W, num_splits, q.dtype, compiled=COMPILED)
     tile = const["TILE"]
     n_tiles = -(-(n_blocks * bs) // tile)
     per_split = -(-n_tiles // num_splits)
