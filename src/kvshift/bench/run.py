@@ -174,7 +174,8 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
         r = {k: {x: y for x, y in v.items() if x not in ("from_earlier_run", "measured_by")} for k, v in parts.items()}
         if "generate" in r:  # which run measured each arm: its time, or (a merged file, no time) the source
             one = entries[0] if len(entries) == 1 else {}
-            r["generate"] = _tag_arm_runs(r["generate"], one.get("time_utc") or f"source {i} ({entries[0].get('file')})")
+            run_id = one.get("time_utc") or f"source {i} ({entries[0].get('file')})"
+            r["generate"] = _tag_arm_runs(r["generate"], run_id)
         for part in PARTS:
             if part in r:
                 if part in results:  # the same part from several runs (e.g. one e2e model per GPU): union of cases
