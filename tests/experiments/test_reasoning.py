@@ -167,12 +167,30 @@ def test_igsm_refuses_a_run_from_another_setting(tmp_path, tiny_igsm):
         run_experiment("igsm", _igsm_opts(tmp_path, summarize_only=True))
 
 
+def test_igsm_named_setting_keeps_its_runs_apart(tmp_path, monkeypatch):
+    """Two settings of one split, one named: their runs are published and summarised under their own names."""
+    s = dict(igsm_exp.IGSM["cpu"], settings=(dict(train_ops=1, test_ops=2, **TINY_IGSM),
+                                             dict(name="Tr1-Te2-long", train_ops=1, test_ops=2,
+                                                  **{**TINY_IGSM, "steps": 6})),
+             dim=16, heads=2, n_layers=1, ffn=32, warmup=2, eval_every=2, n_test=4, n_id=3, gen_batch=3)
+    monkeypatch.setitem(igsm_exp.IGSM, "cpu", s)
+    run_experiment("igsm", _igsm_opts(tmp_path, arms=["vanilla"]))
+    summ = run_experiment("igsm", _igsm_opts(tmp_path, summarize_only=True))
+    assert summ["settings"] == ["Tr1-Te2", "Tr1-Te2-long"]
+    assert [summ["results"][k]["steps"] for k in summ["settings"]] == [4, 6]
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.json")) == [
+        "vanilla-Tr1-Te2-long-s0.json", "vanilla-Tr1-Te2-s0.json"]
+
+
 def test_igsm_gpu_settings():
     """The gpu scale holds the paper's split and the smaller one; Tr6 rows fit the row length (measured max 436)."""
     keys = [igsm_exp.setting_key(st) for st in igsm_exp.settings("gpu")]
-    assert keys == ["Tr12-Te15", "Tr6-Te8"]
+    assert keys == ["Tr12-Te15", "Tr6-Te8", "Tr6-Te8-long"]
     (st,) = igsm_exp.settings("gpu", ["Tr6-Te8"])
     assert (st["seq"], st["steps"], st["batch"], st["dim"]) == (448, 6000, 128, 384)
+    (long,) = igsm_exp.settings("gpu", ["Tr6-Te8-long"])  # the same split and model, three times the steps
+    assert {k: v for k, v in long.items() if k not in ("name", "steps", "eval_every")} == \
+        {k: v for k, v in st.items() if k not in ("steps", "eval_every")} and long["steps"] == 3 * st["steps"]
     rng = random.Random(3)
     lens = [len(igsm_exp._encode_problem(igsm.generate(6, rng=rng))[0]) for _ in range(2000)]
     assert max(lens) <= st["seq"]
