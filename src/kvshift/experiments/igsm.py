@@ -271,9 +271,10 @@ def adopt_legacy(out: Path) -> None:
         tr, te, att, seed = r["train_ops"], r["test_ops"], r["arm"], r["seed"]
         train = {**s["train"], "train_ops": tr, "test_ops": te, "seq": s["seq_len"], "n_test": s["n_test"],
                  "n_id": s["n_in_distribution"]}
-        row = {**{k: v for k, v in r.items() if k not in ("arm", "seed")}, "setting": f"Tr{tr}-Te{te}",
+        key = setting_key({"train_ops": tr, "test_ops": te})
+        row = {**{k: v for k, v in r.items() if k not in ("arm", "seed")}, "setting": key,
                "attention": att, "order": ARMS.index(att), "train": train, "provenance": prov}
-        toy_runs.publish(out, f"{att}-Tr{tr}-Te{te}", seed, row,
+        toy_runs.publish(out, f"{att}-{key}", seed, row,
                          [x for x in recs if x.get("arm") == f"{att}-Tr{tr}" and x.get("seed") == seed])
 
 
