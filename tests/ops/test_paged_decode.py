@@ -155,3 +155,30 @@ def test_one_program_serves_every_query_head_of_a_kv_head(group, dtype):
     assert got.dtype == dtype and got.shape == (B, Hq, D)
     tol = 1e-5 if dtype == torch.float32 else 1e-2 * want.abs().max().item()  # bf16 output rounding
     assert (got.cpu().double() - want).abs().max().item() <= tol
+
+
+def test_launch_options_default_to_the_tuned_ones(monkeypatch):
+    """Without num_warps / num_stages the launcher passes its tuned defaults (4 warps below 128-wide heads,
+    DEFAULT_STAGES = 2 stages); given ones reach the kernel as they are."""
+    from kvshift.ops.shift import paged_decode as pd
+
+    seen = []
+
+    class Recorder:  # stands in for the kernel: records the launch options, then stops the launch
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append({k: kwargs[k] for k in ("num_warps", "num_stages")})
+                raise RuntimeError("recorded")
+            return launch
+
+    monkeypatch.setattr(pd, "paged_shift_decode_kernel", Recorder())
+    q = torch.zeros(1, 2, 8)
+    pool = torch.zeros(2, BS, 2, 8)
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    c = torch.ones(2, 2)
+    cos, sin = rotation_tables(1, 8, 10_000.0, dtype=torch.float32)
+    for kwargs in ({}, {"num_warps": 8, "num_stages": 4}):
+        with pytest.raises(RuntimeError, match="recorded"):
+            pd.paged_shift_decode(q, pool, pool, table, torch.tensor([3]), c, c, cos, sin, **kwargs)
+    assert pd.DEFAULT_STAGES == 2
+    assert seen == [{"num_warps": 4, "num_stages": 2}, {"num_warps": 8, "num_stages": 4}]
