@@ -239,6 +239,34 @@ def test_igsm_states_an_unequal_in_distribution_accuracy_when_the_ood_test_canno
     assert "unequally" not in text and "+0.195 ± 0.137 (2 seed(s)): within two SE" in text
 
 
+def test_igsm_late_gain_and_what_the_verdict_says_of_the_budget():
+    """Below the bar the row says whether the runs were still learning (held-out token accuracy over their last
+    third) and names the longer budget of the same split that the plan holds and no run used."""
+    ev = lambda *pairs: [{"step": s, "solution_token_accuracy": a} for s, a in pairs]  # noqa: E731
+    curve = ev((0, 0.0), (1000, 0.80), (2000, 0.81), (3000, 0.83), (4000, 0.85), (5000, 0.86), (6000, 0.874))
+    assert igsm_exp.igsm_report.late_gain(curve + [{"step": 6000, "loss": 0.3}]) == pytest.approx(0.874 - 0.85)
+    assert igsm_exp.igsm_report.late_gain(ev((0, 0.1), (600, 0.7))) == pytest.approx(0.6)  # only the last is late
+    assert igsm_exp.igsm_report.late_gain(ev((600, 0.7))) is None
+    res = _igsm_results("Tr6-Te8", (0.08, 0.07), (0.07, 0.06), kv_id=(0.77, 0.73), va_id=(0.43, 0.67), steps=6000)
+    for a, g in (("vanilla", {"0": 0.026, "1": 0.036}), ("kvshift", {"0": 0.025, "1": 0.013})):
+        res["Tr6-Te8"]["arms"][a]["test_solution_token_accuracy_late_gain_per_seed"] = g
+    longer = igsm_exp.longer_budgets("gpu", res)
+    assert longer == {"Tr6-Te8": "Tr6-Te8-long (18000 steps × batch 128, 2,304,000 training rows)"}
+    verdict, text = igsm_exp.igsm_verdict(res, longer)
+    assert verdict == "inconclusive"
+    assert ("still rose over the last third of training in 4 of 4 runs (+0.013 to +0.036): no run had converged, "
+            "so a longer budget may reach the bar; the next budget in this scale's plan, Tr6-Te8-long") in text
+    for a in ("vanilla", "kvshift"):
+        res["Tr6-Te8"]["arms"][a]["test_solution_token_accuracy_late_gain_per_seed"] = {"0": 0.001, "1": -0.002}
+    text = igsm_exp.igsm_verdict(res)[1]
+    assert "in 0 of 4 runs" in text and "levelled off" in text and "not known from these runs" in text
+    # once the longer setting has runs, or for a split the plan holds no longer budget of, none is named
+    assert igsm_exp.longer_budgets("gpu", {**res, **_igsm_results("Tr6-Te8-long", (0.1,), (0.1,))}) == {}
+    tr12 = _igsm_results("Tr12-Te15", (0.1,), (0.1,))
+    tr12["Tr12-Te15"].update(train_max_operations=12, test_operations=15)
+    assert igsm_exp.longer_budgets("gpu", tr12) == {}
+
+
 def test_igsm_ood_difference_se():
     d = igsm_exp.ood_difference(_igsm_results("Tr6-Te8", (0.9, 0.8), (0.7, 0.6), n=100)["Tr6-Te8"])
     assert d["seeds"] == ["0", "1"] and d["per_seed"] == pytest.approx({"0": 0.2, "1": 0.2})

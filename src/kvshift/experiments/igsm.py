@@ -292,10 +292,13 @@ def summarize(opts: RunOptions, out: Path) -> dict:
     for key in keys:
         rs = [r for r in runs if r["setting"] == key]
         toy_runs.check_same_setting(rs, out)
+        gains = {}
         for r in rs:
-            for x in read_jsonl(out / toy_runs.RUNS / f"{r['arm']}-s{r['seed']}.metrics.jsonl"):
+            recs = read_jsonl(out / toy_runs.RUNS / f"{r['arm']}-s{r['seed']}.metrics.jsonl")
+            for x in recs:
                 log.log({**x, "arm": r["attention"], "setting": key})
-        results[key] = setting_results(rs)
+            gains[(r["attention"], str(r["seed"]))] = igsm_report.late_gain(recs)
+        results[key] = setting_results(rs, gains)
     log.close()
     prov = toy_runs.merged_provenance(runs)
     summ = {"experiment": "igsm", "scale": opts.scale, "paper": PAPER, **prov, "summarized_by": command_line(),
@@ -303,15 +306,30 @@ def summarize(opts: RunOptions, out: Path) -> dict:
             "chance_answer_accuracy": 1 / igsm.MOD, "results": results,
             "runs": [{k: v for k, v in r.items() if k != "provenance"} for r in runs],
             "wall_seconds": sum(r["wall_seconds"] + r["generation_seconds"] for r in runs)}
-    summ["verdict"], summ["verdict_text"] = igsm_verdict(results)
+    summ["verdict"], summ["verdict_text"] = igsm_verdict(results, longer_budgets(opts.scale, results))
     write_summary(out, summ)
     igsm_report.plot_igsm(out, summ)
     igsm_report.write_igsm_readme(out, summ)
     return summ
 
 
-def setting_results(rs: list[dict]) -> dict:
-    """One setting's runs: the training setting, and per arm the seed means and per-seed values."""
+def longer_budgets(scale: str, results: dict) -> dict:
+    """Per summarised setting, the shortest longer budget of the same split in the scale's plan that no run
+    used yet, as the verdict names it."""
+    out = {}
+    for key, r in results.items():
+        more = [st for st in settings(scale) if (st["train_ops"], st["test_ops"], setting_key(st) in results)
+                == (r["train_max_operations"], r["test_operations"], False) and st["steps"] > r["steps"]]
+        if more:
+            st = min(more, key=lambda st: st["steps"])
+            out[key] = (f"{setting_key(st)} ({st['steps']} steps × batch {st['batch']}, "
+                        f"{st['steps'] * st['batch']:,} training rows)")
+    return out
+
+
+def setting_results(rs: list[dict], gains: dict | None = None) -> dict:
+    """One setting's runs: the training setting, and per arm the seed means and per-seed values. gains: per
+    (arm, seed), the held-out token accuracy gained over the run's last third (`igsm_report.late_gain`)."""
     t = rs[0]["train"]
     res = {"train_max_operations": t["train_ops"], "test_operations": t["test_ops"], "steps": t["steps"],
            "batch_size": t["batch_size"], "seq_len": t["seq"], "n_test": t["n_test"], "n_in_distribution": t["n_id"],
@@ -326,6 +344,8 @@ def setting_results(rs: list[dict]) -> dict:
                 v = {str(r["seed"]): r[part][k] for r in rows}
                 a[f"{part}_{k}"], a[f"{part}_{k}_per_seed"] = sum(v.values()) / len(v), v
         a["test_solution_loss"] = sum(r["test"]["solution_loss"] for r in rows) / len(rows)
+        late = {str(r["seed"]): (gains or {}).get((att, str(r["seed"]))) for r in rows}
+        a["test_solution_token_accuracy_late_gain_per_seed"] = {x: g for x, g in late.items() if g is not None}
         a["non_embedding_params"] = rows[0]["non_embedding_params"]
         res["arms"][att] = a
     return res

@@ -15,6 +15,18 @@ PAPER_SETTINGS = ("Tr12-Te15", "Tr21-Te24")
 
 
 ID_LEARNED, MIN_SEEDS = 0.8, 2  # in-distribution answer accuracy every run needs, seeds a setting needs
+RISING = 0.005  # held-out token accuracy gained over a run's last third that counts as still learning
+
+
+def late_gain(records: list[dict]) -> float | None:
+    """Held-out solution-token accuracy (teacher forced) a run gained over the last third of its training: its
+    last evaluation minus the first one at or after two thirds of its last evaluated step (the one before the
+    last if none other is there); None with fewer than two evaluations."""
+    ev = sorted((r["step"], r["solution_token_accuracy"]) for r in records if "solution_token_accuracy" in r)
+    if len(ev) < 2:
+        return None
+    i = next(j for j, (step, _) in enumerate(ev) if step >= 2 * ev[-1][0] / 3)
+    return ev[-1][1] - ev[min(i, len(ev) - 2)][1]
 
 
 def ood_difference(r: dict, part: str = "test") -> dict | None:
@@ -32,13 +44,34 @@ def ood_difference(r: dict, part: str = "test") -> dict | None:
             "se": max(math.sqrt(var) / len(seeds), between, 1e-9), "kvshift_mean": sum(kv[x] for x in seeds) / len(seeds)}
 
 
-def igsm_verdict(results: dict) -> tuple[str, str]:
+def _signed(x: float) -> str:
+    return f"{x:+.3f}".replace("-0.000", "+0.000")
+
+
+def _convergence(arms: dict, longer: str | None) -> str:
+    """What the runs of a setting below the bar say about the budget that would reach it."""
+    gains = [g for a in ARMS for g in arms[a].get("test_solution_token_accuracy_late_gain_per_seed", {}).values()]
+    text = ""
+    if gains:
+        rising = sum(g > RISING for g in gains)
+        lo, hi = _signed(min(gains)), _signed(max(gains))
+        text = (f"; held-out solution-token accuracy still rose over the last third of training in {rising} of "
+                f"{len(gains)} runs ({lo if lo == hi else f'{lo} to {hi}'})")
+        text += (": no run had converged, so a longer budget may reach the bar" if rising == len(gains) else
+                 ": the runs had levelled off, so more steps alone are unlikely to reach it" if not rising else "")
+    return text + (f"; the next budget in this scale's plan, {longer}, has not run" if longer else
+                   "; what budget reaches the bar is not known from these runs")
+
+
+def igsm_verdict(results: dict, longer: dict | None = None) -> tuple[str, str]:
     """A setting decides only when every run of both arms reached ID_LEARNED in-distribution answer accuracy,
     over >= MIN_SEEDS seeds both arms ran. In a deciding setting KV shift wins when its mean test answer accuracy
     beats vanilla's by more than two standard errors of the mean difference (the larger of the binomial
     and the seed-to-seed one), above chance.
     'reproduced': every deciding setting won and one is the paper's own; 'partly': some won (or only a smaller
-    split did); 'not reproduced': none did; 'inconclusive': no setting decides."""
+    split did); 'not reproduced': none did; 'inconclusive': no setting decides. longer: per setting, the longer
+    budget of the same split that the scale's plan holds and no run used yet (named where a setting is below
+    the bar)."""
     parts, decided = [], {}
     for key, r in results.items():
         arms = r["arms"]
@@ -60,7 +93,8 @@ def igsm_verdict(results: dict) -> tuple[str, str]:
         if not learned:
             text += (f" — inconclusive here: not every run reached {ID_LEARNED:.0%} in-distribution answer "
                      f"accuracy within {budget} ({r['steps'] * r['batch_size']:,} training rows), so out-of-distribution "
-                     "accuracy tests nothing; a budget beyond that which reaches it is needed")
+                     "accuracy tests nothing")
+            text += _convergence(arms, (longer or {}).get(key))
             i = ood_difference(r, "in_distribution")
             if i is not None and abs(i["mean"]) > 2 * i["se"]:  # what the run did show: how fast each arm learned
                 text += (f". At this budget the arms learned the training distribution unequally: in-distribution "
