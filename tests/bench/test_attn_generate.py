@@ -331,3 +331,97 @@ def test_scores_arm_reads_in_the_score_domain_inside_compile_and_restores_the_de
     assert seen == [(True, False, "static"), (False, False, "static"), (True, False, "static")]
     assert stateless.SCORE_DOMAIN_WHEN_COMPILED is False
     assert GEN_RATIOS["compiled-scores"] == ("hf-kvshift-static-scores-compiled", "hf-kvshift-static-compiled")
+
+
+def test_eager_arms_are_timed_interleaved_in_groups_of_distinct_models():
+    """The eager arms of a case run interleaved (a host drift falls on every arm of a ratio), no two arms of a
+    group on one model; each iteration rotates the order; the per-arm times are that arm's own."""
+    from kvshift.bench.generate import interleave_groups, time_interleaved
+
+    eager = [a for a in GEN_ARMS if not a.endswith("-compiled")]
+    groups = interleave_groups(eager)
+    assert groups[0][:2] == ["lm-vanilla", "lm-kvshift"] and "hf-kvshift-static" in groups[0]
+    assert "lm-kvshift-stateless" not in groups[0] and sorted(sum(groups, [])) == sorted(eager)
+    for g in groups:
+        keys = [a.split("-")[0] + ("" if a.startswith("llama") else "-" + a.split("-")[1]) for a in g]
+        assert len(set(keys)) == len(keys), g
+    seen, clock = [], [0.0]
+
+    def fake(arm, per_token_ms):  # advances a virtual clock: 2 ms of prefill, then per_token_ms per new token
+        def call(ids, k):
+            seen.append((arm, k))
+            clock[0] += (2.0 + per_token_ms * k) / 1e3
+            return torch.zeros(ids.shape[0], ids.shape[1] + k)
+        return call
+    import kvshift.bench.generate as gen
+    real = gen.time.perf_counter
+    gen.time.perf_counter = lambda: clock[0]
+    try:
+        out = time_interleaved({"a": fake("a", 1.0), "b": fake("b", 3.0), "c": fake("c", 0.5)}, torch.zeros(2, 4),
+                               5, warmup=1, iters=3, device=torch.device("cpu"))
+    finally:
+        gen.time.perf_counter = real
+    order = [a for a, k in seen[6:] if k == 5]  # after the warm-up (3 arms x 2 calls)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [k for _, k in seen[6:8]] == [5, 1]  # each arm's N-token call, then its 1-token call
+    for a, per in (("a", 1.0), ("b", 3.0), ("c", 0.5)):
+        assert out[a]["n"] == 3 and out[a]["graph_breaks"] == 0
+        assert out[a]["ms_per_token"] == pytest.approx(per) and out[a]["first_token"]["median_ms"] == pytest.approx(
+            2.0 + per)
+
+
+def test_a_failing_arm_leaves_the_rest_of_its_group_timed(one_thread, monkeypatch):
+    import kvshift.bench.generate as gen
+
+    plan = Plan.quick_plan(False)
+    plan.gen_cases, plan.gen_new_tokens, plan.gen_iters = [(1, 5)], 3, 1
+    plan.gen_arms = ["lm-vanilla", "lm-kvshift"]
+    real = gen.gen_call
+
+    def broken(arm, model):
+        if arm == "lm-kvshift":
+            def fail(ids, n):
+                raise RuntimeError("boom")
+            return fail
+        return real(arm, model)
+    monkeypatch.setattr(gen, "gen_call", broken)
+    sec = gen.bench_generate(plan, torch.device("cpu"), lambda u: None)
+    arms = sec["cases"]["b1-p5"]["arms"]
+    assert list(arms) == ["lm-vanilla", "lm-kvshift"]
+    assert "error" not in arms["lm-vanilla"] and arms["lm-vanilla"]["ms_per_token"] > 0
+    assert "boom" in arms["lm-kvshift"]["error"]
+
+
+def test_the_report_says_which_cases_were_interleaved():
+    from kvshift.bench.report_parts import render_generate
+
+    sec = {"model": "m", "new_tokens": 4, "settings": {"warmup": 1, "iters": 3},
+           "cases": {"b1-p8": {"batch": 1, "prompt": 8, "arms": {}, "ratios": {}, "eager_interleaved": True},
+                     "b2-p8": {"batch": 2, "prompt": 8, "arms": {}, "ratios": {}}}}
+    text = "\n".join(render_generate(sec))
+    assert "timed interleaved" in text and "(cases b1-p8; the others timed one arm after another)" in text
+    sec["cases"]["b2-p8"]["eager_interleaved"] = True
+    text = "\n".join(render_generate(sec))
+    assert "timed interleaved" in text and "the others" not in text
+    del sec["cases"]["b1-p8"]["eager_interleaved"], sec["cases"]["b2-p8"]["eager_interleaved"]
+    assert "interleaved" not in "\n".join(render_generate(sec))
+
+
+def test_merge_keeps_interleaved_only_where_every_arm_was_timed_so(tmp_path):
+    from kvshift.bench.run import merge_results
+
+    meta = {"device": "X", "device_slug": "x", "quick": False}
+
+    def run(i, arms, interleaved):
+        case = {"batch": 1, "prompt": 8, "arms": {a: {"ms_per_token": 10.0} for a in arms}, "ratios": {},
+                **({"eager_interleaved": True} if interleaved else {})}
+        p = tmp_path / f"{i}.json"
+        p.write_text(json.dumps({"meta": {**meta, "time_utc": f"2026-12-0{i + 1}T00:00:00Z"},
+                                 "generate": {"settings": {}, "cases": {"b1-p8": case}}}))
+        return p
+
+    old = run(0, ["lm-vanilla", "lm-kvshift", "llama-static"], False)
+    case = lambda *ps: merge_results(list(ps), tmp_path / "out")["generate"]["cases"]["b1-p8"]  # noqa: E731
+    assert "eager_interleaved" not in case(old, run(1, ["lm-vanilla", "lm-kvshift"], True))  # llama-static: old
+    assert case(old, run(2, ["lm-vanilla", "lm-kvshift", "llama-static"], True))["eager_interleaved"] is True
+    assert "eager_interleaved" not in case(run(3, ["lm-vanilla"], True), run(4, ["lm-kvshift"], False))

@@ -29,7 +29,10 @@ Arms (bf16 weights, random init; the timing does not depend on the tokens, greed
 Eager arms run with `disable_compile=True` (generate would otherwise compile a static-cache decode step on
 its own). ms per generated token = (t(prompt + N new) - t(prompt + 1 new)) / (N - 1): the decode steps
 through generate, prefill excluded; both generate calls are timed in every iteration, medians over the
-iterations, after warm-up calls of both (where the compiled arms compile).
+iterations, after warm-up calls of both (where the compiled arms compile). The eager arms of a case are timed
+interleaved (`time_interleaved`: each timed iteration runs every arm of a group once, in an order rotated from
+iteration to iteration), so a drift of the host's speed, which a host-bound eager step feels in full, does not
+land on one arm of a ratio only; the compiled arms run one after another, each compiled afresh.
 With --profile, after an arm's timing, the kernels of one decode step (`kvshift.bench.profile.profile_decode`:
 profiled generate with PROFILE_NEW_TOKENS new tokens minus generate with 1, per token, prefill excluded); a
 profile that fails is recorded as its error beside the timing, which stands.
@@ -151,11 +154,20 @@ def _drop_caches(model: torch.nn.Module) -> None:
 def time_generate(call: Callable, ids: torch.Tensor, n: int, *, warmup: int, iters: int,
                   device: torch.device) -> dict:
     """ms per generated token through `call` (see the module docstring), and the prefill + first token."""
+    return time_interleaved({"arm": call}, ids, n, warmup=warmup, iters=iters, device=device)["arm"]
+
+
+def time_interleaved(calls: dict[str, Callable], ids: torch.Tensor, n: int, *, warmup: int, iters: int,
+                     device: torch.device) -> dict[str, dict]:
+    """`time_generate` of several arms at once: every timed iteration runs each arm once, in an order rotated
+    from one iteration to the next, so a drift of the host's speed (an eager step is host-bound) falls on all
+    arms alike instead of on whichever ran later. Per arm: ms per generated token and the prefill + first
+    token; the compile counters are those of the whole block (0 and 0 for eager arms)."""
     if n < 2:
         raise ValueError(f"new tokens must be >= 2 (the per-token time is the difference of N and 1), got {n}")
     B, T = ids.shape
 
-    def timed(k: int) -> float:
+    def timed(call: Callable, k: int) -> float:
         synchronize(device)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -166,22 +178,41 @@ def time_generate(call: Callable, ids: torch.Tensor, n: int, *, warmup: int, ite
             raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected {(B, T + k)}")
         return dt
 
+    names = list(calls)
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     for _ in range(warmup):
-        timed(n), timed(1)
+        for a in names:
+            timed(calls[a], n), timed(calls[a], 1)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    full, one = [], []
-    for _ in range(iters):
-        full.append(timed(n))
-        one.append(timed(1))
-    per_token = [(f - o) / (n - 1) for f, o in zip(full, one)]
-    s = summarize(per_token)
-    return {**s, "ms_per_token": s["median_ms"], "tokens_per_s": B / (s["median_ms"] / 1e3),
-            "first_token": summarize(one), "generate_ms": summarize(full),
-            # torch.compile graphs made during the timed calls (recompiles there would inflate the time): 0
-            "graphs_compiled_while_timed": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
-            # graph breaks dynamo met in this arm's calls (warm-up included): 0 for a decode step compiled whole
-            "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks}
+    full, one = {a: [] for a in names}, {a: [] for a in names}
+    for i in range(iters):
+        for a in names[i % len(names):] + names[:i % len(names)]:
+            full[a].append(timed(calls[a], n))
+            one[a].append(timed(calls[a], 1))
+    counters = {  # torch.compile graphs made during the timed calls (recompiles there would inflate the time): 0
+        "graphs_compiled_while_timed": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
+        # graph breaks dynamo met in these calls (warm-up included): 0 for a decode step compiled whole
+        "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks}
+    out = {}
+    for a in names:
+        s = summarize([(f - o) / (n - 1) for f, o in zip(full[a], one[a])])
+        out[a] = {**s, "ms_per_token": s["median_ms"], "tokens_per_s": B / (s["median_ms"] / 1e3),
+                  "first_token": summarize(one[a]), "generate_ms": summarize(full[a]), **counters}
+    return out
+
+
+def interleave_groups(arms: list[str]) -> list[list[str]]:
+    """The eager arms in groups timed together (`time_interleaved`), no two arms of one group on the same
+    model (an arm's generate state, e.g. transformers' static cache, is dropped before its group only):
+    each arm joins the first group without its model, in the order given."""
+    groups: list[list[str]] = []
+    for a in arms:
+        g = next((g for g in groups if _model_key(a) not in {_model_key(b) for b in g}), None)
+        if g is None:
+            groups.append([a])
+        else:
+            g.append(a)
+    return groups
 
 
 def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None]) -> dict:
@@ -209,31 +240,48 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
     vocab = ModelConfig.from_name(plan.gen_model).vocab_size
     for batch, prompt in sorted(plan.gen_cases, key=lambda c: c[0] * c[1]):  # small first: a cut run keeps them
         name = case_name(batch, prompt)
-        case = {"batch": batch, "prompt": prompt, "arms": {}, "ratios": {}}
+        case = {"batch": batch, "prompt": prompt, "arms": {}, "ratios": {}, "eager_interleaved": True}
         section["cases"][name] = case
         ids = torch.randint(1, vocab, (batch, prompt), generator=g).to(device)
-        for arm in arms:
-            log(f"generate {name} {arm}")
-            model = models[_model_key(arm)]
-            _drop_caches(model)
-            if arm.endswith("-compiled"):
+        done: dict[str, dict] = {}
+        # eager arms interleaved in groups (a host-bound step: one host drift for all), compiled ones one by one
+        for group in interleave_groups([a for a in arms if not a.endswith("-compiled")]) + [
+                [a] for a in arms if a.endswith("-compiled")]:
+            log(f"generate {name} {', '.join(group)}" + (" (interleaved)" if len(group) > 1 else ""))
+            for arm in group:
+                _drop_caches(models[_model_key(arm)])
+            if group[0].endswith("-compiled"):
                 torch._dynamo.reset()  # a fresh compile per arm and case: no recompile limit reached across cases
             t0 = time.perf_counter()
+            calls = {arm: gen_call(arm, models[_model_key(arm)]) for arm in group}
             try:
-                case["arms"][arm] = time_generate(gen_call(arm, model), ids, n, warmup=plan.gen_warmup,
-                                                  iters=plan.gen_iters, device=device)
-                log(f"  {case['arms'][arm]['ms_per_token']:.3f} ms/token")
-            except Exception as e:  # noqa: BLE001
-                case["arms"][arm] = error_entry(e)
-            if plan.profile and "error" not in case["arms"][arm]:
-                try:
-                    prof = profile_decode(gen_call(arm, model), ids, min(n, PROFILE_NEW_TOKENS), device)
-                except Exception as e:  # noqa: BLE001 - the timing stands without the profile
-                    prof = error_entry(e)
-                case["arms"][arm]["profile"] = prof
-            case["arms"][arm]["wall_s"] = time.perf_counter() - t0
-            _drop_caches(model)
+                res = time_interleaved(calls, ids, n, warmup=plan.gen_warmup, iters=plan.gen_iters, device=device)
+            except Exception:  # noqa: BLE001 - one failing arm must not take its group down: each alone
+                res = {}
+                for arm in group:
+                    try:
+                        res[arm] = time_generate(calls[arm], ids, n, warmup=plan.gen_warmup, iters=plan.gen_iters,
+                                                 device=device)
+                    except Exception as e:  # noqa: BLE001
+                        res[arm] = error_entry(e)
+            wall = (time.perf_counter() - t0) / len(group)
+            for arm in group:
+                done[arm] = res[arm]
+                if "error" not in res[arm]:
+                    log(f"  {arm}: {res[arm]['ms_per_token']:.3f} ms/token")
+                if plan.profile and "error" not in res[arm]:
+                    t1 = time.perf_counter()
+                    try:
+                        prof = profile_decode(calls[arm], ids, min(n, PROFILE_NEW_TOKENS), device)
+                    except Exception as e:  # noqa: BLE001 - the timing stands without the profile
+                        prof = error_entry(e)
+                    res[arm]["profile"] = prof
+                    wall += time.perf_counter() - t1
+                res[arm]["wall_s"] = wall
+            for arm in group:
+                _drop_caches(models[_model_key(arm)])
             free_memory(device)
+        case["arms"] = {arm: done[arm] for arm in arms}
         ok = {a: r.get("ms_per_token") for a, r in case["arms"].items() if "error" not in r}
         case["ratios"] = {k: ratio(ok.get(a), ok.get(b)) for k, (a, b) in GEN_RATIOS.items()}
         del ids

@@ -86,6 +86,17 @@ def render_attn(sec: dict | None) -> list[str]:
     return lines
 
 
+def _interleaving(sec: dict) -> str:
+    """Which cases timed their eager arms interleaved (`kvshift.bench.generate.time_interleaved`)."""
+    names = [n for n, c in sec["cases"].items() if c.get("eager_interleaved")]
+    if not names:
+        return ""
+    some = ("" if len(names) == len(sec["cases"]) else
+            f" (cases {', '.join(names)}; the others timed one arm after another)")
+    return (" The eager arms were timed interleaved: each timed iteration runs every eager arm once, in an order "
+            f"rotated from iteration to iteration, so a drift of the host's speed falls on all of them{some}.")
+
+
 def render_generate(sec: dict | None) -> list[str]:
     if not sec or not sec.get("cases"):
         return []
@@ -98,7 +109,8 @@ def render_generate(sec: dict | None) -> list[str]:
              "shape (random weights, SDPA); lm-*-compiled: `LM.generate(compile=True)` (the static-shape decode step, "
              "torch.compile with CUDA graphs); hf-/llama-*-compiled: transformers' own compile of the decode step. "
              f"Per token = (t(N new) - t(1 new)) / (N - 1), prefill excluded; {st.get('warmup')} warm-up + "
-             f"{st.get('iters')} timed calls of each, greedy, bf16. Target: every ratio in bold <= 1.02.", "",
+             f"{st.get('iters')} timed calls of each, greedy, bf16. Target: every ratio in bold <= 1.02."
+             + _interleaving(sec), "",
              "| batch | prompt | " + " | ".join(arms) + " | " +
              " | ".join((f"**{k}**" if k in GEN_TARGET_RATIOS else k) + f" ({GEN_RATIOS[k][0]} / {GEN_RATIOS[k][1]})"
                         for k in GEN_RATIOS) + " |",
