@@ -392,36 +392,30 @@ def test_a_failing_arm_leaves_the_rest_of_its_group_timed(one_thread, monkeypatc
     assert "boom" in arms["lm-kvshift"]["error"]
 
 
-def test_the_report_says_which_cases_were_interleaved():
+def test_the_report_names_the_arms_timed_interleaved(tmp_path, one_thread):
+    """A run's eager arms carry the arms they alternated with; the report names each group whose arms are all
+    still there from one run, and a merge that replaces one of them drops the group."""
     from kvshift.bench.report_parts import render_generate
-
-    sec = {"model": "m", "new_tokens": 4, "settings": {"warmup": 1, "iters": 3},
-           "cases": {"b1-p8": {"batch": 1, "prompt": 8, "arms": {}, "ratios": {}, "eager_interleaved": True},
-                     "b2-p8": {"batch": 2, "prompt": 8, "arms": {}, "ratios": {}}}}
-    text = "\n".join(render_generate(sec))
-    assert "timed interleaved" in text and "(cases b1-p8; the others timed one arm after another)" in text
-    sec["cases"]["b2-p8"]["eager_interleaved"] = True
-    text = "\n".join(render_generate(sec))
-    assert "timed interleaved" in text and "the others" not in text
-    del sec["cases"]["b1-p8"]["eager_interleaved"], sec["cases"]["b2-p8"]["eager_interleaved"]
-    assert "interleaved" not in "\n".join(render_generate(sec))
-
-
-def test_merge_keeps_interleaved_only_where_every_arm_was_timed_so(tmp_path):
     from kvshift.bench.run import merge_results
 
+    plan = Plan.quick_plan(False)
+    plan.gen_cases, plan.gen_new_tokens, plan.gen_iters = [(1, 5)], 3, 1
+    plan.gen_arms = ["lm-vanilla", "lm-kvshift", "lm-kvshift-stateless"]
+    sec = bench_generate(plan, torch.device("cpu"), lambda u: None)
+    arms = sec["cases"]["b1-p5"]["arms"]
+    assert arms["lm-vanilla"]["interleaved_with"] == ["lm-kvshift"]
+    assert arms["lm-kvshift"]["interleaved_with"] == ["lm-vanilla"]
+    assert "interleaved_with" not in arms["lm-kvshift-stateless"]  # alone: the same model as lm-kvshift
+    text = "\n".join(render_generate(sec))
+    assert "Timed interleaved" in text and "b1-p5: lm-vanilla, lm-kvshift." in text
     meta = {"device": "X", "device_slug": "x", "quick": False}
-
-    def run(i, arms, interleaved):
-        case = {"batch": 1, "prompt": 8, "arms": {a: {"ms_per_token": 10.0} for a in arms}, "ratios": {},
-                **({"eager_interleaved": True} if interleaved else {})}
-        p = tmp_path / f"{i}.json"
-        p.write_text(json.dumps({"meta": {**meta, "time_utc": f"2026-12-0{i + 1}T00:00:00Z"},
-                                 "generate": {"settings": {}, "cases": {"b1-p8": case}}}))
-        return p
-
-    old = run(0, ["lm-vanilla", "lm-kvshift", "llama-static"], False)
-    case = lambda *ps: merge_results(list(ps), tmp_path / "out")["generate"]["cases"]["b1-p8"]  # noqa: E731
-    assert "eager_interleaved" not in case(old, run(1, ["lm-vanilla", "lm-kvshift"], True))  # llama-static: old
-    assert case(old, run(2, ["lm-vanilla", "lm-kvshift", "llama-static"], True))["eager_interleaved"] is True
-    assert "eager_interleaved" not in case(run(3, ["lm-vanilla"], True), run(4, ["lm-kvshift"], False))
+    paths = []
+    later = {"settings": {}, "cases": {"b1-p5": {"batch": 1, "prompt": 5, "arms": {"lm-kvshift": {"ms_per_token": 1.0}},
+                                                 "ratios": {}}}}
+    for i, g in enumerate((sec, later)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps({"meta": {**meta, "time_utc": f"2026-12-0{i + 1}T00:00:00Z"}, "generate": g}))
+    merged = merge_results(paths[:1], tmp_path / "a")["generate"]
+    assert "b1-p5: lm-vanilla, lm-kvshift" in "\n".join(render_generate(merged))
+    merged = merge_results(paths, tmp_path / "b")["generate"]
+    assert "Timed interleaved" not in "\n".join(render_generate(merged))  # lm-kvshift now from another run

@@ -145,12 +145,24 @@ def _generate(case: dict, ratio_name: str) -> str:
     if not pair:
         return _failed(*((a, arms.get(a)) for a in (num, den))) or "neither arm of this ratio has a timing"
     if not compiled:
-        return f"eager steps ({pair} ms per token); no compiled arm in this case"
+        return f"eager steps ({pair} ms per token); no compiled arm in this case" + _spread(arms, num, den)
     best = min(compiled, key=compiled.get)
     eager = min(ms[a] for a in (num, den) if a in ms)
     return (f"eager steps ({pair} ms per token) against {compiled[best]:.2f} ms for {best}, the compiled step of "
             f"the same shape on the same GPU ({compiled[best] / eager:.0%} of the faster eager step): the rest of "
-            "an eager step is host time, which this ratio compares; the compiled ratios measure the GPU")
+            "an eager step is host time, which this ratio compares; the compiled ratios measure the GPU"
+            + _spread(arms, num, den))
+
+
+def _spread(arms: dict, num: str, den: str) -> str:
+    """The two arms' per-token times over the timed iterations (p10-p90), and whether their ranges overlap."""
+    r = [arms.get(a) or {} for a in (num, den)]
+    if not all("p10_ms" in x and "p90_ms" in x for x in r):
+        return ""
+    lap = r[0]["p10_ms"] <= r[1]["p90_ms"] and r[1]["p10_ms"] <= r[0]["p90_ms"]
+    return (f"; over the timed iterations (p10-p90) {num} {r[0]['p10_ms']:.2f}-{r[0]['p90_ms']:.2f} vs {den} "
+            f"{r[1]['p10_ms']:.2f}-{r[1]['p90_ms']:.2f} ms: "
+            + ("the ranges overlap, the difference is within the run's own noise" if lap else "the ranges are apart"))
 
 
 def explain_missed(results: dict, targets: dict[str, dict]) -> list[str]:

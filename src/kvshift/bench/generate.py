@@ -240,7 +240,7 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
     vocab = ModelConfig.from_name(plan.gen_model).vocab_size
     for batch, prompt in sorted(plan.gen_cases, key=lambda c: c[0] * c[1]):  # small first: a cut run keeps them
         name = case_name(batch, prompt)
-        case = {"batch": batch, "prompt": prompt, "arms": {}, "ratios": {}, "eager_interleaved": True}
+        case = {"batch": batch, "prompt": prompt, "arms": {}, "ratios": {}}
         section["cases"][name] = case
         ids = torch.randint(1, vocab, (batch, prompt), generator=g).to(device)
         done: dict[str, dict] = {}
@@ -267,6 +267,8 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
             wall = (time.perf_counter() - t0) / len(group)
             for arm in group:
                 done[arm] = res[arm]
+                if len(group) > 1 and "error" not in res[arm]:  # the arms this one's iterations alternated with
+                    res[arm]["interleaved_with"] = [a for a in group if a != arm]
                 if "error" not in res[arm]:
                     log(f"  {arm}: {res[arm]['ms_per_token']:.3f} ms/token")
                 if plan.profile and "error" not in res[arm]:

@@ -87,14 +87,23 @@ def render_attn(sec: dict | None) -> list[str]:
 
 
 def _interleaving(sec: dict) -> str:
-    """Which cases timed their eager arms interleaved (`kvshift.bench.generate.time_interleaved`)."""
-    names = [n for n, c in sec["cases"].items() if c.get("eager_interleaved")]
-    if not names:
+    """The arms each case timed interleaved (`kvshift.bench.generate.time_interleaved`): a group is named
+    where all its arms are still there, measured by the same run."""
+    parts = []
+    for name, c in sec["cases"].items():
+        arms, runs = c.get("arms", {}), c.get("arm_runs", {})
+        groups = []
+        for a, r in arms.items():
+            group = [a] + list((r or {}).get("interleaved_with", []) if isinstance(r, dict) else [])
+            if (len(group) > 1 and all(b in arms for b in group) and len({runs.get(b) for b in group}) == 1
+                    and set(group) not in [set(g) for g in groups]):
+                groups.append(group)
+        parts += [f"{name}: {', '.join(g)}" for g in groups]
+    if not parts:
         return ""
-    some = ("" if len(names) == len(sec["cases"]) else
-            f" (cases {', '.join(names)}; the others timed one arm after another)")
-    return (" The eager arms were timed interleaved: each timed iteration runs every eager arm once, in an order "
-            f"rotated from iteration to iteration, so a drift of the host's speed falls on all of them{some}.")
+    return (" Timed interleaved (each timed iteration ran every arm of a group once, in an order rotated from "
+            "iteration to iteration, so a drift of the host's speed falls on all of them): " + "; ".join(parts)
+            + ". Other arms were timed one after another.")
 
 
 def render_generate(sec: dict | None) -> list[str]:

@@ -120,12 +120,8 @@ def _union_arms(before: dict, case: dict) -> dict:
     kept = {k for k in before.get("cross_run_ratios", ())
             if k in GEN_RATIOS and not set(GEN_RATIOS[k]) & set(case["arms"])}
     cross = sorted(kept | {k for k, (a, b) in GEN_RATIOS.items() if a in runs and b in runs and runs[a] != runs[b]})
-    merged = {**before, **case, "arms": arms, "arm_runs": runs, "ratios": ratios,
-              **({"cross_run_ratios": cross} if cross else {})}
-    every = before.get("eager_interleaved") or set(before["arms"]) <= set(case["arms"])
-    if not (case.get("eager_interleaved") and every):  # interleaved only if every arm kept was timed that way
-        merged.pop("eager_interleaved", None)
-    return merged
+    return {**before, **case, "arms": arms, "arm_runs": runs, "ratios": ratios,
+            **({"cross_run_ratios": cross} if cross else {})}
 
 
 def _tag_arm_runs(generate: dict, run_id: str) -> dict:
