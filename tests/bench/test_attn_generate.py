@@ -333,7 +333,7 @@ def test_scores_arm_reads_in_the_score_domain_inside_compile_and_restores_the_de
     assert GEN_RATIOS["compiled-scores"] == ("hf-kvshift-static-scores-compiled", "hf-kvshift-static-compiled")
 
 
-def test_eager_arms_are_timed_interleaved_in_groups_of_distinct_models():
+def test_eager_arms_are_timed_interleaved_in_groups_of_distinct_models(monkeypatch):
     """The eager arms of a case run interleaved (a host drift falls on every arm of a ratio), no two arms of a
     group on one model; each iteration rotates the order; the per-arm times are that arm's own."""
     from kvshift.bench.generate import interleave_groups, time_interleaved
@@ -354,13 +354,9 @@ def test_eager_arms_are_timed_interleaved_in_groups_of_distinct_models():
             return torch.zeros(ids.shape[0], ids.shape[1] + k)
         return call
     import kvshift.bench.generate as gen
-    real = gen.time.perf_counter
-    gen.time.perf_counter = lambda: clock[0]
-    try:
-        out = time_interleaved({"a": fake("a", 1.0), "b": fake("b", 3.0), "c": fake("c", 0.5)}, torch.zeros(2, 4),
-                               5, warmup=1, iters=3, device=torch.device("cpu"))
-    finally:
-        gen.time.perf_counter = real
+    monkeypatch.setattr(gen.time, "perf_counter", lambda: clock[0])
+    out = time_interleaved({"a": fake("a", 1.0), "b": fake("b", 3.0), "c": fake("c", 0.5)}, torch.zeros(2, 4),
+                           5, warmup=1, iters=3, device=torch.device("cpu"))
     order = [a for a, k in seen[6:] if k == 5]  # after the warm-up (3 arms x 2 calls)
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert [k for _, k in seen[6:8]] == [5, 1]  # each arm's N-token call, then its 1-token call
@@ -390,6 +386,7 @@ def test_a_failing_arm_leaves_the_rest_of_its_group_timed(one_thread, monkeypatc
     assert list(arms) == ["lm-vanilla", "lm-kvshift"]
     assert "error" not in arms["lm-vanilla"] and arms["lm-vanilla"]["ms_per_token"] > 0
     assert "boom" in arms["lm-kvshift"]["error"]
+    assert "interleaved_with" not in arms["lm-vanilla"]  # it ran alone after the group failed
 
 
 def test_the_report_names_the_arms_timed_interleaved(tmp_path, one_thread):

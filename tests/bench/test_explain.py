@@ -75,14 +75,15 @@ def test_every_missed_target_gets_its_own_reason_and_met_ones_none():
     assert "(10% of the faster eager step)" in eager and "lm-kvshift 13.00" in eager
     assert "p10-p90" not in eager  # no spread recorded: none stated
     arms = res["generate"]["cases"]["b16-p8"]["arms"]
-    arms["lm-vanilla"].update(p10_ms=9.0, p90_ms=14.0)
-    arms["lm-kvshift"].update(p10_ms=12.0, p90_ms=15.0)
-    line = explain_missed(res, {"generate/b16-p8/lm_ratio": tg["generate/b16-p8/lm_ratio"]})[0]
-    assert ("(p10-p90) lm-kvshift 12.00-15.00 vs lm-vanilla 9.00-14.00 ms: the ranges overlap, the difference is "
-            "within the run's own noise") in line
-    arms["lm-kvshift"].update(p10_ms=14.5)
+    arms["lm-vanilla"].update(p10_ms=9.0, p90_ms=14.0, n=5)
+    arms["lm-kvshift"].update(p10_ms=12.0, p90_ms=15.0, n=6)
     one = {"generate/b16-p8/lm_ratio": tg["generate/b16-p8/lm_ratio"]}
-    assert "the ranges are apart" in explain_missed(res, one)[0]
+    assert ("(p10-p90 of 5+) lm-kvshift 12.00-15.00 vs lm-vanilla 9.00-14.00 ms: the per-iteration ranges "
+            "overlap") in explain_missed(res, one)[0]
+    arms["lm-kvshift"].update(p10_ms=14.5)
+    assert "the per-iteration ranges are apart" in explain_missed(res, one)[0]
+    arms["lm-vanilla"].update(n=3)  # too few iterations for a range to mean anything: none stated
+    assert "p10-p90" not in explain_missed(res, one)[0]
     res.pop("attn")  # the report's own tables need a real attn case; the section needs only targets
     md = render_markdown({**res, "targets": compute_targets(res)})
     assert "### Why the missed targets were missed" in md and prof in md

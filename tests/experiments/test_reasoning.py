@@ -245,8 +245,9 @@ def test_igsm_late_gain_and_what_the_verdict_says_of_the_budget():
     ev = lambda *pairs: [{"step": s, "solution_token_accuracy": a} for s, a in pairs]  # noqa: E731
     curve = ev((0, 0.0), (1000, 0.80), (2000, 0.81), (3000, 0.83), (4000, 0.85), (5000, 0.86), (6000, 0.874))
     assert igsm_exp.igsm_report.late_gain(curve + [{"step": 6000, "loss": 0.3}]) == pytest.approx(0.874 - 0.85)
-    assert igsm_exp.igsm_report.late_gain(ev((0, 0.1), (600, 0.7))) == pytest.approx(0.6)  # only the last is late
-    assert igsm_exp.igsm_report.late_gain(ev((600, 0.7))) is None
+    assert igsm_exp.igsm_report.late_gain(ev((0, 0.1), (300, 0.5), (600, 0.7))) is None  # only the last is late
+    assert igsm_exp.igsm_report.late_gain(ev((0, 0.1), (400, 0.5), (600, 0.7))) == pytest.approx(0.2)
+    assert igsm_exp.igsm_report.late_gain(ev((600, 0.7))) is None and igsm_exp.igsm_report.late_gain([]) is None
     res = _igsm_results("Tr6-Te8", (0.08, 0.07), (0.07, 0.06), kv_id=(0.77, 0.73), va_id=(0.43, 0.67), steps=6000)
     for a, g in (("vanilla", {"0": 0.026, "1": 0.036}), ("kvshift", {"0": 0.025, "1": 0.013})):
         res["Tr6-Te8"]["arms"][a]["test_solution_token_accuracy_late_gain_per_seed"] = g

@@ -154,15 +154,19 @@ def _generate(case: dict, ratio_name: str) -> str:
             + _spread(arms, num, den))
 
 
+SPREAD_MIN_ITERS = 5  # timed iterations per arm below which a p10-p90 range says nothing
+
+
 def _spread(arms: dict, num: str, den: str) -> str:
-    """The two arms' per-token times over the timed iterations (p10-p90), and whether their ranges overlap."""
+    """The two arms' per-token times over the timed iterations (p10-p90), and whether those per-iteration
+    ranges overlap; only with SPREAD_MIN_ITERS or more iterations of each."""
     r = [arms.get(a) or {} for a in (num, den)]
-    if not all("p10_ms" in x and "p90_ms" in x for x in r):
+    if not all("p10_ms" in x and "p90_ms" in x and x.get("n", 0) >= SPREAD_MIN_ITERS for x in r):
         return ""
     lap = r[0]["p10_ms"] <= r[1]["p90_ms"] and r[1]["p10_ms"] <= r[0]["p90_ms"]
-    return (f"; over the timed iterations (p10-p90) {num} {r[0]['p10_ms']:.2f}-{r[0]['p90_ms']:.2f} vs {den} "
-            f"{r[1]['p10_ms']:.2f}-{r[1]['p90_ms']:.2f} ms: "
-            + ("the ranges overlap, the difference is within the run's own noise" if lap else "the ranges are apart"))
+    return (f"; per timed iteration (p10-p90 of {min(x['n'] for x in r)}+) {num} {r[0]['p10_ms']:.2f}-"
+            f"{r[0]['p90_ms']:.2f} vs {den} {r[1]['p10_ms']:.2f}-{r[1]['p90_ms']:.2f} ms: "
+            + ("the per-iteration ranges overlap" if lap else "the per-iteration ranges are apart"))
 
 
 def explain_missed(results: dict, targets: dict[str, dict]) -> list[str]:

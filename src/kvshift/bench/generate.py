@@ -30,9 +30,13 @@ Eager arms run with `disable_compile=True` (generate would otherwise compile a s
 its own). ms per generated token = (t(prompt + N new) - t(prompt + 1 new)) / (N - 1): the decode steps
 through generate, prefill excluded; both generate calls are timed in every iteration, medians over the
 iterations, after warm-up calls of both (where the compiled arms compile). The eager arms of a case are timed
-interleaved (`time_interleaved`: each timed iteration runs every arm of a group once, in an order rotated from
-iteration to iteration), so a drift of the host's speed, which a host-bound eager step feels in full, does not
-land on one arm of a ratio only; the compiled arms run one after another, each compiled afresh.
+interleaved in groups of arms on distinct models (`time_interleaved`: each timed iteration runs every arm of a
+group once, in an order rotated from iteration to iteration), so a drift of the host's speed, which a host-bound
+eager step feels in full, falls on both arms of every target ratio alike (lm-vanilla / lm-kvshift, the hf and
+llama static arms share the first group; lm-kvshift-stateless and llama-dynamic, on the same models as
+lm-kvshift and llama-static, form a later one). A group keeps its arms' generate state (transformers' static
+caches) alive together. Should a group fail, each arm is timed alone, and only interleaved arms record
+`interleaved_with`. The compiled arms run one after another, each compiled afresh.
 With --profile, after an arm's timing, the kernels of one decode step (`kvshift.bench.profile.profile_decode`:
 profiled generate with PROFILE_NEW_TOKENS new tokens minus generate with 1, per token, prefill excluded); a
 profile that fails is recorded as its error beside the timing, which stands.
@@ -165,6 +169,8 @@ def time_interleaved(calls: dict[str, Callable], ids: torch.Tensor, n: int, *, w
     token; the compile counters are those of the whole block (0 and 0 for eager arms)."""
     if n < 2:
         raise ValueError(f"new tokens must be >= 2 (the per-token time is the difference of N and 1), got {n}")
+    if iters < 1 or not calls:
+        raise ValueError(f"time_interleaved needs iters >= 1 and at least one arm, got {iters} and {list(calls)}")
     B, T = ids.shape
 
     def timed(call: Callable, k: int) -> float:
@@ -254,20 +260,21 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
                 torch._dynamo.reset()  # a fresh compile per arm and case: no recompile limit reached across cases
             t0 = time.perf_counter()
             calls = {arm: gen_call(arm, models[_model_key(arm)]) for arm in group}
+            together = len(group) > 1
             try:
                 res = time_interleaved(calls, ids, n, warmup=plan.gen_warmup, iters=plan.gen_iters, device=device)
             except Exception:  # noqa: BLE001 - one failing arm must not take its group down: each alone
-                res = {}
+                res, together = {}, False
                 for arm in group:
                     try:
                         res[arm] = time_generate(calls[arm], ids, n, warmup=plan.gen_warmup, iters=plan.gen_iters,
                                                  device=device)
                     except Exception as e:  # noqa: BLE001
                         res[arm] = error_entry(e)
-            wall = (time.perf_counter() - t0) / len(group)
+            share = (time.perf_counter() - t0) / len(group)
             for arm in group:
-                done[arm] = res[arm]
-                if len(group) > 1 and "error" not in res[arm]:  # the arms this one's iterations alternated with
+                done[arm], wall = res[arm], share
+                if together:  # the arms this one's iterations alternated with
                     res[arm]["interleaved_with"] = [a for a in group if a != arm]
                 if "error" not in res[arm]:
                     log(f"  {arm}: {res[arm]['ms_per_token']:.3f} ms/token")

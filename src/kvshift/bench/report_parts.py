@@ -94,7 +94,7 @@ def _interleaving(sec: dict) -> str:
         arms, runs = c.get("arms", {}), c.get("arm_runs", {})
         groups = []
         for a, r in arms.items():
-            group = [a] + list((r or {}).get("interleaved_with", []) if isinstance(r, dict) else [])
+            group = [a] + list(r.get("interleaved_with", []) if isinstance(r, dict) else [])
             if (len(group) > 1 and all(b in arms for b in group) and len({runs.get(b) for b in group}) == 1
                     and set(group) not in [set(g) for g in groups]):
                 groups.append(group)

@@ -20,13 +20,11 @@ RISING = 0.005  # held-out token accuracy gained over a run's last third that co
 
 def late_gain(records: list[dict]) -> float | None:
     """Held-out solution-token accuracy (teacher forced) a run gained over the last third of its training: its
-    last evaluation minus the first one at or after two thirds of its last evaluated step (the one before the
-    last if none other is there); None with fewer than two evaluations."""
+    last evaluation minus the first one at or after two thirds of its last evaluated step; None when no
+    evaluation but the last lies in that third."""
     ev = sorted((r["step"], r["solution_token_accuracy"]) for r in records if "solution_token_accuracy" in r)
-    if len(ev) < 2:
-        return None
-    i = next(j for j, (step, _) in enumerate(ev) if step >= 2 * ev[-1][0] / 3)
-    return ev[-1][1] - ev[min(i, len(ev) - 2)][1]
+    late = [a for step, a in ev[:-1] if step >= 2 * ev[-1][0] / 3] if ev else []
+    return ev[-1][1] - late[0] if late else None
 
 
 def ood_difference(r: dict, part: str = "test") -> dict | None:
