@@ -19,52 +19,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+
+from kvshift.bench.timing import graph_time_ms
 
 HQ, HKV, D, W = 16, 4, 64, 2
 
 
 # 36 compiles per case; 3 stages: Triton's own default (the launcher's default is DEFAULT_STAGES, 2)
 CONFIGS = list(itertools.product((32, 64, 128), ("auto", "2auto"), (4, 8), (2, 3, 4)))
-
-
-def _time(fn, iters: int, cuda: bool, reps: int = 20) -> float:
-    """Median milliseconds of one call. On CUDA: `reps` calls captured in one CUDA graph and replayed between
-    CUDA events, so the host's Python work per call (the launcher's small tensors, the split merge) is not
-    timed and a 50-microsecond kernel is measured as the GPU runs it; a wall clock off CUDA."""
-    fn()
-    if not cuda:
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-        return statistics.median(times)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture (allocations, autotuning, compiles)
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / reps)
-    return statistics.median(times)
 
 
 def sweep(B: int, S: int, iters: int, *, device: str = "cuda", configs=CONFIGS) -> list[dict]:
@@ -88,7 +54,8 @@ def sweep(B: int, S: int, iters: int, *, device: str = "cuda", configs=CONFIGS) 
     K, Vh = read_shifted(C.float(), V.float(), ck, cv, pos, cos, sin)
     want = F.scaled_dot_product_attention(q.float()[:, :, None], K, Vh, enable_gqa=True)[:, :, 0]
     bytes_read = 2 * C.numel() * C.element_size()
-    base = _time(lambda: F.scaled_dot_product_attention(q[:, :, None], C, V, enable_gqa=True), iters, cuda)
+    base = graph_time_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], C, V, enable_gqa=True), iters,
+                         cuda)
     rows = [{"case": f"{B}x{S}", "config": "sdpa (vanilla's read, no shift)", "ms": base, "ratio": 1.0,
              "TB/s": bytes_read / base / 1e9}]
     auto = max(1, -(-264 // (B * HKV))) if cuda else 1  # the launcher's default
@@ -109,7 +76,8 @@ def sweep(B: int, S: int, iters: int, *, device: str = "cuda", configs=CONFIGS) 
             rows.append({"case": f"{B}x{S}", "config": json.dumps(kw), "error": f"max error {err:.3g}"})
             continue
         try:
-            ms = _time(lambda: dense_shift_decode(q, C, V, start, seq, ck, cv, cos, sin, **kw), iters, cuda)
+            ms = graph_time_ms(lambda: dense_shift_decode(q, C, V, start, seq, ck, cv, cos, sin, **kw), iters,
+                               cuda)
         except Exception as e:  # noqa: BLE001 (e.g. a capture the configuration breaks): the others still run
             rows.append({"case": f"{B}x{S}", "config": json.dumps(kw),
                          "error": f"timing: {type(e).__name__}: {e}"[:200]})

@@ -7,6 +7,7 @@ on CPU by time.perf_counter. Arms run in a rotated order each round, so no arm a
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -120,3 +121,38 @@ def measure_modes(fns: dict[str, Callable[[], object]], *, warmup: int, iters: i
                     fns[n]()
                 b2b[n].append((time.perf_counter() - t0) * 1e3 / iters)
     return {n: {"sync": summarize(sync[n]), "b2b": summarize(b2b[n])} for n in names}
+
+
+def graph_time_ms(fn: Callable[[], object], iters: int, cuda: bool, reps: int = 20) -> float:
+    """Median milliseconds of one call of `fn`, for a kernel-tuning diagnostic (scripts/dev). On CUDA: `reps`
+    calls captured in one CUDA graph and replayed between CUDA events, so the host's Python work per call (a
+    launcher's small tensors) is not timed and a 50-microsecond kernel is measured as the GPU runs it; a wall
+    clock off CUDA."""
+    fn()
+    if not cuda:
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+        return statistics.median(times)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (allocations, autotuning, compiles)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    return statistics.median(times)

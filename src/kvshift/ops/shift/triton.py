@@ -156,39 +156,50 @@ def launch_shift_bwd(dy: Tensor, x: Tensor, weight: Tensor, prev: Optional[Tenso
     return dx, dw, dprev
 
 
-def _kv_blocks(lay: _Layout):
+def _kv_blocks(lay: _Layout, block_t: Optional[int] = None, num_warps: Optional[int] = None):
     """(BLOCK_T, BLOCK_DK, BLOCK_DV) of the one-launch K+V kernels: K's tile is two half-width RoPE tiles, V's
-    one full-width tile: the same number of elements, so the row block of either alone fits both."""
-    block_t, block_dk = _blocks(lay, True)
-    return block_t, block_dk, triton.next_power_of_2(max(lay.D, 1))
+    one full-width tile: the same number of elements, so the row block of either alone fits both; and the
+    launch options. block_t / num_warps: tuning overrides (scripts/dev/shift_sweep.py), None for the defaults
+    (the row block from `_blocks`, Triton's 4 warps)."""
+    default_t, block_dk = _blocks(lay, True)
+    if block_t is not None and (isinstance(block_t, bool) or not isinstance(block_t, int) or block_t < 16
+                                or block_t & (block_t - 1)):
+        raise ValueError(f"block_t must be a power of two >= 16, got {block_t!r}")
+    if num_warps is not None and (isinstance(num_warps, bool) or num_warps not in (1, 2, 4, 8, 16)):
+        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}")
+    opts = {} if num_warps is None else {"num_warps": int(num_warps)}
+    return block_t or default_t, block_dk, triton.next_power_of_2(max(lay.D, 1)), opts
 
 
 def launch_shift_kv_fwd(k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor, cu_seqlens: Optional[Tensor],
-                        cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
-    """(RoPE(shift(k)), shift(v)) of one layer in one launch; k and v share their shape (no prev)."""
+                        cos: Tensor, sin: Tensor, *, block_t: Optional[int] = None,
+                        num_warps: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """(RoPE(shift(k)), shift(v)) of one layer in one launch; k and v share their shape (no prev). block_t /
+    num_warps: launch overrides for tuning (`_kv_blocks`)."""
     assert k.shape == v.shape and w_k.shape[0] == w_v.shape[0] == k.shape[-2], "k/v and w_k/w_v must match"
     k, v = k.contiguous(), v.contiguous()
     wk, wv = w_k.contiguous(), w_v.contiguous()
     lay = _Layout(k, cu_seqlens)
+    block_t, block_dk, block_dv, opts = _kv_blocks(lay, block_t, num_warps)
     yk, yv = torch.empty_like(k), torch.empty_like(v)
     if lay.N == 0 or lay.H == 0 or lay.D == 0:
         return yk, yv
     cos, sin, scb, sct = _rope_strides(cos, sin, lay)
-    block_t, block_dk, block_dv = _kv_blocks(lay)
     shift_kv_fwd_kernel[(triton.cdiv(lay.N, block_t), lay.H)](
         k, v, wk, wv, *lay.doc_args(k), cos, sin, yk, yv,
         lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
         WKN=wk.shape[1], WVN=wv.shape[1], VARLEN=lay.varlen, BLOCK_T=block_t, BLOCK_DK=block_dk,
-        BLOCK_DV=block_dv, NSTEP=lay.nsteps,
+        BLOCK_DV=block_dv, NSTEP=lay.nsteps, **opts,
     )
     return yk, yv
 
 
 def launch_shift_kv_bwd(dk_hat: Tensor, dv_hat: Tensor, k: Tensor, v: Tensor, w_k: Tensor, w_v: Tensor,
-                        cu_seqlens: Optional[Tensor], cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                        cu_seqlens: Optional[Tensor], cos: Tensor, sin: Tensor, *, block_t: Optional[int] = None,
+                        num_warps: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The backward of `launch_shift_kv_fwd` in one launch plus one reduction: (dk, dv, dw) with dw flat
     (H * (Wk + Wv),) fp32: K's (H, Wk) coefficient grads, then V's (H, Wv), each block contiguous (the caller
-    views them apart, no copy)."""
+    views them apart, no copy). block_t / num_warps: launch overrides for tuning (`_kv_blocks`)."""
     assert k.shape == v.shape == dk_hat.shape == dv_hat.shape and w_k.shape[0] == w_v.shape[0] == k.shape[-2], \
         "k/v, their grads and w_k/w_v must match"
     k, v = k.contiguous(), v.contiguous()
@@ -197,7 +208,7 @@ def launch_shift_kv_bwd(dk_hat: Tensor, dv_hat: Tensor, k: Tensor, v: Tensor, w_
     lay = _Layout(k, cu_seqlens)
     H, Wk, Wv = lay.H, wk.shape[1], wv.shape[1]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    block_t, block_dk, block_dv = _kv_blocks(lay)
+    block_t, block_dk, block_dv, opts = _kv_blocks(lay, block_t, num_warps)
     nblk = triton.cdiv(lay.N, block_t)
     if nblk == 0 or lay.D == 0 or H == 0:  # nothing to launch: no rows, heads or channels contribute
         return dk.zero_(), dv.zero_(), torch.zeros(H * (Wk + Wv), device=k.device, dtype=torch.float32)
@@ -207,7 +218,7 @@ def launch_shift_kv_bwd(dk_hat: Tensor, dv_hat: Tensor, k: Tensor, v: Tensor, w_
         k, v, wk, wv, *lay.doc_args(k), cos, sin, dk_hat, dv_hat, dk, dv, dwp,
         lay.N, lay.T, lay.H, lay.D, lay.D // 2, scb, sct,
         WKN=Wk, WVN=Wv, VARLEN=lay.varlen, BLOCK_T=block_t, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-        NSTEP=lay.nsteps,
+        NSTEP=lay.nsteps, **opts,
     )
     return dk, dv, dwp.sum(0)  # fixed-order reduction: deterministic
 
