@@ -8,8 +8,9 @@ recompute before the attention backward) and `shift_kv_bwd_kernel` (dK, dV and t
 sums, then one reduction). Their time is the e2e step's whole excess over vanilla's at equal memory (the
 benchmark's profile of bench-162m), so how close they run to the memory bandwidth decides that ratio. For each
 case (the benchmark presets' per-layer shapes, bf16), each configuration (rows per program `block_t`,
-`num_warps`) of both launchers is checked against the default configuration's outputs (K̂, V̂, dK, dV exact;
-the coefficient grads to a relative 1e-3: the partial sums' order changes with the row block), then timed: 20
+`num_warps`) of both launchers is checked against the default configuration's outputs (K̂, V̂, dK, dV to one
+bf16 rounding; the coefficient grads to a relative 1e-3: the partial sums' order changes with the row block),
+then timed: 20
 calls captured in a CUDA graph, replayed between CUDA events (`kvshift.bench.timing.graph_time_ms`). The
 reference is a copy of the bytes each kernel must move at least (forward: read K and V, write K̂ and V̂;
 backward: read dK̂, dV̂, K and V, write dK and dV), as `torch.Tensor.copy_` moves them. Prints one line per
@@ -93,9 +94,9 @@ def sweep(name: str, shape: tuple[int, int, int, int], iters: int, *, device: st
 
 def _mismatch(kernel: str, got, want) -> str | None:
     """Why `got` differs from the default configuration's outputs, or None."""
-    exact = got if kernel == "fwd" else got[:2]
-    for i, (a, b) in enumerate(zip(exact, want)):
-        if not torch.equal(a, b):
+    tensors = got if kernel == "fwd" else got[:2]
+    for i, (a, b) in enumerate(zip(tensors, want)):  # the same arithmetic per element; one bf16 rounding apart
+        if not torch.allclose(a.float(), b.float(), rtol=8e-3, atol=1e-3):
             return f"output {i} differs from the default's by {(a.float() - b.float()).abs().max().item():.3g}"
     if kernel == "bwd" and not torch.allclose(got[2], want[2], rtol=1e-3, atol=1e-3):
         return f"coefficient grads differ from the default's by {(got[2] - want[2]).abs().max().item():.3g}"
