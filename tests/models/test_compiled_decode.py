@@ -42,9 +42,11 @@ def padded_batch(lengths, T, seed=0):
     ("kshift", 2, "alibi", {}), ("vshift", 1, "learned", {}), ("kvshift_gate", 2, "none", {}),
     ("kvshift_clamp", 1, "rope", {"shift_impl": "triton"}),  # eager: the fused Triton decode kernel
 ], ids=["vanilla", "kvshift", "kvshift-w3-mha", "kshift-alibi", "vshift-learned", "gate-none", "clamp-triton"])
-def test_static_step_logits_equal_eager_cached_decode(kind, window, position, extra):
+@pytest.mark.parametrize("gqa_heads", [False, True], ids=["gqa-rows", "gqa-heads"])
+def test_static_step_logits_equal_eager_cached_decode(kind, window, position, extra, gqa_heads):
     """The uncompiled step (the function generate compiles) against the eager cached forward, fp32, left
-    padding; a few steps, each fed the same token."""
+    padding; a few steps, each fed the same token. Both GQA layouts: a KV group's query heads as query rows,
+    and one query row per head with enable_gqa (what the decoder picks where cuDNN takes it)."""
     model = make(kind, window, position, **extra)
     ids, mask = padded_batch([9, 4, 1], 9)
     eager = model.new_cache(3, 16)
@@ -59,7 +61,7 @@ def test_static_step_logits_equal_eager_cached_decode(kind, window, position, ex
             assert (got - ref).abs().max().item() <= TOL
             tok = torch.randint(1, 97, (3,), generator=g)
             ref = model(tok.view(3, 1), cache=eager)[:, -1]
-            got = static_step(model, tok, dec.slot, dec.cache, position == "rope")
+            got = static_step(model, tok, dec.slot, dec.cache, position == "rope", gqa_heads)
         assert (got - ref).abs().max().item() <= TOL
     assert int(dec.slot) == eager.length and torch.equal(dec.cache.seen, eager.seen)
     assert torch.equal(dec.cache.valid[:, :eager.length], eager.valid[:, :eager.length])
@@ -77,6 +79,38 @@ def test_compiled_generate_equals_eager_greedy(kind):
     assert torch.equal(model.generate(ids, 6, temperature=0, attention_mask=mask, compile=FAST), want)
     plain = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(4))
     assert torch.equal(model.generate(plain, 6, temperature=0, compile=FAST), model.generate(plain, 6, temperature=0))
+
+
+def test_gqa_heads_layout_is_asked_of_cudnn_once_and_reaches_the_step(monkeypatch):
+    """The decoder asks `gqa_heads_ok` once (no on a CPU or an MHA model, where there is nothing to pick) and
+    compiles the step with the answer: with the one-row-per-head layout forced, compiled generate still
+    gives the eager tokens."""
+    import kvshift.models.static_decode as sd
+
+    gqa, mha = make("kvshift"), make("kvshift", n_kv_heads=4)
+    assert not sd.gqa_heads_ok(gqa, gqa.new_cache(2, 8)) and not sd.gqa_heads_ok(mha, mha.new_cache(2, 8))
+    ids, mask = padded_batch([7, 3], 7, seed=3)
+    want = gqa.generate(ids, 6, temperature=0, attention_mask=mask)
+    asked = []
+    monkeypatch.setattr(sd, "gqa_heads_ok", lambda model, cache: asked.append(cache) or True)
+    seen = []
+    real_step = sd.static_step
+    monkeypatch.setattr(sd, "static_step", lambda *a: seen.append(a[-1]) or real_step(*a))
+    gqa.release_static_decode()
+    assert torch.equal(gqa.generate(ids, 6, temperature=0, attention_mask=mask, compile=FAST), want)
+    assert len(asked) == 1 and gqa._static_decoder.gqa_heads is True and seen and all(seen)
+
+
+def test_many_decoders_in_one_process_do_not_reach_the_recompile_limit():
+    """Every batch size is a new decoder with its own compiled step: more of them than dynamo's recompile limit
+    (8 per code object) still decode, each to the eager tokens."""
+    import torch._dynamo.config as dc
+
+    model = make("kvshift")
+    prompts = torch.randint(1, 97, (12, 4), generator=torch.Generator().manual_seed(6))
+    for b in range(1, dc.recompile_limit + 3):
+        ids = prompts[:b]
+        assert torch.equal(model.generate(ids, 2, temperature=0, compile=FAST), model.generate(ids, 2, temperature=0))
 
 
 def test_compiled_generate_equals_eager_sampling_and_eos():

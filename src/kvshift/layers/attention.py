@@ -244,8 +244,11 @@ class Attention(nn.Module):
         so the window's in-place update touches only channels its own element read. The write goes by index at
         ctx.slot (`KVCache.write_static`), and attention runs over every slot with ctx.mask hiding unwritten
         and pad slots. Shapes never change from step to step and nothing is read back to
-        the host. GQA: a KV group's query heads become the query rows of one SDPA call, so the cache is
-        never repeated per query head (the eager path's repeat_interleave copies it)."""
+        the host. GQA never repeats the cache per query head (the eager path's repeat_interleave copies it):
+        with ctx.gqa_heads (cuDNN's attention takes the call, `static_decode.gqa_heads_ok`) each query head is
+        one query row against the Hkv cache heads (enable_gqa), which cuDNN splits over the cache; else a KV
+        group's query heads are the query rows of one call (any kernel, but B * Hkv programs: on an H200 at
+        batch 1 and an 8k cache it took 8.9x as long)."""
         cache, L = ctx.cache, self.layer_idx
         prev_k, prev_v = cache.raw(L) if cache.window else (None, None)
         coef_k, coef_v = self._coefficients("k"), self._coefficients("v")
@@ -271,12 +274,15 @@ class Attention(nn.Module):
         k_all, v_all = cache.write_static(L, ctx.slot, k_hat, v_hat, k, v, rolled)  # (B, S, Hkv, D)
         H, G, hd = self.n_heads, self.n_kv_heads, self.head_dim
         S = k_all.shape[1]
-        qh = q.reshape(B, G, H // G, hd)  # head h = g * (H/G) + r reads KV head g, as after repeat_interleave
+        # head h = g * (H/G) + r reads KV head g, as after repeat_interleave (and as enable_gqa pairs them)
+        rows = G != H and not ctx.gqa_heads
+        qh = q.reshape(B, G, H // G, hd) if rows else q.reshape(B, H, 1, hd)
         mask = ctx.mask  # (B, 1, 1, S) bool
         if self.position == "alibi":
             bias = -self.alibi_slopes.view(1, -1, 1, 1) * ctx.distance.unsqueeze(1)  # (B, H, 1, S)
-            mask = bias.masked_fill(~mask, float("-inf")).view(B, G, H // G, S).to(qh.dtype)
-        out = F.scaled_dot_product_attention(qh, k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask)
+            mask = bias.masked_fill(~mask, float("-inf")).view(qh.shape[:3] + (S,)).to(qh.dtype)
+        out = F.scaled_dot_product_attention(qh, k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask,
+                                             enable_gqa=G != H and not rows)
         return self.wo(out.reshape(B, 1, H * hd))
 
     def _identity(self, width: int, device: torch.device) -> torch.Tensor:
@@ -358,10 +364,10 @@ class AttentionContext:
     """What every layer of one forward call shares: positions, masks, packing and the cache."""
 
     __slots__ = ("cos", "sin", "mask", "distance", "token_valid", "cu_seqlens", "cache", "causal", "positions",
-                 "slot")
+                 "slot", "gqa_heads")
 
     def __init__(self, *, cos=None, sin=None, mask=None, distance=None, token_valid=None,
-                 cu_seqlens=None, cache=None, causal=True, positions=None, slot=None):
+                 cu_seqlens=None, cache=None, causal=True, positions=None, slot=None, gqa_heads=False):
         self.cos, self.sin = cos, sin  # (B, T, D/2) fp32 for RoPE
         self.mask = mask  # None (plain causal) or bool (B, 1, T, S): True = may attend
         self.distance = distance  # (B, T, S) fp32 query-key distance for ALiBi
@@ -371,3 +377,4 @@ class AttentionContext:
         self.causal = causal  # with mask None: causal (T == S) or every query sees every key (one decode token)
         self.positions = positions  # (B or 1, T) long positions of the new tokens (learned position embeddings)
         self.slot = slot  # (1,) long device tensor: the static decode step's write slot (KVCache.write_static)
+        self.gqa_heads = gqa_heads  # static step: one query row per head under GQA (Attention._decode_static)

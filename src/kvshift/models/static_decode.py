@@ -20,12 +20,16 @@ Prefill stays eager (the same call as the eager path). Sampling stays outside th
 
 from __future__ import annotations
 
+import itertools
+import types
+
 import torch
 
 from kvshift.layers.attention import SHIFT_KINDS, AttentionContext
 from kvshift.models.cache import KVCache
 from kvshift.ops.rope import rope_cos_sin
 
+_DECODERS = itertools.count()  # names each decoder's step (StaticDecoder.__init__ says why)
 STATIC_BUCKET = 128  # allocation granularity in slots (one compiled graph per bucket and batch size)
 
 
@@ -44,18 +48,43 @@ def compile_options(compile, device: torch.device) -> dict:
     return opts
 
 
-def static_step(model, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache, rope_tables: bool) -> torch.Tensor:
+def gqa_heads_ok(model, cache: KVCache) -> bool:
+    """Whether the static step runs GQA attention as one query row per head against the cache's KV heads
+    (`enable_gqa`): only where cuDNN's attention takes that call (with the step's mask, dtype and the cache's
+    strides; PyTorch's other masked kernels need equal head counts and would fall back to the math one). Asked
+    once per decoder, eagerly, on the cache's own buffers: the compiled step sees a constant."""
+    cfg = model.config
+    if cfg.n_kv_heads in (None, cfg.n_heads) or not cache.k or not cache.k[0].is_cuda:
+        return False
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
+    except ImportError:  # pragma: no cover (every torch we support has both)
+        return False
+    k = cache.k[0].transpose(1, 2)  # (B, Hkv, S, D), the view the step passes
+    B, _, S, D = k.shape
+    q = k.new_empty(B, cfg.n_heads, 1, D)
+    mask = cache.valid.view(B, 1, 1, S) if cfg.position != "alibi" else q.new_empty(B, cfg.n_heads, 1, S)
+    try:
+        return bool(can_use_cudnn_attention(SDPAParams(q, k, k, mask, 0.0, False, True), False))
+    except (RuntimeError, TypeError):  # a torch whose SDPAParams differs: keep the layout every kernel takes
+        return False
+
+
+def static_step(model, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache, rope_tables: bool,
+                gqa_heads: bool = False) -> torch.Tensor:
     """One decode token per row of `model` (an LM) with static shapes, the step generate(compile=...) compiles:
     tokens (B,), slot (1,) long (the write slot, advanced here), cache a KVCache whose valid/seen are updated
     here (its host `length` is not) -> next-token logits (B, V) fp32. Attention runs over the whole allocation
     under the slot-validity mask (`Attention._decode_static`); the new token's position is its row's count of
     real tokens (`seen`), as in the eager path. rope_tables: gather RoPE from the model's fp32 tables (the
-    caller checked every position fits them), else compute it."""
+    caller checked every position fits them), else compute it. gqa_heads: GQA attention's layout
+    (`gqa_heads_ok`)."""
     cfg = model.config
     B, S = cache.valid.shape
     cache.valid.index_fill_(1, slot, True)
     pos = cache.seen.view(B, 1)
-    ctx = AttentionContext(cache=cache, mask=cache.valid.view(B, 1, 1, S), causal=False, slot=slot)
+    ctx = AttentionContext(cache=cache, mask=cache.valid.view(B, 1, 1, S), causal=False, slot=slot,
+                           gqa_heads=gqa_heads)
     if cfg.position == "rope":
         ctx.cos, ctx.sin = ((model.rope_cos[pos], model.rope_sin[pos]) if rope_tables
                             else rope_cos_sin(pos, cfg.head_dim, cfg.rope_base))
@@ -104,9 +133,16 @@ class StaticDecoder:
             # seen before reuses dynamo's graph, and a CUDA graph re-records if an address changed
             torch._dynamo.mark_static_address(t, guard=False)
         self.model = model
+        self.gqa_heads = gqa_heads_ok(model, c)
+        gqa_heads = self.gqa_heads
 
         def step(tokens, slot, cache, rope_tables):
-            return static_step(model, tokens, slot, cache, rope_tables)
+            return static_step(model, tokens, slot, cache, rope_tables, gqa_heads)
+        # dynamo keeps its compiled graphs per code object, and every decoder's `step` would share this one: a
+        # process that decodes several models or batch sizes would reach dynamo's recompile limit (8), which
+        # fullgraph turns into an error. Each decoder's step gets its own code object, so its own cache.
+        step = types.FunctionType(step.__code__.replace(co_name=f"static_step_{next(_DECODERS)}"), step.__globals__,
+                                  None, None, step.__closure__)
         self.step = torch.compile(step, **opts)
 
     def reset(self) -> KVCache:
