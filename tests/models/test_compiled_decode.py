@@ -89,6 +89,14 @@ def test_gqa_heads_layout_is_asked_of_cudnn_once_and_reaches_the_step(monkeypatc
 
     gqa, mha = make("kvshift"), make("kvshift", n_kv_heads=4)
     assert not sd.gqa_heads_ok(gqa, gqa.new_cache(2, 8)) and not sd.gqa_heads_ok(mha, mha.new_cache(2, 8))
+    if torch.cuda.is_available():  # the dispatcher's own choice for the call, on a bf16 cache
+        from torch.nn.attention import SDPBackend
+
+        cache = gqa.new_cache(2, 8, dtype=torch.bfloat16, device="cuda")
+        q = torch.zeros(2, 4, 1, 12, dtype=torch.bfloat16, device="cuda")
+        k = cache.k[0].transpose(1, 2)
+        choice = torch._fused_sdp_choice(q, k, k, cache.valid.view(2, 1, 1, -1), 0.0, False, enable_gqa=True)
+        assert sd.gqa_heads_ok(gqa, cache) == (choice == int(SDPBackend.CUDNN_ATTENTION))
     ids, mask = padded_batch([7, 3], 7, seed=3)
     want = gqa.generate(ids, 6, temperature=0, attention_mask=mask)
     asked = []
@@ -108,9 +116,30 @@ def test_many_decoders_in_one_process_do_not_reach_the_recompile_limit():
 
     model = make("kvshift")
     prompts = torch.randint(1, 97, (12, 4), generator=torch.Generator().manual_seed(6))
-    for b in range(1, dc.recompile_limit + 3):
+    limit = getattr(dc, "recompile_limit", None) or dc.cache_size_limit  # the older name
+    for b in range(1, limit + 3):
         ids = prompts[:b]
         assert torch.equal(model.generate(ids, 2, temperature=0, compile=FAST), model.generate(ids, 2, temperature=0))
+
+
+def test_a_decoder_of_a_shape_seen_before_reuses_its_compiled_step():
+    """Alternating batch sizes make a new decoder each time; the second decoder of a shape finds the first
+    one's compiled graph (one compile per shape, counted by dynamo), and so does another model of the same
+    config, decoding with its own weights (they are the graph's inputs, not its constants)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # graphs earlier tests compiled for these shapes would be found too
+    counters.clear()
+    model = make("kvshift")
+    prompts = torch.randint(1, 97, (3, 4), generator=torch.Generator().manual_seed(7))
+    for b in (2, 3, 2, 3):
+        model.generate(prompts[:b], 2, temperature=0, compile=FAST)
+    assert counters["stats"]["unique_graphs"] == 2
+    other = LM(model.config, seed=1).eval()
+    want = other.generate(prompts[:2], 4, temperature=0)
+    assert not torch.equal(want, model.generate(prompts[:2], 4, temperature=0))
+    assert torch.equal(other.generate(prompts[:2], 4, temperature=0, compile=FAST), want)
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_compiled_generate_equals_eager_sampling_and_eos():

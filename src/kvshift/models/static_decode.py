@@ -20,8 +20,8 @@ Prefill stays eager (the same call as the eager path). Sampling stays outside th
 
 from __future__ import annotations
 
-import itertools
 import types
+import warnings
 
 import torch
 
@@ -29,7 +29,7 @@ from kvshift.layers.attention import SHIFT_KINDS, AttentionContext
 from kvshift.models.cache import KVCache
 from kvshift.ops.rope import rope_cos_sin
 
-_DECODERS = itertools.count()  # names each decoder's step (StaticDecoder.__init__ says why)
+_STEP_CODES: dict = {}  # decoder key -> its step's code object (StaticDecoder.__init__ says why)
 STATIC_BUCKET = 128  # allocation granularity in slots (one compiled graph per bucket and batch size)
 
 
@@ -50,24 +50,27 @@ def compile_options(compile, device: torch.device) -> dict:
 
 def gqa_heads_ok(model, cache: KVCache) -> bool:
     """Whether the static step runs GQA attention as one query row per head against the cache's KV heads
-    (`enable_gqa`): only where cuDNN's attention takes that call (with the step's mask, dtype and the cache's
-    strides; PyTorch's other masked kernels need equal head counts and would fall back to the math one). Asked
-    once per decoder, eagerly, on the cache's own buffers: the compiled step sees a constant."""
+    (`enable_gqa`): only where PyTorch's SDPA dispatcher picks cuDNN's attention for that call (with the step's
+    mask, dtype and the cache's strides; it is the fast layout on cuDNN, measured, and in torch 2.11 the
+    memory-efficient kernel takes no enable_gqa, so elsewhere the call would fall to the math kernel). Asked
+    once per decoder, eagerly, on the cache's own buffers, of the function the compiled graph's lowering asks
+    too (`torch._fused_sdp_choice`); the compiled step sees a constant."""
     cfg = model.config
     if cfg.n_kv_heads in (None, cfg.n_heads) or not cache.k or not cache.k[0].is_cuda:
         return False
-    try:
-        from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
-    except ImportError:  # pragma: no cover (every torch we support has both)
-        return False
+    from torch.nn.attention import SDPBackend
+
     k = cache.k[0].transpose(1, 2)  # (B, Hkv, S, D), the view the step passes
     B, _, S, D = k.shape
     q = k.new_empty(B, cfg.n_heads, 1, D)
     mask = cache.valid.view(B, 1, 1, S) if cfg.position != "alibi" else q.new_empty(B, cfg.n_heads, 1, S)
     try:
-        return bool(can_use_cudnn_attention(SDPAParams(q, k, k, mask, 0.0, False, True), False))
-    except (RuntimeError, TypeError):  # a torch whose SDPAParams differs: keep the layout every kernel takes
+        choice = torch._fused_sdp_choice(q, k, k, mask, 0.0, False, enable_gqa=True)
+    except (RuntimeError, TypeError) as e:  # no backend takes it: keep the layout every kernel takes
+        warnings.warn(f"static decode: SDPA's kernel choice for GQA failed ({e}); using grouped query rows",
+                      RuntimeWarning, stacklevel=2)
         return False
+    return choice == int(SDPBackend.CUDNN_ATTENTION)
 
 
 def static_step(model, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache, rope_tables: bool,
@@ -139,10 +142,15 @@ class StaticDecoder:
         def step(tokens, slot, cache, rope_tables):
             return static_step(model, tokens, slot, cache, rope_tables, gqa_heads)
         # dynamo keeps its compiled graphs per code object, and every decoder's `step` would share this one: a
-        # process that decodes several models or batch sizes would reach dynamo's recompile limit (8), which
-        # fullgraph turns into an error. Each decoder's step gets its own code object, so its own cache.
-        step = types.FunctionType(step.__code__.replace(co_name=f"static_step_{next(_DECODERS)}"), step.__globals__,
-                                  None, None, step.__closure__)
+        # process that decodes several batch sizes or allocations would reach dynamo's recompile limit (8),
+        # which fullgraph turns into an error. One code object per decoder key (shape, dtype, device, options)
+        # instead: a decoder of a key seen before reuses its graph (another model of the same config too: its
+        # weights are the graph's inputs), and the code objects, which dynamo never frees, stay bounded by the
+        # keys a process uses.
+        code = _STEP_CODES.get(repr(key))  # repr: torch.compile options may hold unhashable values
+        if code is None:
+            code = _STEP_CODES[repr(key)] = step.__code__.replace(co_name=f"static_step_{len(_STEP_CODES)}")
+        step = types.FunctionType(code, step.__globals__, None, None, step.__closure__)
         self.step = torch.compile(step, **opts)
 
     def reset(self) -> KVCache:
