@@ -245,7 +245,7 @@ class Attention(nn.Module):
         ctx.slot (`KVCache.write_static`), and attention runs over every slot with ctx.mask hiding unwritten
         and pad slots. Shapes never change from step to step and nothing is read back to
         the host. GQA never repeats the cache per query head (the eager path's repeat_interleave copies it):
-        with ctx.gqa_heads (cuDNN's attention takes the call, `static_decode.gqa_heads_ok`) each query head is
+        with ctx.gqa_heads (SDPA picks cuDNN's attention for it, `static_decode.gqa_heads_ok`) each query head is
         one query row against the Hkv cache heads (enable_gqa), which cuDNN splits over the cache; else a KV
         group's query heads are the query rows of one call (any kernel, but B * Hkv programs: on an H200 at
         batch 1 and an 8k cache it took 8.9x as long)."""
