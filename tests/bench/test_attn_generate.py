@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend
 
 import kvshift.bench.attn as attn_mod
 from kvshift.bench.attn import FAMILIES, attn_forward, attn_inputs, attn_step
-from kvshift.bench.generate import bench_generate, case_name, llama_config, parse_cases
+from kvshift.bench.generate import bench_generate, case_name, llama_config, padded_prompts, parse_cases
 from kvshift.bench.plan import DEFAULT_PARTS, LEGACY_PARTS, PARTS, Plan, fused_available
 from kvshift.bench.report import (ATTN_ARMS, GEN_ARMS, GEN_RATIOS, GEN_TARGET_RATIOS, compute_targets,
                                   render_markdown)
@@ -35,6 +35,49 @@ def test_plan_holds_the_new_parts():
     assert parse_cases("1x2048, 16x8192") == [(1, 2048), (16, 8192)]
     with pytest.raises(ValueError, match="BATCHxPROMPT"):
         parse_cases("16-2048")
+    assert parse_cases("16x2048p,1x8P") == [(16, 2048, True), (1, 8, True)]
+    with pytest.raises(ValueError, match="padded prompt >= 2"):
+        parse_cases("4x1p")
+
+
+def test_padded_prompts_spread_real_lengths_and_left_pad():
+    ids = torch.arange(1, 41).view(4, 10)
+    padded, mask = padded_prompts(ids)
+    assert mask.sum(1).tolist() == [10, 9, 7, 5]  # from all P down to half of them
+    for row, m, full in zip(padded, mask, ids):
+        n = int(m.sum())
+        assert m[-n:].all() and not m[:-n].any() and (row[:-n] == 0).all() and torch.equal(row[-n:], full[-n:])
+    assert padded_prompts(ids[:1])[1].all()  # one row: nothing to pad
+
+
+def test_generate_runs_padded_cases_with_the_mask(one_thread, monkeypatch):
+    """A padded case gives every arm its prompts' attention mask: the lm arms' tokens equal a generate call
+    given the same mask, the case is named and rendered as padded, and its ratios are targets like any case."""
+    import kvshift.bench.generate as gen
+
+    plan = Plan.quick_plan(False)
+    plan.gen_cases, plan.gen_new_tokens, plan.gen_iters = [(3, 6, True)], 3, 1
+    plan.gen_arms = ("lm-vanilla", "lm-kvshift", "hf-kvshift-static", "llama-static")
+    masks = []
+    real = gen.gen_call
+    monkeypatch.setattr(gen, "gen_call",
+                        lambda arm, model, mask=None: masks.append((arm, mask)) or real(arm, model, mask))
+    sec = bench_generate(plan, torch.device("cpu"), lambda u: None)
+    name = case_name(3, 6, True)
+    assert list(sec["cases"]) == [name] and name == "b3-p6-padded"
+    c = sec["cases"][name]
+    assert c["padded"]["real_tokens"] == [6, 5, 3] and all("error" not in r for r in c["arms"].values())
+    assert {a for a, _ in masks} == set(plan.gen_arms)
+    assert all(m is not None and m.sum(1).tolist() == [6, 5, 3] for _, m in masks)
+    ids, mask = padded_prompts(torch.ones(3, 6, dtype=torch.long))
+    lm = LM(ModelConfig.from_name("debug"), seed=0).eval()
+    want = lm.generate(ids, 3, temperature=0.0, attention_mask=mask)
+    assert torch.equal(gen.gen_call("lm-kvshift", lm, mask)(ids, 3), want)
+    assert not torch.equal(gen.gen_call("lm-kvshift", lm)(ids, 3), want)  # the mask changes the tokens
+    res = {"meta": {"device": "cpu", "quick": True}, "generate": sec}
+    tg = compute_targets(res)
+    assert f"generate/{name}/lm_ratio" in tg
+    assert "| 3 | 6 (left-padded) |" in render_markdown({**res, "targets": tg})
 
 
 def _model_layout(attention: str, B, T, H, H_kv, D):

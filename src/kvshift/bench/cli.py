@@ -112,7 +112,8 @@ def register(sub) -> None:
                    help="e2e part: comma-separated arms (default: vanilla and the shift arms); the short mixers "
                         "dconv,canon,keyoffset,smear measure what each costs beside vanilla")
     p.add_argument("--gen-cases", default=None,
-                   help="generate cases BATCHxPROMPT, comma-separated (default 1x2048,16x2048,128x2048,1x8192,16x8192,128x8192)")
+                   help="generate cases BATCHxPROMPT, comma-separated, a trailing p for left-padded prompts of "
+                        "different lengths (default 1x2048,16x2048,128x2048,1x8192,16x8192,128x8192)")
     p.add_argument("--gen-arms", default=None, help="comma-separated generate arms (default: all; see kvshift.bench.generate)")
     p.add_argument("--gen-iters", type=int, default=None, help="timed generate calls per arm and case (default 3)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per call (default 128)")

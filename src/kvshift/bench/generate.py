@@ -37,7 +37,9 @@ llama static arms share the first group; lm-kvshift-stateless and llama-dynamic,
 lm-kvshift and llama-static, form a later one). A group keeps its arms' generate state (transformers' static
 caches) alive together. Should a group fail, each arm is timed alone, and only interleaved arms record
 `interleaved_with`. The compiled arms run one after another, each compiled afresh.
-With --profile, after an arm's timing, the kernels of one decode step (`kvshift.bench.profile.profile_decode`:
+A case BxPp (`parse_cases`) gives its rows prompts of different lengths, left-padded, and every arm the attention
+mask (`padded_prompts`): the masked decode path a server's batches take, where the unpadded cases take the causal
+one. With --profile, after an arm's timing, the kernels of one decode step (`kvshift.bench.profile.profile_decode`:
 profiled generate with PROFILE_NEW_TOKENS new tokens minus generate with 1, per token, prefill excluded); a
 profile that fails is recorded as its error beside the timing, which stands.
 """
@@ -58,24 +60,37 @@ from kvshift.models import ModelConfig
 PROFILE_NEW_TOKENS = 9  # the profiled generate call: 8 decode steps beyond the 1-token call (at most N)
 
 
-def case_name(batch: int, prompt: int) -> str:
-    return f"b{batch}-p{prompt}"
+def case_name(batch: int, prompt: int, padded: bool = False) -> str:
+    return f"b{batch}-p{prompt}" + ("-padded" if padded else "")
 
 
-def parse_cases(s: str) -> list[tuple[int, int]]:
-    """'1x2048,16x8192' -> [(1, 2048), (16, 8192)] (batch x prompt tokens)."""
+def parse_cases(s: str) -> list[tuple]:
+    """'1x2048,16x8192,16x2048p' -> [(1, 2048), (16, 8192), (16, 2048, True)] (batch x prompt tokens; a
+    trailing p: left-padded prompts, `padded_prompts`)."""
     out = []
     for item in (x.strip() for x in s.split(",") if x.strip()):
+        padded = item.lower().endswith("p")
         try:
-            b, p = (int(v) for v in item.lower().split("x"))
+            b, p = (int(v) for v in item.lower().removesuffix("p").split("x"))
         except ValueError:
-            raise ValueError(f"a generate case is BATCHxPROMPT (e.g. 16x2048), got {item!r}") from None
-        if b < 1 or p < 1:
-            raise ValueError(f"batch and prompt must be >= 1, got {item!r}")
-        out.append((b, p))
+            raise ValueError(f"a generate case is BATCHxPROMPT, with a trailing p for left-padded prompts "
+                             f"(e.g. 16x2048 or 16x2048p), got {item!r}") from None
+        if b < 1 or p < 1 + padded:
+            raise ValueError(f"batch and prompt must be >= 1 (a padded prompt >= 2), got {item!r}")
+        out.append((b, p, True) if padded else (b, p))
     if not out:
         raise ValueError("no generate case given")
     return out
+
+
+def padded_prompts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prompts of different lengths, as a server batches them: row i keeps its last
+    P - (P // 2) * i // (B - 1) tokens (the first row all P, the last half of them), left-padded with token 0;
+    -> (ids, attention_mask), both (B, P)."""
+    B, P = ids.shape
+    real = torch.tensor([P - (P // 2) * i // max(B - 1, 1) for i in range(B)], device=ids.device)
+    mask = (torch.arange(P, device=ids.device) >= (P - real).view(B, 1)).long()
+    return ids * mask, mask
 
 
 def llama_config(cfg: ModelConfig, max_len: int):
@@ -120,18 +135,21 @@ def _model_key(arm: str) -> str:
     return "llama" if arm.startswith("llama") else "-".join(arm.split("-")[:2])
 
 
-def gen_call(arm: str, model: torch.nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """generate(ids, n) -> (B, T + n) greedy tokens for `arm` (see the module docstring)."""
+def gen_call(arm: str, model: torch.nn.Module,
+             mask: torch.Tensor | None = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """generate(ids, n) -> (B, T + n) greedy tokens for `arm` (see the module docstring); mask: the prompts'
+    attention mask (left padding), None for full rows."""
     if arm.startswith("lm-"):
         stateless, compiled = arm.endswith("-stateless"), arm.endswith("-compiled")
-        return lambda ids, n: model.generate(ids, n, temperature=0.0, stateless=stateless, compile=compiled)
+        return lambda ids, n: model.generate(ids, n, temperature=0.0, attention_mask=mask, stateless=stateless,
+                                             compile=compiled)
     static = "static" in arm
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=not arm.endswith("-compiled"),
               cache_implementation="static" if static else None)
 
     def call(ids, n):
-        mask = torch.ones_like(ids)
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw)
+        m = torch.ones_like(ids) if mask is None else mask
+        return model.generate(input_ids=ids, attention_mask=m, max_new_tokens=n, min_new_tokens=n, **kw)
     if "-scores-" not in arm:
         return call
 
@@ -229,7 +247,7 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
     if bad:
         raise ValueError(f"unknown generate arms {bad}; choose from {GEN_ARMS}")
     n = plan.gen_new_tokens
-    max_len = max(p for _, p in plan.gen_cases) + n + 8
+    max_len = max(c[1] for c in plan.gen_cases) + n + 8
     section = {"model": plan.gen_model, "new_tokens": n,
                "settings": {"dtype": "bf16", "warmup": plan.gen_warmup, "iters": plan.gen_iters, "sampling": "greedy",
                             "arms": arms, "timer": timer_name(device).replace("cuda-events", "perf_counter + synchronize"),
@@ -244,11 +262,17 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
         return section
     g = torch.Generator().manual_seed(plan.seed + 1)
     vocab = ModelConfig.from_name(plan.gen_model).vocab_size
-    for batch, prompt in sorted(plan.gen_cases, key=lambda c: c[0] * c[1]):  # small first: a cut run keeps them
-        name = case_name(batch, prompt)
+    for batch, prompt, *pad in sorted(plan.gen_cases, key=lambda c: c[0] * c[1]):  # small first: a cut run keeps
+        padded = bool(pad and pad[0])
+        name = case_name(batch, prompt, padded)
         case = {"batch": batch, "prompt": prompt, "arms": {}, "ratios": {}}
         section["cases"][name] = case
         ids = torch.randint(1, vocab, (batch, prompt), generator=g).to(device)
+        mask = None
+        if padded:
+            ids, mask = padded_prompts(ids)
+            case["padded"] = {"real_tokens": mask.sum(1).tolist(), "rule": "row i keeps its last "
+                              "P - (P // 2) * i // (B - 1) tokens, left-padded; every arm gets the mask"}
         done: dict[str, dict] = {}
         # eager arms interleaved in groups (a host-bound step: one host drift for all), compiled ones one by one
         for group in interleave_groups([a for a in arms if not a.endswith("-compiled")]) + [
@@ -259,7 +283,7 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
             if group[0].endswith("-compiled"):
                 torch._dynamo.reset()  # a fresh compile per arm and case: no recompile limit reached across cases
             t0 = time.perf_counter()
-            calls = {arm: gen_call(arm, models[_model_key(arm)]) for arm in group}
+            calls = {arm: gen_call(arm, models[_model_key(arm)], mask) for arm in group}
             together = len(group) > 1
             try:
                 res = time_interleaved(calls, ids, n, warmup=plan.gen_warmup, iters=plan.gen_iters, device=device)
@@ -293,7 +317,7 @@ def bench_generate(plan: Plan, device: torch.device, save: Callable[[dict], None
         case["arms"] = {arm: done[arm] for arm in arms}
         ok = {a: r.get("ms_per_token") for a, r in case["arms"].items() if "error" not in r}
         case["ratios"] = {k: ratio(ok.get(a), ok.get(b)) for k, (a, b) in GEN_RATIOS.items()}
-        del ids
+        del ids, mask
         free_memory(device)
         save({"generate": section})
     del models

@@ -89,9 +89,9 @@ class Plan:
     attn_rounds: int = 5
     attn_grad: str = "tensor"  # "tensor": a (B, T, H*D) gradient; "wo": through a real output projection
     attn_graph: bool = True  # also time a CUDA graph of each arm's step (CUDA only)
-    # generate (kvshift.bench.generate): one entry per case, (batch, prompt tokens)
+    # generate (kvshift.bench.generate): one entry per case, (batch, prompt tokens[, True: left-padded prompts])
     gen_model: str = "bench-246m"
-    gen_cases: list[tuple[int, int]] = field(default_factory=lambda: [(1, 2048), (16, 2048), (128, 2048),
+    gen_cases: list[tuple] = field(default_factory=lambda: [(1, 2048), (16, 2048), (128, 2048),
                                                                        (1, 8192), (16, 8192), (128, 8192)])
     gen_new_tokens: int = 128
     gen_warmup: int = 1

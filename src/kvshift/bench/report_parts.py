@@ -129,7 +129,8 @@ def render_generate(sec: dict | None) -> list[str]:
         for a in arms:
             r = c.get("arms", {}).get(a)
             cells.append("–" if r is None else "error" if "error" in r else f"{r['ms_per_token']:.3f}")
-        lines.append(f"| {c['batch']} | {c['prompt']} | " + " | ".join(cells) + " | "
+        prompt = f"{c['prompt']} (left-padded)" if c.get("padded") else f"{c['prompt']}"
+        lines.append(f"| {c['batch']} | {prompt} | " + " | ".join(cells) + " | "
                      + " | ".join(_r(c.get("ratios", {}).get(k)) for k in GEN_RATIOS) + " |")
     lines.append("")
     cross = [f"{n}: {', '.join(c['cross_run_ratios'])}" for n, c in sec["cases"].items() if c.get("cross_run_ratios")]

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kvshift.layers.gqa import masked_gqa_native
 from kvshift.layers.stateless import stateless_attention
 from kvshift.ops.rope import apply_rope, apply_rope_pointwise
 from kvshift.ops.shift import dispatch_shift, dispatch_shift_rope, use_triton
@@ -339,10 +340,12 @@ class Attention(nn.Module):
         else:
             if mask.dtype != torch.bool:
                 mask = mask.to(qh.dtype)
-            if gqa:  # the masked (memory-efficient) SDPA kernels take no enable_gqa on every torch we support
+            # masked GQA: K/V as they are where SDPA picks cuDNN for it, else repeated per head (kvshift.layers.gqa)
+            native = gqa and masked_gqa_native(qh, kh, mask)
+            if gqa and not native:
                 rep = self.n_heads // self.n_kv_heads
                 kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=native)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
 

@@ -21,11 +21,11 @@ Prefill stays eager (the same call as the eager path). Sampling stays outside th
 from __future__ import annotations
 
 import types
-import warnings
 
 import torch
 
 from kvshift.layers.attention import SHIFT_KINDS, AttentionContext
+from kvshift.layers.gqa import cudnn_picked
 from kvshift.models.cache import KVCache
 from kvshift.ops.rope import rope_cos_sin
 
@@ -58,19 +58,11 @@ def gqa_heads_ok(model, cache: KVCache) -> bool:
     cfg = model.config
     if cfg.n_kv_heads in (None, cfg.n_heads) or not cache.k or not cache.k[0].is_cuda:
         return False
-    from torch.nn.attention import SDPBackend
-
     k = cache.k[0].transpose(1, 2)  # (B, Hkv, S, D), the view the step passes
     B, _, S, D = k.shape
     q = k.new_empty(B, cfg.n_heads, 1, D)
     mask = cache.valid.view(B, 1, 1, S) if cfg.position != "alibi" else q.new_empty(B, cfg.n_heads, 1, S)
-    try:
-        choice = torch._fused_sdp_choice(q, k, k, mask, 0.0, False, enable_gqa=True)
-    except (RuntimeError, TypeError) as e:  # no backend takes it: keep the layout every kernel takes
-        warnings.warn(f"static decode: SDPA's kernel choice for GQA failed ({e}); using grouped query rows",
-                      RuntimeWarning, stacklevel=2)
-        return False
-    return choice == int(SDPBackend.CUDNN_ATTENTION)
+    return cudnn_picked(q, k, mask)
 
 
 def static_step(model, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache, rope_tables: bool,

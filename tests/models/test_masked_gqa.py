@@ -1,0 +1,107 @@
+"""Masked GQA attention without a per-head copy of the cache (kvshift.layers.gqa): where SDPA's dispatcher
+picks cuDNN for a masked GQA call (left-padded prompts and their decode steps, ALiBi's bias), K/V go to SDPA
+as they are with enable_gqa; elsewhere they are repeated per query head. Both layouts give the same logits
+(fp32), the dispatcher is asked once per call signature, and its answer is the layer's (on a GPU)."""
+
+import pytest
+import torch
+
+import kvshift.layers.gqa as gqa
+from kvshift import LM, ModelConfig
+
+TOL = 1e-5  # fp32 max |Δlogit| between the two layouts
+
+
+def make(kind, position, n_kv_heads=2):
+    cfg = ModelConfig.from_name("debug", attention=kind, shift_window=2, position=position, n_kv_heads=n_kv_heads)
+    return LM(cfg, seed=0).eval()
+
+
+def padded(lengths, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (len(lengths), T), generator=g)
+    mask = (torch.arange(T) >= torch.tensor([[T - n] for n in lengths])).long()
+    return ids * mask, mask
+
+
+def prefill_and_decode(model, steps=4):
+    """Logits of a left-padded prefill and `steps` cached decode steps, (B, 1 + steps, V)."""
+    ids, mask = padded([9, 4, 1], 9)
+    cache = model.new_cache(3, 9 + steps)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        out = [model(ids, cache=cache, attention_mask=mask)[:, -1:]]
+        for _ in range(steps):
+            out.append(model(torch.randint(1, 97, (3, 1), generator=g), cache=cache))
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("kind, position", [("vanilla", "rope"), ("kvshift", "rope"), ("kvshift", "alibi"),
+                                            ("vshift", "learned")])
+def test_native_layout_equals_repeated_heads(monkeypatch, kind, position):
+    """With the dispatcher's answer forced to yes on a CPU, the prefill and every decode step take enable_gqa
+    (counted at SDPA) and give the logits of the repeated layout; asked once per signature: the padded prefill
+    and the one-token step, whatever the step's growing key length."""
+    model = make(kind, position)
+    want = prefill_and_decode(model)
+    asked, native = [], []
+    monkeypatch.setattr(gqa, "NATIVE_DEVICES", ("cpu",))
+    monkeypatch.setattr(gqa, "_CHOICES", {})
+    monkeypatch.setattr(gqa, "cudnn_picked", lambda q, k, mask: asked.append(q.shape[2]) or True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        native.append(kw.get("enable_gqa", False) and k.shape[1] < q.shape[1])
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    got = prefill_and_decode(model)
+    assert (got - want).abs().max().item() <= TOL
+    assert sorted(asked) == [1, 9] and native and all(native)
+
+
+def test_no_native_layout_where_it_does_not_apply(monkeypatch):
+    """Not asked for an MHA model, under autograd, or off the devices it applies to (a CPU by default)."""
+    monkeypatch.setattr(gqa, "_CHOICES", {})
+    monkeypatch.setattr(gqa, "cudnn_picked", lambda q, k, mask: pytest.fail("asked"))
+    prefill_and_decode(make("kvshift", "rope"))  # a CPU
+    monkeypatch.setattr(gqa, "NATIVE_DEVICES", ("cpu",))
+    prefill_and_decode(make("kvshift", "rope", n_kv_heads=4))  # MHA: nothing to repeat
+    q, k = torch.zeros(2, 4, 1, 8, requires_grad=True), torch.zeros(2, 2, 5, 8)
+    assert not gqa.masked_gqa_native(q, k, torch.ones(2, 1, 1, 5, dtype=torch.bool))
+
+
+def test_the_signature_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(gqa, "NATIVE_DEVICES", ("cpu",))
+    monkeypatch.setattr(gqa, "_CHOICES", {})
+    monkeypatch.setattr(gqa, "_MAX_CHOICES", 4)
+    monkeypatch.setattr(gqa, "cudnn_picked", lambda q, k, mask: True)
+    k = torch.zeros(1, 2, 5, 8)
+    for b in range(1, 11):
+        assert gqa.masked_gqa_native(torch.zeros(b, 4, 1, 8), k.expand(b, -1, -1, -1),
+                                     torch.ones(b, 1, 1, 5, dtype=torch.bool))
+        assert len(gqa._CHOICES) <= 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's dispatcher choice on a GPU")
+def test_on_a_gpu_the_layout_is_the_dispatchers_choice_and_logits_agree(monkeypatch):
+    """bf16 on CUDA: the layer's answer is `torch._fused_sdp_choice`'s for the decode call, and the two layouts'
+    logits agree to bf16 rounding."""
+    from torch.nn.attention import SDPBackend
+
+    q = torch.zeros(3, 4, 1, 12, dtype=torch.bfloat16, device="cuda")
+    k = torch.zeros(3, 2, 13, 12, dtype=torch.bfloat16, device="cuda")
+    mask = torch.ones(3, 1, 1, 13, dtype=torch.bool, device="cuda")
+    choice = torch._fused_sdp_choice(q, k, k, mask, 0.0, False, enable_gqa=True)
+    with torch.no_grad():
+        assert gqa.masked_gqa_native(q, k, mask) == (choice == int(SDPBackend.CUDNN_ATTENTION))
+    model = make("kvshift", "rope").to("cuda", torch.bfloat16)
+    ids, mask2 = padded([9, 4, 1], 9)
+    outs = []
+    for force in (False, True):
+        monkeypatch.setattr(gqa, "_CHOICES", {})
+        monkeypatch.setattr(gqa, "cudnn_picked", lambda q, k, mask, force=force: force)
+        with torch.no_grad():
+            outs.append(model(ids.cuda(), cache=model.new_cache(3, 9, dtype=torch.bfloat16, device="cuda"),
+                              attention_mask=mask2.cuda()).float())
+    assert (outs[0] - outs[1]).abs().max().item() <= 0.05 * outs[0].abs().max().item()
