@@ -24,24 +24,24 @@ def padded(lengths, T, seed=0):
     return ids * mask, mask
 
 
-def prefill_and_decode(model, steps=4):
-    """Logits of a left-padded prefill and `steps` cached decode steps, (B, 1 + steps, V)."""
+def prefill_and_decode(model, steps=4, device="cpu", dtype=torch.float32):
+    """Logits of a left-padded prefill and `steps` cached decode steps, (B, 1 + steps, V) fp32."""
     ids, mask = padded([9, 4, 1], 9)
-    cache = model.new_cache(3, 9 + steps)
+    cache = model.new_cache(3, 9 + steps, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        out = [model(ids, cache=cache, attention_mask=mask)[:, -1:]]
+        out = [model(ids.to(device), cache=cache, attention_mask=mask.to(device))[:, -1:]]
         for _ in range(steps):
-            out.append(model(torch.randint(1, 97, (3, 1), generator=g), cache=cache))
-    return torch.cat(out, 1)
+            out.append(model(torch.randint(1, 97, (3, 1), generator=g).to(device), cache=cache))
+    return torch.cat(out, 1).float()
 
 
 @pytest.mark.parametrize("kind, position", [("vanilla", "rope"), ("kvshift", "rope"), ("kvshift", "alibi"),
                                             ("vshift", "learned")])
 def test_native_layout_equals_repeated_heads(monkeypatch, kind, position):
-    """With the dispatcher's answer forced to yes on a CPU, the prefill and every decode step take enable_gqa
-    (counted at SDPA) and give the logits of the repeated layout; asked once per signature: the padded prefill
-    and the one-token step, whatever the step's growing key length."""
+    """With the dispatcher's answer forced to yes on a CPU, every decode step takes enable_gqa (counted at SDPA)
+    and the padded prefill does not; the logits equal the repeated layout's; asked once, for the one-token step,
+    whatever its growing key length."""
     model = make(kind, position)
     want = prefill_and_decode(model)
     asked, native = [], []
@@ -51,13 +51,15 @@ def test_native_layout_equals_repeated_heads(monkeypatch, kind, position):
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def spy(q, k, v, **kw):
-        native.append(kw.get("enable_gqa", False) and k.shape[1] < q.shape[1])
+        native.append((q.shape[2], kw.get("enable_gqa", False) and k.shape[1] < q.shape[1]))
         return sdpa(q, k, v, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     got = prefill_and_decode(model)
     assert (got - want).abs().max().item() <= TOL
-    assert sorted(asked) == [1, 9] and native and all(native)
+    assert asked == [1]
+    layers = model.config.n_layers
+    assert native == [(9, False)] * layers + [(1, True)] * 4 * layers
 
 
 def test_no_native_layout_where_it_does_not_apply(monkeypatch):
@@ -86,7 +88,7 @@ def test_the_signature_cache_is_bounded(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's dispatcher choice on a GPU")
 def test_on_a_gpu_the_layout_is_the_dispatchers_choice_and_logits_agree(monkeypatch):
     """bf16 on CUDA: the layer's answer is `torch._fused_sdp_choice`'s for the decode call, and the two layouts'
-    logits agree to bf16 rounding."""
+    logits agree to bf16 rounding over a padded prefill and four decode steps."""
     from torch.nn.attention import SDPBackend
 
     q = torch.zeros(3, 4, 1, 12, dtype=torch.bfloat16, device="cuda")
@@ -96,12 +98,9 @@ def test_on_a_gpu_the_layout_is_the_dispatchers_choice_and_logits_agree(monkeypa
     with torch.no_grad():
         assert gqa.masked_gqa_native(q, k, mask) == (choice == int(SDPBackend.CUDNN_ATTENTION))
     model = make("kvshift", "rope").to("cuda", torch.bfloat16)
-    ids, mask2 = padded([9, 4, 1], 9)
     outs = []
     for force in (False, True):
         monkeypatch.setattr(gqa, "_CHOICES", {})
         monkeypatch.setattr(gqa, "cudnn_picked", lambda q, k, mask, force=force: force)
-        with torch.no_grad():
-            outs.append(model(ids.cuda(), cache=model.new_cache(3, 9, dtype=torch.bfloat16, device="cuda"),
-                              attention_mask=mask2.cuda()).float())
+        outs.append(prefill_and_decode(model, device="cuda", dtype=torch.bfloat16))
     assert (outs[0] - outs[1]).abs().max().item() <= 0.05 * outs[0].abs().max().item()

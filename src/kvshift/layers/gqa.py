@@ -1,16 +1,17 @@
 """Grouped-query attention under a mask, without a copy of the cache per query head.
 
-SDPA's flash kernel takes `enable_gqa` but no mask; in torch 2.11 the memory-efficient kernel takes a mask but no
-`enable_gqa` (SDPA then falls to its math kernel, which repeats K and V itself). cuDNN's attention takes both. So
-a masked GQA call (a left-padded batch, an ALiBi bias, the static decode step's slot mask) can skip the repeat
-only where SDPA's dispatcher picks cuDNN for it; elsewhere the caller repeats K and V to every query head, the
-one layout every kernel takes. On an H200, at one query token per row against a 16x8k cache of 4 KV heads
-(16 query heads of 64), the repeat layout took 896 us per layer call and cuDNN's enable_gqa 44 us.
+SDPA's flash kernel takes `enable_gqa` but no mask; in torch 2.11 the memory-efficient kernel takes a mask but
+no `enable_gqa` (SDPA then falls to its math kernel, which repeats K and V itself). cuDNN's attention takes both.
+So a masked GQA decode step (a left-padded batch, an ALiBi bias; the static decode step's slot mask too) can skip
+the repeat only where SDPA's dispatcher picks cuDNN for it; elsewhere the caller repeats K and V to every query
+head, the one layout every kernel takes. On an H200, at one query token per row against a 16x8k cache of 4 KV
+heads (16 query heads of 64), the repeat layout took 896 us per layer call and cuDNN's enable_gqa 44 us.
 
-The dispatcher is asked once per call signature (device, dtypes, batch, heads, head dim, one query token or
-more, the mask's broadcast shape): its answer rests on those (kernel support for dtype, head dim and mask), and
-the eager decode step's key length grows by one every step. A signature whose answer would change with the key length
-only costs speed, never correctness: SDPA itself falls back from a backend that refuses a call.
+Only one query token per row takes it (what was measured; a prefill's attention dwarfs the repeat). The
+dispatcher is asked once per call signature (device, dtypes, batch, heads, head dim, the mask's broadcast
+shape): its answer rests on those (kernel support for dtype, head dim and mask), and the eager decode step's key
+length grows by one every step. A signature whose answer would change with the key length only costs speed,
+never correctness: SDPA itself falls back from a backend that refuses a call.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ def cudnn_picked(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) ->
 def masked_gqa_native(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether a masked GQA call (q (B, H, T, D), k (B, Hkv, S, D), mask broadcastable to (B, H, T, S)) should
     pass K/V as they are with enable_gqa rather than repeated per query head: cuDNN is SDPA's pick for it
-    (`cudnn_picked`), remembered per call signature. Only without autograd (inference and decoding): the
-    training paths run unmasked or packed, and cuDNN's GQA backward is not measured here."""
-    if q.device.type not in NATIVE_DEVICES or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-        return False
+    (`cudnn_picked`), remembered per call signature. Only for one query token per row without autograd (a
+    decode step, what was measured): a prefill's attention work dwarfs the repeat, and the training paths run
+    unmasked or packed."""
     B, H, T, D = q.shape
-    key = (q.device, q.dtype, mask.dtype, B, H, T == 1, D, k.shape[1], tuple(mask.shape[:2]), mask.shape[2] == 1)
+    if q.device.type not in NATIVE_DEVICES or T != 1 or (torch.is_grad_enabled()
+                                                          and (q.requires_grad or k.requires_grad)):
+        return False
+    key = (q.device, q.dtype, mask.dtype, B, H, D, k.shape[1], tuple(mask.shape[:2]), mask.shape[2] == 1)
     hit = _CHOICES.get(key)
     if hit is None:
         if len(_CHOICES) >= _MAX_CHOICES:  # a long-lived server with ever new batch sizes: start afresh
