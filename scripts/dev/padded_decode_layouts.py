@@ -6,8 +6,9 @@ A left-padded batch decodes under a mask, and SDPA's kernels that take a mask di
 so the layer used to repeat the cache's K/V to every query head on every step ("repeat"). It now passes them
 as they are where SDPA's dispatcher picks cuDNN for the call ("native", `kvshift.layers.gqa`). This times the
 generate part's lm-vanilla and lm-kvshift arms (`kvshift.bench.generate.bench_generate`, bench-246m, 128 new
-tokens, ms per generated token) with the dispatcher's answer forced to no (the old layout) and as it is, in
-rounds alternating the two so a drift of the host's speed falls on both. A diagnostic: the bench's generate
+tokens, ms per generated token) with the dispatcher's answer forced to no (the old layout) and as it is, once
+each per round, the order swapped from one round to the next (repeat, native, native, repeat, ...) so that
+neither layout is always timed first and a drift of the host's speed falls on both; use an even --rounds. A diagnostic: the bench's generate
 part measures the shipped layout (its padded cases).
 """
 
@@ -34,7 +35,7 @@ def run(cases: list[tuple], rounds: int, device: str = "cuda", model: str = "ben
     real = gqa.cudnn_picked
     rows = []
     for r in range(rounds):
-        for layout in ("repeat", "native"):
+        for layout in (("repeat", "native") if r % 2 == 0 else ("native", "repeat")):
             gqa._CHOICES.clear()
             gqa.cudnn_picked = real if layout == "native" else (lambda q, k, mask: False)
             try:

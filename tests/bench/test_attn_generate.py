@@ -35,9 +35,11 @@ def test_plan_holds_the_new_parts():
     assert parse_cases("1x2048, 16x8192") == [(1, 2048), (16, 8192)]
     with pytest.raises(ValueError, match="BATCHxPROMPT"):
         parse_cases("16-2048")
-    assert parse_cases("16x2048p,1x8P") == [(16, 2048, True), (1, 8, True)]
+    assert parse_cases("16x2048p,2x8P") == [(16, 2048, True), (2, 8, True)]
     with pytest.raises(ValueError, match="padded prompt >= 2"):
         parse_cases("4x1p")
+    with pytest.raises(ValueError, match="batch of >= 2.*'1x8p'"):
+        parse_cases("1x8p")
 
 
 def test_padded_prompts_spread_real_lengths_and_left_pad():
@@ -297,7 +299,7 @@ def test_compiled_lm_arms_ratios_and_targets():
         def generate(self, ids, n, **kw):
             seen.update(kw)
     gen_call("lm-kvshift-compiled", Spy())(torch.zeros(1, 2, dtype=torch.long), 3)
-    assert seen == {"temperature": 0.0, "stateless": False, "compile": True}
+    assert seen == {"temperature": 0.0, "attention_mask": None, "stateless": False, "compile": True}
     gen_call("lm-kvshift", Spy())(torch.zeros(1, 2, dtype=torch.long), 3)
     assert seen["compile"] is False
     res = {"meta": {"device": "x"}, "generate": {"cases": {"b1-p8": {"batch": 1, "prompt": 8, "arms": {
@@ -417,12 +419,12 @@ def test_a_failing_arm_leaves_the_rest_of_its_group_timed(one_thread, monkeypatc
     plan.gen_arms = ["lm-vanilla", "lm-kvshift"]
     real = gen.gen_call
 
-    def broken(arm, model):
+    def broken(arm, model, mask=None):
         if arm == "lm-kvshift":
             def fail(ids, n):
                 raise RuntimeError("boom")
             return fail
-        return real(arm, model)
+        return real(arm, model, mask)
     monkeypatch.setattr(gen, "gen_call", broken)
     sec = gen.bench_generate(plan, torch.device("cpu"), lambda u: None)
     arms = sec["cases"]["b1-p5"]["arms"]

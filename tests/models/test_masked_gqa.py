@@ -1,7 +1,8 @@
-"""Masked GQA attention without a per-head copy of the cache (kvshift.layers.gqa): where SDPA's dispatcher
-picks cuDNN for a masked GQA call (left-padded prompts and their decode steps, ALiBi's bias), K/V go to SDPA
-as they are with enable_gqa; elsewhere they are repeated per query head. Both layouts give the same logits
-(fp32), the dispatcher is asked once per call signature, and its answer is the layer's (on a GPU)."""
+"""Masked GQA attention without a per-head copy of the cache (kvshift.layers.gqa): in a masked GQA decode step
+(one query token per row: the steps after a left-padded prompt, any step under ALiBi's bias) K/V go to SDPA as
+they are with enable_gqa where SDPA's dispatcher picks cuDNN for it; elsewhere (prefills, training, other
+kernels) they are repeated per query head. Both layouts give the same logits (fp32), the dispatcher is asked
+once per call signature and SDPA state, and its answer is the layer's (on a GPU)."""
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ from kvshift import LM, ModelConfig
 TOL = 1e-5  # fp32 max |Δlogit| between the two layouts
 
 
-def make(kind, position, n_kv_heads=2):
-    cfg = ModelConfig.from_name("debug", attention=kind, shift_window=2, position=position, n_kv_heads=n_kv_heads)
+def make(kind, position, n_kv_heads=2, **kw):
+    cfg = ModelConfig.from_name("debug", attention=kind, shift_window=2, position=position, n_kv_heads=n_kv_heads,
+                                **kw)
     return LM(cfg, seed=0).eval()
 
 
@@ -85,19 +87,67 @@ def test_the_signature_cache_is_bounded(monkeypatch):
         assert len(gqa._CHOICES) <= 4
 
 
+def test_the_answer_is_asked_again_when_sdpa_state_changes(monkeypatch):
+    """A remembered answer belongs to SDPA's backend flags and determinism setting (an sdpa_kernel context that
+    leaves cuDNN out must not reuse a yes given outside it); a key of length 1 is asked but never remembered."""
+    monkeypatch.setattr(gqa, "NATIVE_DEVICES", ("cpu",))
+    monkeypatch.setattr(gqa, "_CHOICES", {})
+    asked = []
+    monkeypatch.setattr(gqa, "cudnn_picked", lambda q, k, mask: asked.append(k.shape[2]) or True)
+    q, mask = torch.zeros(2, 4, 1, 8), torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    k = torch.zeros(2, 2, 5, 8)
+    gqa.masked_gqa_native(q, k, mask)
+    gqa.masked_gqa_native(q, k, mask)
+    assert len(asked) == 1
+    flag = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(not flag)
+        gqa.masked_gqa_native(q, k, mask)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(flag)
+    assert len(asked) == 2
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    gqa.masked_gqa_native(q, k, mask)
+    assert len(asked) == 3
+    gqa._CHOICES.clear()
+    one = torch.zeros(2, 2, 1, 8)
+    for _ in range(2):
+        gqa.masked_gqa_native(q, one, mask[..., :1])
+    assert asked[-2:] == [1, 1] and not gqa._CHOICES
+
+
+def test_not_while_torch_compile_traces(monkeypatch):
+    """Under torch.compile (transformers' compiled static-cache decode goes through the layer with one query
+    token and a mask) the dispatcher is not asked and the layout is the repeated one."""
+    monkeypatch.setattr(gqa, "NATIVE_DEVICES", ("cpu",))
+    monkeypatch.setattr(gqa, "_CHOICES", {})
+    monkeypatch.setattr(gqa, "cudnn_picked", lambda q, k, mask: True)
+    q, k, mask = torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 5, 8), torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    assert gqa.masked_gqa_native(q, k, mask)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(gqa, "_CHOICES", {})
+    assert not gqa.masked_gqa_native(q, k, mask)
+    assert not gqa._CHOICES
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's dispatcher choice on a GPU")
-def test_on_a_gpu_the_layout_is_the_dispatchers_choice_and_logits_agree(monkeypatch):
-    """bf16 on CUDA: the layer's answer is `torch._fused_sdp_choice`'s for the decode call, and the two layouts'
-    logits agree to bf16 rounding over a padded prefill and four decode steps."""
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_on_a_gpu_the_layout_is_the_dispatchers_choice_and_logits_agree(monkeypatch, position):
+    """bf16 on CUDA at head dim 64: the layer's answer is `torch._fused_sdp_choice`'s for the decode call (cuDNN
+    on a Hopper GPU, where it was measured), and the two layouts' logits agree to bf16 rounding over a padded
+    prefill and four decode steps."""
     from torch.nn.attention import SDPBackend
 
-    q = torch.zeros(3, 4, 1, 12, dtype=torch.bfloat16, device="cuda")
-    k = torch.zeros(3, 2, 13, 12, dtype=torch.bfloat16, device="cuda")
+    q = torch.zeros(3, 4, 1, 64, dtype=torch.bfloat16, device="cuda")
+    k = torch.zeros(3, 2, 13, 64, dtype=torch.bfloat16, device="cuda")
     mask = torch.ones(3, 1, 1, 13, dtype=torch.bool, device="cuda")
     choice = torch._fused_sdp_choice(q, k, k, mask, 0.0, False, enable_gqa=True)
+    monkeypatch.setattr(gqa, "_CHOICES", {})
     with torch.no_grad():
         assert gqa.masked_gqa_native(q, k, mask) == (choice == int(SDPBackend.CUDNN_ATTENTION))
-    model = make("kvshift", "rope").to("cuda", torch.bfloat16)
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert choice == int(SDPBackend.CUDNN_ATTENTION)
+    model = make("kvshift", position, dim=256).to("cuda", torch.bfloat16)
     outs = []
     for force in (False, True):
         monkeypatch.setattr(gqa, "_CHOICES", {})

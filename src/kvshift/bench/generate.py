@@ -77,6 +77,9 @@ def parse_cases(s: str) -> list[tuple]:
                              f"(e.g. 16x2048 or 16x2048p), got {item!r}") from None
         if b < 1 or p < 1 + padded:
             raise ValueError(f"batch and prompt must be >= 1 (a padded prompt >= 2), got {item!r}")
+        if padded and b < 2:
+            raise ValueError(f"a left-padded case needs a batch of >= 2 (one row has nothing to be padded "
+                             f"against), got {item!r}")
         out.append((b, p, True) if padded else (b, p))
     if not out:
         raise ValueError("no generate case given")

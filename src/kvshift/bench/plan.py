@@ -92,7 +92,7 @@ class Plan:
     # generate (kvshift.bench.generate): one entry per case, (batch, prompt tokens[, True: left-padded prompts])
     gen_model: str = "bench-246m"
     gen_cases: list[tuple] = field(default_factory=lambda: [(1, 2048), (16, 2048), (128, 2048),
-                                                                       (1, 8192), (16, 8192), (128, 8192)])
+                                                            (1, 8192), (16, 8192), (128, 8192)])
     gen_new_tokens: int = 128
     gen_warmup: int = 1
     gen_iters: int = 3

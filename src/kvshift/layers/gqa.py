@@ -7,11 +7,13 @@ the repeat only where SDPA's dispatcher picks cuDNN for it; elsewhere the caller
 head, the one layout every kernel takes. On an H200, at one query token per row against a 16x8k cache of 4 KV
 heads (16 query heads of 64), the repeat layout took 896 us per layer call and cuDNN's enable_gqa 44 us.
 
-Only one query token per row takes it (what was measured; a prefill's attention dwarfs the repeat). The
-dispatcher is asked once per call signature (device, dtypes, batch, heads, head dim, the mask's broadcast
-shape): its answer rests on those (kernel support for dtype, head dim and mask), and the eager decode step's key
-length grows by one every step. A signature whose answer would change with the key length only costs speed,
-never correctness: SDPA itself falls back from a backend that refuses a call.
+Only decode steps take it (one query token per row, no autograd: what was measured; a prefill's attention
+dwarfs the repeat), and not while torch.compile traces (the dispatcher query is not traceable). The dispatcher
+is asked once per call signature: device, dtypes, batch, heads, head dim, the mask's broadcast shape and SDPA's
+global state (which backends are enabled, deterministic algorithms), the inputs of its answer apart from the key
+length, which grows by one every eager decode step. A key of length 1 is never remembered (cuDNN refuses it).
+Should cuDNN refuse a later key length of a remembered signature, SDPA dispatches that call to another backend
+that takes masked GQA (its math kernel, when enabled), so a stale answer costs speed, not correctness.
 """
 
 from __future__ import annotations
@@ -44,17 +46,27 @@ def cudnn_picked(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) ->
 def masked_gqa_native(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether a masked GQA call (q (B, H, T, D), k (B, Hkv, S, D), mask broadcastable to (B, H, T, S)) should
     pass K/V as they are with enable_gqa rather than repeated per query head: cuDNN is SDPA's pick for it
-    (`cudnn_picked`), remembered per call signature. Only for one query token per row without autograd (a
-    decode step, what was measured): a prefill's attention work dwarfs the repeat, and the training paths run
-    unmasked or packed."""
+    (`cudnn_picked`), remembered per call signature (see the module docstring). Only for one query token per row
+    without autograd and outside torch.compile (an eager decode step, what was measured): a prefill's attention
+    work dwarfs the repeat, and the training paths run unmasked or packed."""
     B, H, T, D = q.shape
-    if q.device.type not in NATIVE_DEVICES or T != 1 or (torch.is_grad_enabled()
-                                                          and (q.requires_grad or k.requires_grad)):
+    if q.device.type not in NATIVE_DEVICES or T != 1 or torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
         return False
-    key = (q.device, q.dtype, mask.dtype, B, H, D, k.shape[1], tuple(mask.shape[:2]), mask.shape[2] == 1)
+    if k.shape[2] == 1:  # cuDNN refuses a key of length 1: ask, but do not remember it for longer keys
+        return cudnn_picked(q, k, mask)
+    key = (q.device, q.dtype, mask.dtype, B, H, D, k.shape[1], tuple(mask.shape[:2]), _sdpa_state())
     hit = _CHOICES.get(key)
     if hit is None:
         if len(_CHOICES) >= _MAX_CHOICES:  # a long-lived server with ever new batch sizes: start afresh
             _CHOICES.clear()
         hit = _CHOICES[key] = cudnn_picked(q, k, mask)
     return hit
+
+
+def _sdpa_state() -> tuple[bool, ...]:
+    """SDPA's global state its dispatcher reads (sdpa_kernel contexts and torch.backends.cuda.enable_*_sdp set
+    the backend flags)."""
+    b = torch.backends.cuda
+    return (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(),
+            torch.are_deterministic_algorithms_enabled())
