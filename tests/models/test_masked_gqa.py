@@ -106,7 +106,8 @@ def test_the_answer_is_asked_again_when_sdpa_state_changes(monkeypatch):
     finally:
         torch.backends.cuda.enable_cudnn_sdp(flag)
     assert len(asked) == 2
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    det = torch.are_deterministic_algorithms_enabled()  # whatever an earlier test left it at: flip it
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: not det)
     gqa.masked_gqa_native(q, k, mask)
     assert len(asked) == 3
     gqa._CHOICES.clear()
