@@ -8,8 +8,8 @@ as they are where SDPA's dispatcher picks cuDNN for the call ("native", `kvshift
 generate part's lm-vanilla and lm-kvshift arms (`kvshift.bench.generate.bench_generate`, bench-246m, 128 new
 tokens, ms per generated token) with the dispatcher's answer forced to no (the old layout) and as it is, once
 each per round, the order swapped from one round to the next (repeat, native, native, repeat, ...) so that
-neither layout is always timed first and a drift of the host's speed falls on both; use an even --rounds. A diagnostic: the bench's generate
-part measures the shipped layout (its padded cases).
+neither layout is always timed first and a drift of the host's speed falls on both; use an even --rounds. A
+diagnostic: the bench's generate part measures the shipped layout (its padded cases).
 """
 
 from __future__ import annotations
